@@ -1,0 +1,35 @@
+"""pabee: patience-based early exit (PABEE) for Hugging Face transformer classifiers.
+
+Importing the package registers `PabeeConfig` and `PabeeForSequenceClassification` with the transformers Auto
+classes, so `AutoModelForSequenceClassification.from_pretrained(folder)` loads a saved PABEE model.
+"""
+
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from .backbones import ADAPTERS, EncoderAdapter, adapter_for
+from .configuration import PabeeConfig
+from .exits import ExitCriterion, ExitTracker, PatienceCriterion, logits_at_exit, sweep_exit_layers
+from .modeling import PabeeForSequenceClassification, PabeeOutput, PabeePreTrainedModel
+from .pretrained import bundled_model_path
+
+__version__ = "0.1.0"
+
+AutoConfig.register(PabeeConfig.model_type, PabeeConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(PabeeConfig, PabeeForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "ADAPTERS",
+    "EncoderAdapter",
+    "ExitCriterion",
+    "ExitTracker",
+    "PabeeConfig",
+    "PabeeForSequenceClassification",
+    "PabeeOutput",
+    "PabeePreTrainedModel",
+    "PatienceCriterion",
+    "__version__",
+    "adapter_for",
+    "bundled_model_path",
+    "logits_at_exit",
+    "sweep_exit_layers",
+]

@@ -1,0 +1,261 @@
+"""The generic early-exit engine: any encoder with an adapter, one classifier per layer, batched per-example exit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .backbones import EncoderAdapter, adapter_for
+from .configuration import POOLINGS, PabeeConfig, check_patience
+from .exits import ExitCriterion, PatienceCriterion, logits_at_exit, sweep_exit_layers
+from .pretrained import bundled_model_path, sentence_transformers_pooling
+
+
+@dataclass
+class PabeeOutput(ModelOutput):
+    """Output of [`PabeeForSequenceClassification`].
+
+    Args:
+        loss: the layer-weighted training loss, when `labels` are given.
+        logits: `[batch, num_labels]`, each example's answer at the layer where it exited.
+        all_logits: `[batch, layers, num_labels]`, every layer's logits; only when all layers were computed
+            (training, `labels` given, or `output_all_logits=True`).
+        exit_layers: `LongTensor [batch]`, the 1-based layer each example answered from.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    all_logits: torch.Tensor | None = None
+    exit_layers: torch.Tensor | None = None
+
+
+class PabeePreTrainedModel(PreTrainedModel):
+    config_class = PabeeConfig
+    config: PabeeConfig
+    base_model_prefix = "encoder"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=getattr(self.config.encoder_config, "initializer_range", 0.02))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class PabeeForSequenceClassification(PabeePreTrainedModel):
+    """A pretrained encoder with a classifier after every layer and patience-based early exit.
+
+    In training (or whenever `labels` are passed) every layer runs and the loss is the average of the layer
+    losses weighted by layer number. In eval mode without labels each example climbs the encoder until its
+    exit rule fires; examples that have exited leave the batch, so their remaining layers are never computed.
+
+    Example:
+        >>> model = PabeeForSequenceClassification.from_backbone(pabee.bundled_model_path(), patience=2)
+        >>> model.eval()
+        >>> out = model(**tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt"))
+        >>> out.logits.shape, out.exit_layers
+    """
+
+    def __init__(self, config: PabeeConfig) -> None:
+        super().__init__(config)
+        enc_config = config.encoder_config
+        self.adapter: EncoderAdapter = adapter_for(enc_config.model_type)
+        self.encoder = AutoModel.from_config(enc_config, add_pooling_layer=config.pooling == "pooler")
+        self.dropout = nn.Dropout(config.dropout_prob)
+        self.classifiers = nn.ModuleList(
+            nn.Linear(enc_config.hidden_size, config.num_labels) for _ in range(enc_config.num_hidden_layers)
+        )
+        self.post_init()
+
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path: str | Path | None = None,
+        num_labels: int = 2,
+        patience: int = 6,
+        regression_threshold: float = 0.1,
+        pooling: str | None = None,
+        **config_kwargs: Any,
+    ) -> PabeeForSequenceClassification:
+        """Pretrained encoder weights with fresh, randomly initialised internal classifiers.
+
+        Args:
+            name_or_path: a Hugging Face encoder checkpoint (folder or hub id); `None` is the bundled MiniLM.
+            num_labels: number of classes; 1 means regression.
+            patience: default patience for inference (0 = full model).
+            regression_threshold: agreement threshold for regression.
+            pooling: `"pooler"`, `"cls"`, `"mean"`, or `None` to pick: the pooling a sentence-transformers
+                checkpoint was trained with if it says so, else the encoder's own pooler (or `[CLS]` if it has none).
+            config_kwargs: further `PabeeConfig` fields (`id2label`, `label2id`, `classifier_dropout`, ...).
+        """
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels={num_labels!r} is invalid: a classifier needs at least 1 label.")
+        check_patience(patience)
+        if pooling is not None and pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; choose one of {', '.join(POOLINGS)} or None.")
+        name_or_path = bundled_model_path() if name_or_path is None else name_or_path
+        encoder = AutoModel.from_pretrained(str(name_or_path))
+        adapter_for(encoder.config.model_type)  # fail early, before building anything
+        if pooling is None:
+            pooling = sentence_transformers_pooling(name_or_path)
+        if pooling is None:
+            pooling = "pooler" if adapter_for(encoder.config.model_type).has_pooler(encoder) else "cls"
+        config = PabeeConfig(
+            encoder_config=encoder.config,
+            num_labels=num_labels,
+            patience=patience,
+            regression_threshold=regression_threshold,
+            pooling=pooling,
+            **config_kwargs,
+        )
+        config.name_or_path = str(name_or_path)
+        model = cls(config)
+        weights = encoder.state_dict()
+        if pooling != "pooler":  # the pooler is only built when it is used
+            weights = {k: v for k, v in weights.items() if not k.startswith("pooler.")}
+        missing, unexpected = model.encoder.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("pooler.")]:
+            raise RuntimeError(f"Encoder weights did not fit: missing {missing}, unexpected {unexpected}.")
+        return model
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.encoder_config.num_hidden_layers
+
+    def exit_criterion(self, patience: int | None = None) -> ExitCriterion:
+        """The exit rule for a call: the config's settings, with `patience` overridden when given."""
+        return PatienceCriterion(
+            patience=self.config.patience if patience is None else patience,
+            regression=self.config.is_regression,
+            regression_threshold=self.config.regression_threshold,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        patience: int | None = None,
+        output_all_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> PabeeOutput | tuple:
+        """Classify a batch.
+
+        Args:
+            patience: overrides `config.patience` for this call.
+            output_all_logits: run every layer and return `all_logits` (implied in training and with `labels`);
+                `logits` and `exit_layers` are then read from those with the exit rule, as inference would give.
+        """
+        criterion = self.exit_criterion(patience)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if attention_mask is None:
+            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        hidden = self.adapter.embed(self.encoder, input_ids, token_type_ids, position_ids, inputs_embeds)
+
+        if self.training or labels is not None or output_all_logits:
+            all_logits = self._all_layers(hidden, attention_mask)
+            exit_layers = sweep_exit_layers(criterion, all_logits.detach())
+            logits = logits_at_exit(all_logits, exit_layers)
+            loss = self._weighted_loss(all_logits, labels) if labels is not None else None
+        else:
+            all_logits, loss = None, None
+            logits, exit_layers = self._early_exit(hidden, attention_mask, criterion)
+
+        output = PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
+        return output if return_dict is not False else output.to_tuple()
+
+    def _classify(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooling = self.config.pooling
+        if pooling == "pooler":
+            pooled = self.adapter.pool(self.encoder, hidden)
+        elif pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return self.classifiers[layer](self.dropout(pooled))
+
+    def _all_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
+        per_layer = []
+        for layer in range(self.num_layers):
+            hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
+            per_layer.append(self._classify(layer, hidden, attention_mask))
+        return torch.stack(per_layer, dim=1)
+
+    def _weighted_loss(self, all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Σ_i i·loss_i / Σ_i i: deeper classifiers count more, as in the paper."""
+        total, weights = 0.0, 0
+        for layer in range(all_logits.shape[1]):
+            logits = all_logits[:, layer]
+            if self.config.is_regression:
+                layer_loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            else:
+                layer_loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+            total = total + (layer + 1) * layer_loss
+            weights += layer + 1
+        return total / weights
+
+    def _early_exit(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: ExitCriterion
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Climb layer by layer; rows that exit are written out and removed from the batch."""
+        batch_size, device = hidden.shape[0], hidden.device
+        logits_out = hidden.new_empty(batch_size, self.config.num_labels)
+        exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long, device=device)
+        rows = torch.arange(batch_size, device=device)  # original index of each row still running
+        tracker = criterion.tracker(batch_size, device)
+        right_padded = _is_right_padded(attention_mask)
+        if right_padded:
+            hidden, attention_mask = _trim_padding(hidden, attention_mask)
+        mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
+        last = self.num_layers - 1
+        for layer in range(self.num_layers):
+            hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
+            logits = self._classify(layer, hidden, attention_mask)
+            leaving = tracker.update(logits) if layer < last else torch.ones_like(rows, dtype=torch.bool)
+            if not leaving.any():
+                continue
+            logits_out[rows[leaving]] = logits[leaving]
+            exit_layers[rows[leaving]] = layer + 1
+            staying = ~leaving
+            if not staying.any():
+                break
+            rows, hidden, attention_mask = rows[staying], hidden[staying], attention_mask[staying]
+            tracker.keep(staying)
+            if right_padded:
+                hidden, attention_mask = _trim_padding(hidden, attention_mask)
+            mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
+        return logits_out, exit_layers
+
+
+def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones followed by zeros, so trailing columns can be cut safely."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def _trim_padding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns beyond the longest remaining row (right padding only)."""
+    length = int(attention_mask.sum(dim=1).max())
+    if length >= attention_mask.shape[1]:
+        return hidden, attention_mask
+    return hidden[:, :length], attention_mask[:, :length]

