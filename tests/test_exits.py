@@ -1,0 +1,79 @@
+"""The exit rule on hand-built layer predictions, independent of any model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pabee import PatienceCriterion, logits_at_exit, sweep_exit_layers
+
+
+def _one_hot_logits(predictions: list[list[int]], num_labels: int = 3) -> torch.Tensor:
+    """`predictions[example][layer]` → logits `[batch, layers, num_labels]` whose argmax is that label."""
+    labels = torch.tensor(predictions)
+    return torch.nn.functional.one_hot(labels, num_labels).float()
+
+
+@pytest.mark.parametrize(
+    ("predictions", "patience", "expected"),
+    [
+        ([0, 0, 0, 0, 0, 0], 1, 2),  # layer 2 agrees with layer 1 → counter 1
+        ([0, 0, 0, 0, 0, 0], 2, 3),
+        ([0, 0, 0, 0, 0, 0], 5, 6),  # counter reaches 5 only at the last layer
+        ([0, 0, 0, 0, 0, 0], 6, 6),  # patience ≥ layers never fires: full model
+        ([0, 0, 0, 0, 0, 0], 0, 6),  # patience 0 is the full model
+        ([0, 1, 1, 2, 2, 2], 2, 6),  # counter: 0,0,1,0,1,2 → fires at layer 6
+        ([0, 1, 1, 1, 2, 2], 2, 4),  # counter: 0,0,1,2 → fires at layer 4
+        ([0, 0, 1, 1, 1, 0], 2, 5),  # reset at layer 3, then 1, 2 → layer 5
+        ([0, 1, 0, 1, 0, 1], 1, 6),  # never agrees
+    ],
+)
+def test_patience_rule_on_hand_built_predictions(predictions, patience, expected):
+    logits = _one_hot_logits([predictions])
+    exit_layers = sweep_exit_layers(PatienceCriterion(patience), logits)
+    assert exit_layers.tolist() == [expected]
+    assert logits_at_exit(logits, exit_layers).argmax(-1).tolist() == [predictions[expected - 1]]
+
+
+def test_rule_is_per_example_inside_a_batch():
+    logits = _one_hot_logits([[0, 0, 0, 0], [0, 1, 1, 1], [2, 1, 2, 1]])
+    assert sweep_exit_layers(PatienceCriterion(1), logits).tolist() == [2, 3, 4]
+    assert sweep_exit_layers(PatienceCriterion(2), logits).tolist() == [3, 4, 4]
+
+
+def test_regression_agreement_uses_threshold():
+    # outputs per layer: differences 0.05, 0.05, 0.3, 0.05, 0.05
+    values = torch.tensor([[1.0, 1.05, 1.1, 1.4, 1.45, 1.5]]).unsqueeze(-1)
+    assert sweep_exit_layers(PatienceCriterion(2, regression=True, regression_threshold=0.1), values).tolist() == [3]
+    assert sweep_exit_layers(PatienceCriterion(3, regression=True, regression_threshold=0.1), values).tolist() == [6]
+    assert sweep_exit_layers(PatienceCriterion(3, regression=True, regression_threshold=0.5), values).tolist() == [4]
+    assert sweep_exit_layers(PatienceCriterion(1, regression=True, regression_threshold=0.0), values).tolist() == [6]
+
+
+def test_tracker_keep_follows_the_remaining_rows():
+    """Dropping exited rows mid-way gives the same decisions as tracking every row."""
+    logits = _one_hot_logits([[0, 0, 0, 0, 0], [0, 1, 1, 1, 1], [1, 1, 2, 2, 2], [2, 0, 1, 2, 0]])
+    criterion = PatienceCriterion(1)
+    full = sweep_exit_layers(criterion, logits).tolist()
+    tracker = criterion.tracker(4, "cpu")
+    rows = torch.arange(4)
+    got = [5] * 4
+    for layer in range(4):
+        leaving = tracker.update(logits[rows, layer])
+        for r in rows[leaving].tolist():
+            got[r] = layer + 1
+        tracker.keep(~leaving)
+        rows = rows[~leaving]
+    assert got == full == [2, 3, 2, 5]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", None, True])
+def test_invalid_patience_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="patience=.*whole number >= 0"):
+        PatienceCriterion(bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("inf"), float("nan"), "x"])
+def test_invalid_threshold_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="regression_threshold=.*finite number >= 0"):
+        PatienceCriterion(1, regression=True, regression_threshold=bad)
