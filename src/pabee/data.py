@@ -1,0 +1,262 @@
+"""From task files to tokenized `datasets`: GLUE (TSV folders or the hub) and the user's own csv/tsv/jsonl files.
+
+Every split becomes a `datasets.Dataset` with columns `text`, optional `text_pair`, `label` and `idx`, then is
+tokenized once with `Dataset.map` into an on-disk cache keyed by the file's content, the tokenizer and the
+maximum length. Padding happens per batch in the collator, never to `max_seq_length`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import datasets
+
+from . import __version__
+from .errors import DataError, PabeeError
+from .glue import GlueTask, TaskSpec, read_glue_tsv, task_dir
+
+HUB_DATASET = "nyu-mll/glue"
+
+
+@dataclass
+class TaskData:
+    """A task's splits, untokenized, with where each came from (for the results' provenance)."""
+
+    task: TaskSpec
+    train: datasets.Dataset | None = None
+    eval: dict[str, datasets.Dataset] = field(default_factory=dict)
+    test: dict[str, datasets.Dataset] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    cache_keys: dict[str, str] = field(default_factory=dict)
+
+
+def _file_key(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_glue(task: GlueTask, data_dir: str | Path | None, *, train: bool, evaluate: bool, test: bool) -> TaskData:
+    """Load the requested splits of a GLUE task from its TSV folder, or from the hub when `data_dir` is None."""
+    data = TaskData(task)
+    if data_dir is None:
+        return _load_glue_from_hub(data, task, train=train, evaluate=evaluate, test=test)
+    folder = task_dir(task, data_dir)
+    wanted: list[tuple[str, str, bool]] = []
+    if train:
+        wanted.append(("train", "train.tsv", False))
+    if evaluate:
+        wanted += [(s.name, s.filename, False) for s in task.eval_splits]
+    if test:
+        wanted += [(s.name, s.filename, True) for s in task.test_splits]
+    for name, filename, is_test in wanted:
+        path = folder / filename
+        examples = read_glue_tsv(task, path, test=is_test)
+        if is_test:
+            examples = [{k: v for k, v in e.items() if k != "label"} for e in examples]
+        dataset = datasets.Dataset.from_list(examples)
+        data.sources[name] = str(path.resolve())
+        data.cache_keys[name] = _file_key(path)
+        if name == "train":
+            data.train = dataset
+        elif is_test:
+            data.test[name] = dataset
+        else:
+            data.eval[name] = dataset
+    return data
+
+
+def _load_glue_from_hub(data: TaskData, task: GlueTask, *, train: bool, evaluate: bool, test: bool) -> TaskData:
+    try:
+        hub = datasets.load_dataset(HUB_DATASET, task.hub_config)
+    except Exception as error:  # offline, unknown host, rate limit: all mean "use local files"
+        raise DataError(
+            f"Could not load {HUB_DATASET} ({task.hub_config}) from the Hugging Face hub: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+            f"Offline? Pass --data_dir with the original GLUE TSV folder (e.g. --data_dir $GLUE_DIR/{task.folder})."
+        ) from None
+    renames = {column: new for column, new in zip(task.hub_columns, ("text", "text_pair"), strict=False)}
+
+    def take(split: str) -> datasets.Dataset:
+        dataset = hub[split].rename_columns(renames)
+        data.sources[split] = f"{HUB_DATASET}/{task.hub_config}:{split}"
+        return dataset
+
+    if train:
+        data.train = take("train")
+    if evaluate:
+        data.eval = {s.name: take(s.hub_split) for s in task.eval_splits}
+    if test:
+        data.test = {s.name: take(s.hub_split).remove_columns("label") for s in task.test_splits}
+    return data
+
+
+def read_examples_file(path: str | Path) -> list[dict]:
+    """Read a user's csv, tsv or jsonl file with columns `text`, optional `text_pair`, and `label`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Missing data file {path}.")
+    suffix = path.suffix.lower()
+    rows: list[tuple[int, dict]] = []
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}, line {line_no}: not valid JSON ({error.msg}).") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}, line {line_no}: expected a JSON object with a 'text' field.")
+                rows.append((line_no, row))
+    elif suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            if reader.fieldnames is None or "text" not in reader.fieldnames:
+                raise DataError(f"{path}: the header must name a 'text' column (found {reader.fieldnames}).")
+            for row in reader:
+                if None in row or None in row.values():
+                    raise DataError(f"{path}, line {reader.line_num}: the number of columns differs from the header.")
+                rows.append((reader.line_num, row))
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl.")
+    examples = []
+    for line_no, row in rows:
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{path}, line {line_no}: 'text' is missing or not a string.")
+        example = {"text": text, "label": row.get("label"), "_line": line_no}
+        if "text_pair" in row:
+            example["text_pair"] = row["text_pair"]
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path} holds no examples.")
+    return examples
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def infer_task(name: str, examples: list[dict], task_type: str = "auto") -> TaskSpec:
+    """Build a `TaskSpec` for user data: classification over the labels seen, or regression on numbers.
+
+    `task_type="auto"` picks regression when every label is a number and at least one is not a whole number.
+    """
+    if task_type not in ("auto", "classification", "regression"):
+        raise PabeeError(f"--task_type {task_type!r} is invalid; use auto, classification or regression.")
+    values = [e["label"] for e in examples]
+    if any(v is None or v == "" for v in values):
+        line = next(e["_line"] for e in examples if e["label"] is None or e["label"] == "")
+        raise DataError(f"line {line}: the example has no 'label'.")
+    numeric = all(_is_number(v) for v in values)
+    if task_type == "auto":
+        task_type = "regression" if numeric and any(float(v) != int(float(v)) for v in values) else "classification"
+    if task_type == "regression":
+        if not numeric:
+            bad = next(e for e in examples if not _is_number(e["label"]))
+            raise DataError(f"line {bad['_line']}: regression label {bad['label']!r} is not a number.")
+        return TaskSpec(name=name, labels=None, metrics=("pearson", "spearman"), main_metric="spearman", is_pair=False)
+    labels = sorted({str(v) for v in values}, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0, v))
+    return TaskSpec(name=name, labels=tuple(labels), metrics=("accuracy", "macro_f1"), main_metric="accuracy")
+
+
+def load_user_files(
+    train_file: str | None, validation_file: str | None, task_type: str = "auto", labels: tuple[str, ...] | None = None
+) -> TaskData:
+    """Load the user's own train/validation files as a non-GLUE task."""
+    if train_file is None and validation_file is None:
+        raise PabeeError("Give --task_name for GLUE, or --train_file / --validation_file for your own data.")
+    read = {
+        split: read_examples_file(path) for split, path in (("train", train_file), ("dev", validation_file)) if path
+    }
+    pair_splits = {split for split, examples in read.items() if all("text_pair" in e for e in examples)}
+    if pair_splits and pair_splits != set(read):
+        raise DataError("Either every file gives a 'text_pair' for every example, or none does.")
+    task = infer_task(Path(train_file or validation_file).stem, read.get("train") or read["dev"], task_type)
+    if labels is not None and task.labels is not None:
+        task = replace(task, labels=tuple(labels))
+    task = replace(task, is_pair=bool(pair_splits))
+    data = TaskData(task)
+    for split, examples in read.items():
+        path = Path(train_file if split == "train" else validation_file)
+        rows = []
+        for e in examples:
+            row = {"text": e["text"], "label": _user_label(task, e, path)}
+            if task.is_pair:
+                row["text_pair"] = str(e["text_pair"])
+            rows.append(row)
+        dataset = datasets.Dataset.from_list(rows)
+        data.sources[split] = str(path.resolve())
+        data.cache_keys[split] = _file_key(path)
+        if split == "train":
+            data.train = dataset
+        else:
+            data.eval["dev"] = dataset
+    return data
+
+
+def _user_label(task: TaskSpec, example: dict, path: Path) -> int | float:
+    value = example["label"]
+    if task.labels is None:
+        if not _is_number(value):
+            raise DataError(f"{path}, line {example['_line']}: regression label {value!r} is not a number.")
+        return float(value)
+    if str(value) not in task.labels:
+        raise DataError(
+            f"{path}, line {example['_line']}: label {value!r} was not seen in training ({', '.join(task.labels)})."
+        )
+    return task.labels.index(str(value))
+
+
+def tokenize(
+    dataset: datasets.Dataset,
+    tokenizer,
+    max_seq_length: int,
+    *,
+    split: str,
+    cache_key: str | None = None,
+    overwrite_cache: bool = False,
+) -> datasets.Dataset:
+    """Tokenize once (truncating to `max_seq_length`, no padding), cached on disk when `cache_key` is given."""
+    has_pair = "text_pair" in dataset.column_names
+
+    def encode(batch: dict) -> dict:
+        return tokenizer(
+            batch["text"], batch["text_pair"] if has_pair else None, truncation=True, max_length=max_seq_length
+        )
+
+    cache_file = None
+    if cache_key is not None:
+        ident = json.dumps(
+            [
+                __version__,
+                cache_key,
+                len(dataset),
+                tokenizer.name_or_path,
+                type(tokenizer).__name__,
+                len(tokenizer),
+                max_seq_length,
+            ]
+        )
+        folder = Path(datasets.config.HF_DATASETS_CACHE) / "pabee"
+        folder.mkdir(parents=True, exist_ok=True)
+        cache_file = str(folder / f"{split}-{hashlib.sha256(ident.encode()).hexdigest()[:24]}.arrow")
+    return dataset.map(
+        encode,
+        batched=True,
+        desc=f"Tokenizing {split}",
+        cache_file_name=cache_file,
+        load_from_cache_file=not overwrite_cache,
+    )
