@@ -47,6 +47,8 @@ class PabeePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # The loss is a mean over the batch; Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -122,6 +124,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             **config_kwargs,
         )
         config.name_or_path = str(name_or_path)
+        config.pad_token_id = getattr(encoder.config, "pad_token_id", None)
         model = cls(config)
         weights = encoder.state_dict()
         if pooling != "pooler":  # the pooler is only built when it is used
@@ -154,7 +157,6 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         patience: int | None = None,
         output_all_logits: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
     ) -> PabeeOutput | tuple:
         """Classify a batch.
 

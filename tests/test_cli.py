@@ -1,0 +1,236 @@
+"""`pabee run-glue` end to end on real GLUE files, its seed-compatible flags, resume, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pabee.cli import main, translate_seed_flags
+
+
+def run(args: list[str]) -> int:
+    try:
+        return main(["run-glue", *map(str, args)])
+    except SystemExit as stop:  # argparse's own errors
+        return stop.code
+
+
+def test_seed_flags_are_translated():
+    argv = [
+        "--per_gpu_train_batch_size",
+        "32",
+        "--per_gpu_eval_batch_size=1",
+        "--evaluate_during_training",
+        "--seed",
+        "1",
+    ]
+    assert translate_seed_flags(argv) == [
+        "--per_device_train_batch_size",
+        "32",
+        "--per_device_eval_batch_size=1",
+        "--eval_strategy",
+        "steps",
+        "--seed",
+        "1",
+    ]
+    assert translate_seed_flags(["--evaluate_during_training", "false", "--do_eval"]) == ["--do_eval"]
+
+
+def _sst2_folder(tmp_path, rows):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{r}\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown_task", "Unknown GLUE task 'glue9'. Valid tasks: CoLA, SST-2"),
+        ("missing_file", "Missing data file"),
+        ("malformed_row", r"dev.tsv, line 3: expected 2 tab-separated columns, found 3"),
+        ("bad_label", r"dev.tsv, line 2: label 'positive' is not a SST-2 label"),
+        ("bad_score", "STS-B score 'five' is not a number"),
+        ("bad_patience", "--patience '3,x' is invalid"),
+        ("negative_patience", "--patience '-2' is invalid"),
+        ("bad_threshold", "regression_threshold=-1.0 is invalid"),
+        ("taken_output", "exists and is not empty. Pass --overwrite_output_dir"),
+        ("nothing_to_do", "Nothing to do: pass --do_train and/or --do_eval"),
+        ("no_output_dir", "the following arguments are required: --output_dir"),
+    ],
+)
+def test_bad_input_gives_message_and_exit_code_2(case, message, tmp_path, glue_dir, capsys):
+    out = tmp_path / "out"
+    args = ["--task_name", "SST-2", "--data_dir", glue_dir, "--do_eval", "--output_dir", out]
+    if case == "unknown_task":
+        args[1] = "glue9"
+    elif case == "missing_file":
+        (tmp_path / "empty").mkdir()
+        args[3] = tmp_path / "empty"
+    elif case == "malformed_row":
+        args[3] = _sst2_folder(tmp_path, ["fine film\t1", "a stray\ttab\t0"])
+    elif case == "bad_label":
+        args[3] = _sst2_folder(tmp_path, ["fine film\tpositive"])
+    elif case == "bad_score":
+        folder = tmp_path / "STS-B"
+        folder.mkdir()
+        header = "index genre filename year old_index source1 source2 sentence1 sentence2 score"
+        (folder / "dev.tsv").write_text(header.replace(" ", "\t") + "\n0\tg\tf\t2012\t1\ts\ts\tA.\tB.\tfive\n")
+        args[1], args[3] = "STS-B", folder
+    elif case == "bad_patience":
+        args += ["--patience", "3,x"]
+    elif case == "negative_patience":
+        args += ["--patience=-2"]
+    elif case == "bad_threshold":
+        args += ["--regression_threshold", "-1"]
+    elif case == "taken_output":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+        args[4] = "--do_train"
+    elif case == "nothing_to_do":
+        args.remove("--do_eval")
+    elif case == "no_output_dir":
+        args = args[:5]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert message.replace("\\", "") in err or __import__("re").search(message, err), err
+    assert "Traceback" not in err
+    if case == "taken_output":
+        assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_run_glue_end_to_end_on_mrpc(glue_dir, tmp_path, capsys):
+    out = tmp_path / "mrpc"
+    code = run(
+        [
+            "--model_type",
+            "bert",
+            "--task_name",
+            "MRPC",
+            "--do_train",
+            "--do_eval",
+            "--do_lower_case",
+            "--data_dir",
+            glue_dir / "MRPC",
+            "--max_seq_length",
+            "128",
+            "--per_gpu_train_batch_size",
+            "8",
+            "--per_gpu_eval_batch_size",
+            "32",
+            "--learning_rate",
+            "5e-5",
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--logging_steps",
+            "2",
+            "--output_dir",
+            out,
+            "--patience",
+            "1,2,3",
+            "--eval_all_checkpoints",
+            "--save_only_model",
+            "--seed",
+            "7",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| Patience | Acc | F1 | Avg. exit layer | Speed-up | Layers saved |" in printed
+    assert f"Results: {out / 'eval_results.md'}" in printed
+    report = json.loads((out / "eval_results.json").read_text())
+    assert report["task"] == "MRPC" and report["patiences"] == [0, 1, 2, 3]
+    assert [e["model"] for e in report["evaluations"]] == ["checkpoint-2", "checkpoint-4", "final"]
+    result = report["evaluations"][-1]["splits"]["dev"]
+    assert result["num_examples"] == 408 and result["num_layers"] == 6
+    for row in result["patiences"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
+        assert 1.0 <= row["avg_exit_layer"] <= 6.0
+        assert row["speed_up"] == pytest.approx(6 / row["avg_exit_layer"])
+        assert sum(row["exit_histogram"]) == 408
+    rows = {r["patience"]: r for r in result["patiences"]}
+    assert rows[0]["avg_exit_layer"] == 6.0 and rows[1]["avg_exit_layer"] <= rows[2]["avg_exit_layer"]
+    assert rows[1]["avg_exit_layer"] >= 2.0  # patience 1 exits at layer 2 at the earliest
+    assert [r["layer"] for r in result["per_layer"]] == [1, 2, 3, 4, 5, 6]
+    prov = report["provenance"]
+    assert "run-glue" in prov["command"] and prov["data"]["dev"].endswith("MRPC/dev.tsv")
+    assert {"torch", "transformers", "pabee"} <= set(prov["versions"]) and prov["hardware"]["cpu_count"]
+    assert report["training"]["global_step"] == 4
+    markdown = (out / "eval_results.md").read_text()
+    assert "# PABEE on MRPC" in markdown and "| 0 (full) |" in markdown and "## checkpoint-2 — dev" in markdown
+    assert (out / "patience_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+    # The fine-tuned folder evaluates again through the console script, as a user would run it.
+    again = tmp_path / "again"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pabee",
+            "run-glue",
+            "--task_name",
+            "mrpc",
+            "--data_dir",
+            str(glue_dir),
+            "--model_name_or_path",
+            str(out),
+            "--do_eval",
+            "--output_dir",
+            str(again),
+            "--patience",
+            "2",
+            "--max_eval_samples",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 2 |" in proc.stdout
+    assert (
+        json.loads((again / "eval_results.json").read_text())["evaluations"][0]["splits"]["dev"]["num_examples"] == 64
+    )
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_from_its_checkpoint(glue_dir, tmp_path, capsys):
+    out = tmp_path / "rte"
+    base = [
+        "--task_name",
+        "RTE",
+        "--data_dir",
+        glue_dir,
+        "--do_train",
+        "--output_dir",
+        out,
+        "--per_device_train_batch_size",
+        "4",
+        "--max_train_samples",
+        "32",
+        "--save_steps",
+        "2",
+        "--max_seq_length",
+        "64",
+    ]
+    assert run([*base, "--max_steps", "2"]) == 0
+    assert (out / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    assert run([*base, "--max_steps", "4"]) == 0
+    assert f"Resuming training from {out / 'checkpoint-2'}" in capsys.readouterr().out
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    # Another task's run never continues these checkpoints silently.
+    other = [*base, "--max_steps", "6"]
+    other[1] = "WNLI"
+    assert run(other) == 2
+    assert "holds checkpoints of another run" in capsys.readouterr().err
