@@ -29,7 +29,9 @@ def test_sweep_equals_real_early_exit_on_sst2_dev(trained_minilm, minilm_tokeniz
     dev = tokenize(dev, minilm_tokenizer, 128, split="dev")
     assert len(dev) == 872
     collator = DataCollatorWithPadding(minilm_tokenizer)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=64, report_to="none")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=64, report_to="none", dataloader_pin_memory=False
+    )
     trainer = Trainer(model=trained_minilm, args=args, data_collator=collator)
     output = trainer.predict(dev)
     _, all_logits, _ = output.predictions

@@ -61,7 +61,10 @@ class RunGlueArguments:
     )
     patience: str = field(
         default="1,2,3,4,5",
-        metadata={"help": "Comma-separated patiences to evaluate (0 = full model, always included)."},
+        metadata={
+            "help": "Comma-separated patiences to evaluate (0 = full model, always included). The first non-zero "
+            "one becomes the saved model's default patience."
+        },
     )
     regression_threshold: float = field(default=0.1, metadata={"help": "Agreement threshold for regression."})
     pooling: str = field(
