@@ -234,3 +234,101 @@ def test_interrupted_training_resumes_from_its_checkpoint(glue_dir, tmp_path, ca
     other[1] = "WNLI"
     assert run(other) == 2
     assert "holds checkpoints of another run" in capsys.readouterr().err
+
+
+def _mnli_folder(root):
+    """A tiny MNLI in the original layout: train.tsv (12 columns), dev_matched/mismatched (16 columns)."""
+    head = "index promptID pairID genre s1_bin s2_bin s1_parse s2_parse sentence1 sentence2".split()
+    labels = ["entailment", "neutral", "contradiction"]
+    folder = root / "MNLI"
+    folder.mkdir()
+
+    def rows(n, n_labels):
+        return [
+            [str(i), "1", f"{i}e", "fiction", "(a)", "(b)", "(a)", "(b)", f"A man walks {i}.", f"A person moves {i}."]
+            + [labels[i % 3]] * n_labels
+            for i in range(n)
+        ]
+
+    files = {"train.tsv": (head + ["label1", "gold_label"], rows(24, 2))}
+    dev_head = head + ["label1", "label2", "label3", "label4", "label5", "gold_label"]
+    files["dev_matched.tsv"] = (dev_head, rows(9, 6))
+    files["dev_mismatched.tsv"] = (dev_head, rows(6, 6))
+    for name, (header, body) in files.items():
+        (folder / name).write_text("\n".join("\t".join(r) for r in [header, *body]) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.slow
+def test_mnli_evaluates_matched_and_mismatched_and_during_training(tmp_path, capsys):
+    data = _mnli_folder(tmp_path)
+    out = tmp_path / "mnli"
+    code = run(
+        [
+            "--task_name",
+            "MNLI",
+            "--data_dir",
+            data,
+            "--do_train",
+            "--do_eval",
+            "--output_dir",
+            out,
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--evaluate_during_training",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--patience",
+            "1,2",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "MNLI dev_matched (9 examples" in printed and "MNLI dev_mismatched (6 examples" in printed
+    report = json.loads((out / "eval_results.json").read_text())
+    splits = report["evaluations"][-1]["splits"]
+    assert splits["dev_matched"]["num_examples"] == 9 and splits["dev_mismatched"]["num_examples"] == 6
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    during = [h for h in history if "eval_dev_matched_full_accuracy" in h]
+    assert len(during) == 2, "evaluated at each logging step"
+    assert {"eval_dev_mismatched_p1_accuracy", "eval_dev_matched_p2_speed_up"} <= set(during[0])
+
+
+@pytest.mark.slow
+def test_own_data_files_regression(tmp_path, capsys):
+    rows = [
+        {"text": f"sentence number {i}", "text_pair": f"another one {i % 5}", "label": i % 5 + 0.5} for i in range(40)
+    ]
+    for name, part in (("train.jsonl", rows[:32]), ("dev.jsonl", rows[32:])):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in part) + "\n", encoding="utf-8")
+    out = tmp_path / "own"
+    code = run(
+        [
+            "--train_file",
+            tmp_path / "train.jsonl",
+            "--validation_file",
+            tmp_path / "dev.jsonl",
+            "--do_train",
+            "--do_eval",
+            "--output_dir",
+            out,
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            "--patience",
+            "1",
+            "--regression_threshold",
+            "0.05",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "eval_results.json").read_text())
+    assert report["metrics"] == ["pearson", "spearman"] and report["task"] == "train"
+    row = report["evaluations"][-1]["splits"]["dev"]["patiences"][1]
+    assert row["patience"] == 1 and -1.0 <= row["spearman"] <= 1.0
+    assert "| Patience | Pearson | Spearman |" in capsys.readouterr().out

@@ -70,7 +70,28 @@ def run_glue_main(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"run-glue": (run_glue_main, "fine-tune and evaluate PABEE on a GLUE task across patiences")}
+def bench_main(argv: Sequence[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .bench import BenchArguments, render_markdown, run_bench
+
+    parser = HfArgumentParser(
+        BenchArguments,
+        prog="pabee bench",
+        description="Wall-clock inference benchmark: full model vs batched early exit vs batch size 1.",
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    report = run_bench(args, command=shlex.join(["pabee", "bench", *argv]))
+    print(render_markdown(report))
+    if args.output_dir:
+        print(f"\nResults: {args.output_dir}/bench.md, bench.json")
+    return 0
+
+
+COMMANDS = {
+    "run-glue": (run_glue_main, "fine-tune and evaluate PABEE on a GLUE task across patiences"),
+    "bench": (bench_main, "measure wall-clock speed-up, batched throughput and training cost"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

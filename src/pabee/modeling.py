@@ -242,12 +242,20 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             staying = ~leaving
             if not staying.any():
                 break
-            rows, hidden, attention_mask = rows[staying], hidden[staying], attention_mask[staying]
+            rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
             tracker.keep(staying)
-            if right_padded:
-                hidden, attention_mask = _trim_padding(hidden, attention_mask)
             mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
         return logits_out, exit_layers
+
+
+def _drop_rows(
+    staying: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor, right_padded: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact the batch to the rows still running (and cut padding nobody needs any more)."""
+    rows, hidden, attention_mask = rows[staying], hidden[staying], attention_mask[staying]
+    if right_padded:
+        hidden, attention_mask = _trim_padding(hidden, attention_mask)
+    return rows, hidden, attention_mask
 
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:

@@ -23,6 +23,7 @@ from transformers import (
     EvalPrediction,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -348,6 +349,7 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
         raise PabeeError(f"Cannot load a tokenizer from {name_or_path!r}: {error}") from None
     data = load_task_data(args, training_args, labels=_labels_of_finetuned(args, name_or_path))
     task = data.task
+    set_seed(training_args.seed)  # before the fresh classifiers are initialised, so a run is reproducible
     model = load_model(args, task, name_or_path)
     model.config.patience = patiences[1] if len(patiences) > 1 else 0
 

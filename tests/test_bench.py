@@ -1,0 +1,160 @@
+"""`pabee bench` on a tiny model: well-formed output in seconds (timing targets are not asserted here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from pabee import PabeeConfig, PabeeForSequenceClassification
+from pabee.bench import BenchArguments, make_batches, run_bench, time_variants
+from pabee.cli import main
+from pabee.errors import PabeeError
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, minilm_tokenizer):
+    """A tiny random BERT PABEE model that shares the MiniLM vocabulary, saved with its tokenizer."""
+    torch.manual_seed(0)
+    encoder = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=128,
+    )
+    model = PabeeForSequenceClassification(PabeeConfig(encoder_config=encoder, num_labels=2, pooling="mean"))
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_make_batches_pads_right_and_sorts():
+    feats = [
+        {"input_ids": torch.arange(1, n + 1), "attention_mask": torch.ones(n, dtype=torch.long)} for n in (5, 2, 4)
+    ]
+    plain = make_batches(feats, 2, pad_id=0, sort_by_length=False)
+    assert [b["input_ids"].shape for b in plain] == [(2, 5), (1, 4)]
+    assert plain[0]["attention_mask"][1].tolist() == [1, 1, 0, 0, 0]
+    assert [b["input_ids"].shape for b in make_batches(feats, 2, 0, sort_by_length=True)] == [(2, 4), (1, 5)]
+
+
+def test_time_variants_interleaves_and_skips_warmup():
+    calls = []
+    variants = {name: (lambda timing, name=name: calls.append(name)) for name in "abc"}
+    timings = time_variants(variants, repeats=3, warmup=2, seed=0)
+    assert len(calls) == 15 and all(len(t.passes) == 3 for t in timings.values())
+    rounds = [calls[i : i + 3] for i in range(0, 15, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len({tuple(r) for r in rounds}) > 1
+
+
+def test_bench_report_is_well_formed(tiny_model_dir, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"sentence {i} " + "word " * (i % 7) for i in range(24)) + "\n", encoding="utf-8")
+    out = tmp_path / "bench"
+    argv = [
+        "bench",
+        "--model",
+        str(tiny_model_dir),
+        "--input_file",
+        str(texts),
+        "--patience",
+        "1,2",
+        "--batch_sizes",
+        "4,8",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--profile",
+        "--training_cost",
+        "--output_dir",
+        str(out),
+        "--bs1_examples",
+        "10",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| Patience | Batch |" in printed and "## Targets" in printed
+    report = json.loads((out / "bench.json").read_text())
+    assert report["settings"]["examples"] == 24 and report["settings"]["bs1_examples"] == 10
+    assert report["settings"]["threads"] == 1
+    assert [(r["patience"], r["batch_size"]) for r in report["rows"]] == [(1, 4), (1, 8), (2, 4), (2, 8)]
+    for row in report["rows"]:
+        assert 2.0 <= row["avg_exit_layer"] <= 4.0
+        assert row["layer_speed_up"] == pytest.approx(4 / row["avg_exit_layer"])
+        assert row["examples_per_s"] > 0 and row["bs1_latency_p50_ms"] <= row["bs1_latency_p99_ms"]
+    assert set(report["variants"]) == {
+        "full/bs4",
+        "full/bs8",
+        "no_exit/bs4",
+        "no_exit/bs8",
+        "early_exit/p1/bs4",
+        "early_exit/p1/bs8",
+        "early_exit/p2/bs4",
+        "early_exit/p2/bs8",
+        "early_exit_bs1/p1",
+        "early_exit_bs1/p2",
+    }
+    assert all(len(v) for v in report["variants"].values())
+    assert report["check_full_vs_engine_max_abs_diff"] < 1e-5
+    parts = report["profile"]["p1/bs4"]
+    assert {"embeddings", "layers", "classifiers", "exit bookkeeping", "compaction", "total"} <= set(parts)
+    assert parts["layers"] > 0 and sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
+    assert report["training_cost"]["ratio"] > 0
+    assert set(report["targets"]) == {
+        "batched_over_bs1",
+        "measured_over_layer",
+        "no_exit_overhead_pct",
+        "training_ratio",
+    }
+    assert "versions" in report["provenance"] and (out / "bench.md").read_text().startswith("# pabee bench")
+    # Existing results are not overwritten silently.
+    assert main(argv) == 2
+    assert "bench.json exists" in capsys.readouterr().err
+
+
+def test_bench_on_glue_dev_with_the_bundled_model(glue_dir, capsys):
+    args = BenchArguments(
+        data_dir=str(glue_dir),
+        task_name="rte",
+        max_examples=8,
+        bs1_examples=4,
+        patience="1",
+        batch_sizes="8",
+        repeats=1,
+        warmup=0,
+    )
+    report = run_bench(args)
+    assert report["settings"]["examples"] == 8 and report["provenance"]["data"].endswith("RTE/dev.tsv")
+    assert "fresh, untrained heads" in report["provenance"]["model"]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--patience", "1,x"), ("--batch_sizes", "0"), ("--patience", "-1")])
+def test_bench_bad_lists_are_exit_code_2(flag, value, capsys):
+    assert main(["bench", flag, value]) == 2
+    assert f"{flag} '{value}' is invalid" in capsys.readouterr().err
+
+
+def test_bench_missing_input_file(tmp_path):
+    with pytest.raises(PabeeError, match="does not exist"):
+        run_bench(BenchArguments(input_file=str(tmp_path / "nope.txt"), repeats=1))
+
+
+def test_profiler_times_parts_and_restores_the_model(tiny_model_dir):
+    from pabee import modeling
+    from pabee.bench import profile_early_exit
+
+    model = PabeeForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    adapter, drop_rows = model.adapter, modeling._drop_rows
+    batch = {"input_ids": torch.randint(1000, 2000, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    parts = profile_early_exit(model, [batch], patience=1, passes=2)
+    assert parts["layers"] > 0 and parts["classifiers"] > 0 and parts["total"] > 0
+    assert model.adapter is adapter and modeling._drop_rows is drop_rows
+    assert "_classify" not in vars(model) and "exit_criterion" not in vars(model)
