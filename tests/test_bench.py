@@ -90,18 +90,10 @@ def test_bench_report_is_well_formed(tiny_model_dir, tmp_path, capsys):
         assert 2.0 <= row["avg_exit_layer"] <= 4.0
         assert row["layer_speed_up"] == pytest.approx(4 / row["avg_exit_layer"])
         assert row["examples_per_s"] > 0 and row["bs1_latency_p50_ms"] <= row["bs1_latency_p99_ms"]
-    assert set(report["variants"]) == {
-        "full/bs4",
-        "full/bs8",
-        "no_exit/bs4",
-        "no_exit/bs8",
-        "early_exit/p1/bs4",
-        "early_exit/p1/bs8",
-        "early_exit/p2/bs4",
-        "early_exit/p2/bs8",
-        "early_exit_bs1/p1",
-        "early_exit_bs1/p2",
-    }
+    expected = {f"{v}/bs{b}" for v in ("full", "no_exit", "heads_no_exit") for b in (4, 8)}
+    expected |= {f"early_exit/p{p}/bs{b}" for p in (1, 2) for b in (4, 8)} | {"early_exit_bs1/p1", "early_exit_bs1/p2"}
+    assert set(report["variants"]) == expected
+    assert set(report["heads_no_exit_overhead_pct"]) == {"4", "8"}
     assert all(len(v) for v in report["variants"].values())
     assert report["check_full_vs_engine_max_abs_diff"] < 1e-5
     parts = report["profile"]["p1/bs4"]
@@ -158,3 +150,20 @@ def test_profiler_times_parts_and_restores_the_model(tiny_model_dir):
     assert parts["layers"] > 0 and parts["classifiers"] > 0 and parts["total"] > 0
     assert model.adapter is adapter and modeling._drop_rows is drop_rows
     assert "_classify" not in vars(model) and "exit_criterion" not in vars(model)
+
+
+def test_never_exiting_runs_every_head_and_matches_the_full_model(tiny_model_dir):
+    from pabee.bench import never_exiting
+
+    model = PabeeForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    batch = {"input_ids": torch.randint(1000, 2000, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    calls = []
+    model.classifiers[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        full = model(**batch, patience=0)
+        assert not calls, "patience 0 skips the early heads"
+        with never_exiting(model):
+            heads = model(**batch)
+    assert calls and heads.exit_layers.tolist() == [4] * 8
+    torch.testing.assert_close(heads.logits, full.logits)
+    assert "exit_criterion" not in vars(model)

@@ -77,3 +77,16 @@ def test_invalid_patience_is_a_clear_error(bad):
 def test_invalid_threshold_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="regression_threshold=.*finite number >= 0"):
         PatienceCriterion(1, regression=True, regression_threshold=bad)
+
+
+def test_can_exit_early_only_when_the_counter_can_fire_before_the_last_layer():
+    assert [PatienceCriterion(p).can_exit_early(6) for p in range(8)] == [
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]

@@ -5,7 +5,9 @@ Variants, interleaved in a shuffled order on every repeat after warm-up, with a 
 - `full`: the plain encoder forward + the last classifier, batched (what a user has without PABEE);
 - `early_exit`: our per-example exit inside batches;
 - `early_exit_bs1`: one example at a time, unpadded (the only mode of the research code);
-- `no_exit`: our engine with patience >= layers (nobody exits), to expose the engine's own overhead.
+- `no_exit`: our engine with patience >= layers, which it recognises and runs without the early heads;
+- `heads_no_exit`: our engine computing every layer's head and exit test while nobody exits, the worst case
+  of the engine's own overhead (a patience that is never reached).
 
 Inputs are tokenized and padded into batches before timing, so only model time is measured.
 """
@@ -27,6 +29,7 @@ import torch
 
 from . import modeling
 from .errors import PabeeError
+from .exits import ExitCriterion, ExitTracker
 from .modeling import PabeeForSequenceClassification
 
 Batch = dict[str, torch.Tensor]
@@ -152,6 +155,31 @@ def time_variants(
     return timings
 
 
+class _NeverExit(ExitCriterion):
+    """A criterion that can fire but never does: every head and exit test runs, nobody leaves."""
+
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        return _NeverExitTracker()
+
+
+class _NeverExitTracker(ExitTracker):
+    def update(self, logits: torch.Tensor) -> torch.Tensor:
+        logits.argmax(dim=-1)  # the same work as a real decision
+        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        pass
+
+
+@contextmanager
+def never_exiting(model: PabeeForSequenceClassification) -> Iterator[None]:
+    model.exit_criterion = lambda patience=None: _NeverExit()
+    try:
+        yield
+    finally:
+        del model.exit_criterion
+
+
 class _PartTimer:
     """Accumulates seconds per named part of the early-exit forward (for `--profile`)."""
 
@@ -178,10 +206,27 @@ class _TimedAdapter:
         self.has_pooler = adapter.has_pooler
 
 
-class _TimedTracker:
-    def __init__(self, tracker, timer: _PartTimer) -> None:
-        self.update = timer.wrap("exit bookkeeping", tracker.update)
-        self.keep = timer.wrap("exit bookkeeping", tracker.keep)
+class _TimedTracker(ExitTracker):
+    def __init__(self, tracker: ExitTracker, timer: _PartTimer) -> None:
+        self._update = timer.wrap("exit bookkeeping", tracker.update)
+        self._keep = timer.wrap("exit bookkeeping", tracker.keep)
+
+    def update(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._update(logits)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self._keep(rows)
+
+
+class _TimedCriterion(ExitCriterion):
+    def __init__(self, inner: ExitCriterion, timer: _PartTimer) -> None:
+        self.inner, self.timer = inner, timer
+
+    def can_exit_early(self, num_layers: int) -> bool:
+        return self.inner.can_exit_early(num_layers)
+
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        return _TimedTracker(self.inner.tracker(batch_size, device), self.timer)
 
 
 @contextmanager
@@ -191,13 +236,7 @@ def profiled(model: PabeeForSequenceClassification, timer: _PartTimer) -> Iterat
     original_drop = modeling._drop_rows
 
     def criterion(patience=None):
-        inner = original_criterion(patience)
-
-        class _Timed:
-            def tracker(self, batch_size, device):
-                return _TimedTracker(inner.tracker(batch_size, device), timer)
-
-        return _Timed()
+        return _TimedCriterion(original_criterion(patience), timer)
 
     model.adapter = _TimedAdapter(original_adapter, timer)
     model._classify = timer.wrap("classifiers", model._classify)
@@ -227,6 +266,14 @@ def profile_early_exit(
     parts["other (python, output writes)"] = max(total - sum(parts.values()), 0.0)
     parts["total"] = total
     return parts
+
+
+def _with_all_heads(model: PabeeForSequenceClassification) -> Callable[[Batch], Any]:
+    def run(batch: Batch) -> Any:
+        with never_exiting(model):
+            return model(**batch)
+
+    return run
 
 
 def _load_texts(args: BenchArguments) -> tuple[list[tuple[str, str | None]], str]:
@@ -324,6 +371,7 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
     for b in batch_sizes:
         variants[f"full/bs{b}"] = over_batches(lambda batch: full_forward(model, batch), batches[b])
         variants[f"no_exit/bs{b}"] = over_batches(lambda batch: model(**batch, patience=layers), batches[b])
+        variants[f"heads_no_exit/bs{b}"] = over_batches(_with_all_heads(model), batches[b])
         for p in patiences:
             variants[f"early_exit/p{p}/bs{b}"] = over_batches(
                 lambda batch, p=p: model(**batch, patience=p), batches[b]
@@ -370,10 +418,14 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
                     "bs1_latency_p99_ms": bs1["latency_p99_ms"],
                 }
             )
-    overhead = {
-        b: 100 * (summary[f"no_exit/bs{b}"]["seconds_median"] / summary[f"full/bs{b}"]["seconds_median"] - 1)
-        for b in batch_sizes
-    }
+
+    def overhead(variant: str) -> dict[str, float]:
+        return {
+            str(b): 100
+            * (summary[f"{variant}/bs{b}"]["seconds_median"] / summary[f"full/bs{b}"]["seconds_median"] - 1)
+            for b in batch_sizes
+        }
+
     report: dict[str, Any] = {
         "provenance": provenance(command, model=model_label, data=source),
         "settings": {
@@ -391,7 +443,8 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
         "check_full_vs_engine_max_abs_diff": max_diff,
         "variants": summary,
         "rows": rows,
-        "no_exit_overhead_pct": {str(b): v for b, v in overhead.items()},
+        "no_exit_overhead_pct": overhead("no_exit"),
+        "heads_no_exit_overhead_pct": overhead("heads_no_exit"),
     }
     if args.profile:
         report["profile"] = {
@@ -507,7 +560,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, v in report["variants"].items():
         lines.append(f"| {name} | {v['examples_per_s']:.1f} | {v['seconds_median']:.3f} | {v['spread_pct']:.1f}% |")
     overhead = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["no_exit_overhead_pct"].items())
-    lines += ["", f"No-exit overhead (engine with patience ≥ layers vs plain forward): {overhead}.  "]
+    heads = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["heads_no_exit_overhead_pct"].items())
+    lines += [
+        "",
+        f"No-exit overhead (engine with patience ≥ layers vs plain forward): {overhead}.  ",
+        f"Every head and exit test computed while nobody exits, vs plain forward: {heads}.  ",
+    ]
     lines.append(f"Full vs engine logits, max abs difference: {report['check_full_vs_engine_max_abs_diff']:.2e}.")
     if "training_cost" in report:
         t = report["training_cost"]

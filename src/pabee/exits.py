@@ -36,6 +36,10 @@ class ExitCriterion(ABC):
     def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
         """Fresh per-example state for a batch of `batch_size` examples."""
 
+    def can_exit_early(self, num_layers: int) -> bool:
+        """False when no example can leave before the last layer, so the model may skip the early heads."""
+        return True
+
 
 @dataclass(frozen=True)
 class PatienceCriterion(ExitCriterion):
@@ -53,6 +57,10 @@ class PatienceCriterion(ExitCriterion):
     def __post_init__(self) -> None:
         check_patience(self.patience)
         check_regression_threshold(self.regression_threshold)
+
+    def can_exit_early(self, num_layers: int) -> bool:
+        # The counter reaches `patience` at layer `patience + 1` at the earliest.
+        return 0 < self.patience < num_layers - 1
 
     def tracker(self, batch_size: int, device: torch.device | str) -> _PatienceTracker:
         return _PatienceTracker(self, torch.zeros(batch_size, dtype=torch.long, device=device))

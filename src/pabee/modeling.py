@@ -178,6 +178,10 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             exit_layers = sweep_exit_layers(criterion, all_logits.detach())
             logits = logits_at_exit(all_logits, exit_layers)
             loss = self._weighted_loss(all_logits, labels) if labels is not None else None
+        elif not criterion.can_exit_early(self.num_layers):  # e.g. patience 0: the plain forward, no early heads
+            all_logits, loss = None, None
+            logits = self._last_layer(hidden, attention_mask)
+            exit_layers = torch.full((logits.shape[0],), self.num_layers, dtype=torch.long, device=logits.device)
         else:
             all_logits, loss = None, None
             logits, exit_layers = self._early_exit(hidden, attention_mask, criterion)
@@ -203,6 +207,12 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
             per_layer.append(self._classify(layer, hidden, attention_mask))
         return torch.stack(per_layer, dim=1)
+
+    def _last_layer(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
+        for layer in range(self.num_layers):
+            hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
+        return self._classify(self.num_layers - 1, hidden, attention_mask)
 
     def _weighted_loss(self, all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Σ_i i·loss_i / Σ_i i: deeper classifiers count more, as in the paper."""
