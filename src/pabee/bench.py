@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import modeling
 from .errors import PabeeError
@@ -61,6 +62,13 @@ class BenchArguments:
     repeats: int = field(default=5, metadata={"help": "Timed passes per variant (median reported)."})
     warmup: int = field(default=1, metadata={"help": "Untimed passes per variant first."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: all cores)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel (default: the model's, sdpa). eager is faster on some CPUs.",
+            "choices": ["sdpa", "eager"],
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for fresh heads and the interleaving order."})
     profile: bool = field(default=False, metadata={"help": "Also break early-exit time into its parts."})
     training_cost: bool = field(
@@ -141,10 +149,12 @@ def time_variants(
     """Run every variant `warmup + repeats` times, in a fresh shuffled order each round."""
     timings = {name: Timing() for name in variants}
     rng = random.Random(seed)
+    progress = tqdm(total=(warmup + repeats) * len(variants), desc="Timing", unit="pass", leave=False)
     for round_ in range(warmup + repeats):
         order = list(variants)
         rng.shuffle(order)
         for name in order:
+            progress.update()
             scratch = Timing()
             start = time.perf_counter()
             variants[name](scratch)
@@ -152,6 +162,7 @@ def time_variants(
             if round_ >= warmup:
                 timings[name].passes.append(elapsed)
                 timings[name].latencies.extend(scratch.latencies)
+    progress.close()
     return timings
 
 
@@ -313,11 +324,14 @@ def _load_model(args: BenchArguments) -> tuple[PabeeForSequenceClassification, A
         torch.manual_seed(args.seed)
         path = str(bundled_model_path())
         model = PabeeForSequenceClassification.from_backbone(path)
+        if args.attn_implementation:
+            model.set_attn_implementation(args.attn_implementation)
         label = f"{path} (fresh, untrained heads)"
     else:
         path = label = args.model
         try:
-            model = PabeeForSequenceClassification.from_pretrained(path)
+            extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+            model = PabeeForSequenceClassification.from_pretrained(path, **extra)
         except (OSError, ValueError) as error:
             raise PabeeError(f"Cannot load a PABEE model from {path!r}: {error}") from None
     return model.eval(), AutoTokenizer.from_pretrained(path), label
@@ -439,6 +453,7 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
             "repeats": args.repeats,
             "warmup": args.warmup,
             "threads": torch.get_num_threads(),
+            "attn_implementation": model.config.encoder_config._attn_implementation,
         },
         "check_full_vs_engine_max_abs_diff": max_diff,
         "variants": summary,
@@ -537,7 +552,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Model: `{prov['model']}`  ",
         f"Data: `{prov['data']}` ({s['examples']} examples; batch-size-1 loop on {s['bs1_examples']})  ",
         f"Command: `{prov['command']}`  ",
-        f"{prov['date']}; {prov['hardware']['cpu']}, {s['threads']} threads; torch {prov['versions']['torch']}, "
+        f"{prov['date']}; {prov['hardware']['cpu']}, {s['threads']} threads, {s.get('attn_implementation')} "
+        f"attention; torch {prov['versions']['torch']}, "
         f"transformers {prov['versions']['transformers']}; median of {s['repeats']} interleaved passes after "
         f"{s['warmup']} warm-up; length-sorted batches: {'yes' if s['sort_by_length'] else 'no'}.",
         "",

@@ -1,0 +1,280 @@
+"""Reproduce the paper's GLUE table on what runs here: the bundled 6-layer MiniLM, fine-tuned three ways.
+
+For each task, with the same hyper-parameters and seed:
+  - baseline: plain fine-tuning (`AutoModelForSequenceClassification`, no internal classifiers);
+  - PABEE with "mean" pooling (the automatic choice for this checkpoint), evaluated at patience 1..5;
+  - PABEE with the seed's "pooler" heads, same patiences;
+then `pabee bench` measures the wall-clock speed-up of the mean-pooling model on the task's dev set.
+
+Every finished run is kept under --work_dir and skipped when the script runs again, so an interrupted
+reproduction continues where it stopped. The report is rendered from the JSON files:
+
+    python benchmarks/reproduce_glue.py --tasks MRPC,RTE,STS-B,CoLA,SST-2
+    python benchmarks/reproduce_glue.py --report_only      # re-render benchmarks/results/glue_minilm.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+HYPER = {"epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "max_seq_length": 128, "seed": 42}
+PATIENCES = "1,2,3,4,5"
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command, its output to `log`; return the seconds it took."""
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: int | None) -> dict:
+    """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row."""
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from pabee import bundled_model_path
+    from pabee.data import load_glue, tokenize
+    from pabee.glue import get_task
+    from pabee.metrics import compute_metrics, predictions_from_logits
+
+    task = get_task(task_name)
+    path = str(bundled_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = load_glue(task, glue_dir, train=True, evaluate=True, test=False)
+    train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))
+    train = tokenize(train, tokenizer, HYPER["max_seq_length"], split="train", cache_key=None)
+    dev = tokenize(data.eval["dev"], tokenizer, HYPER["max_seq_length"], split="dev", cache_key=None)
+    set_seed(HYPER["seed"])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None
+    )
+    args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=HYPER["epochs"],
+        per_device_train_batch_size=HYPER["batch_size"],
+        per_device_eval_batch_size=64,
+        learning_rate=HYPER["learning_rate"],
+        seed=HYPER["seed"],
+        save_strategy="no",
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    output = trainer.predict(dev)
+    preds = predictions_from_logits(output.predictions, task.is_regression)
+    return {
+        "task": task.name,
+        "metrics": compute_metrics(task.metrics, preds, output.label_ids),
+        "train_seconds": seconds,
+        "train_examples": len(train),
+    }
+
+
+def reproduce(task_name: str, glue_dir: str, work: Path, max_train_samples: int | None) -> None:
+    from pabee.glue import get_task
+
+    task = get_task(task_name)
+    folder = work / task.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    baseline = folder / "baseline.json"
+    if not baseline.exists():
+        print(f"[{task.name}] baseline", flush=True)
+        result = train_baseline(task.name, glue_dir, folder / "baseline", max_train_samples)
+        baseline.write_text(json.dumps(result, indent=2))
+    limit = [] if max_train_samples is None else ["--max_train_samples", str(max_train_samples)]
+    for pooling in ("mean", "pooler"):
+        out = folder / f"pabee_{pooling}"
+        if (out / "eval_results.json").exists():
+            continue
+        print(f"[{task.name}] PABEE, {pooling} pooling", flush=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pabee",
+            "run-glue",
+            "--task_name",
+            task.name,
+            "--data_dir",
+            glue_dir,
+            "--do_train",
+            "--do_eval",
+            "--pooling",
+            pooling,
+            "--patience",
+            PATIENCES,
+            "--num_train_epochs",
+            str(HYPER["epochs"]),
+            "--per_device_train_batch_size",
+            str(HYPER["batch_size"]),
+            "--learning_rate",
+            str(HYPER["learning_rate"]),
+            "--max_seq_length",
+            str(HYPER["max_seq_length"]),
+            "--seed",
+            str(HYPER["seed"]),
+            "--save_strategy",
+            "no",
+            "--overwrite_output_dir",
+            "--output_dir",
+            str(out),
+            *limit,
+        ]
+        run(cmd, folder / f"pabee_{pooling}.log")
+    bench = folder / "bench"
+    if not (bench / "bench.json").exists():
+        print(f"[{task.name}] bench", flush=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pabee",
+            "bench",
+            "--model",
+            str(folder / "pabee_mean"),
+            "--task_name",
+            task.name,
+            "--data_dir",
+            glue_dir,
+            "--patience",
+            PATIENCES,
+            "--batch_sizes",
+            "32",
+            "--repeats",
+            "3",
+            "--bs1_examples",
+            "64",
+            "--threads",
+            "2",
+            "--output_dir",
+            str(bench),
+            "--overwrite_output_dir",
+        ]
+        run(cmd, folder / "bench.log")
+
+
+def render(work: Path) -> None:
+    """`glue_minilm.md`, `glue_minilm.json` and `glue_minilm.png` from whatever runs have finished."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pabee.glue import get_task
+    from pabee.metrics import METRIC_LABELS
+    from pabee.results import provenance, write_atomic, write_json
+
+    rows, summary = [], {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for folder in sorted(p for p in work.iterdir() if p.is_dir()):
+        files = [
+            folder / "baseline.json",
+            folder / "pabee_mean" / "eval_results.json",
+            folder / "pabee_pooler" / "eval_results.json",
+            folder / "bench" / "bench.json",
+        ]
+        if not all(f.exists() for f in files):
+            continue
+        baseline, mean, pooler, bench = (json.loads(f.read_text()) for f in files)
+        task = get_task(baseline["task"])
+        metric = task.main_metric
+        base = baseline["metrics"][metric]
+        mean_rows = mean["evaluations"][-1]["splits"]
+        mean_rows = next(iter(mean_rows.values()))["patiences"]
+        pooler_rows = next(iter(pooler["evaluations"][-1]["splits"].values()))["patiences"]
+        measured = {r["patience"]: r["measured_speed_up"] for r in bench["rows"]}
+        good = [r for r in mean_rows if r["patience"] > 0 and r[metric] >= base - 0.01]
+        best = max(good, key=lambda r: r["speed_up"]) if good else None
+        summary[task.name] = {
+            "metric": metric,
+            "baseline": base,
+            "mean": mean_rows,
+            "pooler": pooler_rows,
+            "measured_speed_up": measured,
+            "best_patience_within_1pt": best["patience"] if best else None,
+            "train_seconds": {
+                "baseline": baseline["train_seconds"],
+                "pabee_mean": mean["training"]["train_runtime"],
+                "pabee_pooler": pooler["training"]["train_runtime"],
+            },
+            "train_examples": baseline["train_examples"],
+        }
+        label = METRIC_LABELS.get(metric, metric)
+        rows.append(
+            f"\n### {task.name} ({label}, dev; baseline {100 * base:.1f}; "
+            f"{baseline['train_examples']} training examples)\n"
+        )
+        rows.append("| Patience | Mean pooling | Layer speed-up | Measured speed-up | Pooler heads | Layer speed-up |")
+        rows.append("|---|---|---|---|---|---|")
+        for m, p in zip(mean_rows, pooler_rows, strict=True):
+            name = "0 (full)" if m["patience"] == 0 else str(m["patience"])
+            meas = measured.get(m["patience"])
+            rows.append(
+                f"| {name} | {100 * m[metric]:.1f} | {m['speed_up']:.2f}x | "
+                f"{'—' if meas is None else f'{meas:.2f}x'} | {100 * p[metric]:.1f} | {p['speed_up']:.2f}x |"
+            )
+        best_text = "none" if best is None else f"{best['patience']} ({best['speed_up']:.2f}x layers)"
+        rows.append(f"\nBest patience within 1 point of the baseline: {best_text}.")
+        ax.plot(
+            [r["speed_up"] for r in mean_rows[1:]] + [1.0],
+            [100 * r[metric] for r in mean_rows[1:]] + [100 * mean_rows[0][metric]],
+            marker="o",
+            label=f"{task.name} ({label})",
+        )
+    ax.set_xlabel("Layer speed-up (6 / average exit layer)")
+    ax.set_ylabel("Dev metric (x100)")
+    ax.set_title("PABEE on the bundled MiniLM (mean pooling), patience 1-5")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "glue_minilm.png")
+    plt.close(fig)
+    write_json(RESULTS / "glue_minilm.json", {"provenance": provenance(), "hyper": HYPER, "tasks": summary})
+    header = [
+        "# PABEE on GLUE with the bundled MiniLM (6 layers)",
+        "",
+        f"Hyper-parameters for every run: {HYPER}; patiences {PATIENCES}. Re-create with "
+        "`python benchmarks/reproduce_glue.py`. Plot: `glue_minilm.png`.",
+    ]
+    write_atomic(RESULTS / "glue_minilm.md", "\n".join(header + rows) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="MRPC,RTE,STS-B,CoLA,SST-2")
+    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue")))
+    parser.add_argument("--work_dir", default=str(ROOT / "runs" / "reproduce"))
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Subset of each training set.")
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for task in args.tasks.split(","):
+            reproduce(task.strip(), args.glue_dir, work, args.max_train_samples)
+            render(work)
+    render(work)
+
+
+if __name__ == "__main__":
+    main()
