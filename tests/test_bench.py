@@ -91,9 +91,13 @@ def test_bench_report_is_well_formed(tiny_model_dir, tmp_path, capsys):
         assert row["layer_speed_up"] == pytest.approx(4 / row["avg_exit_layer"])
         assert row["examples_per_s"] > 0 and row["bs1_latency_p50_ms"] <= row["bs1_latency_p99_ms"]
     expected = {f"{v}/bs{b}" for v in ("full", "no_exit", "heads_no_exit") for b in (4, 8)}
-    expected |= {f"early_exit/p{p}/bs{b}" for p in (1, 2) for b in (4, 8)} | {"early_exit_bs1/p1", "early_exit_bs1/p2"}
+    expected |= {f"early_exit/p{p}/bs{b}" for p in (1, 2) for b in (4, 8)} | {
+        "early_exit_bs1/p1",
+        "early_exit_bs1/p2",
+        "full_bs1",
+    }
     assert set(report["variants"]) == expected
-    assert set(report["heads_no_exit_overhead_pct"]) == {"4", "8"}
+    assert set(report["heads_no_exit_overhead_pct"]) == {"4", "8"} == set(report["full_batched_over_bs1"])
     assert all(len(v) for v in report["variants"].values())
     assert report["check_full_vs_engine_max_abs_diff"] < 1e-5
     parts = report["profile"]["p1/bs4"]

@@ -371,12 +371,12 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
 
         return run
 
-    def one_by_one(patience: int) -> Callable[[Timing], None]:
+    def one_by_one(forward: Callable[[Batch], Any]) -> Callable[[Timing], None]:
         def run(timing: Timing) -> None:
             with torch.inference_mode():
                 for batch in singles:
                     start = time.perf_counter()
-                    model(**batch, patience=patience)
+                    forward(batch)
                     timing.latencies.append(time.perf_counter() - start)
 
         return run
@@ -390,8 +390,10 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
             variants[f"early_exit/p{p}/bs{b}"] = over_batches(
                 lambda batch, p=p: model(**batch, patience=p), batches[b]
             )
+    # The plain model one example at a time: how much batching can gain here at all, exits aside.
+    variants["full_bs1"] = one_by_one(lambda batch: full_forward(model, batch))
     for p in patiences:
-        variants[f"early_exit_bs1/p{p}"] = one_by_one(p)
+        variants[f"early_exit_bs1/p{p}"] = one_by_one(lambda batch, p=p: model(**batch, patience=p))
 
     # Exit layers and a correctness check, outside the timed region.
     exits: dict[int, np.ndarray] = {}
@@ -404,10 +406,7 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
     max_diff = float((full_logits - engine_logits).abs().max())
 
     timings = time_variants(variants, args.repeats, args.warmup, args.seed)
-    summary = {
-        name: _summary(t, len(singles) if name.startswith("early_exit_bs1") else len(features))
-        for name, t in timings.items()
-    }
+    summary = {name: _summary(t, len(singles) if "bs1" in name else len(features)) for name, t in timings.items()}
     rows = []
     for p in patiences:
         avg = float(exits[p].mean())
@@ -458,6 +457,10 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
         "check_full_vs_engine_max_abs_diff": max_diff,
         "variants": summary,
         "rows": rows,
+        "full_batched_over_bs1": {
+            str(b): summary[f"full/bs{b}"]["examples_per_s"] / summary["full_bs1"]["examples_per_s"]
+            for b in batch_sizes
+        },
         "no_exit_overhead_pct": overhead("no_exit"),
         "heads_no_exit_overhead_pct": overhead("heads_no_exit"),
     }
@@ -577,10 +580,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v['examples_per_s']:.1f} | {v['seconds_median']:.3f} | {v['spread_pct']:.1f}% |")
     overhead = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["no_exit_overhead_pct"].items())
     heads = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["heads_no_exit_overhead_pct"].items())
+    ceiling = ", ".join(f"bs {b}: {v:.2f}x" for b, v in report["full_batched_over_bs1"].items())
     lines += [
         "",
         f"No-exit overhead (engine with patience ≥ layers vs plain forward): {overhead}.  ",
         f"Every head and exit test computed while nobody exits, vs plain forward: {heads}.  ",
+        f"What batching gains the plain full model over one example at a time (the ceiling for early exit's "
+        f"batched / BS=1 ratio): {ceiling}.  ",
     ]
     lines.append(f"Full vs engine logits, max abs difference: {report['check_full_vs_engine_max_abs_diff']:.2e}.")
     if "training_cost" in report:
