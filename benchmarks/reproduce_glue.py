@@ -172,7 +172,7 @@ def reproduce(task_name: str, glue_dir: str, work: Path, max_train_samples: int 
         run(cmd, folder / "bench.log")
 
 
-def render(work: Path) -> None:
+def render(work: Path, results: Path = RESULTS) -> None:
     """`glue_minilm.md`, `glue_minilm.json` and `glue_minilm.png` from whatever runs have finished."""
     import matplotlib
 
@@ -246,16 +246,16 @@ def render(work: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "glue_minilm.png")
+    fig.savefig(results / "glue_minilm.png")
     plt.close(fig)
-    write_json(RESULTS / "glue_minilm.json", {"provenance": provenance(), "hyper": HYPER, "tasks": summary})
+    write_json(results / "glue_minilm.json", {"provenance": provenance(), "hyper": HYPER, "tasks": summary})
     header = [
         "# PABEE on GLUE with the bundled MiniLM (6 layers)",
         "",
         f"Hyper-parameters for every run: {HYPER}; patiences {PATIENCES}. Re-create with "
         "`python benchmarks/reproduce_glue.py`. Plot: `glue_minilm.png`.",
     ]
-    write_atomic(RESULTS / "glue_minilm.md", "\n".join(header + rows) + "\n")
+    write_atomic(results / "glue_minilm.md", "\n".join(header + rows) + "\n")
 
 
 def main() -> None:
@@ -264,16 +264,18 @@ def main() -> None:
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue")))
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "reproduce"))
     parser.add_argument("--max_train_samples", type=int, default=None, help="Subset of each training set.")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Where glue_minilm.{md,json,png} go.")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args()
     work = Path(args.work_dir)
+    results = Path(args.results_dir)
     work.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         for task in args.tasks.split(","):
             reproduce(task.strip(), args.glue_dir, work, args.max_train_samples)
-            render(work)
-    render(work)
+            render(work, results)
+    render(work, results)
 
 
 if __name__ == "__main__":
