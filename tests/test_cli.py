@@ -108,37 +108,10 @@ def test_run_glue_end_to_end_on_mrpc(glue_dir, tmp_path, capsys):
     out = tmp_path / "mrpc"
     code = run(
         [
-            "--model_type",
-            "bert",
-            "--task_name",
-            "MRPC",
-            "--do_train",
-            "--do_eval",
-            "--do_lower_case",
-            "--data_dir",
-            glue_dir / "MRPC",
-            "--max_seq_length",
-            "128",
-            "--per_gpu_train_batch_size",
-            "8",
-            "--per_gpu_eval_batch_size",
-            "32",
-            "--learning_rate",
-            "5e-5",
-            "--max_steps",
-            "4",
-            "--save_steps",
-            "2",
-            "--logging_steps",
-            "2",
-            "--output_dir",
-            out,
-            "--patience",
-            "1,2,3",
-            "--eval_all_checkpoints",
-            "--save_only_model",
-            "--seed",
-            "7",
+            *"--model_type bert --task_name MRPC --do_train --do_eval --do_lower_case --max_seq_length 128".split(),
+            *"--per_gpu_train_batch_size 8 --per_gpu_eval_batch_size 32 --learning_rate 5e-5 --max_steps 4".split(),
+            *"--save_steps 2 --logging_steps 2 --patience 1,2,3 --eval_all_checkpoints --save_only_model".split(),
+            *["--seed", "7", "--data_dir", glue_dir / "MRPC", "--output_dir", out],
         ]
     )
     assert code == 0
@@ -207,21 +180,9 @@ def test_run_glue_end_to_end_on_mrpc(glue_dir, tmp_path, capsys):
 def test_interrupted_training_resumes_from_its_checkpoint(glue_dir, tmp_path, capsys):
     out = tmp_path / "rte"
     base = [
-        "--task_name",
-        "RTE",
-        "--data_dir",
-        glue_dir,
-        "--do_train",
-        "--output_dir",
-        out,
-        "--per_device_train_batch_size",
-        "4",
-        "--max_train_samples",
-        "32",
-        "--save_steps",
-        "2",
-        "--max_seq_length",
-        "64",
+        *"--task_name RTE --do_train --per_device_train_batch_size 4 --max_train_samples 32".split(),
+        *"--save_steps 2 --max_seq_length 64".split(),
+        *["--data_dir", glue_dir, "--output_dir", out],
     ]
     assert run([*base, "--max_steps", "2"]) == 0
     assert (out / "checkpoint-2").is_dir()
@@ -231,7 +192,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(glue_dir, tmp_path, ca
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     # Another task's run never continues these checkpoints silently.
     other = [*base, "--max_steps", "6"]
-    other[1] = "WNLI"
+    other[other.index("RTE")] = "WNLI"
     assert run(other) == 2
     assert "holds checkpoints of another run" in capsys.readouterr().err
 
@@ -265,25 +226,9 @@ def test_mnli_evaluates_matched_and_mismatched_and_during_training(tmp_path, cap
     out = tmp_path / "mnli"
     code = run(
         [
-            "--task_name",
-            "MNLI",
-            "--data_dir",
-            data,
-            "--do_train",
-            "--do_eval",
-            "--output_dir",
-            out,
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "8",
-            "--evaluate_during_training",
-            "--logging_steps",
-            "1",
-            "--save_strategy",
-            "no",
-            "--patience",
-            "1,2",
+            *"--task_name MNLI --do_train --do_eval --max_steps 2 --per_device_train_batch_size 8".split(),
+            *"--evaluate_during_training --logging_steps 1 --save_strategy no --patience 1,2".split(),
+            *["--data_dir", data, "--output_dir", out],
         ]
     )
     assert code == 0
@@ -309,22 +254,9 @@ def test_own_data_files_regression(tmp_path, capsys):
     out = tmp_path / "own"
     code = run(
         [
-            "--train_file",
-            tmp_path / "train.jsonl",
-            "--validation_file",
-            tmp_path / "dev.jsonl",
-            "--do_train",
-            "--do_eval",
-            "--output_dir",
-            out,
-            "--max_steps",
-            "2",
-            "--save_strategy",
-            "no",
-            "--patience",
-            "1",
-            "--regression_threshold",
-            "0.05",
+            *"--do_train --do_eval --max_steps 2 --save_strategy no --patience 1 --regression_threshold 0.05".split(),
+            *["--train_file", tmp_path / "train.jsonl", "--validation_file", tmp_path / "dev.jsonl"],
+            *["--output_dir", out],
         ]
     )
     assert code == 0
