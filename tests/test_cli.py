@@ -195,6 +195,12 @@ def test_interrupted_training_resumes_from_its_checkpoint(glue_dir, tmp_path, ca
     other[other.index("RTE")] = "WNLI"
     assert run(other) == 2
     assert "holds checkpoints of another run" in capsys.readouterr().err
+    # --overwrite_output_dir starts afresh: old checkpoints go, the user's other files stay.
+    (out / "notes.txt").write_text("mine")
+    assert run([*other[:-2], "--max_steps", "2", "--overwrite_output_dir"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert json.loads((out / "pabee_run.json").read_text())["task"] == "WNLI"
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def _mnli_folder(root):

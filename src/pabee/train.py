@@ -77,7 +77,8 @@ class RunGlueArguments:
         default=False, metadata={"help": "Accepted for compatibility; the tokenizer's own setting decides."}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Reuse a non-empty --output_dir, replacing its contents."}
+        default=False,
+        metadata={"help": "Reuse a non-empty --output_dir: its checkpoints and results are replaced, nothing else."},
     )
     eval_all_checkpoints: bool = field(
         default=False, metadata={"help": "Evaluate every checkpoint-* folder in --output_dir and the final model."}
@@ -162,8 +163,11 @@ def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments,
                 "or choose another folder."
             )
         if _non_empty(out) and args.overwrite_output_dir:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            # Only what a previous run wrote: stale checkpoints would be resumed or evaluated as this run's.
+            for checkpoint in _checkpoints(out):
+                shutil.rmtree(checkpoint)
+            for name in (*RESULT_FILES, RUN_FILE, "trainer_state.json"):
+                (out / name).unlink(missing_ok=True)
     elif not args.overwrite_output_dir:
         taken = [name for name in RESULT_FILES if (out / name).exists()]
         if taken:
