@@ -249,11 +249,28 @@ def render(work: Path, results: Path = RESULTS) -> None:
     fig.savefig(results / "glue_minilm.png")
     plt.close(fig)
     write_json(results / "glue_minilm.json", {"provenance": provenance(), "hyper": HYPER, "tasks": summary})
+    done = ", ".join(summary) or "none"
+    best = ", ".join(
+        f"{name} patience {t['best_patience_within_1pt']} "
+        f"({next(r['speed_up'] for r in t['mean'] if r['patience'] == t['best_patience_within_1pt']):.2f}x layers)"
+        for name, t in summary.items()
+        if t["best_patience_within_1pt"] is not None
+    )
     header = [
         "# PABEE on GLUE with the bundled MiniLM (6 layers)",
         "",
         f"Hyper-parameters for every run: {HYPER}; patiences {PATIENCES}. Re-create with "
         "`python benchmarks/reproduce_glue.py`. Plot: `glue_minilm.png`.",
+        "",
+        f"Tasks finished: {done} (of SST-2, MRPC, RTE, STS-B, CoLA; the script resumes where it stopped).",
+        "",
+        "The paper reports 1.62x (BERT-base) and 1.57x (ALBERT-base) at about equal accuracy with 12 layers. "
+        f"Here, the fastest patience within 1 point of plain fine-tuning: {best or 'none yet'}. A 6-layer model "
+        "has less to skip: patience p exits at layer p+1 at the earliest, so patience 2 can save at most half "
+        "the layers, patience 3 at most a third, and patience >= 5 is the full model. "
+        "Pooler heads (the seed's choice) read the [CLS] state, "
+        "which barely depends on the input in MiniLM's early layers, so their early exits answer blindly "
+        "(compare the two metric columns at patience 1-3).",
     ]
     write_atomic(results / "glue_minilm.md", "\n".join(header + rows) + "\n")
 
