@@ -1,0 +1,275 @@
+"""Texts in, answers out: tokenize, batch by length, run batched early exit, name the labels.
+
+`PabeePipeline` is the one place that turns user texts into model inputs and model outputs into
+`{"label", "score", "exit_layer"}`; `pabee predict`, `pabee serve` and `run-glue --do_predict` all go through it.
+
+What an answer holds:
+
+- single-label classification: `label` is the class name from `config.id2label`, `score` its softmax
+  probability at the exit layer;
+- regression (`num_labels == 1`): `label` is `None` and `score` the predicted value itself;
+- multi-label classification: `label` lists the names whose sigmoid probability is >= 0.5, `score` their
+  probabilities in the same order;
+- `exit_layer`: the 1-based layer the example answered from.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import PabeeError
+from .modeling import PabeeForSequenceClassification
+
+# Per-call exit settings `forward` may accept; the pipeline passes on only those that are set.
+EXIT_OPTIONS = ("patience", "exit_criterion", "exit_threshold", "max_exit_layer")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+DEFAULT_MAX_LENGTH = 128  # run-glue's default --max_seq_length: what the models here were trained with
+
+Example = tuple[str, str | None]  # (text, text_pair or None)
+Prediction = dict[str, Any]
+
+
+def as_example(item: Any, position: int | None = None) -> Example:
+    """Normalise one input: a string, a `(text, text_pair)` pair, or a `{"text", "text_pair"}` mapping.
+
+    Raises:
+        ValueError: naming the position of an input that is none of these.
+    """
+    where = "" if position is None else f" (input {position})"
+    if isinstance(item, str):
+        return item, None
+    if isinstance(item, Mapping):
+        text, pair = item.get("text"), item.get("text_pair")
+        if isinstance(text, str) and (pair is None or isinstance(pair, str)):
+            return text, pair
+        raise ValueError(f"A mapping input needs a string 'text' and optionally a string 'text_pair'{where}.")
+    if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        return item[0], item[1]
+    raise ValueError(f"An input must be a string or a (text, text_pair) pair of strings{where}; got {item!r:.80}.")
+
+
+def _check_exit_options(model: PabeeForSequenceClassification, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options that are set, after checking `forward` knows them all."""
+    accepted = inspect.signature(model.forward).parameters
+    set_options = {}
+    for name, value in options.items():
+        if name not in EXIT_OPTIONS:
+            raise ValueError(f"Unknown exit option {name!r}; use {', '.join(EXIT_OPTIONS)}.")
+        if value is None:
+            continue
+        if name not in accepted:
+            raise ValueError(f"Exit option {name!r} is not supported by this version of the model.")
+        set_options[name] = value
+    return set_options
+
+
+class PabeePipeline:
+    """Batched early-exit classification of raw texts and text pairs.
+
+    Examples are tokenized together, sorted by length so each batch carries little padding, run in batches of
+    `batch_size`, and returned in input order.
+
+    Args:
+        model: a PABEE model (put in eval mode here).
+        tokenizer: its tokenizer.
+        batch_size: examples per forward pass.
+        max_length: tokens per example; longer inputs are truncated (pairs: the longer part first). Capped at
+            what the model and tokenizer support.
+        device: where to run (default: where the model is).
+        exit_options: default per-call exit settings (`patience`, and where the model supports them
+            `exit_criterion`, `exit_threshold`, `max_exit_layer`); unset ones use the model config's.
+
+    Example:
+        >>> classify = pabee.pipeline("runs/sst2")
+        >>> classify("a gripping, funny film")
+        {'label': 'positive', 'score': 0.97, 'exit_layer': 2}
+    """
+
+    def __init__(
+        self,
+        model: PabeeForSequenceClassification,
+        tokenizer: Any,
+        *,
+        batch_size: int = 32,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        device: str | torch.device | None = None,
+        exit_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: use a whole number >= 1.")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length={max_length!r} is invalid: use a whole number >= 2.")
+        self.model = model.eval() if device is None else model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        limits = [max_length, getattr(model.config.encoder_config, "max_position_embeddings", None)]
+        limits.append(getattr(tokenizer, "model_max_length", None))
+        self.max_length = min(v for v in limits if isinstance(v, int) and v > 0)
+        self.exit_options = _check_exit_options(model, exit_options or {})
+        if self.exit_options:
+            self.run([("ok", None)])  # bad values fail now, with the model's own message, not on first use
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> PabeePipeline:
+        """Load a saved PABEE model and its tokenizer from a folder (`PabeeError` if it is not one)."""
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        folder = Path(model_dir)
+        if not (folder / "config.json").is_file():
+            raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as error:
+            raise PabeeError(f"Cannot read the model config in {folder}: {error}") from None
+        if config.model_type != "pabee":
+            raise PabeeError(f"{folder} holds a {config.model_type!r} model, not a PABEE model.")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as error:
+            raise PabeeError(f"Cannot load a tokenizer from {folder}: {error}") from None
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a command's or server's output
+        try:
+            model = PabeeForSequenceClassification.from_pretrained(folder)
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names in id order (`None` for regression)."""
+        config = self.model.config
+        if config.is_regression:
+            return None
+        return [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+
+    def __call__(
+        self,
+        inputs: Any,
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        **exit_options: Any,
+    ) -> Prediction | list[Prediction]:
+        """Classify one input (returns one answer) or a list of inputs (returns a list, in input order).
+
+        An input is a string, a `(text, text_pair)` pair or a `{"text", "text_pair"}` mapping; singles and pairs
+        may be mixed. `exit_options` (`patience=...`, ...) override the pipeline's for this call.
+        """
+        single = isinstance(inputs, (str, Mapping)) or (
+            isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
+        )
+        items = [inputs] if single else list(inputs)
+        examples = [as_example(item, i) for i, item in enumerate(items)]
+        logits, exit_layers = self.run(examples, batch_size=batch_size, progress=progress, **exit_options)
+        answers = self.format(logits, exit_layers)
+        return answers[0] if single else answers
+
+    def tokenize(self, examples: Sequence[Example]) -> list[dict[str, list[int]]]:
+        """Unpadded features per example; singles and pairs are tokenized in two calls, then put back in order."""
+        features: list[dict[str, list[int]] | None] = [None] * len(examples)
+        for is_pair in (False, True):
+            rows = [i for i, (_, pair) in enumerate(examples) if (pair is not None) == is_pair]
+            if not rows:
+                continue
+            texts = [examples[i][0] for i in rows]
+            pairs = [examples[i][1] for i in rows] if is_pair else None
+            encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+            names = [name for name in MODEL_INPUTS if name in encoded]
+            for j, i in enumerate(rows):
+                features[i] = {name: encoded[name][j] for name in names}
+        return features
+
+    def _pad(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Right padding, which lets the engine cut trailing columns once the longest rows exit."""
+        width = max(len(f["input_ids"]) for f in features)
+        pad_id = self.tokenizer.pad_token_id or 0
+        batch = {}
+        for name in features[0]:
+            fill = pad_id if name == "input_ids" else 0
+            rows = [f[name] + [fill] * (width - len(f[name])) for f in features]
+            batch[name] = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        return batch
+
+    def run(
+        self,
+        examples: Sequence[Example],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+        **exit_options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw outputs in input order: `logits` `[N, num_labels]` at each example's exit layer, `exit_layers` `[N]`."""
+        options = {**self.exit_options, **_check_exit_options(self.model, exit_options)}
+        batch_size = batch_size or self.batch_size
+        features = self.tokenize(examples)
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        logits = torch.empty(len(features), self.model.config.num_labels)
+        exit_layers = torch.empty(len(features), dtype=torch.long)
+        bar = tqdm(total=len(features), unit="ex", desc="Predicting", disable=not progress)
+        self.model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                out = self.model(**self._pad([features[i] for i in rows]), **options)
+                index = torch.tensor(rows)
+                logits[index] = out.logits.float().cpu()
+                exit_layers[index] = out.exit_layers.cpu()
+                bar.update(len(rows))
+        bar.close()
+        return logits, exit_layers
+
+    def format(self, logits: torch.Tensor, exit_layers: torch.Tensor) -> list[Prediction]:
+        """`{"label", "score", "exit_layer"}` per row, as the module docstring describes."""
+        config = self.model.config
+        layers = exit_layers.tolist()
+        if config.is_regression:
+            values = logits[:, 0].tolist()
+            return [{"label": None, "score": v, "exit_layer": e} for v, e in zip(values, layers, strict=True)]
+        names = self.labels
+        if config.problem_type == "multi_label_classification":
+            answers = []
+            for row, layer in zip(torch.sigmoid(logits).tolist(), layers, strict=True):
+                chosen = [i for i, p in enumerate(row) if p >= 0.5]
+                answers.append(
+                    {"label": [names[i] for i in chosen], "score": [row[i] for i in chosen], "exit_layer": layer}
+                )
+            return answers
+        best, ids = torch.softmax(logits, dim=-1).max(dim=-1)
+        return [
+            {"label": names[i], "score": p, "exit_layer": e}
+            for i, p, e in zip(ids.tolist(), best.tolist(), layers, strict=True)
+        ]
+
+
+def pipeline(
+    model: str | Path | PabeeForSequenceClassification, tokenizer: Any = None, **kwargs: Any
+) -> PabeePipeline:
+    """A `PabeePipeline` from a saved model folder (tokenizer loaded from it) or from a model and tokenizer.
+
+    Example:
+        >>> classify = pabee.pipeline("runs/mrpc", patience=2)
+        >>> classify([("He left.", "He went away."), ("It rained.", "Stocks fell.")])
+        [{'label': 'equivalent', 'score': 0.81, 'exit_layer': 3}, ...]
+
+    Keyword arguments are `PabeePipeline`'s; exit settings (`patience`, ...) may also be given directly.
+    """
+    options = dict(kwargs.pop("exit_options", None) or {})
+    options.update({name: kwargs.pop(name) for name in EXIT_OPTIONS if name in kwargs})
+    if isinstance(model, (str, Path)):
+        return PabeePipeline.from_pretrained(model, exit_options=options, **kwargs)
+    if tokenizer is None:
+        raise ValueError("Give the tokenizer with a model object (or pass a model folder).")
+    return PabeePipeline(model, tokenizer, exit_options=options, **kwargs)
