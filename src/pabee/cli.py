@@ -88,9 +88,49 @@ def bench_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def predict_main(argv: Sequence[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .predict import PredictArguments, run_predict
+
+    parser = HfArgumentParser(
+        PredictArguments,
+        prog="pabee predict",
+        description="Classify a file of texts with batched early exit; one JSON line per example.",
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    result = run_predict(args)
+    where = f"; wrote {args.output}" if args.output else ""
+    print(f"pabee predict: {result['summary']}{where}", file=sys.stderr)
+    return 0
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    from importlib.util import find_spec
+
+    from transformers import HfArgumentParser
+
+    missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if find_spec(name) is None]
+    if missing:
+        raise PabeeError(f'the server needs {", ".join(missing)}: pip install "pabee[serve]"')
+    from .serve import ServeArguments, run_server
+
+    parser = HfArgumentParser(
+        ServeArguments,
+        prog="pabee serve",
+        description="HTTP server with dynamic micro-batching and batched early exit: POST /predict, GET /health, "
+        "GET /metrics.",
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    run_server(args)
+    return 0
+
+
 COMMANDS = {
     "run-glue": (run_glue_main, "fine-tune and evaluate PABEE on a GLUE task across patiences"),
     "bench": (bench_main, "measure wall-clock speed-up, batched throughput and training cost"),
+    "predict": (predict_main, "classify a file of texts (txt, tsv, csv, jsonl) into JSON lines"),
+    "serve": (serve_main, "HTTP server with dynamic micro-batching and early exit"),
 }
 
 
@@ -113,10 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pabee {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"pabee {command}: interrupted; run the same command again to resume from the last checkpoint.",
-            file=sys.stderr,
-        )
+        hint = "; run the same command again to resume from the last checkpoint" if command == "run-glue" else ""
+        print(f"pabee {command}: interrupted{hint}.", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,174 @@
+"""`pabee predict` on real GLUE files and on every input format; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from text_models import SENTIMENT, save_tiny_text_model
+
+from pabee.cli import main
+from pabee.glue import get_task, read_glue_tsv
+from pabee.pipeline import pipeline
+from pabee.predict import read_inputs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine idle OpenMP threads cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, minilm_tokenizer):
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny"), minilm_tokenizer, patience=1, **SENTIMENT)
+
+
+def predict(*args) -> int:
+    try:
+        return main(["predict", *map(str, args)])
+    except SystemExit as stop:  # argparse's own errors
+        return stop.code
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_predict_on_the_sst2_dev_file(model_dir, glue_dir, tmp_path, capsys):
+    out = tmp_path / "sst2.jsonl"
+    source = glue_dir / "SST-2" / "dev.tsv"
+    assert predict("--model", model_dir, "--input", source, "--text_column", "sentence", "--output", out) == 0
+    rows = read_jsonl(out)
+    sentences = [e["text"] for e in read_glue_tsv(get_task("SST-2"), source)]
+    assert len(rows) == len(sentences) == 872
+    assert [r["text"] for r in rows] == sentences and [r["line"] for r in rows[:2]] == [2, 3]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = pipeline(model_dir)(sentences)
+    assert [{k: r[k] for k in ("label", "score", "exit_layer")} for r in rows] == expected
+    average = sum(r["exit_layer"] for r in rows) / len(rows)
+    assert err.startswith("pabee predict: 872 examples in ") and "examples/s" in err
+    assert f"average exit layer {average:.2f} of 4" in err and err.endswith(f"wrote {out}")
+
+
+def test_predict_pairs_from_the_rte_dev_file(model_dir, glue_dir, tmp_path):
+    out = tmp_path / "rte.jsonl"
+    source = glue_dir / "RTE" / "dev.tsv"
+    columns = ["--text_column", "sentence1", "--text_pair_column", "sentence2"]
+    assert predict("--model", model_dir, "--input", source, *columns, "--output", out, "--patience", "0") == 0
+    rows = read_jsonl(out)
+    pairs = [(e["text"], e["text_pair"]) for e in read_glue_tsv(get_task("RTE"), source)]
+    assert [(r["text"], r["text_pair"]) for r in rows] == pairs
+    assert {r["exit_layer"] for r in rows} == {4}  # patience 0 is the full model
+    expected = pipeline(model_dir, patience=0)(pairs)
+    assert [r["label"] for r in rows] == [a["label"] for a in expected]
+
+
+def test_every_input_format_gives_the_same_answers(model_dir, sst2_dev_sentences, tmp_path, capsys):
+    texts = [s for s in sst2_dev_sentences[:20] if "\t" not in s and '"' not in s]
+    pair = ("A man is playing a guitar.", "Someone plays music.")
+    files = {
+        "in.txt": "\n".join(texts) + "\n\n" + "\t".join(pair) + "\n",
+        "in.tsv": "text\ttext_pair\n" + "".join(f"{t}\t\n" for t in texts) + "\t".join(pair) + "\n",
+        "in.csv": "id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(texts)),
+        "in.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts)
+        + json.dumps({"text": pair[0], "text_pair": pair[1]})
+        + "\n",
+    }
+    expected = pipeline(model_dir)([*texts, pair])
+    for name, content in files.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        out = tmp_path / f"{name}.jsonl"
+        assert predict("--model", model_dir, "--input", tmp_path / name, "--output", out) == 0, name
+        rows = read_jsonl(out)
+        assert [r["text"] for r in rows[: len(texts)]] == texts, name
+        answers = [{k: r[k] for k in ("label", "score", "exit_layer")} for r in rows]
+        if name == "in.tsv":  # an empty text_pair cell is a pair with an empty second text
+            assert rows[0]["text_pair"] == "" and answers[-1] == expected[-1]
+        elif name == "in.csv":
+            assert answers == expected[:-1]
+        else:
+            assert answers == expected and rows[-1]["text_pair"] == pair[1]
+    assert read_jsonl(tmp_path / "in.txt.jsonl")[-1]["line"] == len(texts) + 2  # the blank line is skipped
+
+
+def test_without_output_the_lines_go_to_stdout(model_dir, tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("a fine film\na dull film\n", encoding="utf-8")
+    assert predict("--model", model_dir, "--input", source, "--patience", "0") == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["text"] for r in rows] == ["a fine film", "a dull film"]
+    assert all(r["exit_layer"] == 4 for r in rows) and "patience 0" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing_model", "--model {tmp}/nowhere is not a folder"),
+        ("not_a_model", "is not a model folder (no config.json)"),
+        ("missing_input", "Missing input file {tmp}/nothing.txt"),
+        ("taken_output", "--output {tmp}/taken.jsonl exists; pass --overwrite to replace it"),
+        ("bad_json", "bad.jsonl, line 2: not valid JSON"),
+        ("no_text_field", "bad.jsonl, line 1: 'text' is missing or not a string"),
+        ("pair_not_string", "bad.jsonl, line 1: 'text_pair' is not a string"),
+        ("no_text_column", "the header must name a 'text' column (found ['sentence', 'label'])"),
+        ("ragged_row", "bad.tsv, line 3: the number of columns differs from the header"),
+        ("three_fields", "bad.txt, line 1: 3 tab-separated fields"),
+        ("empty", "bad.txt holds no examples"),
+        ("suffix", "unsupported file type '.xml'"),
+        ("bad_patience", "patience=-2 is invalid"),
+        ("bad_batch_size", "batch_size=0 is invalid"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(case, message, model_dir, tmp_path, capsys):
+    good = tmp_path / "good.txt"
+    good.write_text("fine\n", encoding="utf-8")
+    args = {"--model": model_dir, "--input": good}
+    extra: list[str] = []
+    contents = {
+        "bad_json": ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n'),
+        "no_text_field": ("bad.jsonl", '{"sentence": "ok"}\n'),
+        "pair_not_string": ("bad.jsonl", '{"text": "ok", "text_pair": 3}\n'),
+        "no_text_column": ("bad.tsv", "sentence\tlabel\nfine\t1\n"),
+        "ragged_row": ("bad.tsv", "text\tlabel\nfine\t1\nbad\n"),
+        "three_fields": ("bad.txt", "a\tb\tc\n"),
+        "empty": ("bad.txt", "\n\n"),
+        "suffix": ("bad.xml", "<a/>"),
+    }
+    if case in contents:
+        name, text = contents[case]
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        args["--input"] = tmp_path / name
+    elif case == "missing_model":
+        args["--model"] = tmp_path / "nowhere"
+    elif case == "not_a_model":
+        args["--model"] = tmp_path
+    elif case == "missing_input":
+        args["--input"] = tmp_path / "nothing.txt"
+    elif case == "taken_output":
+        (tmp_path / "taken.jsonl").write_text("keep me\n")
+        extra = ["--output", str(tmp_path / "taken.jsonl")]
+    elif case == "bad_patience":
+        extra = ["--patience", "-2"]
+    elif case == "bad_batch_size":
+        extra = ["--batch_size", "0"]
+    argv = [x for kv in args.items() for x in kv] + extra
+    assert predict(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pabee predict: error: ") and len(err.splitlines()) == 1
+    assert message.format(tmp=tmp_path) in err
+    if case == "taken_output":
+        assert (tmp_path / "taken.jsonl").read_text() == "keep me\n"
+        assert predict(*argv, "--overwrite") == 0 and read_jsonl(tmp_path / "taken.jsonl")[0]["text"] == "fine"
+
+
+def test_read_inputs_keeps_line_numbers_and_pairs(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("one\n\ntwo\tthree\r\n", encoding="utf-8")
+    rows = read_inputs(path)
+    assert [(r.line, r.text, r.text_pair) for r in rows] == [(1, "one", None), (3, "two", "three")]
