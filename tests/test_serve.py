@@ -1,0 +1,283 @@
+"""`pabee serve`: micro-batching gives each caller its own answers, bad requests are 4xx, failures stay local."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from text_models import SENTIMENT, save_tiny_text_model
+
+from pabee.cli import main
+from pabee.glue import get_task, read_glue_tsv
+from pabee.pipeline import pipeline
+from pabee.serve import MicroBatcher, ShuttingDown, create_app
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine idle OpenMP threads cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, minilm_tokenizer):
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny"), minilm_tokenizer, patience=1, **SENTIMENT)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return pipeline(model_dir)
+
+
+@pytest.fixture(scope="module")
+def rte_pairs(glue_dir) -> list[list[str]]:
+    return [[r["text"], r["text_pair"]] for r in read_glue_tsv(get_task("RTE"), glue_dir / "RTE" / "dev.tsv")[:8]]
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text → {(sample name, sorted labels): value}; raises if the text does not parse."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def assert_answers(got: list[dict], expected: list[dict]) -> None:
+    assert [(a["label"], a["exit_layer"]) for a in got] == [(a["label"], a["exit_layer"]) for a in expected]
+    assert [a["score"] for a in got] == pytest.approx([a["score"] for a in expected], abs=1e-5)
+
+
+def as_inputs(texts: list) -> list:
+    return [tuple(t) if isinstance(t, list) else t for t in texts]
+
+
+def test_health_and_a_prediction(pipe, sst2_dev_sentences, rte_pairs):
+    with TestClient(create_app(pipe, threads=1, model_name="tiny")) as client:
+        health = client.get("/health")
+        assert health.status_code == 200
+        assert health.json()["status"] == "ok" and health.json()["labels"] == ["negative", "positive"]
+        assert health.json()["num_layers"] == 4 and health.json()["model"] == "tiny"
+        texts = [*sst2_dev_sentences[:6], *rte_pairs[:3]]
+        response = client.post("/predict", json={"texts": texts})
+        assert response.status_code == 200
+        assert_answers(response.json()["predictions"], pipe(as_inputs(texts)))
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers(pipe, sst2_dev_sentences, rte_pairs):
+    app = create_app(pipe, max_wait_ms=300, max_batch_size=64, threads=1)
+    requests = [sst2_dev_sentences[3 * i : 3 * i + 3] for i in range(10)] + [[pair] for pair in rte_pairs[:4]]
+    requests.append([sst2_dev_sentences[40], rte_pairs[5], sst2_dev_sentences[41]])
+
+    async def send_all():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                responses = await asyncio.gather(*(client.post("/predict", json={"texts": t}) for t in requests))
+                metrics = await client.get("/metrics")
+        return responses, metrics.text
+
+    responses, metrics = asyncio.run(send_all())
+    for texts, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200
+        assert_answers(response.json()["predictions"], pipe(as_inputs(texts)))
+    samples = metric_samples(metrics)
+    batches = samples[("pabee_batch_requests_count", ())]
+    assert samples[("pabee_batch_requests_sum", ())] == len(requests)
+    assert batches < len(requests), "concurrent requests should have shared forward passes"
+    assert samples[("pabee_batch_size_sum", ())] == sum(len(t) for t in requests)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b'{"texts": ["unfinished"', 400, "The body is not valid JSON"),
+        (b"\xff\xfe", 400, "The body is not valid JSON"),
+        (b"[1, 2]", 422, "The body must be a JSON object"),
+        (b"{}", 422, "'texts' must be a list"),
+        (b'{"texts": "one string"}', 422, "'texts' must be a list"),
+        (b'{"texts": ["fine", 3]}', 422, "texts[1] must be a string or a [text, text_pair] pair of two strings"),
+        (b'{"texts": [null]}', 422, "texts[0] must be a string"),
+        (b'{"texts": []}', 422, "'texts' is empty"),
+        (b'{"texts": [["a", "b", "c"]]}', 422, "texts[0] must be a string or a [text, text_pair] pair"),
+        (b'{"texts": [["only one"]]}', 422, "texts[0] must be a string or a [text, text_pair] pair"),
+        (b'{"texts": [["a", 1]]}', 422, "texts[0] must be a string or a [text, text_pair] pair"),
+        (b'{"texts": ["a"], "patience": 2}', 422, "Unknown field(s) 'patience'"),
+        (b'{"texts": ["a", "b", "c", "d", "e", "f"]}', 413, "6 texts in one request; the limit is 5"),
+        (b'{"texts": ["ok", "' + b"x" * 101 + b'"]}', 413, "texts[1] has 101 characters; the limit is 100"),
+        (b'{"texts": [["ok", "' + b"x" * 101 + b'"]]}', 413, "texts[0] has 101 characters; the limit is 100"),
+        (b'{"texts": ["' + b"x" * 20_000 + b'"]}', 413, "The body has"),
+    ],
+)
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(pipe, body, status, message):
+    app = create_app(pipe, max_texts_per_request=5, max_text_chars=100, threads=1)
+    with TestClient(app) as client:
+        response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status
+        assert message in response.json()["detail"]
+        assert client.post("/predict", json={"texts": ["still fine"]}).status_code == 200
+        samples = metric_samples(client.get("/metrics").text)
+    labels = (("endpoint", "/predict"), ("status", str(status)))
+    assert samples[("pabee_requests_total", labels)] == 1
+
+
+def test_a_failing_batch_answers_500_and_the_server_carries_on(model_dir, sst2_dev_sentences):
+    pipe = pipeline(model_dir)
+    working = pipe.run
+
+    def run(examples, **kwargs):
+        if any(text == "boom" for text, _ in examples):
+            raise RuntimeError("the forward broke")
+        return working(examples, **kwargs)
+
+    pipe.run = run
+    with TestClient(create_app(pipe, threads=1)) as client:
+        failed = client.post("/predict", json={"texts": ["fine", "boom"]})
+        assert failed.status_code == 500
+        assert (
+            "Inference failed for the batch holding this request (RuntimeError: the forward broke)"
+            in (failed.json()["detail"])
+        )
+        ok = client.post("/predict", json={"texts": sst2_dev_sentences[:4]})
+        assert ok.status_code == 200 and len(ok.json()["predictions"]) == 4
+        samples = metric_samples(client.get("/metrics").text)
+    assert samples[("pabee_batch_failures_total", ())] == 1
+    assert samples[("pabee_requests_total", (("endpoint", "/predict"), ("status", "500")))] == 1
+
+
+def test_metrics_parse_and_count_requests_texts_and_exit_layers(pipe, sst2_dev_sentences):
+    other = create_app(pipe, threads=1)  # a second app in the same process keeps its own counts
+    with TestClient(create_app(pipe, threads=1)) as client, TestClient(other) as other_client:
+        other_client.post("/predict", json={"texts": ["only in the other app"]})
+        for i in range(5):
+            assert client.post("/predict", json={"texts": sst2_dev_sentences[4 * i : 4 * i + 4]}).status_code == 200
+        client.get("/health")
+        response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(response.text)
+    exits = [a["exit_layer"] for a in pipe(sst2_dev_sentences[:20])]
+    assert samples[("pabee_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 5
+    assert samples[("pabee_requests_total", (("endpoint", "/health"), ("status", "200")))] == 1
+    assert samples[("pabee_request_duration_seconds_count", ())] == 5
+    assert samples[("pabee_texts_total", ())] == 20
+    assert samples[("pabee_exit_layer_count", ())] == 20 and samples[("pabee_exit_layer_sum", ())] == sum(exits)
+    assert samples[("pabee_exit_layer_bucket", (("le", "2.0"),))] == sum(e <= 2 for e in exits)
+    assert samples[("pabee_batch_size_sum", ())] == 20
+
+
+def echo(examples):
+    return [{"text": text} for text, _ in examples]
+
+
+def test_micro_batcher_respects_the_batch_size_and_keeps_requests_whole():
+    sizes = []
+
+    def run(examples):
+        sizes.append(len(examples))
+        return echo(examples)
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch_size=4, max_wait=0.2)
+        await batcher.start()
+        requests = [[(f"r{i}", None)] for i in range(10)] + [[(f"big{j}", None) for j in range(6)]]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.stop()
+        return requests, answers
+
+    requests, answers = asyncio.run(scenario())
+    assert answers == [echo(r) for r in requests]
+    assert sizes == [4, 4, 2, 6]  # full batches leave at once; the 6-text request is never split
+
+
+def test_micro_batcher_waits_at_most_max_wait_and_drains_on_stop():
+    async def scenario():
+        batcher = MicroBatcher(echo, max_batch_size=32, max_wait=0.15)
+        await batcher.start()
+        start = time.perf_counter()
+        await batcher.submit([("alone", None)])
+        waited = time.perf_counter() - start
+        slow = MicroBatcher(echo, max_batch_size=32, max_wait=30)
+        await slow.start()
+        pending = asyncio.ensure_future(slow.submit([("in flight", None)]))
+        await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        await slow.stop()  # answers what is queued at once instead of waiting out max_wait
+        stopped = time.perf_counter() - start
+        with pytest.raises(ShuttingDown):
+            await slow.submit([("too late", None)])
+        await batcher.stop()
+        return waited, await pending, stopped
+
+    waited, answer, stopped = asyncio.run(scenario())
+    assert 0.14 <= waited < 5 and answer == [{"text": "in flight"}] and stopped < 5
+
+
+def test_serve_without_the_server_packages_says_how_to_install_them(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve", "--model", "anything"]) == 2
+    assert 'pip install "pabee[serve]"' in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_real_server_process_answers_and_finishes_in_flight_requests_on_shutdown(model_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - read after the process ends
+    argv = ["serve", "--model", model_dir, "--port", port, "--threads", "1", "--max_wait_ms", "1000"]
+    server = subprocess.Popen([sys.executable, "-m", "pabee", *map(str, argv)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, "the server exited early"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        answer = httpx.post(f"{url}/predict", json={"texts": ["a fine film"]}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("negative", "positive")
+
+        # A request waits ~1 s for company in the micro-batcher; shutdown begins meanwhile and must finish it.
+        result = {}
+        client = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{url}/predict", json={"texts": ["in flight"]}, timeout=30))
+        )
+        client.start()
+        time.sleep(0.4)
+        server.send_signal(signal.SIGTERM)
+        client.join(60)
+        assert result["r"].status_code == 200 and len(result["r"].json()["predictions"]) == 1
+        assert server.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log.seek(0)
+    output = log.read()
+    log.close()
+    assert "Application startup complete" in output and "Application shutdown complete" in output
+    assert output.index("Shutting down") < output.rindex('"POST /predict HTTP/1.1" 200')  # finished after it
