@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AlbertConfig, BertConfig, PreTrainedConfig
+from transformers import (
+    AlbertConfig,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    ElectraConfig,
+    PreTrainedConfig,
+    RobertaConfig,
+)
 
 import pabee
 from pabee import PabeeConfig, PabeeForSequenceClassification
@@ -16,8 +24,13 @@ from pabee import PabeeConfig, PabeeForSequenceClassification
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+BACKBONE_TYPES = ("bert", "albert", "roberta", "distilbert", "electra", "deberta-v2")
+POOLER_TYPES = ("bert", "albert", "roberta")  # the others have no pooler of their own
+
+
 def tiny_encoder_config(model_type: str) -> PreTrainedConfig:
-    """A random encoder small enough to run in milliseconds; ALBERT gets 2 shared layer groups."""
+    """A random encoder small enough to run in milliseconds, exercising each architecture's particulars:
+    ALBERT's 2 shared layer groups, ELECTRA's embedding projection, DeBERTa's relative positions and conv."""
     common = dict(
         vocab_size=99,
         hidden_size=32,
@@ -32,6 +45,23 @@ def tiny_encoder_config(model_type: str) -> PreTrainedConfig:
         return BertConfig(**common)
     if model_type == "albert":
         return AlbertConfig(embedding_size=16, num_hidden_groups=2, inner_group_num=1, **common)
+    if model_type == "roberta":
+        return RobertaConfig(pad_token_id=1, **common)
+    if model_type == "electra":
+        return ElectraConfig(embedding_size=16, **common)
+    if model_type == "deberta-v2":
+        return DebertaV2Config(
+            relative_attention=True,
+            position_buckets=8,
+            pos_att_type=["p2c", "c2p"],
+            conv_kernel_size=3,
+            position_biased_input=False,
+            **common,
+        )
+    if model_type == "distilbert":
+        return DistilBertConfig(
+            vocab_size=99, dim=32, n_layers=4, n_heads=4, hidden_dim=37, max_position_embeddings=64
+        )
     raise ValueError(model_type)
 
 

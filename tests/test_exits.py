@@ -44,10 +44,15 @@ def test_rule_is_per_example_inside_a_batch():
 def test_regression_agreement_uses_threshold():
     # outputs per layer: differences 0.05, 0.05, 0.3, 0.05, 0.05
     values = torch.tensor([[1.0, 1.05, 1.1, 1.4, 1.45, 1.5]]).unsqueeze(-1)
-    assert sweep_exit_layers(PatienceCriterion(2, regression=True, regression_threshold=0.1), values).tolist() == [3]
-    assert sweep_exit_layers(PatienceCriterion(3, regression=True, regression_threshold=0.1), values).tolist() == [6]
-    assert sweep_exit_layers(PatienceCriterion(3, regression=True, regression_threshold=0.5), values).tolist() == [4]
-    assert sweep_exit_layers(PatienceCriterion(1, regression=True, regression_threshold=0.0), values).tolist() == [6]
+
+    def exits(patience: int, threshold: float) -> list[int]:
+        criterion = PatienceCriterion(patience, problem_type="regression", regression_threshold=threshold)
+        return sweep_exit_layers(criterion, values).tolist()
+
+    assert exits(2, 0.1) == [3]
+    assert exits(3, 0.1) == [6]
+    assert exits(3, 0.5) == [4]
+    assert exits(1, 0.0) == [6]
 
 
 def test_tracker_keep_follows_the_remaining_rows():
@@ -76,7 +81,7 @@ def test_invalid_patience_is_a_clear_error(bad):
 @pytest.mark.parametrize("bad", [-0.1, float("inf"), float("nan"), "x"])
 def test_invalid_threshold_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="regression_threshold=.*finite number >= 0"):
-        PatienceCriterion(1, regression=True, regression_threshold=bad)
+        PatienceCriterion(1, problem_type="regression", regression_threshold=bad)
 
 
 def test_can_exit_early_only_when_the_counter_can_fire_before_the_last_layer():

@@ -10,23 +10,23 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from pabee import PabeeConfig, PabeeForSequenceClassification
 
 
-def one_by_one(model, batch, patience):
+def one_by_one(model, batch, patience=None, **exit_options):
     """Run every example alone, without its padding: the only mode the original research code had."""
     logits, exits = [], []
     with torch.no_grad():
         for row in range(batch["input_ids"].shape[0]):
             length = int(batch["attention_mask"][row].sum())
             single = {k: v[row : row + 1, :length] for k, v in batch.items()}
-            out = model(**single, patience=patience)
+            out = model(**single, patience=patience, **exit_options)
             logits.append(out.logits[0])
             exits.append(int(out.exit_layers[0]))
     return torch.stack(logits), exits
 
 
-def assert_batched_equals_one_by_one(model, batch, patience, atol=1e-5):
+def assert_batched_equals_one_by_one(model, batch, patience=None, atol=1e-5, **exit_options):
     with torch.no_grad():
-        out = model(**batch, patience=patience)
-    single_logits, single_exits = one_by_one(model, batch, patience)
+        out = model(**batch, patience=patience, **exit_options)
+    single_logits, single_exits = one_by_one(model, batch, patience, **exit_options)
     assert out.exit_layers.dtype == torch.long
     assert out.exit_layers.tolist() == single_exits
     if model.config.is_regression:

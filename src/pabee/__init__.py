@@ -8,8 +8,21 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .backbones import ADAPTERS, EncoderAdapter, adapter_for
 from .configuration import PabeeConfig
-from .exits import ExitCriterion, ExitTracker, PatienceCriterion, logits_at_exit, sweep_exit_layers
+from .exits import (
+    CRITERIA,
+    ConfidenceCriterion,
+    EntropyCriterion,
+    ExitCriterion,
+    ExitTracker,
+    PatienceConfidenceCriterion,
+    PatienceCriterion,
+    StaticCriterion,
+    logits_at_exit,
+    make_criterion,
+    sweep_exit_layers,
+)
 from .modeling import PabeeForSequenceClassification, PabeeOutput, PabeePreTrainedModel
+from .pipeline import PabeePipeline, pipeline
 from .pretrained import bundled_model_path
 
 __version__ = "0.1.0"
@@ -19,17 +32,25 @@ AutoModelForSequenceClassification.register(PabeeConfig, PabeeForSequenceClassif
 
 __all__ = [
     "ADAPTERS",
+    "CRITERIA",
+    "ConfidenceCriterion",
     "EncoderAdapter",
+    "EntropyCriterion",
     "ExitCriterion",
     "ExitTracker",
     "PabeeConfig",
     "PabeeForSequenceClassification",
     "PabeeOutput",
+    "PabeePipeline",
     "PabeePreTrainedModel",
+    "PatienceConfidenceCriterion",
     "PatienceCriterion",
+    "StaticCriterion",
     "__version__",
     "adapter_for",
     "bundled_model_path",
     "logits_at_exit",
+    "make_criterion",
+    "pipeline",
     "sweep_exit_layers",
 ]

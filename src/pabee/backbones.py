@@ -3,7 +3,7 @@
 This is the only module that reaches into transformers internals (embedding modules, layer lists, ALBERT's
 shared layer groups, attention-mask construction). Each adapter is stateless: it receives the encoder module on
 every call, so the model holds no second reference to its weights. Adding an architecture means one small
-subclass plus an entry in `ADAPTERS`.
+subclass plus an entry in `ADAPTERS`; architectures whose layers look like BERT's (RoBERTa, ELECTRA) reuse it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ class EncoderAdapter:
     """How to embed, run layer *i* and pool for one family of Hugging Face encoders."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # Whether the architecture has a pooler at all (its `*Model` then takes `add_pooling_layer`).
+    pooler_available: ClassVar[bool] = True
+
+    def build_kwargs(self, with_pooler: bool) -> dict[str, Any]:
+        """Extra arguments for `AutoModel.from_config`: build the pooler only when the classifiers use it."""
+        return {"add_pooling_layer": with_pooler} if self.pooler_available else {}
 
     def embed(
         self,
@@ -27,6 +33,7 @@ class EncoderAdapter:
         token_type_ids: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Return the hidden states that enter layer 1, `[batch, seq, hidden]`."""
         return encoder.embeddings(
@@ -45,7 +52,7 @@ class EncoderAdapter:
         raise NotImplementedError
 
     def has_pooler(self, encoder: nn.Module) -> bool:
-        return getattr(encoder, "pooler", None) is not None
+        return self.pooler_available and getattr(encoder, "pooler", None) is not None
 
     def pool(self, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The encoder's own pooler applied to the `[CLS]` state."""
@@ -53,7 +60,9 @@ class EncoderAdapter:
 
 
 class BertAdapter(EncoderAdapter):
-    model_types = ("bert",)
+    """BERT and the encoders built like it: RoBERTa (and XLM-R, CamemBERT), ELECTRA (no pooler)."""
+
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert")
 
     def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
         return encoder.encoder.layer[index](hidden, mask)
@@ -67,8 +76,8 @@ class AlbertAdapter(EncoderAdapter):
 
     model_types = ("albert",)
 
-    def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds) -> torch.Tensor:
-        hidden = super().embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds)
+    def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask) -> torch.Tensor:
+        hidden = super().embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         return encoder.encoder.embedding_hidden_mapping_in(hidden)
 
     def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
@@ -80,8 +89,71 @@ class AlbertAdapter(EncoderAdapter):
         return encoder.pooler_activation(encoder.pooler(hidden[:, 0]))
 
 
+class ElectraAdapter(BertAdapter):
+    """ELECTRA's discriminator: BERT layers, an optional projection of small embeddings, no pooler."""
+
+    model_types = ("electra",)
+    pooler_available = False
+
+    def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask) -> torch.Tensor:
+        hidden = super().embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
+        project = getattr(encoder, "embeddings_project", None)
+        return hidden if project is None else project(hidden)
+
+
+class DistilBertAdapter(EncoderAdapter):
+    """DistilBERT has no token types and no pooler; its blocks live in `transformer.layer`."""
+
+    model_types = ("distilbert",)
+    pooler_available = False
+
+    def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask) -> torch.Tensor:
+        return encoder.embeddings(input_ids, inputs_embeds, position_ids)
+
+    def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
+        return encoder.transformer.layer[index](hidden, mask)
+
+
+class DebertaV2Adapter(EncoderAdapter):
+    """DeBERTa-v2/v3: relative-position attention, so the "mask" also carries positions; no pooler."""
+
+    model_types = ("deberta-v2",)
+    pooler_available = False
+
+    def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask) -> torch.Tensor:
+        if token_type_ids is None:  # DeBERTa's embeddings index token types unconditionally
+            token_type_ids = torch.zeros_like(attention_mask, dtype=torch.long)
+        return encoder.embeddings(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+        )
+
+    def layer_mask(self, encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        stack = encoder.encoder
+        return {
+            "padding": attention_mask,
+            "attention": stack.get_attention_mask(attention_mask),
+            "relative_pos": stack.get_rel_pos(hidden),
+            "rel_embeddings": stack.get_rel_embedding(),
+        }
+
+    def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
+        stack = encoder.encoder
+        output, _ = stack.layer[index](
+            hidden, mask["attention"], relative_pos=mask["relative_pos"], rel_embeddings=mask["rel_embeddings"]
+        )
+        if index == 0 and stack.conv is not None:  # the convolution branch mixes in layer 1's input
+            output = stack.conv(hidden, output, mask["padding"])
+        return output
+
+
 ADAPTERS: dict[str, EncoderAdapter] = {
-    model_type: adapter for adapter in (BertAdapter(), AlbertAdapter()) for model_type in adapter.model_types
+    model_type: adapter
+    for adapter in (BertAdapter(), AlbertAdapter(), ElectraAdapter(), DistilBertAdapter(), DebertaV2Adapter())
+    for model_type in adapter.model_types
 }
 
 

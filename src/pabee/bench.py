@@ -184,11 +184,11 @@ class _NeverExitTracker(ExitTracker):
 
 @contextmanager
 def never_exiting(model: PabeeForSequenceClassification) -> Iterator[None]:
-    model.exit_criterion = lambda patience=None: _NeverExit()
+    model.get_exit_criterion = lambda *args, **kwargs: _NeverExit()
     try:
         yield
     finally:
-        del model.exit_criterion
+        del model.get_exit_criterion
 
 
 class _PartTimer:
@@ -229,12 +229,17 @@ class _TimedTracker(ExitTracker):
         self._keep(rows)
 
 
-class _TimedCriterion(ExitCriterion):
+class _TimedCriterion:
+    """Wraps a criterion so that its trackers are timed (the engine only needs these three methods)."""
+
     def __init__(self, inner: ExitCriterion, timer: _PartTimer) -> None:
         self.inner, self.timer = inner, timer
 
     def can_exit_early(self, num_layers: int) -> bool:
         return self.inner.can_exit_early(num_layers)
+
+    def exit_limit(self, num_layers: int) -> int:
+        return self.inner.exit_limit(num_layers)
 
     def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
         return _TimedTracker(self.inner.tracker(batch_size, device), self.timer)
@@ -243,22 +248,22 @@ class _TimedCriterion(ExitCriterion):
 @contextmanager
 def profiled(model: PabeeForSequenceClassification, timer: _PartTimer) -> Iterator[None]:
     """Temporarily route the engine's parts through timers; the engine itself carries no timing code."""
-    original_adapter, original_criterion = model.adapter, model.exit_criterion
+    original_adapter, original_criterion = model.adapter, model.get_exit_criterion
     original_drop = modeling._drop_rows
 
-    def criterion(patience=None):
-        return _TimedCriterion(original_criterion(patience), timer)
+    def criterion(*args, **kwargs):
+        return _TimedCriterion(original_criterion(*args, **kwargs), timer)
 
     model.adapter = _TimedAdapter(original_adapter, timer)
     model._classify = timer.wrap("classifiers", model._classify)
-    model.exit_criterion = criterion
+    model.get_exit_criterion = criterion
     modeling._drop_rows = timer.wrap("compaction", original_drop)
     try:
         yield
     finally:
         model.adapter = original_adapter
         del model._classify
-        del model.exit_criterion
+        del model.get_exit_criterion
         modeling._drop_rows = original_drop
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, make_criterion
+
 POOLINGS = ("pooler", "cls", "mean")
 
 
@@ -19,6 +21,11 @@ class PabeeConfig(PreTrainedConfig):
         patience: layers in a row that must agree before an example exits; 0 runs the full model.
         regression_threshold: for regression (`num_labels == 1`), two layers "agree" when their outputs differ
             by less than this.
+        exit_criterion: the exit rule: `"patience"` (PABEE), `"entropy"`, `"confidence"`,
+            `"patience+confidence"` or `"static"` (see `pabee.exits`).
+        exit_threshold: the rule's threshold (entropy in nats, top probability, or the layer k for `"static"`);
+            `None` takes the rule's default. Unused by `"patience"`.
+        max_exit_layer: no example uses more layers than this (bounds worst-case latency); `None`: no cap.
         pooling: what each internal classifier reads: `"pooler"` (the encoder's own pooler on `[CLS]`),
             `"cls"` (the raw `[CLS]` state) or `"mean"` (masked mean of the token states).
         classifier_dropout: dropout before every internal classifier; `None` takes the encoder's
@@ -33,11 +40,13 @@ class PabeeConfig(PreTrainedConfig):
     regression_threshold: float = 0.1
     pooling: str = "pooler"
     classifier_dropout: float | None = None
+    exit_criterion: str = "patience"
+    exit_threshold: float | None = None
+    max_exit_layer: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        check_patience(self.patience)
-        check_regression_threshold(self.regression_threshold)
+        self.criterion()  # validates patience, thresholds, the cap and the rule's fit to the problem type
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of {', '.join(POOLINGS)}.")
         if self.num_labels is None or self.num_labels < 1:
@@ -50,7 +59,41 @@ class PabeeConfig(PreTrainedConfig):
 
     @property
     def is_regression(self) -> bool:
-        return self.problem_type == "regression" or (self.problem_type is None and self.num_labels == 1)
+        return self.problem_type == REGRESSION or (self.problem_type is None and self.num_labels == 1)
+
+    @property
+    def problem(self) -> str:
+        """The problem type with HF's default resolved: regression for one label, else single-label."""
+        if self.is_regression:
+            return REGRESSION
+        return MULTI_LABEL if self.problem_type == MULTI_LABEL else SINGLE_LABEL
+
+    def criterion(
+        self,
+        patience: int | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        max_exit_layer: int | None = None,
+    ) -> ExitCriterion:
+        """The exit rule these settings describe, with any argument given overriding the stored one.
+
+        The stored threshold only carries over to the stored rule: switching `exit_criterion` for one call
+        uses that rule's default threshold unless `exit_threshold` is given too.
+        """
+        name = self.exit_criterion if exit_criterion is None else exit_criterion
+        if exit_threshold is None and name == self.exit_criterion:
+            exit_threshold = self.exit_threshold
+        criterion = make_criterion(
+            name,
+            patience=self.patience if patience is None else patience,
+            threshold=exit_threshold,
+            max_exit_layer=self.max_exit_layer if max_exit_layer is None else max_exit_layer,
+            problem_type=self.problem,
+            regression_threshold=self.regression_threshold,
+        )
+        if self.encoder_config is not None and hasattr(self.encoder_config, "num_hidden_layers"):
+            criterion.exit_limit(self.num_hidden_layers)  # e.g. static layer k beyond the encoder's depth
+        return criterion
 
     @property
     def dropout_prob(self) -> float:
@@ -62,21 +105,3 @@ class PabeeConfig(PreTrainedConfig):
         if inherited is None:
             inherited = getattr(enc, "classifier_dropout_prob", None)
         return inherited if inherited is not None else getattr(enc, "hidden_dropout_prob", 0.1)
-
-
-def check_patience(patience: int) -> int:
-    """Raise a `ValueError` unless `patience` is a whole number >= 0."""
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-        raise ValueError(f"patience={patience!r} is invalid: use a whole number >= 0 (0 runs the full model).")
-    return patience
-
-
-def check_regression_threshold(threshold: float) -> float:
-    """Raise a `ValueError` unless `threshold` is a finite number >= 0."""
-    try:
-        valid = float(threshold) >= 0 and float(threshold) != float("inf")
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(f"regression_threshold={threshold!r} is invalid: use a finite number >= 0.")
-    return float(threshold)

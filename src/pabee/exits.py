@@ -1,19 +1,105 @@
 """Exit criteria: when may an example stop climbing the encoder?
 
-A criterion is a frozen description (e.g. "patience 3"); for each forward pass it hands out a fresh tracker that
-holds the per-example state as tensors. The same tracker drives real early-exit inference (where rows that exit
-are dropped with `keep`) and the one-pass sweep over precomputed logits (`sweep_exit_layers`), so the two cannot
-disagree about the rule. No model code lives here.
+A criterion is a frozen description (e.g. "patience 3", "confidence 0.9, at most 4 layers"); for each forward
+pass it hands out a fresh tracker that holds the per-example state as tensors. The same tracker drives real
+early-exit inference (where rows that exit are dropped with `keep`) and the one-pass sweep over precomputed
+logits (`sweep_exit_layers`), so the two cannot disagree about a rule. No model code lives here.
+
+Criteria, by the name `make_criterion` and the config know them:
+
+- `patience`: PABEE (Zhou et al. 2020) — exit once `patience` layers in a row agree with the layer before.
+- `entropy`: DeeBERT (Xin et al. 2020) — exit when the prediction entropy (nats) falls below the threshold.
+- `confidence`: Schwartz et al. 2020 — exit when the top probability reaches the threshold.
+- `patience+confidence`: after PCEE-BERT (Zhang et al. 2022) — the counter grows only for layers that agree
+  with the layer before *and* are confident (top probability >= threshold); exit at `patience`.
+- `static`: every example exits at layer k (a truncated model, the baseline every rule must beat).
+
+Every criterion also takes `max_exit_layer`, a hard cap on the layers any example may use, which bounds the
+worst-case latency whatever the input (published slowdown attacks make early-exit models run every layer).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from .configuration import check_patience, check_regression_threshold
+SINGLE_LABEL = "single_label_classification"
+MULTI_LABEL = "multi_label_classification"
+REGRESSION = "regression"
+PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
+
+
+def check_patience(patience: int) -> int:
+    """Raise a `ValueError` unless `patience` is a whole number >= 0."""
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ValueError(f"patience={patience!r} is invalid: use a whole number >= 0 (0 runs the full model).")
+    return patience
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def check_regression_threshold(threshold: float) -> float:
+    """Raise a `ValueError` unless `threshold` is a finite number >= 0."""
+    number = _finite(threshold)
+    if number is None or number < 0:
+        raise ValueError(f"regression_threshold={threshold!r} is invalid: use a finite number >= 0.")
+    return number
+
+
+def check_max_exit_layer(max_exit_layer: int | None) -> int | None:
+    """Raise a `ValueError` unless `max_exit_layer` is None (no cap) or a whole number >= 1."""
+    if max_exit_layer is None:
+        return None
+    if isinstance(max_exit_layer, bool) or not isinstance(max_exit_layer, int) or max_exit_layer < 1:
+        raise ValueError(f"max_exit_layer={max_exit_layer!r} is invalid: use a whole number >= 1, or None for no cap.")
+    return max_exit_layer
+
+
+# --- what a layer's logits say, per problem type -------------------------------------------------------------
+
+
+def predictions(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """The answer a layer gives: the class `[rows]`, the label set `[rows, labels]` (bool) or the value `[rows]`."""
+    if problem_type == REGRESSION:
+        return logits.squeeze(-1)
+    if problem_type == MULTI_LABEL:
+        return logits > 0
+    return logits.argmax(dim=-1)
+
+
+def confidence(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Top softmax probability; for multi-label, the least sure label's `max(p, 1 - p)` (every label must be sure)."""
+    if problem_type == MULTI_LABEL:
+        p = logits.float().sigmoid()
+        return torch.maximum(p, 1 - p).min(dim=-1).values
+    return logits.float().softmax(dim=-1).max(dim=-1).values
+
+
+def entropy(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Prediction entropy in nats; for multi-label, the largest per-label (Bernoulli) entropy."""
+    logits = logits.float()
+    if problem_type == MULTI_LABEL:
+        p = logits.sigmoid()
+        per_label = -(p * torch.nn.functional.logsigmoid(logits) + (1 - p) * torch.nn.functional.logsigmoid(-logits))
+        return per_label.max(dim=-1).values
+    log_p = logits.log_softmax(dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+# --- trackers ------------------------------------------------------------------------------------------------
 
 
 class ExitTracker(ABC):
@@ -29,63 +115,54 @@ class ExitTracker(ABC):
         """Forget the rows that left the batch; `rows` is a bool mask over the current rows."""
 
 
-class ExitCriterion(ABC):
-    """A rule deciding, layer by layer, which examples have seen enough."""
+class _StatelessTracker(ExitTracker):
+    """A rule that looks at the current layer only (entropy, confidence, never)."""
 
-    @abstractmethod
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        """Fresh per-example state for a batch of `batch_size` examples."""
+    def __init__(self, decide: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.decide = decide
 
-    def can_exit_early(self, num_layers: int) -> bool:
-        """False when no example can leave before the last layer, so the model may skip the early heads."""
-        return True
+    def update(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.decide(logits)
 
-
-@dataclass(frozen=True)
-class PatienceCriterion(ExitCriterion):
-    """PABEE: exit once `patience` consecutive layers agree with the layer before them.
-
-    Layer *i* agrees with layer *i-1* when their predicted labels are equal (classification) or when their
-    outputs differ by less than `regression_threshold` (regression). An example therefore exits at layer
-    `patience + 1` at the earliest; `patience == 0` never exits early (the full model).
-    """
-
-    patience: int
-    regression: bool = False
-    regression_threshold: float = 0.1
-
-    def __post_init__(self) -> None:
-        check_patience(self.patience)
-        check_regression_threshold(self.regression_threshold)
-
-    def can_exit_early(self, num_layers: int) -> bool:
-        # The counter reaches `patience` at layer `patience + 1` at the earliest.
-        return 0 < self.patience < num_layers - 1
-
-    def tracker(self, batch_size: int, device: torch.device | str) -> _PatienceTracker:
-        return _PatienceTracker(self, torch.zeros(batch_size, dtype=torch.long, device=device))
+    def keep(self, rows: torch.Tensor) -> None:
+        pass
 
 
-class _PatienceTracker(ExitTracker):
-    def __init__(self, criterion: PatienceCriterion, counter: torch.Tensor) -> None:
-        self.criterion = criterion
+class _AgreementTracker(ExitTracker):
+    """Counts layers in a row that agree with the previous layer (and, optionally, are confident)."""
+
+    def __init__(
+        self,
+        patience: int,
+        problem_type: str,
+        regression_threshold: float,
+        min_confidence: float | None,
+        counter: torch.Tensor,
+    ) -> None:
+        self.patience = patience
+        self.problem_type = problem_type
+        self.regression_threshold = regression_threshold
+        self.min_confidence = min_confidence
         self.counter = counter
         self.previous: torch.Tensor | None = None
 
     def update(self, logits: torch.Tensor) -> torch.Tensor:
-        c = self.criterion
-        prediction = logits.squeeze(-1) if c.regression else logits.argmax(dim=-1)
+        prediction = predictions(logits, self.problem_type)
         if self.previous is None:
             agree = torch.zeros_like(self.counter, dtype=torch.bool)
-        elif c.regression:
-            agree = (prediction - self.previous).abs() < c.regression_threshold
+        elif self.problem_type == REGRESSION:
+            agree = (prediction - self.previous).abs() < self.regression_threshold
+        elif self.problem_type == MULTI_LABEL:
+            agree = (prediction == self.previous).all(dim=-1)
         else:
             agree = prediction == self.previous
+        if self.min_confidence is not None:
+            agree &= confidence(logits, self.problem_type) >= self.min_confidence
         self.counter = torch.where(agree, self.counter + 1, torch.zeros_like(self.counter))
         self.previous = prediction
-        if c.patience == 0:
+        if self.patience == 0:
             return torch.zeros_like(agree)
-        return self.counter >= c.patience
+        return self.counter >= self.patience
 
     def keep(self, rows: torch.Tensor) -> None:
         self.counter = self.counter[rows]
@@ -93,17 +170,234 @@ class _PatienceTracker(ExitTracker):
             self.previous = self.previous[rows]
 
 
+# --- criteria ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExitCriterion(ABC):
+    """A rule deciding, layer by layer, which examples have seen enough.
+
+    `problem_type` says how to read logits (HF names: single-label, multi-label, regression); `max_exit_layer`
+    caps the layers any example may use (None: all of them).
+    """
+
+    name: ClassVar[str] = ""
+    supports_regression: ClassVar[bool] = False
+
+    problem_type: str = field(default=SINGLE_LABEL, kw_only=True)
+    max_exit_layer: int | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type={self.problem_type!r} is invalid; use one of {', '.join(PROBLEM_TYPES)}.")
+        if self.problem_type == REGRESSION and not self.supports_regression:
+            raise ValueError(
+                f"exit_criterion={self.name!r} needs class probabilities and does not apply to regression; "
+                "use 'patience' or 'static'."
+            )
+        check_max_exit_layer(self.max_exit_layer)
+
+    @abstractmethod
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        """Fresh per-example state for a batch of `batch_size` examples."""
+
+    def exit_limit(self, num_layers: int) -> int:
+        """The layer at which every example still running answers (the cap, or the last layer)."""
+        return num_layers if self.max_exit_layer is None else min(self.max_exit_layer, num_layers)
+
+    def can_exit_early(self, num_layers: int) -> bool:
+        """False when no example can leave before `exit_limit`, so the model may skip the early heads."""
+        return self.exit_limit(num_layers) > 1
+
+
+@dataclass(frozen=True)
+class PatienceCriterion(ExitCriterion):
+    """PABEE: exit once `patience` consecutive layers agree with the layer before them.
+
+    Layer *i* agrees with layer *i-1* when their predicted labels (label sets, for multi-label) are equal, or, for
+    regression, when their outputs differ by less than `regression_threshold`. An example therefore exits at
+    layer `patience + 1` at the earliest; `patience == 0` never exits early (the full model).
+    """
+
+    name: ClassVar[str] = "patience"
+    supports_regression: ClassVar[bool] = True
+
+    patience: int
+    regression_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_patience(self.patience)
+        check_regression_threshold(self.regression_threshold)
+
+    def can_exit_early(self, num_layers: int) -> bool:
+        # The counter reaches `patience` at layer `patience + 1` at the earliest.
+        return 0 < self.patience < self.exit_limit(num_layers) - 1
+
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return _AgreementTracker(self.patience, self.problem_type, self.regression_threshold, None, counter)
+
+
+def _check_probability(threshold: float, name: str) -> float:
+    number = _finite(threshold)
+    if number is None or not 0 < number <= 1:
+        raise ValueError(f"exit_threshold={threshold!r} is invalid for {name!r}: use a probability in (0, 1].")
+    return number
+
+
+@dataclass(frozen=True)
+class PatienceConfidenceCriterion(ExitCriterion):
+    """After PCEE-BERT: like patience, but a layer counts only if it agrees with the previous one *and* its top
+    probability is at least `threshold`; an unsure layer resets the counter."""
+
+    name: ClassVar[str] = "patience+confidence"
+
+    patience: int
+    threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_patience(self.patience)
+        _check_probability(self.threshold, self.name)
+
+    def can_exit_early(self, num_layers: int) -> bool:
+        return 0 < self.patience < self.exit_limit(num_layers) - 1
+
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return _AgreementTracker(self.patience, self.problem_type, 0.0, self.threshold, counter)
+
+
+@dataclass(frozen=True)
+class EntropyCriterion(ExitCriterion):
+    """DeeBERT: exit at the first layer whose prediction entropy (nats) is below `threshold`.
+
+    A threshold of 0 never exits early; for two classes the entropy is at most ln 2 ≈ 0.693.
+    """
+
+    name: ClassVar[str] = "entropy"
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        number = _finite(self.threshold)
+        if number is None or number < 0:
+            raise ValueError(f"exit_threshold={self.threshold!r} is invalid for 'entropy': use a number >= 0 (nats).")
+
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        return _StatelessTracker(lambda logits: entropy(logits, self.problem_type) < self.threshold)
+
+
+@dataclass(frozen=True)
+class ConfidenceCriterion(ExitCriterion):
+    """Schwartz et al.: exit at the first layer whose top probability reaches `threshold`."""
+
+    name: ClassVar[str] = "confidence"
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_probability(self.threshold, self.name)
+
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        return _StatelessTracker(lambda logits: confidence(logits, self.problem_type) >= self.threshold)
+
+
+@dataclass(frozen=True)
+class StaticCriterion(ExitCriterion):
+    """Every example answers at layer `layer`: the encoder truncated to k layers, with classifier k."""
+
+    name: ClassVar[str] = "static"
+    supports_regression: ClassVar[bool] = True
+
+    layer: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"exit_threshold={self.layer!r} is invalid for 'static': use a layer number >= 1.")
+
+    def exit_limit(self, num_layers: int) -> int:
+        if self.layer > num_layers:
+            raise ValueError(f"static exit at layer {self.layer} is impossible: the model has {num_layers} layers.")
+        return min(self.layer, super().exit_limit(num_layers))
+
+    def can_exit_early(self, num_layers: int) -> bool:
+        return False
+
+    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+        return _StatelessTracker(lambda logits: torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
+
+
+CRITERIA: dict[str, type[ExitCriterion]] = {
+    c.name: c
+    for c in (PatienceCriterion, EntropyCriterion, ConfidenceCriterion, PatienceConfidenceCriterion, StaticCriterion)
+}
+# Used when a criterion that needs a threshold gets none.
+DEFAULT_THRESHOLDS: dict[str, float] = {"entropy": 0.1, "confidence": 0.9, "patience+confidence": 0.9}
+
+
+def make_criterion(
+    name: str = "patience",
+    *,
+    patience: int | None = None,
+    threshold: float | None = None,
+    max_exit_layer: int | None = None,
+    problem_type: str = SINGLE_LABEL,
+    regression_threshold: float = 0.1,
+) -> ExitCriterion:
+    """Build a criterion from the names the config and the command line use.
+
+    `threshold` is the entropy bound, the probability, or (for `static`) the layer k; `patience` serves
+    `patience` and `patience+confidence`. A threshold `patience` cannot use is an error, not silently ignored.
+    """
+    if name not in CRITERIA:
+        raise ValueError(f"exit_criterion={name!r} is unknown; choose one of {', '.join(CRITERIA)}.")
+    common = {"problem_type": problem_type, "max_exit_layer": max_exit_layer}
+    if name == "patience":
+        if threshold is not None:
+            raise ValueError(
+                "exit_threshold does not apply to 'patience' (set patience, and regression_threshold for regression)."
+            )
+        return PatienceCriterion(_need(patience, name, "patience"), regression_threshold, **common)
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLDS.get(name)
+    if name == "patience+confidence":
+        return PatienceConfidenceCriterion(_need(patience, name, "patience"), threshold, **common)
+    if name == "static":
+        layer = _need(threshold, name, "exit_threshold (the layer k)")
+        if isinstance(layer, float) and layer.is_integer():
+            layer = int(layer)
+        return StaticCriterion(layer, **common)
+    return CRITERIA[name](threshold, **common)
+
+
+def _need(value, criterion: str, what: str):
+    if value is None:
+        raise ValueError(f"exit_criterion={criterion!r} needs {what}.")
+    return value
+
+
+# --- applying a criterion to precomputed logits --------------------------------------------------------------
+
+
 def sweep_exit_layers(criterion: ExitCriterion, all_logits: torch.Tensor) -> torch.Tensor:
     """Apply `criterion` to every layer's logits `[batch, layers, num_labels]` computed in one full pass.
 
     Returns the 1-based exit layer of each example, exactly the layer real early-exit inference stops at;
-    examples the rule never releases exit at the last layer.
+    examples the rule never releases exit at `criterion.exit_limit` (the last layer unless capped).
     """
     batch_size, num_layers, _ = all_logits.shape
+    limit = criterion.exit_limit(num_layers)
+    exit_layers = torch.full((batch_size,), limit, dtype=torch.long, device=all_logits.device)
+    if not criterion.can_exit_early(num_layers):
+        return exit_layers
     tracker = criterion.tracker(batch_size, all_logits.device)
-    exit_layers = torch.full((batch_size,), num_layers, dtype=torch.long, device=all_logits.device)
     running = torch.ones(batch_size, dtype=torch.bool, device=all_logits.device)
-    for layer in range(num_layers - 1):
+    for layer in range(limit - 1):
         leaving = tracker.update(all_logits[:, layer]) & running
         exit_layers[leaving] = layer + 1
         running &= ~leaving

@@ -14,8 +14,8 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbones import EncoderAdapter, adapter_for
-from .configuration import POOLINGS, PabeeConfig, check_patience
-from .exits import ExitCriterion, PatienceCriterion, logits_at_exit, sweep_exit_layers
+from .configuration import POOLINGS, PabeeConfig
+from .exits import MULTI_LABEL, REGRESSION, ExitCriterion, check_patience, logits_at_exit, sweep_exit_layers
 from .pretrained import bundled_model_path, sentence_transformers_pooling
 
 
@@ -75,7 +75,11 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         super().__init__(config)
         enc_config = config.encoder_config
         self.adapter: EncoderAdapter = adapter_for(enc_config.model_type)
-        self.encoder = AutoModel.from_config(enc_config, add_pooling_layer=config.pooling == "pooler")
+        if config.pooling == "pooler" and not self.adapter.pooler_available:
+            raise ValueError(
+                f"pooling='pooler' needs a pooler and {enc_config.model_type!r} has none; use 'cls' or 'mean'."
+            )
+        self.encoder = AutoModel.from_config(enc_config, **self.adapter.build_kwargs(config.pooling == "pooler"))
         self.dropout = nn.Dropout(config.dropout_prob)
         self.classifiers = nn.ModuleList(
             nn.Linear(enc_config.hidden_size, config.num_labels) for _ in range(enc_config.num_hidden_layers)
@@ -90,6 +94,9 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         patience: int = 6,
         regression_threshold: float = 0.1,
         pooling: str | None = None,
+        exit_criterion: str = "patience",
+        exit_threshold: float | None = None,
+        max_exit_layer: int | None = None,
         **config_kwargs: Any,
     ) -> PabeeForSequenceClassification:
         """Pretrained encoder weights with fresh, randomly initialised internal classifiers.
@@ -101,7 +108,12 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             regression_threshold: agreement threshold for regression.
             pooling: `"pooler"`, `"cls"`, `"mean"`, or `None` to pick: the pooling a sentence-transformers
                 checkpoint was trained with if it says so, else the encoder's own pooler (or `[CLS]` if it has none).
-            config_kwargs: further `PabeeConfig` fields (`id2label`, `label2id`, `classifier_dropout`, ...).
+            exit_criterion: default exit rule: `"patience"`, `"entropy"`, `"confidence"`, `"patience+confidence"`
+                or `"static"` (see `pabee.exits`).
+            exit_threshold: the rule's threshold (for `"static"`, the layer k); `None` is the rule's default.
+            max_exit_layer: cap on the layers any example may use; `None` for no cap.
+            config_kwargs: further `PabeeConfig` fields (`id2label`, `label2id`, `classifier_dropout`,
+                `problem_type="multi_label_classification"`, ...).
         """
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"num_labels={num_labels!r} is invalid: a classifier needs at least 1 label.")
@@ -121,6 +133,9 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             patience=patience,
             regression_threshold=regression_threshold,
             pooling=pooling,
+            exit_criterion=exit_criterion,
+            exit_threshold=exit_threshold,
+            max_exit_layer=max_exit_layer,
             **config_kwargs,
         )
         config.name_or_path = str(name_or_path)
@@ -138,13 +153,15 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
     def num_layers(self) -> int:
         return self.config.encoder_config.num_hidden_layers
 
-    def exit_criterion(self, patience: int | None = None) -> ExitCriterion:
-        """The exit rule for a call: the config's settings, with `patience` overridden when given."""
-        return PatienceCriterion(
-            patience=self.config.patience if patience is None else patience,
-            regression=self.config.is_regression,
-            regression_threshold=self.config.regression_threshold,
-        )
+    def get_exit_criterion(
+        self,
+        patience: int | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        max_exit_layer: int | None = None,
+    ) -> ExitCriterion:
+        """The exit rule for a call: the config's settings, with any argument given overriding them."""
+        return self.config.criterion(patience, exit_criterion, exit_threshold, max_exit_layer)
 
     def forward(
         self,
@@ -155,33 +172,40 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         patience: int | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        max_exit_layer: int | None = None,
         output_all_logits: bool | None = None,
         return_dict: bool | None = None,
     ) -> PabeeOutput | tuple:
         """Classify a batch.
 
         Args:
-            patience: overrides `config.patience` for this call.
+            patience, exit_criterion, exit_threshold, max_exit_layer: override the config's exit settings for
+                this call.
             output_all_logits: run every layer and return `all_logits` (implied in training and with `labels`);
                 `logits` and `exit_layers` are then read from those with the exit rule, as inference would give.
         """
-        criterion = self.exit_criterion(patience)
+        criterion = self.get_exit_criterion(patience, exit_criterion, exit_threshold, max_exit_layer)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         reference = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        hidden = self.adapter.embed(self.encoder, input_ids, token_type_ids, position_ids, inputs_embeds)
+        hidden = self.adapter.embed(
+            self.encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask
+        )
 
         if self.training or labels is not None or output_all_logits:
             all_logits = self._all_layers(hidden, attention_mask)
             exit_layers = sweep_exit_layers(criterion, all_logits.detach())
             logits = logits_at_exit(all_logits, exit_layers)
             loss = self._weighted_loss(all_logits, labels) if labels is not None else None
-        elif not criterion.can_exit_early(self.num_layers):  # e.g. patience 0: the plain forward, no early heads
+        elif not criterion.can_exit_early(self.num_layers):  # e.g. patience 0 or static: no early heads needed
             all_logits, loss = None, None
-            logits = self._last_layer(hidden, attention_mask)
-            exit_layers = torch.full((logits.shape[0],), self.num_layers, dtype=torch.long, device=logits.device)
+            limit = criterion.exit_limit(self.num_layers)
+            logits = self._run_to(limit, hidden, attention_mask)
+            exit_layers = torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device)
         else:
             all_logits, loss = None, None
             logits, exit_layers = self._early_exit(hidden, attention_mask, criterion)
@@ -208,19 +232,23 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             per_layer.append(self._classify(layer, hidden, attention_mask))
         return torch.stack(per_layer, dim=1)
 
-    def _last_layer(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _run_to(self, num_layers: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The plain forward through the first `num_layers` layers and that layer's classifier only."""
         mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
-        for layer in range(self.num_layers):
+        for layer in range(num_layers):
             hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
-        return self._classify(self.num_layers - 1, hidden, attention_mask)
+        return self._classify(num_layers - 1, hidden, attention_mask)
 
     def _weighted_loss(self, all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Σ_i i·loss_i / Σ_i i: deeper classifiers count more, as in the paper."""
         total, weights = 0.0, 0
+        problem = self.config.problem
         for layer in range(all_logits.shape[1]):
             logits = all_logits[:, layer]
-            if self.config.is_regression:
+            if problem == REGRESSION:
                 layer_loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            elif problem == MULTI_LABEL:
+                layer_loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
             else:
                 layer_loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
             total = total + (layer + 1) * layer_loss
@@ -240,8 +268,9 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         if right_padded:
             hidden, attention_mask = _trim_padding(hidden, attention_mask)
         mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
-        last = self.num_layers - 1
-        for layer in range(self.num_layers):
+        limit = criterion.exit_limit(self.num_layers)
+        last = limit - 1
+        for layer in range(limit):
             hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
             logits = self._classify(layer, hidden, attention_mask)
             leaving = tracker.update(logits) if layer < last else torch.ones_like(rows, dtype=torch.bool)

@@ -28,10 +28,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .backbones import ADAPTERS
-from .configuration import check_regression_threshold
 from .data import TaskData, load_glue, load_user_files, tokenize
 from .errors import PabeeError
-from .exits import logits_at_exit, sweep_exit_layers
+from .exits import check_regression_threshold, logits_at_exit, sweep_exit_layers
 from .glue import TaskSpec, get_task
 from .metrics import METRIC_LABELS, compute_metrics, exit_statistics, predictions_from_logits
 from .modeling import PabeeForSequenceClassification
@@ -252,7 +251,7 @@ def sweep_results(
     regression = model.config.is_regression
     rows = []
     for patience in patiences:
-        exit_layers = sweep_exit_layers(model.exit_criterion(patience), all_logits_t)
+        exit_layers = sweep_exit_layers(model.get_exit_criterion(patience), all_logits_t)
         chosen = logits_at_exit(all_logits_t, exit_layers).numpy()
         row = {"patience": patience}
         row.update(compute_metrics(task.metrics, predictions_from_logits(chosen, regression), labels))
