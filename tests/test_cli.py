@@ -61,6 +61,14 @@ def _sst2_folder(tmp_path, rows):
         ("taken_output", "exists and is not empty. Pass --overwrite_output_dir"),
         ("nothing_to_do", "Nothing to do: pass --do_train and/or --do_eval"),
         ("no_output_dir", "the following arguments are required: --output_dir"),
+        ("unknown_criterion", "--exit_criterion 'patience,fastest': 'fastest' is unknown; choose from patience"),
+        ("regression_entropy", "'entropy' needs class probabilities and does not apply to regression"),
+        ("threshold_not_number", "--exit_threshold 'confidence=0.9,x': 'x' is not a number"),
+        ("threshold_out_of_range", "exit_threshold=1.5 is invalid for 'confidence': use a probability in (0, 1]"),
+        ("threshold_ambiguous", "--exit_threshold '0.5' does not say which criterion it is for"),
+        ("threshold_unselected", "--exit_threshold 'static=2': 'static' is not a selected criterion"),
+        ("static_too_deep", "static exit at layer 9 is impossible: the model has 6 layers"),
+        ("bad_cap", "max_exit_layer=0 is invalid"),
     ],
 )
 def test_bad_input_gives_message_and_exit_code_2(case, message, tmp_path, glue_dir, capsys):
@@ -95,12 +103,60 @@ def test_bad_input_gives_message_and_exit_code_2(case, message, tmp_path, glue_d
         args.remove("--do_eval")
     elif case == "no_output_dir":
         args = args[:5]
+    elif case == "unknown_criterion":
+        args += ["--exit_criterion", "patience,fastest"]
+    elif case == "regression_entropy":
+        args[1], args[3] = "STS-B", glue_dir / "STS-B"
+        args += ["--exit_criterion", "patience,entropy"]
+    elif case == "threshold_not_number":
+        args += ["--exit_criterion", "confidence", "--exit_threshold", "confidence=0.9,x"]
+    elif case == "threshold_out_of_range":
+        args += ["--exit_criterion", "confidence", "--exit_threshold", "1.5"]
+    elif case == "threshold_ambiguous":
+        args += ["--exit_criterion", "entropy,confidence", "--exit_threshold", "0.5"]
+    elif case == "threshold_unselected":
+        args += ["--exit_criterion", "confidence", "--exit_threshold", "static=2"]
+    elif case == "static_too_deep":
+        args += ["--exit_criterion", "static", "--exit_threshold", "static=2,9"]
+    elif case == "bad_cap":
+        args += ["--max_exit_layer", "0"]
     assert run(args) == 2
     err = capsys.readouterr().err
     assert message.replace("\\", "") in err or __import__("re").search(message, err), err
     assert "Traceback" not in err
     if case == "taken_output":
         assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_run_glue_compares_exit_criteria_on_one_model(glue_dir, tmp_path, capsys):
+    out = tmp_path / "criteria"
+    code = run(
+        [
+            *"--task_name MRPC --do_eval --max_eval_samples 48 --patience 1,2".split(),
+            *"--exit_criterion patience,entropy,confidence,patience+confidence,static".split(),
+            *"--exit_threshold static=2,4 confidence=0.55,0.6 --max_exit_layer 5".split(),
+            *["--data_dir", glue_dir, "--output_dir", out],
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "eval_results.json").read_text())
+    assert report["criteria"] == ["patience", "entropy", "confidence", "patience+confidence", "static"]
+    result = report["evaluations"][-1]["splits"]["dev"]
+    criteria = result["criteria"]
+    assert [r["setting"] for r in criteria["static"]] == ["k=2", "k=4"]
+    assert [r["threshold"] for r in criteria["confidence"]] == [0.55, 0.6]
+    assert len(criteria["entropy"]) == 8  # the default sweep
+    assert [r["setting"] for r in criteria["patience+confidence"]] == ["p1, 0.9", "p2, 0.9"]
+    assert [r["avg_exit_layer"] for r in criteria["static"]] == [2.0, 4.0]
+    assert all(r["avg_exit_layer"] <= 5 for rows in criteria.values() for r in rows)  # the cap
+    assert result["patiences"][0]["avg_exit_layer"] == 5.0  # the "full" row obeys the cap too
+    markdown = (out / "eval_results.md").read_text()
+    for heading in ("### patience (PABEE)", "### entropy", "### confidence", "### patience+confidence", "### static"):
+        assert heading in markdown
+    assert "| static setting | Acc | F1 | Avg. exit layer |" in markdown
+    assert (out / "patience_curve.png").stat().st_size > 10_000
+    assert (out / "exit_histograms.png").stat().st_size > 10_000
+    assert "### confidence" in capsys.readouterr().out
 
 
 @pytest.mark.slow

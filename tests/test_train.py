@@ -9,6 +9,8 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from pabee.data import load_glue, tokenize
 from pabee.errors import PabeeError
+from pabee.exit_settings import exit_settings, parse_criteria, parse_thresholds
+from pabee.exits import confidence, entropy
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
 from pabee.train import parse_patience_list, sweep_results
@@ -20,6 +22,25 @@ def test_parse_patience_list():
     for bad in ("3,x", "-1", "1.5", "", "3,,4"):
         with pytest.raises(PabeeError, match="--patience .* is invalid"):
             parse_patience_list(bad)
+
+
+def test_parse_exit_settings():
+    criteria = parse_criteria("patience, confidence,static,confidence")
+    assert criteria == ["patience", "confidence", "static"]
+    thresholds = parse_thresholds(["confidence=0.8,0.95", "static=2"], criteria)
+    assert thresholds == {"confidence": [0.8, 0.95], "static": [2.0]}
+    assert parse_thresholds("0.7", ["patience", "entropy"]) == {"entropy": [0.7]}
+    settings = exit_settings(["patience+confidence", "static", "entropy"], [0, 1, 3], {}, num_layers=4)
+    assert [s.label for s in settings["patience+confidence"]] == ["p1, 0.9", "p3, 0.9"]
+    assert [s.label for s in settings["static"]] == ["k=1", "k=2", "k=3", "k=4"]
+    assert settings["entropy"][0].options(max_exit_layer=2) == {
+        "exit_criterion": "entropy",
+        "exit_threshold": 0.01,
+        "max_exit_layer": 2,
+    }
+    for bad, message in (("x=1", "'x' is not a selected criterion"), ("static=a", "'a' is not a number")):
+        with pytest.raises(PabeeError, match=message):
+            parse_thresholds([bad], ["static"])
 
 
 @pytest.mark.slow
@@ -36,24 +57,46 @@ def test_sweep_equals_real_early_exit_on_sst2_dev(trained_minilm, minilm_tokeniz
     output = trainer.predict(dev)
     _, all_logits, _ = output.predictions
     patiences = [0, 1, 2, 3, 4, 5]
-    summary = sweep_results(trained_minilm, all_logits, output.label_ids, task, patiences)
+    criteria = ["patience", "entropy", "confidence", "patience+confidence", "static"]
+    # This lightly trained model is unsure, so the thresholds sit at quantiles of its own scores.
+    flat = torch.as_tensor(all_logits).flatten(0, 1)
+    ent, conf = entropy(flat, "single_label_classification"), confidence(flat, "single_label_classification")
+    thresholds = {
+        "entropy": [float(ent.quantile(0.2)), float(ent.quantile(0.5))],
+        "confidence": [float(conf.quantile(0.5)), float(conf.quantile(0.8))],
+        "patience+confidence": [float(conf.quantile(0.4))],
+        "static": [3],
+    }
+    settings = exit_settings(criteria, [0, 1, 2], thresholds, num_layers=6)
+    summary = sweep_results(trained_minilm, all_logits, output.label_ids, task, patiences, settings)
 
     features = dev.remove_columns(
         [c for c in dev.column_names if c not in ("input_ids", "attention_mask", "token_type_ids")]
     )
-    for patience, row in zip(patiences, summary["patiences"], strict=True):
+
+    def assert_real_inference_matches(row, **options):
         logits, exits = [], []
         with torch.no_grad():
             for start in range(0, len(features), 64):
                 batch = collator([features[i] for i in range(start, min(start + 64, len(features)))])
-                out = trained_minilm(**batch, patience=patience)
+                out = trained_minilm(**batch, **options)
                 logits.append(out.logits)
                 exits.append(out.exit_layers)
         logits, exits = torch.cat(logits).numpy(), torch.cat(exits).numpy()
         real = compute_metrics(task.metrics, logits.argmax(-1), output.label_ids)
-        assert row["accuracy"] == real["accuracy"], f"patience {patience}"
+        assert row["accuracy"] == real["accuracy"], options
         assert row["avg_exit_layer"] == pytest.approx(exits.mean(), abs=1e-12)
         assert row["exit_histogram"] == np.bincount(exits, minlength=7)[1:].tolist()
+
+    for patience, row in zip(patiences, summary["patiences"], strict=True):
+        assert_real_inference_matches(row, patience=patience)
+    # every other criterion: the sweep's rows equal real early-exit inference with the same settings
+    assert set(summary["criteria"]) == set(criteria) - {"patience"}
+    for name, rows in summary["criteria"].items():
+        for setting, row in zip(settings[name], rows, strict=True):
+            assert row["setting"] == setting.label
+            assert_real_inference_matches(row, **setting.options())
+        assert len({r["avg_exit_layer"] for r in rows}) == len(rows) or name == "static", f"{name}: vary thresholds"
     spread = [row["avg_exit_layer"] for row in summary["patiences"]]
     assert spread[1] < spread[2] < spread[3] < spread[4] < 6.0, "exits must vary with patience for this to mean much"
     assert spread[0] == spread[5] == 6.0  # patience 0, and patience 5 on 6 layers, are the full model

@@ -30,14 +30,25 @@ from transformers.trainer_utils import get_last_checkpoint
 from .backbones import ADAPTERS
 from .data import TaskData, load_glue, load_user_files, tokenize
 from .errors import PabeeError
+from .exit_settings import ExitSetting, check_settings, exit_settings, parse_criteria, parse_thresholds
 from .exits import check_regression_threshold, logits_at_exit, sweep_exit_layers
 from .glue import TaskSpec, get_task
 from .metrics import METRIC_LABELS, compute_metrics, exit_statistics, predictions_from_logits
 from .modeling import PabeeForSequenceClassification
 from .pretrained import bundled_model_path
-from .results import layer_table, patience_table, plot_patience_curves, provenance, write_atomic, write_json
+from .results import (
+    best_tradeoff,
+    layer_table,
+    patience_table,
+    plot_exit_histograms,
+    plot_patience_curves,
+    provenance,
+    settings_table,
+    write_atomic,
+    write_json,
+)
 
-RESULT_FILES = ("eval_results.json", "eval_results.md", "patience_curve.png")
+RESULT_FILES = ("eval_results.json", "eval_results.md", "patience_curve.png", "exit_histograms.png")
 RUN_FILE = "pabee_run.json"  # what a training run in this folder is, so a resume cannot mix two runs
 
 
@@ -67,6 +78,23 @@ class RunGlueArguments:
         },
     )
     regression_threshold: float = field(default=0.1, metadata={"help": "Agreement threshold for regression."})
+    exit_criterion: str = field(
+        default="patience",
+        metadata={
+            "help": "Comma-separated exit criteria to compare on the same model: patience, entropy, confidence, "
+            "patience+confidence, static. Each gets a table and a curve."
+        },
+    )
+    exit_threshold: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Thresholds per criterion, e.g. confidence=0.8,0.9 entropy=0.1,0.3 static=2,4 (static: the "
+            "layer k). A bare list serves the only selected criterion that takes one. Default: a built-in sweep."
+        },
+    )
+    max_exit_layer: int | None = field(
+        default=None, metadata={"help": "Cap on the layers any example may use, for every criterion."}
+    )
     pooling: str = field(
         default="auto",
         metadata={"help": "What the classifiers read.", "choices": ["auto", "pooler", "cls", "mean"]},
@@ -244,19 +272,24 @@ def sweep_results(
     labels: np.ndarray,
     task: TaskSpec,
     patiences: list[int],
+    settings: dict[str, list[ExitSetting]] | None = None,
+    max_exit_layer: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics and exit statistics for every patience, and every internal classifier's own metrics."""
+    """Metrics and exit statistics for every patience and every other criterion's setting, all read off one
+    full pass, and every internal classifier's own metrics."""
     all_logits_t = torch.as_tensor(all_logits)
     num_layers = all_logits_t.shape[1]
     regression = model.config.is_regression
-    rows = []
-    for patience in patiences:
-        exit_layers = sweep_exit_layers(model.get_exit_criterion(patience), all_logits_t)
+
+    def evaluate(setting: ExitSetting) -> dict[str, Any]:
+        criterion = model.get_exit_criterion(**setting.options(max_exit_layer))
+        exit_layers = sweep_exit_layers(criterion, all_logits_t)
         chosen = logits_at_exit(all_logits_t, exit_layers).numpy()
-        row = {"patience": patience}
+        row = setting.describe()
         row.update(compute_metrics(task.metrics, predictions_from_logits(chosen, regression), labels))
         row.update(exit_statistics(exit_layers.numpy(), num_layers))
-        rows.append(row)
+        return row
+
     per_layer = [
         {
             "layer": layer + 1,
@@ -264,7 +297,16 @@ def sweep_results(
         }
         for layer in range(num_layers)
     ]
-    return {"num_examples": int(len(labels)), "num_layers": num_layers, "patiences": rows, "per_layer": per_layer}
+    result = {
+        "num_examples": int(len(labels)),
+        "num_layers": num_layers,
+        "patiences": [evaluate(ExitSetting("patience", patience=p)) for p in patiences],
+        "per_layer": per_layer,
+    }
+    others = {name: items for name, items in (settings or {}).items() if name != "patience"}
+    if others:
+        result["criteria"] = {name: [evaluate(s) for s in items] for name, items in others.items()}
+    return result
 
 
 def _metrics_during_training(model, task: TaskSpec, patiences: list[int]):
@@ -281,6 +323,17 @@ def _metrics_during_training(model, task: TaskSpec, patiences: list[int]):
         return flat
 
     return compute
+
+
+def _store_default_exit(model, settings: list[ExitSetting], max_exit_layer: int | None) -> None:
+    """The saved model answers with the first criterion's first early-exit setting unless told otherwise."""
+    setting = next((s for s in settings if not s.is_full_model), settings[0])
+    config = model.config
+    config.exit_criterion = setting.criterion
+    config.exit_threshold = setting.threshold
+    if setting.patience is not None:
+        config.patience = setting.patience
+    config.max_exit_layer = max_exit_layer
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -305,8 +358,7 @@ def _render_markdown(report: dict) -> str:
                 f"## {evaluation['model']} — {split} "
                 f"({result['num_examples']} examples, {result['num_layers']} layers)",
                 "",
-                patience_table(result["patiences"], metrics),
-                "",
+                *_criteria_tables(report, result),
                 "Each internal classifier on its own:",
                 "",
                 layer_table(result["per_layer"], metrics),
@@ -324,6 +376,46 @@ def _render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _criteria_tables(report: dict, result: dict) -> list[str]:
+    """The patience table (when patience was selected) and one table per other criterion."""
+    metrics, criteria = report["metrics"], report.get("criteria", ["patience"])
+    lines = []
+    if "patience" in criteria:
+        if len(criteria) > 1:
+            lines += ["### patience (PABEE)", ""]
+        lines += [patience_table(result["patiences"], metrics), ""]
+    full = result["patiences"][0]
+    for name, rows in result.get("criteria", {}).items():
+        lines += [f"### {name}", "", settings_table([full, *rows], metrics, f"{name} setting"), ""]
+    return lines
+
+
+def _comparison_plots(report: dict, output_dir: Path) -> None:
+    """`patience_curve.png` (one curve per split, or per criterion when several were compared) and, for a
+    comparison, `exit_histograms.png` at each criterion's best trade-off."""
+    task, metric = report["task"], report["main_metric"]
+    label = METRIC_LABELS.get(metric, metric)
+    splits = report["evaluations"][-1]["splits"]
+    criteria = report.get("criteria", ["patience"])
+    if criteria == ["patience"]:
+        curves = {f"{task} {split}": r["patiences"] for split, r in splits.items()}
+        title = f"PABEE on {task}: {label} vs layer speed-up"
+        plot_patience_curves(curves, metric, output_dir / "patience_curve.png", title=title)
+        return
+    split, result = next(iter(splits.items()))
+    by_criterion = {name: result["patiences"] if name == "patience" else result["criteria"][name] for name in criteria}
+    full = result["patiences"][0]
+    curves = {name: rows if name == "patience" else [full, *rows] for name, rows in by_criterion.items()}
+    title = f"Exit criteria on {task} {split}: {label} vs layer speed-up"
+    plot_patience_curves(curves, metric, output_dir / "patience_curve.png", title=title)
+    chosen = {
+        name: best_tradeoff([r for r in rows if r is not full] or rows, metric, full[metric])
+        for name, rows in by_criterion.items()
+    }
+    title = f"{task} {split}: exit layers at each criterion's fastest setting within 1 point of the full model"
+    plot_exit_histograms(chosen, metric, output_dir / "exit_histograms.png", title=title)
+
+
 def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: str | None = None) -> Path | None:
     """Fine-tune and/or evaluate; returns the results file, or None when nothing was evaluated.
 
@@ -333,9 +425,15 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
         raise PabeeError("Give --task_name (a GLUE task) or --train_file / --validation_file (your own data).")
     if args.task_name is not None:
         get_task(args.task_name)  # unknown task: fail before touching any folder
-    if not (training_args.do_train or training_args.do_eval):
-        raise PabeeError("Nothing to do: pass --do_train and/or --do_eval.")
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise PabeeError("Nothing to do: pass --do_train and/or --do_eval (or --do_predict for GLUE test files).")
+    if training_args.do_predict:  # GLUE submission files: checked before training, written after it
+        from .submission import check_predict_setup
+
+        check_predict_setup(args.task_name, args.data_dir, training_args.output_dir, args.overwrite_output_dir)
     patiences = parse_patience_list(args.patience)
+    criteria = parse_criteria(args.exit_criterion)
+    thresholds = parse_thresholds(args.exit_threshold, criteria)
     try:
         check_regression_threshold(args.regression_threshold)
     except ValueError as error:
@@ -355,6 +453,9 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
     set_seed(training_args.seed)  # before the fresh classifiers are initialised, so a run is reproducible
     model = load_model(args, task, name_or_path)
     model.config.patience = patiences[1] if len(patiences) > 1 else 0
+    settings = exit_settings(criteria, patiences, thresholds, model.num_layers)
+    check_settings(model, settings, args.max_exit_layer)  # a bad threshold stops us before training
+    _store_default_exit(model, settings[criteria[0]], args.max_exit_layer)
 
     def prepared(dataset, split):
         return tokenize(
@@ -387,6 +488,8 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
         "metrics": list(task.metrics),
         "main_metric": task.main_metric,
         "patiences": patiences,
+        "criteria": criteria,
+        "max_exit_layer": args.max_exit_layer,
         "provenance": provenance(command, model=name_or_path, data=data.sources),
         "training": None,
         "evaluations": [],
@@ -400,6 +503,12 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
         trainer.save_model()
         trainer.save_state()
         report["training"] = {**result.metrics, "global_step": result.global_step, "train_samples": len(train_set)}
+
+    if training_args.do_predict and trainer.is_world_process_zero():
+        from .submission import predict_glue_test
+
+        sizes = {"max_length": args.max_seq_length, "batch_size": training_args.per_device_eval_batch_size}
+        predict_glue_test(model, tokenizer, args.task_name, args.data_dir, output_dir, **sizes)
 
     if not training_args.do_eval:
         return None
@@ -418,7 +527,9 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
         for split, dataset in eval_sets.items():
             output = evaluator.predict(dataset, metric_key_prefix=f"eval_{split}")
             _, all_logits, _ = output.predictions
-            splits[split] = sweep_results(evaluated, all_logits, output.label_ids, task, patiences)
+            splits[split] = sweep_results(
+                evaluated, all_logits, output.label_ids, task, patiences, settings, args.max_exit_layer
+            )
         report["evaluations"].append({"model": label, "path": path or str(output_dir), "splits": splits})
 
     if not trainer.is_world_process_zero():
@@ -428,14 +539,9 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
     markdown = _render_markdown(report)
     write_atomic(output_dir / "eval_results.md", markdown + "\n")
     final = report["evaluations"][-1]
-    plot_patience_curves(
-        {f"{task.name} {split}": r["patiences"] for split, r in final["splits"].items()},
-        task.main_metric,
-        output_dir / "patience_curve.png",
-        title=f"PABEE on {task.name}: {METRIC_LABELS.get(task.main_metric, task.main_metric)} vs layer speed-up",
-    )
+    _comparison_plots(report, output_dir)
     for split, result in final["splits"].items():
         print(f"\n{task.name} {split} ({result['num_examples']} examples, {result['num_layers']} layers):\n")
-        print(patience_table(result["patiences"], task.metrics))
+        print("\n".join(_criteria_tables(report, result)))
     print(f"\nResults: {output_dir / 'eval_results.md'} (table), eval_results.json, patience_curve.png")
     return output_dir / "eval_results.json"
