@@ -81,7 +81,7 @@ def test_bench_report_is_well_formed(tiny_model_dir, tmp_path, capsys):
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| Patience | Batch |" in printed and "## Targets" in printed
+    assert "| Setting | Batch |" in printed and "| patience 1 | 4 |" in printed and "## Targets" in printed
     report = json.loads((out / "bench.json").read_text())
     assert report["settings"]["examples"] == 24 and report["settings"]["bs1_examples"] == 10
     assert report["settings"]["threads"] == 1
@@ -114,6 +114,26 @@ def test_bench_report_is_well_formed(tiny_model_dir, tmp_path, capsys):
     # Existing results are not overwritten silently.
     assert main(argv) == 2
     assert "bench.json exists" in capsys.readouterr().err
+
+
+def test_bench_times_several_exit_criteria(tiny_model_dir, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"sentence {i} " + "word " * (i % 5) for i in range(12)) + "\n", encoding="utf-8")
+    argv = ["bench", "--model", str(tiny_model_dir), "--input_file", str(texts), "--batch_sizes", "4"]
+    argv += "--repeats 1 --warmup 0 --threads 1 --patience 1 --max_exit_layer 3".split()
+    argv += ["--exit_criterion", "patience,confidence,static", "--exit_threshold", "confidence=0.5,0.99", "static=2"]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "| confidence 0.99 | 4 |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["setting"] for r in report["rows"]] == ["1", "0.5", "0.99", "k=2"]
+    exits = {r["setting"]: r["avg_exit_layer"] for r in report["rows"]}
+    assert exits["0.5"] == 1.0 and exits["0.99"] == 3.0 and exits["k=2"] == 2.0  # 0.99 never fires: the cap
+    assert {"early_exit/confidence=0.5/bs4", "early_exit_bs1/static=2", "early_exit/p1/bs4"} <= set(report["variants"])
+    assert report["targets"]["batched_over_bs1"]["measured"] is not None  # targets read the patience rows
+    argv[argv.index("confidence=0.5,0.99")] = "confidence=2"
+    assert main(argv + ["--overwrite_output_dir"]) == 2
+    assert "exit_threshold=2.0 is invalid for 'confidence'" in capsys.readouterr().err
 
 
 def test_bench_on_glue_dev_with_the_bundled_model(glue_dir, capsys):
@@ -150,10 +170,10 @@ def test_profiler_times_parts_and_restores_the_model(tiny_model_dir):
     model = PabeeForSequenceClassification.from_pretrained(tiny_model_dir).eval()
     adapter, drop_rows = model.adapter, modeling._drop_rows
     batch = {"input_ids": torch.randint(1000, 2000, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
-    parts = profile_early_exit(model, [batch], patience=1, passes=2)
+    parts = profile_early_exit(model, [batch], {"patience": 1}, passes=2)
     assert parts["layers"] > 0 and parts["classifiers"] > 0 and parts["total"] > 0
     assert model.adapter is adapter and modeling._drop_rows is drop_rows
-    assert "_classify" not in vars(model) and "exit_criterion" not in vars(model)
+    assert "_classify" not in vars(model) and "get_exit_criterion" not in vars(model)
 
 
 def test_never_exiting_runs_every_head_and_matches_the_full_model(tiny_model_dir):
@@ -170,4 +190,4 @@ def test_never_exiting_runs_every_head_and_matches_the_full_model(tiny_model_dir
             heads = model(**batch)
     assert calls and heads.exit_layers.tolist() == [4] * 8
     torch.testing.assert_close(heads.logits, full.logits)
-    assert "exit_criterion" not in vars(model)
+    assert "get_exit_criterion" not in vars(model)

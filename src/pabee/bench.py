@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import modeling
 from .errors import PabeeError
+from .exit_settings import ExitSetting, check_settings, exit_settings, parse_criteria, parse_thresholds
 from .exits import ExitCriterion, ExitTracker
 from .modeling import PabeeForSequenceClassification
 
@@ -50,6 +51,18 @@ class BenchArguments:
         default=None, metadata={"help": "Plain text file instead of GLUE: one example per line (tab for a pair)."}
     )
     patience: str = field(default="1,2,3", metadata={"help": "Comma-separated patiences to time."})
+    exit_criterion: str = field(
+        default="patience",
+        metadata={
+            "help": "Comma-separated exit criteria to time: patience, entropy, confidence, "
+            "patience+confidence, static."
+        },
+    )
+    exit_threshold: list[str] | None = field(
+        default=None,
+        metadata={"help": "Thresholds per criterion, e.g. confidence=0.8,0.9 static=3 (as in run-glue)."},
+    )
+    max_exit_layer: int | None = field(default=None, metadata={"help": "Cap on the layers any example may use."})
     batch_sizes: str = field(default="32", metadata={"help": "Comma-separated batch sizes for batched variants."})
     max_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     bs1_examples: int | None = field(
@@ -268,7 +281,7 @@ def profiled(model: PabeeForSequenceClassification, timer: _PartTimer) -> Iterat
 
 
 def profile_early_exit(
-    model: PabeeForSequenceClassification, batches: list[Batch], patience: int, passes: int = 3
+    model: PabeeForSequenceClassification, batches: list[Batch], exit_options: dict[str, Any], passes: int = 3
 ) -> dict[str, float]:
     """Seconds per pass spent in each part of the early-exit forward, and the unattributed rest."""
     timer = _PartTimer()
@@ -276,7 +289,7 @@ def profile_early_exit(
         start = time.perf_counter()
         for _ in range(passes):
             for batch in batches:
-                model(**batch, patience=patience)
+                model(**batch, **exit_options)
         total = (time.perf_counter() - start) / passes
     parts = {k: v / passes for k, v in timer.seconds.items()}
     parts["other (python, output writes)"] = max(total - sum(parts.values()), 0.0)
@@ -349,6 +362,8 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
     from .results import provenance, write_atomic, write_json
 
     patiences = parse_int_list(args.patience, "--patience", 0)
+    criteria = parse_criteria(args.exit_criterion)
+    thresholds = parse_thresholds(args.exit_threshold, criteria)
     batch_sizes = parse_int_list(args.batch_sizes, "--batch_sizes", 1)
     if args.repeats < 1 or args.warmup < 0:
         raise PabeeError("--repeats must be >= 1 and --warmup >= 0.")
@@ -360,6 +375,15 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
     model, tokenizer, model_label = _load_model(args)
     texts, source = _load_texts(args)
     layers = model.num_layers
+    by_criterion = exit_settings(criteria, patiences, thresholds, layers)
+    check_settings(model, by_criterion, args.max_exit_layer)
+    settings: list[ExitSetting] = [s for items in by_criterion.values() for s in items]
+    cap = args.max_exit_layer
+
+    def early_exit(setting: ExitSetting) -> Callable[[Batch], Any]:
+        options = setting.options(cap)
+        return lambda batch: model(**batch, **options)
+
     features = []
     for text, pair in texts:
         encoded = tokenizer(text, pair, truncation=True, max_length=args.max_seq_length, return_tensors="pt")
@@ -386,42 +410,43 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
 
         return run
 
+    def no_exit(batch: Batch) -> Any:  # a patience the counter cannot reach: the engine's plain path
+        return model(**batch, exit_criterion="patience", patience=layers)
+
     variants: dict[str, Callable[[Timing], None]] = {}
     for b in batch_sizes:
         variants[f"full/bs{b}"] = over_batches(lambda batch: full_forward(model, batch), batches[b])
-        variants[f"no_exit/bs{b}"] = over_batches(lambda batch: model(**batch, patience=layers), batches[b])
+        variants[f"no_exit/bs{b}"] = over_batches(no_exit, batches[b])
         variants[f"heads_no_exit/bs{b}"] = over_batches(_with_all_heads(model), batches[b])
-        for p in patiences:
-            variants[f"early_exit/p{p}/bs{b}"] = over_batches(
-                lambda batch, p=p: model(**batch, patience=p), batches[b]
-            )
+        for s in settings:
+            variants[f"early_exit/{s.key}/bs{b}"] = over_batches(early_exit(s), batches[b])
     # The plain model one example at a time: how much batching can gain here at all, exits aside.
     variants["full_bs1"] = one_by_one(lambda batch: full_forward(model, batch))
-    for p in patiences:
-        variants[f"early_exit_bs1/p{p}"] = one_by_one(lambda batch, p=p: model(**batch, patience=p))
+    for s in settings:
+        variants[f"early_exit_bs1/{s.key}"] = one_by_one(early_exit(s))
 
     # Exit layers and a correctness check, outside the timed region.
-    exits: dict[int, np.ndarray] = {}
+    exits: dict[str, np.ndarray] = {}
     with torch.inference_mode():
         ref_batches = batches[batch_sizes[0]]
         full_logits = torch.cat([full_forward(model, b) for b in ref_batches])
-        engine_logits = torch.cat([model(**b, patience=layers).logits for b in ref_batches])
-        for p in patiences:
-            exits[p] = torch.cat([model(**b, patience=p).exit_layers for b in ref_batches]).numpy()
+        engine_logits = torch.cat([no_exit(b).logits for b in ref_batches])
+        for s in settings:
+            exits[s.key] = torch.cat([early_exit(s)(b).exit_layers for b in ref_batches]).numpy()
     max_diff = float((full_logits - engine_logits).abs().max())
 
     timings = time_variants(variants, args.repeats, args.warmup, args.seed)
     summary = {name: _summary(t, len(singles) if "bs1" in name else len(features)) for name, t in timings.items()}
     rows = []
-    for p in patiences:
-        avg = float(exits[p].mean())
-        bs1 = summary[f"early_exit_bs1/p{p}"]
+    for s in settings:
+        avg = float(exits[s.key].mean())
+        bs1 = summary[f"early_exit_bs1/{s.key}"]
         for b in batch_sizes:
-            ee, full = summary[f"early_exit/p{p}/bs{b}"], summary[f"full/bs{b}"]
+            ee, full = summary[f"early_exit/{s.key}/bs{b}"], summary[f"full/bs{b}"]
             measured = full["seconds_median"] / ee["seconds_median"]
             rows.append(
                 {
-                    "patience": p,
+                    **s.describe(),
                     "batch_size": b,
                     "avg_exit_layer": avg,
                     "layer_speed_up": layers / avg,
@@ -451,6 +476,8 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
             "bs1_examples": len(singles),
             "layers": layers,
             "patiences": patiences,
+            "criteria": criteria,
+            "max_exit_layer": cap,
             "batch_sizes": batch_sizes,
             "sort_by_length": args.sort_by_length,
             "max_seq_length": args.max_seq_length,
@@ -471,7 +498,9 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
     }
     if args.profile:
         report["profile"] = {
-            f"p{p}/bs{b}": profile_early_exit(model, batches[b], p) for p in patiences for b in batch_sizes
+            f"{s.key}/bs{b}": profile_early_exit(model, batches[b], s.options(cap))
+            for s in settings
+            for b in batch_sizes
         }
     if args.training_cost:
         report["training_cost"] = training_step_cost(model, features, batch_sizes[-1], args.repeats, args.seed)
@@ -534,7 +563,7 @@ TARGETS = {
 
 def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The issue's targets against what was measured (worst case over patiences and batch sizes)."""
-    rows = [r for r in report["rows"] if r["patience"] > 0]
+    rows = [r for r in report["rows"] if r.get("criterion", "patience") == "patience" and r["patience"] > 0]
     seen = {
         "batched_over_bs1": min((r["batched_over_bs1"] for r in rows), default=None),
         "measured_over_layer": min(
@@ -551,6 +580,12 @@ def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _setting_name(row: dict[str, Any]) -> str:
+    """`patience 2`, `confidence 0.9`, ... (rows from before criteria existed carry only a patience)."""
+    criterion = row.get("criterion", "patience")
+    return f"{criterion} {row['patience'] if criterion == 'patience' else row['setting']}"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The bench tables, rendered from the JSON report."""
     s, prov = report["settings"], report["provenance"]
@@ -565,13 +600,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"transformers {prov['versions']['transformers']}; median of {s['repeats']} interleaved passes after "
         f"{s['warmup']} warm-up; length-sorted batches: {'yes' if s['sort_by_length'] else 'no'}.",
         "",
-        "| Patience | Batch | Avg. exit layer | Layer speed-up | Measured speed-up | Measured / layer | "
+        "| Setting | Batch | Avg. exit layer | Layer speed-up | Measured speed-up | Measured / layer | "
         "Early exit ex/s | Full ex/s | BS=1 ex/s | Batched / BS=1 | BS=1 p50 / p90 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['patience']} | {r['batch_size']} | {r['avg_exit_layer']:.2f} | {r['layer_speed_up']:.2f}x | "
+            f"| {_setting_name(r)} | {r['batch_size']} | {r['avg_exit_layer']:.2f} | {r['layer_speed_up']:.2f}x | "
             f"{r['measured_speed_up']:.2f}x | {r['measured_over_layer']:.2f} | {r['examples_per_s']:.0f} | "
             f"{r['full_examples_per_s']:.0f} | {r['bs1_examples_per_s']:.0f} | {r['batched_over_bs1']:.2f}x | "
             f"{r['bs1_latency_p50_ms']:.1f} / {r['bs1_latency_p90_ms']:.1f} / {r['bs1_latency_p99_ms']:.1f} |"

@@ -352,6 +352,12 @@ def _render_markdown(report: dict) -> str:
         f"transformers {report['provenance']['versions']['transformers']}; {report['provenance']['hardware']['cpu']}",
         "",
     ]
+    if report.get("max_exit_layer"):
+        lines += [
+            f"Every row, the full model's included, stops at layer {report['max_exit_layer']} at the latest "
+            "(`--max_exit_layer`).",
+            "",
+        ]
     for evaluation in report["evaluations"]:
         for split, result in evaluation["splits"].items():
             lines += [
