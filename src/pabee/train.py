@@ -548,6 +548,6 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
     _comparison_plots(report, output_dir)
     for split, result in final["splits"].items():
         print(f"\n{task.name} {split} ({result['num_examples']} examples, {result['num_layers']} layers):\n")
-        print("\n".join(_criteria_tables(report, result)))
+        print("\n".join(_criteria_tables(report, result)).rstrip())
     print(f"\nResults: {output_dir / 'eval_results.md'} (table), eval_results.json, patience_curve.png")
     return output_dir / "eval_results.json"
