@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import modeling
 from .errors import PabeeError
-from .exit_settings import ExitSetting, check_settings, exit_settings, parse_criteria, parse_thresholds
+from .exit_settings import ExitArguments, ExitSetting, check_settings, exit_settings, parse_criteria, parse_thresholds
 from .exits import ExitCriterion, ExitTracker
 from .modeling import PabeeForSequenceClassification
 
@@ -38,7 +38,7 @@ Batch = dict[str, torch.Tensor]
 
 
 @dataclass
-class BenchArguments:
+class BenchArguments(ExitArguments):
     """Flags of `pabee bench`."""
 
     model: str | None = field(
@@ -51,18 +51,6 @@ class BenchArguments:
         default=None, metadata={"help": "Plain text file instead of GLUE: one example per line (tab for a pair)."}
     )
     patience: str = field(default="1,2,3", metadata={"help": "Comma-separated patiences to time."})
-    exit_criterion: str = field(
-        default="patience",
-        metadata={
-            "help": "Comma-separated exit criteria to time: patience, entropy, confidence, "
-            "patience+confidence, static."
-        },
-    )
-    exit_threshold: list[str] | None = field(
-        default=None,
-        metadata={"help": "Thresholds per criterion, e.g. confidence=0.8,0.9 static=3 (as in run-glue)."},
-    )
-    max_exit_layer: int | None = field(default=None, metadata={"help": "Cap on the layers any example may use."})
     batch_sizes: str = field(default="32", metadata={"help": "Comma-separated batch sizes for batched variants."})
     max_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     bs1_examples: int | None = field(

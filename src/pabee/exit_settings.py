@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PabeeError
@@ -26,6 +26,29 @@ DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
     "confidence": (0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
     "patience+confidence": (DEFAULT_THRESHOLDS["patience+confidence"],),
 }
+
+
+@dataclass
+class ExitArguments:
+    """The exit flags `run-glue` and `bench` share (their `--patience` list is their own)."""
+
+    exit_criterion: str = field(
+        default="patience",
+        metadata={
+            "help": "Comma-separated exit criteria to compare on the same model: patience, entropy, confidence, "
+            "patience+confidence, static. Each gets its own table (run-glue) or timed variants (bench)."
+        },
+    )
+    exit_threshold: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Thresholds per criterion, e.g. confidence=0.8,0.9 entropy=0.1,0.3 static=2,4 (static: the "
+            "layer k). A bare list serves the only selected criterion that takes one. Default: a built-in sweep."
+        },
+    )
+    max_exit_layer: int | None = field(
+        default=None, metadata={"help": "Cap on the layers any example may use, for every criterion."}
+    )
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .backbones import ADAPTERS
 from .data import TaskData, load_glue, load_user_files, tokenize
 from .errors import PabeeError
-from .exit_settings import ExitSetting, check_settings, exit_settings, parse_criteria, parse_thresholds
+from .exit_settings import ExitArguments, ExitSetting, check_settings, exit_settings, parse_criteria, parse_thresholds
 from .exits import check_regression_threshold, logits_at_exit, sweep_exit_layers
 from .glue import TaskSpec, get_task
 from .metrics import METRIC_LABELS, compute_metrics, exit_statistics, predictions_from_logits
@@ -53,7 +53,7 @@ RUN_FILE = "pabee_run.json"  # what a training run in this folder is, so a resum
 
 
 @dataclass
-class RunGlueArguments:
+class RunGlueArguments(ExitArguments):
     """Flags of `pabee run-glue` beyond `TrainingArguments`; the research script's names are kept verbatim."""
 
     task_name: str | None = field(
@@ -78,23 +78,6 @@ class RunGlueArguments:
         },
     )
     regression_threshold: float = field(default=0.1, metadata={"help": "Agreement threshold for regression."})
-    exit_criterion: str = field(
-        default="patience",
-        metadata={
-            "help": "Comma-separated exit criteria to compare on the same model: patience, entropy, confidence, "
-            "patience+confidence, static. Each gets a table and a curve."
-        },
-    )
-    exit_threshold: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Thresholds per criterion, e.g. confidence=0.8,0.9 entropy=0.1,0.3 static=2,4 (static: the "
-            "layer k). A bare list serves the only selected criterion that takes one. Default: a built-in sweep."
-        },
-    )
-    max_exit_layer: int | None = field(
-        default=None, metadata={"help": "Cap on the layers any example may use, for every criterion."}
-    )
     pooling: str = field(
         default="auto",
         metadata={"help": "What the classifiers read.", "choices": ["auto", "pooler", "cls", "mean"]},
