@@ -10,7 +10,7 @@ from text_models import SENTIMENT, save_tiny_text_model
 
 from pabee.errors import PabeeError
 from pabee.glue import get_task, read_glue_tsv
-from pabee.pipeline import PabeePipeline, pipeline
+from pabee.pipeline import PabeePipeline, pipeline, plan_batches
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,6 +101,21 @@ def test_batch_size_and_order_do_not_change_answers(classify, sst2_dev_sentences
         assert [a["exit_layer"] for a in other] == [a["exit_layer"] for a in big]
         assert [a["label"] for a in other] == [a["label"] for a in big]
         assert [a["score"] for a in other] == pytest.approx([a["score"] for a in big], abs=1e-5)
+
+
+def test_batches_are_planned_to_waste_little_padding():
+    assert plan_batches([5, 5, 5, 5, 50], max_batch_size=8, overhead=10) == [(0, 4), (4, 5)]
+    assert plan_batches([5, 5, 5, 5, 6], max_batch_size=8, overhead=10) == [(0, 5)]
+    assert [end - start for start, end in plan_batches([1] * 10, max_batch_size=4, overhead=1e9)] == [2, 4, 4]
+    assert plan_batches([1, 2, 3], max_batch_size=8, overhead=0) == [(0, 1), (1, 2), (2, 3)]
+    assert plan_batches([], max_batch_size=8, overhead=10) == []
+    lengths = sorted(torch.randint(2, 60, (100,), generator=torch.Generator().manual_seed(0)).tolist())
+    ranges = plan_batches(lengths, max_batch_size=16, overhead=32)
+    assert [i for start, end in ranges for i in range(start, end)] == list(range(100))
+    assert all(0 < end - start <= 16 for start, end in ranges)
+    cost = sum(32 + (end - start) * lengths[end - 1] for start, end in ranges)
+    fixed = sum(32 + len(lengths[i : i + 16]) * lengths[i : i + 16][-1] for i in range(0, 100, 16))
+    assert cost < fixed
 
 
 def test_long_texts_are_truncated_to_max_length(model_dir):

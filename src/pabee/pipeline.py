@@ -16,7 +16,7 @@ What an answer holds:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .modeling import PabeeForSequenceClassification
 EXIT_OPTIONS = ("patience", "exit_criterion", "exit_threshold", "max_exit_layer")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_MAX_LENGTH = 128  # run-glue's default --max_seq_length: what the models here were trained with
+DEFAULT_BATCH_OVERHEAD = 32.0  # a forward's fixed cost in padded tokens; fit on MiniLM + SST-2, 2 CPU threads
 
 Example = tuple[str, str | None]  # (text, text_pair or None)
 Prediction = dict[str, Any]
@@ -69,6 +70,34 @@ def _check_exit_options(model: PabeeForSequenceClassification, options: Mapping[
     return set_options
 
 
+def plan_batches(lengths: Sequence[int], max_batch_size: int, overhead: float) -> list[tuple[int, int]]:
+    """Split examples sorted by length into contiguous batches that waste little work on padding.
+
+    Cost model: a forward pass costs `overhead` (in token-equivalents) plus one unit per padded token, i.e.
+    `size × longest`. Dynamic programming finds the split of minimal total cost with at most `max_batch_size`
+    examples per batch: similar lengths share a batch, and a few very long inputs do not pad many short ones.
+
+    Args:
+        lengths: token counts, ascending.
+    Returns:
+        `(start, end)` index ranges covering `lengths` in order.
+    """
+    best = [0.0] + [float("inf")] * len(lengths)  # best[i]: cheapest cost of the first i examples
+    cut = [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        longest = lengths[end - 1]
+        for start in range(max(0, end - max_batch_size), end):
+            cost = best[start] + overhead + (end - start) * longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    ranges = []
+    end = len(lengths)
+    while end > 0:
+        ranges.append((cut[end], end))
+        end = cut[end]
+    return ranges[::-1]
+
+
 class PabeePipeline:
     """Batched early-exit classification of raw texts and text pairs.
 
@@ -78,7 +107,9 @@ class PabeePipeline:
     Args:
         model: a PABEE model (put in eval mode here).
         tokenizer: its tokenizer.
-        batch_size: examples per forward pass.
+        batch_size: most examples per forward pass.
+        batch_overhead: the fixed cost of one forward pass in padded-token equivalents, for splitting a call's
+            examples into batches (see `plan_batches`); a huge value gives plain batches of `batch_size`.
         max_length: tokens per example; longer inputs are truncated (pairs: the longer part first). Capped at
             what the model and tokenizer support.
         device: where to run (default: where the model is).
@@ -97,6 +128,7 @@ class PabeePipeline:
         tokenizer: Any,
         *,
         batch_size: int = 32,
+        batch_overhead: float = DEFAULT_BATCH_OVERHEAD,
         max_length: int = DEFAULT_MAX_LENGTH,
         device: str | torch.device | None = None,
         exit_options: Mapping[str, Any] | None = None,
@@ -107,7 +139,7 @@ class PabeePipeline:
             raise ValueError(f"max_length={max_length!r} is invalid: use a whole number >= 2.")
         self.model = model.eval() if device is None else model.to(device).eval()
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.batch_size, self.batch_overhead = batch_size, batch_overhead
         limits = [max_length, getattr(model.config.encoder_config, "max_position_embeddings", None)]
         limits.append(getattr(tokenizer, "model_max_length", None))
         self.max_length = min(v for v in limits if isinstance(v, int) and v > 0)
@@ -203,6 +235,22 @@ class PabeePipeline:
             batch[name] = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         return batch
 
+    def run_batches(
+        self, examples: Sequence[Example], *, batch_size: int | None = None, **exit_options: Any
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Run the forward passes one by one, shortest inputs first, yielding each pass's results as it ends:
+        `(positions in examples, logits [n, num_labels], exit_layers [n])`. A server answers from these early."""
+        options = {**self.exit_options, **_check_exit_options(self.model, exit_options)}
+        features = self.tokenize(examples)
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        lengths = [len(features[i]["input_ids"]) for i in order]
+        self.model.eval()
+        for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
+            rows = order[start:end]
+            with torch.inference_mode():
+                out = self.model(**self._pad([features[i] for i in rows]), **options)
+            yield rows, out.logits.float().cpu(), out.exit_layers.cpu()
+
     def run(
         self,
         examples: Sequence[Example],
@@ -212,23 +260,13 @@ class PabeePipeline:
         **exit_options: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw outputs in input order: `logits` `[N, num_labels]` at each example's exit layer, `exit_layers` `[N]`."""
-        options = {**self.exit_options, **_check_exit_options(self.model, exit_options)}
-        batch_size = batch_size or self.batch_size
-        features = self.tokenize(examples)
-        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-        logits = torch.empty(len(features), self.model.config.num_labels)
-        exit_layers = torch.empty(len(features), dtype=torch.long)
-        bar = tqdm(total=len(features), unit="ex", desc="Predicting", disable=not progress)
-        self.model.eval()
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                out = self.model(**self._pad([features[i] for i in rows]), **options)
+        logits = torch.empty(len(examples), self.model.config.num_labels)
+        exit_layers = torch.empty(len(examples), dtype=torch.long)
+        with tqdm(total=len(examples), unit="ex", desc="Predicting", disable=not progress) as bar:
+            for rows, batch_logits, batch_exits in self.run_batches(examples, batch_size=batch_size, **exit_options):
                 index = torch.tensor(rows)
-                logits[index] = out.logits.float().cpu()
-                exit_layers[index] = out.exit_layers.cpu()
+                logits[index], exit_layers[index] = batch_logits, batch_exits
                 bar.update(len(rows))
-        bar.close()
         return logits, exit_layers
 
     def format(self, logits: torch.Tensor, exit_layers: torch.Tensor) -> list[Prediction]:
