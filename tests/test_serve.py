@@ -20,7 +20,7 @@ from text_models import SENTIMENT, save_tiny_text_model
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import pipeline
-from pabee.serve import MicroBatcher, ShuttingDown, create_app
+from pabee.serve import BatchFailed, MicroBatcher, ShuttingDown, create_app
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -136,14 +136,14 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(pipe, bo
 
 def test_a_failing_batch_answers_500_and_the_server_carries_on(model_dir, sst2_dev_sentences):
     pipe = pipeline(model_dir)
-    working = pipe.run
+    working = pipe.run_batches
 
-    def run(examples, **kwargs):
+    def run_batches(examples, **kwargs):
         if any(text == "boom" for text, _ in examples):
             raise RuntimeError("the forward broke")
         return working(examples, **kwargs)
 
-    pipe.run = run
+    pipe.run_batches = run_batches
     with TestClient(create_app(pipe, threads=1)) as client:
         failed = client.post("/predict", json={"texts": ["fine", "boom"]})
         assert failed.status_code == 500
@@ -179,7 +179,8 @@ def test_metrics_parse_and_count_requests_texts_and_exit_layers(pipe, sst2_dev_s
 
 
 def echo(examples):
-    return [{"text": text} for text, _ in examples]
+    """A batch function answering all texts in one chunk."""
+    return [(range(len(examples)), [{"text": text} for text, _ in examples])]
 
 
 def test_micro_batcher_respects_the_batch_size_and_keeps_requests_whole():
@@ -198,8 +199,42 @@ def test_micro_batcher_respects_the_batch_size_and_keeps_requests_whole():
         return requests, answers
 
     requests, answers = asyncio.run(scenario())
-    assert answers == [echo(r) for r in requests]
+    assert answers == [[{"text": text} for text, _ in r] for r in requests]
     assert sizes == [4, 4, 2, 6]  # full batches leave at once; the 6-text request is never split
+
+
+@pytest.mark.parametrize("second_chunk_fails", [False, True])
+def test_micro_batcher_answers_a_request_as_soon_as_its_texts_are_done(second_chunk_fails):
+    release = threading.Event()
+
+    def run(examples):
+        yield [0], [{"text": examples[0][0]}]
+        release.wait(10)
+        if second_chunk_fails:
+            raise RuntimeError("the second forward broke")
+        yield range(1, len(examples)), [{"text": text} for text, _ in examples[1:]]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch_size=8, max_wait=0.05)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit([("a", None)]))
+        second = asyncio.ensure_future(batcher.submit([("b", None), ("c", None)]))
+        answer = await asyncio.wait_for(first, 10)  # while the batch's second forward is still running
+        waiting = not second.done()
+        release.set()
+        try:
+            return answer, waiting, await second
+        except Exception as error:
+            return answer, waiting, error
+        finally:
+            await batcher.stop()
+
+    answer, waiting, second = asyncio.run(scenario())
+    assert answer == [{"text": "a"}] and waiting
+    if second_chunk_fails:
+        assert isinstance(second, BatchFailed) and "the second forward broke" in str(second)
+    else:
+        assert second == [{"text": "b"}, {"text": "c"}]
 
 
 def test_micro_batcher_waits_at_most_max_wait_and_drains_on_stop():

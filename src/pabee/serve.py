@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -58,7 +58,9 @@ class ServeArguments:
     exit_criterion: str | None = field(default=None, metadata={"help": "Exit rule, where the model supports it."})
     exit_threshold: float | None = field(default=None, metadata={"help": "The exit rule's threshold."})
     max_exit_layer: int | None = field(default=None, metadata={"help": "No example uses more layers than this."})
-    max_batch_size: int = field(default=32, metadata={"help": "Most texts in one micro-batch forward."})
+    max_batch_size: int = field(
+        default=32, metadata={"help": "Most texts gathered into one micro-batch (run as padding-aware forwards)."}
+    )
     max_wait_ms: float = field(
         default=5.0, metadata={"help": "How long the first request of a micro-batch waits for company."}
     )
@@ -134,9 +136,12 @@ class _Pending:
     examples: list[Example]
     future: asyncio.Future
     arrived: float
+    answers: list[dict | None] = field(default_factory=list)
+    missing: int = 0
 
 
-BatchRunner = Callable[[list[Example]], list[dict]]
+# The batch function: texts → chunks `(positions among the texts, their answers)` as its forward passes end.
+BatchRunner = Callable[[list[Example]], Iterable[tuple[Sequence[int], list[dict]]]]
 
 
 class MicroBatcher:
@@ -146,8 +151,12 @@ class MicroBatcher:
     arrived, whichever comes first; requests are never split, so one request larger than `max_batch_size` runs
     alone. Requests that arrive while a batch runs form the next one.
 
+    The batch function yields its answers in chunks as its forward passes end (shortest texts first), and a
+    request is answered as soon as all of its texts are: its client can send the next request while the rest of
+    the batch is still running, so the worker thread need not sit idle between batches.
+
     Args:
-        run: the batch function (texts → one answer per text, in order); runs in the worker thread.
+        run: the batch function; runs in the worker thread.
         on_batch: called on the event loop after each successful batch with
             `(num_requests, answers, seconds)`; for metrics.
         thread_init: runs once in the worker thread (e.g. to set torch's thread count there).
@@ -242,27 +251,43 @@ class MicroBatcher:
                 await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        owners = []  # position in the batch → (request, index among its texts)
+        for pending in batch:
+            pending.answers, pending.missing = [None] * len(pending.examples), len(pending.examples)
+            owners += [(pending, i) for i in range(len(pending.examples))]
         examples = [e for pending in batch for e in pending.examples]
+        answers: list[dict | None] = [None] * len(examples)
+        missing = len(examples)
         start = time.perf_counter()
+
+        def deliver(positions: Sequence[int], chunk: list[dict]) -> None:  # on the event loop
+            nonlocal missing
+            for position, answer in zip(positions, chunk, strict=True):
+                if answers[position] is None:
+                    missing -= 1
+                pending, i = owners[position]
+                answers[position] = pending.answers[i] = answer
+                pending.missing -= 1
+                if pending.missing == 0 and not pending.future.done():
+                    pending.future.set_result(pending.answers)
+            if missing == 0 and self.on_batch is not None:  # before any of these callers hears back
+                self.on_batch(len(batch), answers, time.perf_counter() - start)
+
+        def work() -> None:  # in the worker thread; `deliver` calls run on the loop in order, before it resumes
+            for positions, chunk in self.run(examples):
+                loop.call_soon_threadsafe(deliver, positions, chunk)
+
         try:
-            answers = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, examples)
-            if len(answers) != len(examples):
-                raise RuntimeError(f"the batch function gave {len(answers)} answers for {len(examples)} texts")
+            await loop.run_in_executor(self._executor, work)
+            if missing:
+                raise RuntimeError("the batch function left some texts without an answer")
         except Exception as error:  # one bad batch must not take the server down
             if self.on_failure is not None:
                 self.on_failure(error)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))
-            return
-        offset = 0
-        for pending in batch:
-            count = len(pending.examples)
-            if not pending.future.done():
-                pending.future.set_result(answers[offset : offset + count])
-            offset += count
-        if self.on_batch is not None:
-            self.on_batch(len(batch), answers, time.perf_counter() - start)
 
 
 class _Metrics:
@@ -327,9 +352,9 @@ def create_app(
     # Each JSON-escaped character takes at most 6 bytes; beyond that the body cannot be a valid request.
     max_body = 6 * max_texts_per_request * (2 * max_text_chars + 8) + 4096
 
-    def run(examples: list[Example]) -> list[dict]:
-        logits, exit_layers = pipeline.run(examples, batch_size=max_batch_size)
-        return pipeline.format(logits, exit_layers)
+    def run(examples: list[Example]) -> Iterator[tuple[list[int], list[dict]]]:
+        for rows, logits, exit_layers in pipeline.run_batches(examples, batch_size=max_batch_size):
+            yield rows, pipeline.format(logits, exit_layers)
 
     batcher = MicroBatcher(
         run,
@@ -354,7 +379,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
-        await batcher.call_in_worker(lambda: run([("warm up", None)]))  # first request should not pay for it
+        await batcher.call_in_worker(lambda: list(run([("warm up", None)])))  # the first request should not pay
         yield
         await batcher.stop()  # uvicorn has finished the in-flight requests by now
 
@@ -450,6 +475,8 @@ def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], Fas
     else:
         del app
         os.environ[ENV_CONFIG] = json.dumps(asdict(args))
+        # A worker answers uvicorn's health pings only once torch and the model have loaded: allow for that.
+        options["timeout_worker_healthcheck"] = 120
         uvicorn.run("pabee.serve:app_from_environment", factory=True, workers=args.workers, **options)
 
 
