@@ -167,6 +167,19 @@ def test_exit_options_reach_forward_only_when_set(model_dir, monkeypatch):
     assert calls[-1]["patience"] == 0
 
 
+def test_exit_criteria_and_the_layer_cap_reach_the_model(model_dir, sst2_dev_sentences):
+    static = pipeline(model_dir, exit_criterion="static", exit_threshold=2)
+    assert {a["exit_layer"] for a in static(sst2_dev_sentences)} == {2}
+    plain = pipeline(model_dir)
+    assert {a["exit_layer"] for a in plain(sst2_dev_sentences, patience=0, max_exit_layer=3)} == {3}
+    options = {"exit_criterion": "confidence", "exit_threshold": 0.54}  # exits vary for this tiny model
+    answers = plain(sst2_dev_sentences, **options)
+    assert_same_as_model(plain, sst2_dev_sentences, answers, **options)
+    assert len({a["exit_layer"] for a in answers}) > 1
+    with pytest.raises(ValueError, match="exit_criterion='bogus' is unknown"):
+        pipeline(model_dir, exit_criterion="bogus")
+
+
 def test_bad_inputs_and_options_are_clear_errors(classify, model_dir, minilm_path, tmp_path):
     with pytest.raises(ValueError, match=r"must be a string or a \(text, text_pair\) pair of strings \(input 1\)"):
         classify(["fine", ("a", "b", "c")])

@@ -106,6 +106,20 @@ def test_without_output_the_lines_go_to_stdout(model_dir, tmp_path, capsys):
     assert all(r["exit_layer"] == 4 for r in rows) and "patience 0" in captured.err
 
 
+def test_exit_options_from_the_command_line(model_dir, tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("a fine film\na dull film\nan odd one\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", model_dir, "--input", source, "--output", out]
+    assert predict(*argv, "--exit_criterion", "static", "--exit_threshold", "3") == 0
+    assert {r["exit_layer"] for r in read_jsonl(out)} == {3}
+    assert "exit_criterion static, exit_threshold 3.0" in capsys.readouterr().err
+    assert predict(*argv, "--overwrite", "--patience", "0", "--max_exit_layer", "2") == 0
+    assert {r["exit_layer"] for r in read_jsonl(out)} == {2}
+    assert predict(*argv, "--overwrite", "--exit_criterion", "bogus") == 2
+    assert "exit_criterion='bogus' is unknown" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

@@ -77,6 +77,14 @@ def test_health_and_a_prediction(pipe, sst2_dev_sentences, rte_pairs):
         assert_answers(response.json()["predictions"], pipe(as_inputs(texts)))
 
 
+def test_the_server_uses_the_pipelines_exit_options(model_dir, sst2_dev_sentences):
+    static = pipeline(model_dir, exit_criterion="static", exit_threshold=2)
+    with TestClient(create_app(static, threads=1)) as client:
+        assert client.get("/health").json()["exit_options"] == {"exit_criterion": "static", "exit_threshold": 2}
+        answers = client.post("/predict", json={"texts": sst2_dev_sentences[:8]}).json()["predictions"]
+    assert {a["exit_layer"] for a in answers} == {2}
+
+
 def test_concurrent_requests_share_batches_and_get_their_own_answers(pipe, sst2_dev_sentences, rte_pairs):
     app = create_app(pipe, max_wait_ms=300, max_batch_size=64, threads=1)
     requests = [sst2_dev_sentences[3 * i : 3 * i + 3] for i in range(10)] + [[pair] for pair in rte_pairs[:4]]
