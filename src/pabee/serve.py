@@ -1,8 +1,9 @@
 """`pabee serve`: an HTTP server (FastAPI on uvicorn) with dynamic micro-batching and batched early exit.
 
-Concurrent requests are gathered for up to `max_wait_ms` (or until `max_batch_size` texts are waiting) and run as
-one batched early-exit forward in a single worker thread, so the event loop keeps accepting requests meanwhile;
-each caller gets exactly its own answers, in its order.
+Concurrent requests are gathered for up to `max_wait_ms` (or until `max_batch_size` texts are waiting) and run
+together with batched early exit in a single worker thread, so the event loop keeps accepting requests meanwhile.
+The pipeline splits a micro-batch into length-sorted forward passes, and each request is answered as soon as the
+passes holding its texts end; each caller gets exactly its own answers, in its order.
 
 Endpoints:
 
