@@ -101,8 +101,8 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, overhead: float) -
 class PabeePipeline:
     """Batched early-exit classification of raw texts and text pairs.
 
-    Examples are tokenized together, sorted by length so each batch carries little padding, run in batches of
-    `batch_size`, and returned in input order.
+    Examples are tokenized together, sorted by length, split into batches of at most `batch_size` that carry
+    little padding (`plan_batches`), run with batched early exit, and returned in input order.
 
     Args:
         model: a PABEE model (put in eval mode here).
