@@ -84,6 +84,24 @@ def random_batch(batch_size: int = 8, max_len: int = 12, vocab: int = 99, seed: 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny models
+    gain nothing from a second thread, and on a busy machine idle OpenMP threads cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, minilm_tokenizer) -> Path:
+    """A tiny random sentiment model (negative/positive) saved with the MiniLM tokenizer, patience 1."""
+    from text_models import SENTIMENT, save_tiny_text_model
+
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny"), minilm_tokenizer, patience=1, **SENTIMENT)
+
+
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     """The original GLUE TSV folders: `$GLUE_DIR`, else `../shared/glue` beside the repository."""

@@ -5,27 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from text_models import SENTIMENT, save_tiny_text_model
 
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import pipeline
 from pabee.predict import read_inputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine idle OpenMP threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, minilm_tokenizer):
-    return save_tiny_text_model(tmp_path_factory.mktemp("tiny"), minilm_tokenizer, patience=1, **SENTIMENT)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def predict(*args) -> int:

@@ -12,29 +12,15 @@ import time
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from text_models import SENTIMENT, save_tiny_text_model
 
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import pipeline
 from pabee.serve import BatchFailed, MicroBatcher, ShuttingDown, create_app
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine idle OpenMP threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, minilm_tokenizer):
-    return save_tiny_text_model(tmp_path_factory.mktemp("tiny"), minilm_tokenizer, patience=1, **SENTIMENT)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import pipeline
 from pabee.submission import SUBMISSION_DIR, format_predictions, submission_filename
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine idle OpenMP threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(*args) -> int:
