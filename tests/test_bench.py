@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig
+from text_models import save_tiny_text_model
 
-from pabee import PabeeConfig, PabeeForSequenceClassification
+from pabee import PabeeForSequenceClassification
 from pabee.bench import BenchArguments, make_batches, run_bench, time_variants
 from pabee.cli import main
 from pabee.errors import PabeeError
@@ -17,20 +17,7 @@ from pabee.errors import PabeeError
 @pytest.fixture
 def tiny_model_dir(tmp_path, minilm_tokenizer):
     """A tiny random BERT PABEE model that shares the MiniLM vocabulary, saved with its tokenizer."""
-    torch.manual_seed(0)
-    encoder = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=128,
-    )
-    model = PabeeForSequenceClassification(PabeeConfig(encoder_config=encoder, num_labels=2, pooling="mean"))
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_text_model(tmp_path / "tiny", minilm_tokenizer, seed=0)
 
 
 def test_make_batches_pads_right_and_sorts():
