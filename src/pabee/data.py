@@ -97,6 +97,23 @@ def _load_glue_from_hub(data: TaskData, task: GlueTask, *, train: bool, evaluate
     return data
 
 
+def read_jsonl_records(path: Path, expected: str = "a JSON object") -> list[tuple[int, dict]]:
+    """`(line number, object)` for each non-blank line of a JSON-lines file; a bad line names file and line."""
+    records = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {line_no}: not valid JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {line_no}: expected {expected}.")
+            records.append((line_no, record))
+    return records
+
+
 def read_examples_file(path: str | Path) -> list[dict]:
     """Read a user's csv, tsv or jsonl file with columns `text`, optional `text_pair`, and `label`."""
     path = Path(path)
@@ -105,17 +122,7 @@ def read_examples_file(path: str | Path) -> list[dict]:
     suffix = path.suffix.lower()
     rows: list[tuple[int, dict]] = []
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {line_no}: not valid JSON ({error.msg}).") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}, line {line_no}: expected a JSON object with a 'text' field.")
-                rows.append((line_no, row))
+        rows = read_jsonl_records(path, "a JSON object with a 'text' field")
     elif suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")

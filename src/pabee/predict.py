@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import read_jsonl_records
 from .errors import DataError, PabeeError
 from .pipeline import DEFAULT_MAX_LENGTH, EXIT_OPTIONS, Example, PabeePipeline
 
@@ -76,22 +77,6 @@ def _read_text_lines(path: Path) -> list[InputRow]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    records = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {line_no}: not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object.")
-            records.append((line_no, record))
-    return records
-
-
 def _read_table(path: Path, delimiter: str, text_column: str) -> list[tuple[int, dict]]:
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     records = []
@@ -119,7 +104,7 @@ def read_inputs(path: str | Path, text_column: str = "text", text_pair_column: s
         rows = _read_text_lines(path)
     else:
         if suffix == ".jsonl":
-            records = _read_jsonl(path)
+            records = read_jsonl_records(path)
         elif suffix in (".tsv", ".csv"):
             records = _read_table(path, "\t" if suffix == ".tsv" else ",", text_column)
         else:
