@@ -131,7 +131,7 @@ def scrape_metrics(port: int) -> dict[str, float]:
     values = {}
     for line in asyncio.run(get()).decode().splitlines():
         name, _, value = line.partition(" ")
-        if name in ("pabee_batch_size_sum", "pabee_batch_size_count"):
+        if name in ("pabee_batch_size_sum", "pabee_batch_size_count", "pabee_batch_duration_seconds_sum"):
             values[name] = float(value)
     return values
 
@@ -140,6 +140,9 @@ def start_server(args: argparse.Namespace, setting: dict, port: int, log: Path) 
     cmd = [sys.executable, "-m", "pabee", "serve", "--model", args.model, "--port", str(port)]
     cmd += ["--threads", str(args.threads), "--no_access_log", "--patience", str(setting["patience"])]
     cmd += ["--max_batch_size", str(setting["max_batch_size"]), "--max_wait_ms", str(setting["max_wait_ms"])]
+    for flag in ("dtype", "attn_implementation"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
     server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     deadline = time.monotonic() + 180
 
@@ -169,9 +172,12 @@ def run_setting(args, setting: dict, sentences: list[str], log: Path) -> dict:
     load_before = load_average()
     server = start_server(args, setting, port, log)
     try:
+        before = scrape_metrics(port)
+        began = time.monotonic()
         latencies, exits, errors, measured = asyncio.run(
             drive(port, sentences, args.clients, args.warmup, args.duration, args.max_requests)
         )
+        driven = time.monotonic() - began
         metrics = scrape_metrics(port)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -191,6 +197,9 @@ def run_setting(args, setting: dict, sentences: list[str], log: Path) -> dict:
         "mean_ms": 1000 * statistics.fmean(latencies),
         "avg_exit_layer": statistics.fmean(exits),
         "avg_batch_size": metrics["pabee_batch_size_sum"] / metrics["pabee_batch_size_count"],
+        # Share of the run the forward thread was busy with batches: near 1, only a faster forward helps.
+        "forward_busy": (metrics["pabee_batch_duration_seconds_sum"] - before["pabee_batch_duration_seconds_sum"])
+        / driven,
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
@@ -199,13 +208,14 @@ def run_setting(args, setting: dict, sentences: list[str], log: Path) -> dict:
 def model_alone(args, sentences: list[str], seconds: float = 10.0) -> dict:
     """The ceiling without HTTP: the same pipeline in a fresh process, on batches of `--clients` random sentences
     and on one sentence at a time; sentences/s of each."""
-    # Like the server: the forward runs in one worker thread that set torch's thread count itself.
+    # Like the server: the model is loaded and run in one worker thread (`forward_thread`).
     code = f"""
-import json, random, sys, time, torch
-from concurrent.futures import ThreadPoolExecutor
+import json, random, sys, time
 from pabee.pipeline import pipeline
-torch.set_num_threads({args.threads})
-pipe = pipeline({args.model!r}, patience={args.patience}, batch_size={args.max_batch_size})
+from pabee.serve import forward_thread
+worker = forward_thread({args.threads})
+pipe = worker.submit(pipeline, {args.model!r}, patience={args.patience}, batch_size={args.max_batch_size},
+                     dtype={args.dtype!r}, attn_implementation={args.attn_implementation!r}).result()
 sentences = json.load(sys.stdin)
 rng = random.Random(0)
 def rate(batch_size, seconds):
@@ -217,7 +227,6 @@ def rate(batch_size, seconds):
 def measure():
     rate({args.clients}, 3), rate(1, 2)
     return {{"batched_per_s": rate({args.clients}, {seconds}), "single_per_s": rate(1, {seconds})}}
-worker = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=({args.threads},))
 print(json.dumps(worker.submit(measure).result()))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -231,7 +240,7 @@ print(json.dumps(worker.submit(measure).result()))
 
 def combine(runs: list[dict]) -> dict:
     """Rounds of one setting: throughput and latency percentiles as medians over rounds."""
-    keys = ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "avg_exit_layer", "avg_batch_size")
+    keys = ("throughput", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "avg_exit_layer", "avg_batch_size", "forward_busy")
     out = {key: statistics.median(run[key] for run in runs) for key in keys}
     out["requests"] = sum(run["requests"] for run in runs)
     out["p99_over_p50"] = out["p99_ms"] / out["p50_ms"]
@@ -307,6 +316,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="Server torch threads.")
     parser.add_argument("--max_wait_ms", type=float, default=5.0)
     parser.add_argument("--max_batch_size", type=int, default=32)
+    parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], help="Server attention kernel.")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="Server weights' dtype (default: float32).")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "serve_sst2"))
     parser.add_argument("--render_only", action="store_true", help="Re-render --output.md from --output.json.")
     args = parser.parse_args()
@@ -341,8 +352,8 @@ def main() -> None:
             runs[name].append(result)
             print(
                 f"  {result['throughput']:.1f} req/s, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
-                f"batch {result['avg_batch_size']:.1f}, exit layer {result['avg_exit_layer']:.2f}, "
-                f"load {result['load_average_before']}",
+                f"batch {result['avg_batch_size']:.1f}, forward busy {result['forward_busy']:.0%}, "
+                f"exit layer {result['avg_exit_layer']:.2f}, load {result['load_average_before']}",
                 flush=True,
             )
         print(f"round {round_ + 1}/{args.rounds}: the model alone, no HTTP ...", flush=True)

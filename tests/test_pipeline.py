@@ -168,6 +168,20 @@ def test_exit_criteria_and_the_layer_cap_reach_the_model(model_dir, sst2_dev_sen
         pipeline(model_dir, exit_criterion="bogus")
 
 
+def test_bfloat16_and_eager_attention_load_and_batched_equals_one_by_one(model_dir, sst2_dev_sentences):
+    fast = pipeline(model_dir, dtype="bfloat16", attn_implementation="eager")
+    assert fast.model.dtype == torch.bfloat16
+    assert fast.model.config.encoder_config._attn_implementation == "eager"
+    batched = fast(sst2_dev_sentences, patience=1)
+    for text, answer in zip(sst2_dev_sentences, batched, strict=True):
+        logits, exit_layer = model_answer(fast, text, patience=1)
+        probs = torch.softmax(logits.float(), dim=-1)
+        assert answer["exit_layer"] == exit_layer
+        assert answer["label"] == fast.model.config.id2label[int(probs.argmax())]
+        assert answer["score"] == pytest.approx(float(probs.max()), abs=1e-2)
+    assert len({a["exit_layer"] for a in batched}) > 1
+
+
 def test_bad_inputs_and_options_are_clear_errors(classify, model_dir, minilm_path, tmp_path):
     with pytest.raises(ValueError, match=r"must be a string or a \(text, text_pair\) pair of strings \(input 1\)"):
         classify(["fine", ("a", "b", "c")])
@@ -185,6 +199,10 @@ def test_bad_inputs_and_options_are_clear_errors(classify, model_dir, minilm_pat
         pipeline(minilm_path)
     with pytest.raises(ValueError, match="Give the tokenizer"):
         pipeline(classify.model)
+    with pytest.raises(ValueError, match="dtype= applies when loading from a folder"):
+        pipeline(classify.model, classify.tokenizer, dtype="bfloat16")
+    with pytest.raises(PabeeError, match="Cannot load the model in .*dtype"):
+        pipeline(model_dir, dtype="fp8")
 
 
 @pytest.mark.slow

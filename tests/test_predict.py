@@ -102,6 +102,8 @@ def test_exit_options_from_the_command_line(model_dir, tmp_path, capsys):
     assert "exit_criterion static, exit_threshold 3.0" in capsys.readouterr().err
     assert predict(*argv, "--overwrite", "--patience", "0", "--max_exit_layer", "2") == 0
     assert {r["exit_layer"] for r in read_jsonl(out)} == {2}
+    assert predict(*argv, "--overwrite", "--dtype", "bfloat16", "--attn_implementation", "eager") == 0
+    assert len(read_jsonl(out)) == 3
     assert predict(*argv, "--overwrite", "--exit_criterion", "bogus") == 2
     assert "exit_criterion='bogus' is unknown" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import subprocess
@@ -12,13 +13,14 @@ import time
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv
-from pabee.pipeline import pipeline
-from pabee.serve import BatchFailed, MicroBatcher, ShuttingDown, create_app
+from pabee.pipeline import PabeePipeline, pipeline
+from pabee.serve import BatchFailed, MicroBatcher, ServeArguments, ShuttingDown, app_from_args, create_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -270,23 +272,53 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_real_server_process_answers_and_finishes_in_flight_requests_on_shutdown(model_dir, tmp_path):
+def start_server(argv: list, log) -> tuple[subprocess.Popen, str]:
+    """`pabee serve ARGV --port <free>` in a process of its own, once /health answers 200."""
     port = free_port()
+    command = [sys.executable, "-m", "pabee", "serve", *map(str, argv), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, "the server exited early"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
+def test_the_model_is_loaded_and_run_in_the_forward_thread(model_dir, sst2_dev_sentences, monkeypatch):
+    """Loading in one thread and running in another costs 40% (two OpenMP teams on 2 cores): keep them one."""
+    threads = {}
+    real_load = PabeePipeline.from_pretrained.__func__
+
+    def load(cls, *args, **kwargs):
+        threads["load"] = threading.current_thread().name
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PabeePipeline, "from_pretrained", classmethod(load))
+    app = app_from_args(ServeArguments(model=model_dir, threads=1, dtype="bfloat16"))
+    real_run = app.state.pipeline.run_batches
+
+    def run_batches(*args, **kwargs):
+        threads["run"] = threading.current_thread().name
+        yield from real_run(*args, **kwargs)
+
+    monkeypatch.setattr(app.state.pipeline, "run_batches", run_batches)
+    with TestClient(app) as client:
+        answer = client.post("/predict", json={"texts": sst2_dev_sentences[:3]})
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3
+    assert threads["load"].startswith("pabee-forward") and threads["run"] == threads["load"]
+    assert app.state.pipeline.model.dtype == torch.bfloat16
+
+
+def test_real_server_process_answers_and_finishes_in_flight_requests_on_shutdown(model_dir, tmp_path):
     log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - read after the process ends
-    argv = ["serve", "--model", model_dir, "--port", port, "--threads", "1", "--max_wait_ms", "1000"]
-    server = subprocess.Popen([sys.executable, "-m", "pabee", *map(str, argv)], stdout=log, stderr=subprocess.STDOUT)
+    server, url = start_server(["--model", model_dir, "--threads", "1", "--max_wait_ms", "1000"], log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "the server exited early"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         answer = httpx.post(f"{url}/predict", json={"texts": ["a fine film"]}, timeout=30)
         assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("negative", "positive")
 
@@ -310,3 +342,30 @@ def test_real_server_process_answers_and_finishes_in_flight_requests_on_shutdown
     log.close()
     assert "Application startup complete" in output and "Application shutdown complete" in output
     assert output.index("Shutting down") < output.rindex('"POST /predict HTTP/1.1" 200')  # finished after it
+
+
+@pytest.mark.slow
+def test_several_workers_each_load_the_model_and_answer(model_dir, sst2_dev_sentences, tmp_path):
+    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - read after the process ends
+    server, url = start_server(["--model", model_dir, "--workers", "2", "--threads", "1"], log)
+    try:
+        expected = pipeline(model_dir)(sst2_dev_sentences[:6])
+        for _ in range(4):  # a new connection per request, so both workers get some
+            answers = [
+                httpx.post(f"{url}/predict", json={"texts": [text]}, timeout=30).json()["predictions"][0]
+                for text in sst2_dev_sentences[:6]
+            ]
+            assert_answers(answers, expected)
+        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log.seek(0)
+    output = log.read()
+    log.close()
+    workers = re.findall(r"Started server process \[(\d+)\]", output)
+    assert len(set(workers)) == 2, output
+    assert output.count("Application startup complete") == 2 and output.count("Application shutdown complete") == 2

@@ -32,6 +32,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_MAX_LENGTH = 128  # run-glue's default --max_seq_length: what the models here were trained with
 DEFAULT_BATCH_OVERHEAD = 32.0  # a forward's fixed cost in padded tokens; fit on MiniLM + SST-2, 2 CPU threads
 
+DTYPES = ("float32", "bfloat16", "float16")  # what `--dtype` offers; the model is saved in float32
+ATTENTION_KERNELS = ("sdpa", "eager")
 Example = tuple[str, str | None]  # (text, text_pair or None)
 Prediction = dict[str, Any]
 
@@ -57,6 +59,8 @@ def as_example(item: Any, position: int | None = None) -> Example:
 
 def _check_exit_options(model: PabeeForSequenceClassification, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options that are set, after checking `forward` knows them all."""
+    if not options:
+        return {}
     accepted = inspect.signature(model.forward).parameters
     set_options = {}
     for name, value in options.items():
@@ -148,8 +152,20 @@ class PabeePipeline:
             self.run([("ok", None)])  # bad values fail now, with the model's own message, not on first use
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> PabeePipeline:
-        """Load a saved PABEE model and its tokenizer from a folder (`PabeeError` if it is not one)."""
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        **kwargs: Any,
+    ) -> PabeePipeline:
+        """Load a saved PABEE model and its tokenizer from a folder (`PabeeError` if it is not one).
+
+        `dtype` and `attn_implementation` are passed to transformers' `from_pretrained`. On CPUs with bfloat16
+        instructions (AVX512-BF16, AMX), `dtype="bfloat16"` roughly doubles throughput for a small change in the
+        numbers (see `benchmarks/results/serve_sst2.md`).
+        """
         from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -169,7 +185,11 @@ class PabeePipeline:
         was_enabled = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a command's or server's output
         try:
-            model = PabeeForSequenceClassification.from_pretrained(folder)
+            extra = {"dtype": dtype, "attn_implementation": attn_implementation}
+            extra = {name: value for name, value in extra.items() if value is not None}
+            model = PabeeForSequenceClassification.from_pretrained(folder, **extra)
+        except (OSError, ValueError) as error:
+            raise PabeeError(f"Cannot load the model in {folder}: {error}") from None
         finally:
             if was_enabled:
                 hf_logging.enable_progress_bar()
@@ -244,7 +264,8 @@ class PabeePipeline:
         features = self.tokenize(examples)
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         lengths = [len(features[i]["input_ids"]) for i in order]
-        self.model.eval()
+        if self.model.training:  # e.g. a model trained further after the pipeline was made
+            self.model.eval()
         for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
             rows = order[start:end]
             with torch.inference_mode():
@@ -302,7 +323,8 @@ def pipeline(
         >>> classify([("He left.", "He went away."), ("It rained.", "Stocks fell.")])
         [{'label': 'equivalent', 'score': 0.81, 'exit_layer': 3}, ...]
 
-    Keyword arguments are `PabeePipeline`'s; exit settings (`patience`, ...) may also be given directly.
+    Keyword arguments are `PabeePipeline`'s, plus `dtype` and `attn_implementation` when loading from a folder;
+    exit settings (`patience`, ...) may also be given directly.
     """
     options = dict(kwargs.pop("exit_options", None) or {})
     options.update({name: kwargs.pop(name) for name in EXIT_OPTIONS if name in kwargs})
@@ -310,4 +332,8 @@ def pipeline(
         return PabeePipeline.from_pretrained(model, exit_options=options, **kwargs)
     if tokenizer is None:
         raise ValueError("Give the tokenizer with a model object (or pass a model folder).")
+    for name in ("dtype", "attn_implementation"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}= applies when loading from a folder; set it on the model object instead.")
+        kwargs.pop(name, None)
     return PabeePipeline(model, tokenizer, exit_options=options, **kwargs)

@@ -25,7 +25,7 @@ from typing import Any
 
 from .data import read_jsonl_records
 from .errors import DataError, PabeeError
-from .pipeline import DEFAULT_MAX_LENGTH, EXIT_OPTIONS, Example, PabeePipeline
+from .pipeline import ATTENTION_KERNELS, DEFAULT_MAX_LENGTH, DTYPES, EXIT_OPTIONS, Example, PabeePipeline
 
 csv.field_size_limit(sys.maxsize)
 
@@ -51,6 +51,17 @@ class PredictArguments:
         default=DEFAULT_MAX_LENGTH, metadata={"help": "Tokens per example; longer inputs are truncated."}
     )
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights' dtype (default: as saved, float32); bfloat16 is faster on recent CPUs.",
+            "choices": list(DTYPES),
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel (default: the model's, sdpa).", "choices": list(ATTENTION_KERNELS)},
+    )
 
     def exit_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in EXIT_OPTIONS if getattr(self, name) is not None}
@@ -172,7 +183,12 @@ def run_predict(args: PredictArguments) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     try:
         pipe = PabeePipeline.from_pretrained(
-            args.model, batch_size=args.batch_size, max_length=args.max_seq_length, exit_options=args.exit_options()
+            args.model,
+            batch_size=args.batch_size,
+            max_length=args.max_seq_length,
+            exit_options=args.exit_options(),
+            dtype=args.dtype,
+            attn_implementation=args.attn_implementation,
         )
     except ValueError as error:
         raise PabeeError(str(error)) from None

@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from .errors import PabeeError
-from .pipeline import DEFAULT_MAX_LENGTH, EXIT_OPTIONS, Example, PabeePipeline
+from .pipeline import ATTENTION_KERNELS, DEFAULT_MAX_LENGTH, DTYPES, EXIT_OPTIONS, Example, PabeePipeline
 
 ENV_CONFIG = "PABEE_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -72,6 +72,18 @@ class ServeArguments:
     )
     threads: int | None = field(
         default=None, metadata={"help": "torch threads per worker (default: cores / workers)."}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights' dtype (default: as saved, float32). bfloat16 about doubles throughput on CPUs with "
+            "bfloat16 instructions, for slightly different numbers.",
+            "choices": list(DTYPES),
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel (default: the model's, sdpa).", "choices": list(ATTENTION_KERNELS)},
     )
     workers: int = field(default=1, metadata={"help": "uvicorn worker processes, each with its own model copy."})
     access_log: bool = field(default=True, metadata={"help": "Log every request (--no_access_log to turn off)."})
@@ -160,7 +172,7 @@ class MicroBatcher:
         run: the batch function; runs in the worker thread.
         on_batch: called on the event loop after each successful batch with
             `(num_requests, answers, seconds)`; for metrics.
-        thread_init: runs once in the worker thread (e.g. to set torch's thread count there).
+        executor: the single worker thread to run batches in (default: a new one); see `forward_thread`.
     """
 
     def __init__(
@@ -170,13 +182,13 @@ class MicroBatcher:
         max_wait: float,
         on_batch: Callable[[int, list[dict], float], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
-        thread_init: Callable[[], None] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         if max_batch_size < 1 or max_wait < 0:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_wait={max_wait} >= 0.")
         self.run, self.max_batch_size, self.max_wait = run, max_batch_size, max_wait
         self.on_batch, self.on_failure = on_batch, on_failure
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pabee-forward", initializer=thread_init)
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="pabee-forward")
         self._pending: deque[_Pending] = deque()
         self._waiting = 0  # texts in _pending
         self._wakeup: asyncio.Event | None = None
@@ -291,6 +303,18 @@ class MicroBatcher:
                     pending.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))
 
 
+def forward_thread(threads: int | None = None) -> ThreadPoolExecutor:
+    """The one thread that runs the model, with `threads` torch threads.
+
+    Load the model in this thread too (`forward_thread().submit(PabeePipeline.from_pretrained, ...)`): torch's
+    OpenMP gives every thread that runs a parallel op its own team of threads, and once the teams together
+    outnumber the cores, idle team threads sleep instead of spinning, so each op waits to wake them. Loading in
+    the main thread and running in this one cost 40% of the throughput on 2 cores (`serve_sst2.md`).
+    """
+    initializer = (lambda: torch.set_num_threads(threads)) if threads else None
+    return ThreadPoolExecutor(1, thread_name_prefix="pabee-forward", initializer=initializer)
+
+
 class _Metrics:
     """Prometheus metrics in a registry of their own, so several apps in one process never clash."""
 
@@ -338,11 +362,13 @@ def create_app(
     max_text_chars: int = 5000,
     threads: int | None = None,
     model_name: str | None = None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `pipeline` (its exit options apply to every request).
 
     The micro-batcher starts and stops with the app's lifespan: run it under uvicorn, or in tests inside
-    `with TestClient(app)`.
+    `with TestClient(app)`. `executor` is the thread the pipeline was loaded in (`forward_thread`); without
+    one, a new thread with `threads` torch threads runs the batches.
     """
     for name, value in (("max_texts_per_request", max_texts_per_request), ("max_text_chars", max_text_chars)):
         if value < 1:
@@ -363,7 +389,7 @@ def create_app(
         max_wait_ms / 1000,
         on_batch=metrics.batch_done,
         on_failure=lambda error: metrics.batch_failures.inc(),
-        thread_init=(lambda: torch.set_num_threads(threads)) if threads else None,
+        executor=executor or forward_thread(threads),
     )
     info = {
         "model": model_name or str(getattr(pipeline.model.config, "name_or_path", "")),
@@ -385,7 +411,7 @@ def create_app(
         await batcher.stop()  # uvicorn has finished the in-flight requests by now
 
     app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=lifespan)
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -435,10 +461,16 @@ def create_app(
 def app_from_args(args: ServeArguments) -> FastAPI:
     """Load the model and build the app as `pabee serve` configures it."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
-    torch.set_num_threads(threads)
-    pipe = PabeePipeline.from_pretrained(
-        args.model, batch_size=args.max_batch_size, max_length=args.max_seq_length, exit_options=args.exit_options()
-    )
+    executor = forward_thread(threads)
+    pipe = executor.submit(
+        PabeePipeline.from_pretrained,
+        args.model,
+        batch_size=args.max_batch_size,
+        max_length=args.max_seq_length,
+        exit_options=args.exit_options(),
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+    ).result()
     return create_app(
         pipe,
         max_batch_size=args.max_batch_size,
@@ -447,6 +479,7 @@ def app_from_args(args: ServeArguments) -> FastAPI:
         max_text_chars=args.max_text_chars,
         threads=threads,
         model_name=args.model,
+        executor=executor,
     )
 
 
