@@ -1,7 +1,8 @@
 """pabee: patience-based early exit (PABEE) for Hugging Face transformer classifiers.
 
 Importing the package registers `PabeeConfig` and `PabeeForSequenceClassification` with the transformers Auto
-classes, so `AutoModelForSequenceClassification.from_pretrained(folder)` loads a saved PABEE model.
+classes, so `AutoModelForSequenceClassification.from_pretrained(folder)` loads a saved PABEE model, and the
+pipeline task `"early-exit-classification"` (`transformers.pipeline(...)`; see `pabee.hf_pipeline`).
 """
 
 from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -21,6 +22,8 @@ from .exits import (
     make_criterion,
     sweep_exit_layers,
 )
+from .hf_pipeline import EarlyExitClassificationPipeline
+from .hf_pipeline import register as _register_pipeline_task
 from .modeling import PabeeForSequenceClassification, PabeeOutput, PabeePreTrainedModel
 from .pipeline import PabeePipeline, pipeline
 from .pretrained import bundled_model_path
@@ -29,11 +32,13 @@ __version__ = "0.1.0"
 
 AutoConfig.register(PabeeConfig.model_type, PabeeConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(PabeeConfig, PabeeForSequenceClassification, exist_ok=True)
+_register_pipeline_task()
 
 __all__ = [
     "ADAPTERS",
     "CRITERIA",
     "ConfidenceCriterion",
+    "EarlyExitClassificationPipeline",
     "EncoderAdapter",
     "EntropyCriterion",
     "ExitCriterion",

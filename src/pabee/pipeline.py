@@ -74,6 +74,13 @@ def _check_exit_options(model: PabeeForSequenceClassification, options: Mapping[
     return set_options
 
 
+def supported_length(model: PabeeForSequenceClassification, tokenizer: Any, max_length: int) -> int:
+    """`max_length`, capped at what the encoder's positions and the tokenizer support."""
+    limits = [max_length, getattr(model.config.encoder_config, "max_position_embeddings", None)]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    return min(v for v in limits if isinstance(v, int) and v > 0)
+
+
 def plan_batches(lengths: Sequence[int], max_batch_size: int, overhead: float) -> list[tuple[int, int]]:
     """Split examples sorted by length into contiguous batches that waste little work on padding.
 
@@ -144,9 +151,7 @@ class PabeePipeline:
         self.model = model.eval() if device is None else model.to(device).eval()
         self.tokenizer = tokenizer
         self.batch_size, self.batch_overhead = batch_size, batch_overhead
-        limits = [max_length, getattr(model.config.encoder_config, "max_position_embeddings", None)]
-        limits.append(getattr(tokenizer, "model_max_length", None))
-        self.max_length = min(v for v in limits if isinstance(v, int) and v > 0)
+        self.max_length = supported_length(model, tokenizer, max_length)
         self.exit_options = _check_exit_options(model, exit_options or {})
         if self.exit_options:
             self.run([("ok", None)])  # bad values fail now, with the model's own message, not on first use
