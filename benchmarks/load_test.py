@@ -16,7 +16,8 @@ sentences and on single sentences: the most batching itself can give on this mac
 The clients are a minimal HTTP/1.1 client on asyncio streams (keep-alive), to take as little CPU as possible
 from the server on the same machine. Results: `--output`.json (all numbers, provenance) and .md (rendered).
 
-    python benchmarks/load_test.py --model runs/sst2_bench_model        # made by benchmarks/bench_sst2.sh
+    python benchmarks/load_test.py --model runs/sst2_bench_model --rounds 3       # made by benchmarks/bench_sst2.sh
+    python benchmarks/load_test.py --rounds 3 --dtype bfloat16 --output benchmarks/results/serve_sst2_bf16
 """
 
 from __future__ import annotations
@@ -247,6 +248,13 @@ def combine(runs: list[dict]) -> dict:
     return out
 
 
+def per_round_ratios(runs: dict[str, list[dict]]) -> list[float]:
+    """Micro-batching + early exit over batch size 1, within each round: the machine's speed drifts (a shared
+    VM), and settings run minutes apart feel the drift less when compared within a round."""
+    micro, _, single = runs.values()
+    return [m["throughput"] / s["throughput"] for m, s in zip(micro, single, strict=True)]
+
+
 def render_markdown(report: dict) -> str:
     p = report["provenance"]
     s = report["settings"]
@@ -255,7 +263,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"Model: `{p['model']}` ({report['num_layers']} layers). {report['clients']} concurrent closed-loop clients, "
         f"{report['duration']:.0f} s measured after {report['warmup']:.0f} s warm-up per setting and round, "
-        f"{report['rounds']} round(s) interleaved (medians over rounds); server `--threads {report['threads']}`.  ",
+        f"{report['rounds']} round(s) interleaved (medians over rounds); server `--threads {report['threads']}`, "
+        f"weights {report.get('dtype') or 'float32'}, attention {report.get('attn_implementation') or 'sdpa'}.  ",
         f"Command: `{p['command']}`  ",
         f"Date: {p['date']}; torch {p['versions']['torch']}, transformers {p['versions']['transformers']}, "
         f"{p['hardware']['cpu']}, {p['hardware']['cpu_count']} cores.  ",
@@ -263,22 +272,24 @@ def render_markdown(report: dict) -> str:
         f"{report['load_average_end']} (other jobs shared the machine; see below).",
         "",
         "| Setting | Patience | Max batch | Throughput (req/s) | p50 ms | p95 ms | p99 ms | p99/p50 | "
-        "Avg. batch | Avg. exit layer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Avg. batch | Avg. exit layer | Forward busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in s.items():
         c = report["configs"][name]
         lines.append(
             f"| {name} | {c['patience']} | {c['max_batch_size']} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | "
             f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['p99_over_p50']:.2f} | {r['avg_batch_size']:.1f} | "
-            f"{r['avg_exit_layer']:.2f} |"
+            f"{r['avg_exit_layer']:.2f} | {r.get('forward_busy', float('nan')):.0%} |"
         )
     t, a = report["targets"], report["model_alone"]
     micro, _, single = report["settings"].values()
     lines += [
         "",
         f"- Micro-batching with early exit vs batch size 1 with early exit: **{t['throughput_ratio']:.2f}x** "
-        f"throughput (target >= 2x: {'met' if t['throughput_met'] else 'missed'}).",
+        f"throughput (target >= 2x: {'met' if t['throughput_met'] else 'missed'}); within each round: "
+        + ", ".join(f"{r:.2f}x" for r in per_round_ratios(report["runs"]))
+        + ".",
         f"- Micro-batching with early exit, p99 / p50 latency: **{t['p99_over_p50']:.2f}** "
         f"(target <= 2: {'met' if t['tail_met'] else 'missed'}).",
         f"- Early exit vs no early exit, both micro-batched: {t['early_exit_gain']:.2f}x throughput.",
@@ -288,6 +299,8 @@ def render_markdown(report: dict) -> str:
         f"- The server keeps that gain: micro-batching serves {micro['throughput'] / a['batched_per_s']:.0%} of the "
         f"model-alone batched rate, batch size 1 {single['throughput'] / a['single_per_s']:.0%} of the one-at-a-time "
         "rate (HTTP, JSON and the clients share the same cores).",
+        "- Forward busy: the share of the run the server's forward thread spent on batches. Near 100%, the "
+        "server is bound by the model, and only a faster forward (or more cores) serves more.",
         "",
         "Per round:",
         "",
@@ -368,6 +381,8 @@ def main() -> None:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "threads": args.threads,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn_implementation,
         "num_layers": num_layers,
         "configs": configs,
         "settings": settings,
@@ -378,6 +393,7 @@ def main() -> None:
             "p99_over_p50": micro["p99_over_p50"],
             "tail_met": micro["p99_over_p50"] <= 2,
             "early_exit_gain": micro["throughput"] / full["throughput"],
+            "throughput_ratio_per_round": per_round_ratios(runs),
         },
         "model_alone": alone,
         "model_alone_runs": alone_runs,
