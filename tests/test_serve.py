@@ -10,6 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -272,22 +275,31 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def start_server(argv: list, log) -> tuple[subprocess.Popen, str]:
-    """`pabee serve ARGV --port <free>` in a process of its own, once /health answers 200."""
+@contextmanager
+def server_process(argv: list, log_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`pabee serve ARGV --port <free>` in a process of its own, yielded once /health answers 200; killed on exit
+    if it is still running. Its output goes to `log_path`."""
     port = free_port()
     command = [sys.executable, "-m", "pabee", "serve", *map(str, argv), "--port", str(port)]
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, "the server exited early"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.2)
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, "the server exited early"
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+            yield server, url
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
 
 
 def test_the_model_is_loaded_and_run_in_the_forward_thread(model_dir, sst2_dev_sentences, monkeypatch):
@@ -316,9 +328,8 @@ def test_the_model_is_loaded_and_run_in_the_forward_thread(model_dir, sst2_dev_s
 
 
 def test_real_server_process_answers_and_finishes_in_flight_requests_on_shutdown(model_dir, tmp_path):
-    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - read after the process ends
-    server, url = start_server(["--model", model_dir, "--threads", "1", "--max_wait_ms", "1000"], log)
-    try:
+    argv = ["--model", model_dir, "--threads", "1", "--max_wait_ms", "1000"]
+    with server_process(argv, tmp_path / "server.log") as (server, url):
         answer = httpx.post(f"{url}/predict", json={"texts": ["a fine film"]}, timeout=30)
         assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in ("negative", "positive")
 
@@ -333,22 +344,15 @@ def test_real_server_process_answers_and_finishes_in_flight_requests_on_shutdown
         client.join(60)
         assert result["r"].status_code == 200 and len(result["r"].json()["predictions"]) == 1
         assert server.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    log.seek(0)
-    output = log.read()
-    log.close()
+    output = (tmp_path / "server.log").read_text()
     assert "Application startup complete" in output and "Application shutdown complete" in output
     assert output.index("Shutting down") < output.rindex('"POST /predict HTTP/1.1" 200')  # finished after it
 
 
 @pytest.mark.slow
 def test_several_workers_each_load_the_model_and_answer(model_dir, sst2_dev_sentences, tmp_path):
-    log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - read after the process ends
-    server, url = start_server(["--model", model_dir, "--workers", "2", "--threads", "1"], log)
-    try:
+    argv = ["--model", model_dir, "--workers", "2", "--threads", "1"]
+    with server_process(argv, tmp_path / "server.log") as (server, url):
         expected = pipeline(model_dir)(sst2_dev_sentences[:6])
         for _ in range(4):  # a new connection per request, so both workers get some
             answers = [
@@ -359,13 +363,7 @@ def test_several_workers_each_load_the_model_and_answer(model_dir, sst2_dev_sent
         assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) in (0, -signal.SIGTERM)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    log.seek(0)
-    output = log.read()
-    log.close()
+    output = (tmp_path / "server.log").read_text()
     workers = re.findall(r"Started server process \[(\d+)\]", output)
     assert len(set(workers)) == 2, output
     assert output.count("Application startup complete") == 2 and output.count("Application shutdown complete") == 2
