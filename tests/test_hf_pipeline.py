@@ -28,6 +28,7 @@ def test_the_task_answers_like_pabee_pipeline(model_dir, ours, sst2_dev_sentence
     expected = ours(sst2_dev_sentences, patience=1)
     assert len({a["exit_layer"] for a in expected}) > 1  # exits vary, so batching is really checked
     assert_same(classify(sst2_dev_sentences, batch_size=batch_size), expected)
+    assert_same(classify(sst2_dev_sentences[:4], patience=None), expected[:4])  # None keeps the pipeline's
     full = classify(sst2_dev_sentences[:8], patience=0, batch_size=batch_size)  # a per-call setting wins
     assert {a["exit_layer"] for a in full} == {ours.num_layers}
 

@@ -30,7 +30,8 @@ class EarlyExitClassificationPipeline(TextClassificationPipeline):
     """Text classification whose answers carry `exit_layer`; exit settings pass through to the model."""
 
     def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        exit_options = {name: kwargs.pop(name) for name in EXIT_OPTIONS if kwargs.get(name) is not None}
+        exit_options = {name: kwargs.pop(name) for name in EXIT_OPTIONS if name in kwargs}
+        exit_options = {name: value for name, value in exit_options.items() if value is not None}
         if "truncation" not in kwargs:
             max_length = kwargs.pop("max_length", DEFAULT_MAX_LENGTH)
             kwargs.update(truncation=True, max_length=supported_length(self.model, self.tokenizer, max_length))

@@ -169,7 +169,7 @@ class PabeePipeline:
 
         `dtype` and `attn_implementation` are passed to transformers' `from_pretrained`. On CPUs with bfloat16
         instructions (AVX512-BF16, AMX), `dtype="bfloat16"` roughly doubles throughput for a small change in the
-        numbers (see `benchmarks/results/serve_sst2.md`).
+        numbers (see `benchmarks/results/bf16_sst2.md`).
         """
         from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging

@@ -157,6 +157,18 @@ class _Pending:
 BatchRunner = Callable[[list[Example]], Iterable[tuple[Sequence[int], list[dict]]]]
 
 
+def forward_thread(threads: int | None = None) -> ThreadPoolExecutor:
+    """The one thread that runs the model, with `threads` torch threads.
+
+    Load the model in this thread too (`forward_thread().submit(PabeePipeline.from_pretrained, ...)`): torch's
+    OpenMP gives every thread that runs a parallel op its own team of threads, and once the teams together
+    outnumber the cores, idle team threads sleep instead of spinning, so each op waits to wake them. Loading in
+    the main thread and running in this one cost 40% of the throughput on 2 cores (`serve_sst2.md`).
+    """
+    initializer = (lambda: torch.set_num_threads(threads)) if threads else None
+    return ThreadPoolExecutor(1, thread_name_prefix="pabee-forward", initializer=initializer)
+
+
 class MicroBatcher:
     """Gathers concurrent requests into batches and runs each batch in one worker thread.
 
@@ -188,7 +200,7 @@ class MicroBatcher:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_wait={max_wait} >= 0.")
         self.run, self.max_batch_size, self.max_wait = run, max_batch_size, max_wait
         self.on_batch, self.on_failure = on_batch, on_failure
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="pabee-forward")
+        self._executor = executor or forward_thread()
         self._pending: deque[_Pending] = deque()
         self._waiting = 0  # texts in _pending
         self._wakeup: asyncio.Event | None = None
@@ -301,18 +313,6 @@ class MicroBatcher:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))
-
-
-def forward_thread(threads: int | None = None) -> ThreadPoolExecutor:
-    """The one thread that runs the model, with `threads` torch threads.
-
-    Load the model in this thread too (`forward_thread().submit(PabeePipeline.from_pretrained, ...)`): torch's
-    OpenMP gives every thread that runs a parallel op its own team of threads, and once the teams together
-    outnumber the cores, idle team threads sleep instead of spinning, so each op waits to wake them. Loading in
-    the main thread and running in this one cost 40% of the throughput on 2 cores (`serve_sst2.md`).
-    """
-    initializer = (lambda: torch.set_num_threads(threads)) if threads else None
-    return ThreadPoolExecutor(1, thread_name_prefix="pabee-forward", initializer=initializer)
 
 
 class _Metrics:
