@@ -162,8 +162,8 @@ def forward_thread(threads: int | None = None) -> ThreadPoolExecutor:
 
     Load the model in this thread too (`forward_thread().submit(PabeePipeline.from_pretrained, ...)`): torch's
     OpenMP gives every thread that runs a parallel op its own team of threads, and once the teams together
-    outnumber the cores, idle team threads sleep instead of spinning, so each op waits to wake them. Loading in
-    the main thread and running in this one cost 40% of the throughput on 2 cores (`serve_sst2.md`).
+    outnumber the cores, idle team threads sleep instead of spinning, so each op waits to wake them. On 2 cores,
+    one team was 1.2–1.3x as fast as two in float32 and 1.6–1.9x in bfloat16 (`benchmarks/results/thread_pools.md`).
     """
     initializer = (lambda: torch.set_num_threads(threads)) if threads else None
     return ThreadPoolExecutor(1, thread_name_prefix="pabee-forward", initializer=initializer)
