@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import model_alone as model_alone_script  # benchmarks/model_alone.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -206,35 +208,16 @@ def run_setting(args, setting: dict, sentences: list[str], log: Path) -> dict:
     }
 
 
-def model_alone(args, sentences: list[str], seconds: float = 10.0) -> dict:
-    """The ceiling without HTTP: the same pipeline in a fresh process, on batches of `--clients` random sentences
-    and on one sentence at a time; sentences/s of each."""
-    # Like the server: the model is loaded and run in one worker thread (`forward_thread`).
-    code = f"""
-import json, random, sys, time
-from pabee.pipeline import pipeline
-from pabee.serve import forward_thread
-worker = forward_thread({args.threads})
-pipe = worker.submit(pipeline, {args.model!r}, patience={args.patience}, batch_size={args.max_batch_size},
-                     dtype={args.dtype!r}, attn_implementation={args.attn_implementation!r}).result()
-sentences = json.load(sys.stdin)
-rng = random.Random(0)
-def rate(batch_size, seconds):
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        pipe([rng.choice(sentences) for _ in range(batch_size)])
-        done += batch_size
-    return done / (time.perf_counter() - start)
-def measure():
-    rate({args.clients}, 3), rate(1, 2)
-    return {{"batched_per_s": rate({args.clients}, {seconds}), "single_per_s": rate(1, {seconds})}}
-print(json.dumps(worker.submit(measure).result()))
-"""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], input=json.dumps(sentences), capture_output=True, text=True, env=env, check=True
-    )
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+def model_alone(args: argparse.Namespace, seconds: float = 10.0) -> dict:
+    """The ceiling without HTTP: the same pipeline in a fresh process, loaded and run in one worker thread like
+    the server, on batches of `--clients` random sentences and on one sentence at a time; sentences/s of each."""
+    argv = ["--model", args.model, "--glue_dir", args.glue_dir, "--batch", str(args.clients)]
+    argv += ["--seconds", str(seconds), "--warmup", "3", "--patience", str(args.patience)]
+    argv += ["--max_batch_size", str(args.max_batch_size), "--threads", str(args.threads)]
+    for flag in ("dtype", "attn_implementation"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    out = model_alone_script.measure(argv)
     out["ratio"] = out["batched_per_s"] / out["single_per_s"]
     return out
 
@@ -370,7 +353,7 @@ def main() -> None:
                 flush=True,
             )
         print(f"round {round_ + 1}/{args.rounds}: the model alone, no HTTP ...", flush=True)
-        alone_runs.append(model_alone(args, sentences))
+        alone_runs.append(model_alone(args))
         print(f"  {alone_runs[-1]}", flush=True)
     settings = {name: combine(r) for name, r in runs.items()}
     alone = {key: statistics.median(r[key] for r in alone_runs) for key in alone_runs[0]}

@@ -11,37 +11,14 @@ OpenMP team there; the cases differ only in that. Cases are interleaved over `--
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import model_alone  # benchmarks/model_alone.py, beside this script
 
-CASE = """
-import csv, json, random, sys, time
-from pabee.pipeline import pipeline
-from pabee.serve import forward_thread
-model, dtype, load_in, seconds, data = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
-worker = forward_thread(2)
-load = lambda: pipeline(model, patience=2, dtype=dtype)
-pipe = load() if load_in == "main" else worker.submit(load).result()
-with open(data, encoding="utf-8", newline="") as f:
-    sentences = [r["sentence"] for r in csv.DictReader(f, delimiter="\\t", quoting=csv.QUOTE_NONE)]
-rng = random.Random(0)
-def rate(size, secs):
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < secs:
-        pipe([rng.choice(sentences) for _ in range(size)])
-        done += size
-    return done / (time.perf_counter() - start)
-def measure():
-    rate(16, 1), rate(1, 1)
-    return {"batched_per_s": rate(16, seconds), "single_per_s": rate(1, seconds)}
-print(json.dumps(worker.submit(measure).result()))
-"""
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -56,14 +33,13 @@ def main() -> None:
     from pabee.results import provenance, write_atomic, write_json
 
     data = str(Path(args.glue_dir) / "SST-2" / "dev.tsv")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     cases = [(dtype, load_in) for dtype in ("float32", "bfloat16") for load_in in ("main", "worker")]
     runs: dict[str, list[dict]] = {f"{d}/{w}": [] for d, w in cases}
     for round_ in range(args.rounds):
         for dtype, load_in in cases:
-            command = [sys.executable, "-c", CASE, args.model, dtype, load_in, str(args.seconds), data]
-            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            runs[f"{dtype}/{load_in}"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            argv = ["--model", args.model, "--glue_dir", args.glue_dir, "--dtype", dtype, "--load_in", load_in]
+            argv += ["--seconds", str(args.seconds), "--warmup", "1", "--batch", "16", "--threads", "2"]
+            runs[f"{dtype}/{load_in}"].append(model_alone.measure(argv))
             print(round_ + 1, dtype, load_in, runs[f"{dtype}/{load_in}"][-1], flush=True)
     medians = {
         case: {key: statistics.median(r[key] for r in rs) for key in ("batched_per_s", "single_per_s")}
