@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from pabee.metrics import METRIC_LABELS
-from pabee.results import best_tradeoff, point_label, write_atomic
+from pabee.provenance import write_atomic
+from pabee.report import best_tradeoff, point_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from pabee.pipeline import pipeline  # noqa: E402
-from pabee.results import provenance, write_atomic, write_json  # noqa: E402
+from pabee.provenance import provenance, write_atomic, write_json  # noqa: E402
 
 
 def sst2_dev(glue_dir: Path) -> tuple[list[str], list[int]]:

@@ -326,7 +326,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     import pabee  # noqa: F401 - registers the PABEE config
-    from pabee.results import provenance, write_atomic, write_json
+    from pabee.provenance import provenance, write_atomic, write_json
 
     num_layers = AutoConfig.from_pretrained(args.model).encoder_config.num_hidden_layers
     sentences = sst2_sentences(Path(args.glue_dir))

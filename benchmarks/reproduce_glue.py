@@ -190,7 +190,7 @@ def render(work: Path, results: Path = RESULTS) -> None:
 
     from pabee.glue import get_task
     from pabee.metrics import METRIC_LABELS
-    from pabee.results import provenance, write_atomic, write_json
+    from pabee.provenance import provenance, write_atomic, write_json
 
     rows, summary = [], {}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "thread_pools"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from pabee.results import provenance, write_atomic, write_json
+    from pabee.provenance import provenance, write_atomic, write_json
 
     data = str(Path(args.glue_dir) / "SST-2" / "dev.tsv")
     cases = [(dtype, load_in) for dtype in ("float32", "bfloat16") for load_in in ("main", "worker")]

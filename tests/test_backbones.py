@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKBONE_TYPES, POOLER_TYPES, random_batch, tiny_encoder_config, tiny_model
-from test_modeling import assert_batched_equals_one_by_one
+from helpers import (
+    BACKBONE_TYPES,
+    POOLER_TYPES,
+    assert_batched_equals_one_by_one,
+    random_batch,
+    tiny_encoder_config,
+    tiny_model,
+)
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 from pabee import PabeeConfig, PabeeForSequenceClassification, adapter_for

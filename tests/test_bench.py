@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from text_models import save_tiny_text_model
+from helpers import save_tiny_text_model
 
 from pabee import PabeeForSequenceClassification
 from pabee.bench import BenchArguments, make_batches, run_bench, time_variants

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_batch, tiny_model
-from test_modeling import assert_batched_equals_one_by_one
+from helpers import assert_batched_equals_one_by_one, exit_layers_with_compaction, random_batch, tiny_model
 
 from pabee import (
     CRITERIA,
@@ -129,17 +128,7 @@ def test_tracker_keep_follows_the_remaining_rows(name):
     logits = torch.randn(32, 6, 3) * 2
     criterion = make_criterion(name, patience=1, threshold=3 if name == "static" else None)
     expected = sweep_exit_layers(criterion, logits).tolist()
-    tracker = criterion.tracker(32, "cpu")
-    rows, got = torch.arange(32), [6] * 32
-    if criterion.can_exit_early(6):
-        for layer in range(5):
-            leaving = tracker.update(logits[rows, layer])
-            for r in rows[leaving].tolist():
-                got[r] = layer + 1
-            tracker.keep(~leaving)
-            rows = rows[~leaving]
-    else:
-        got = [criterion.exit_limit(6)] * 32
+    got = exit_layers_with_compaction(criterion, logits)
     assert got == expected
     if name != "static":
         assert len(set(expected)) > 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import exit_layers_with_compaction
 
 from pabee import PatienceCriterion, logits_at_exit, sweep_exit_layers
 
@@ -60,15 +61,7 @@ def test_tracker_keep_follows_the_remaining_rows():
     logits = _one_hot_logits([[0, 0, 0, 0, 0], [0, 1, 1, 1, 1], [1, 1, 2, 2, 2], [2, 0, 1, 2, 0]])
     criterion = PatienceCriterion(1)
     full = sweep_exit_layers(criterion, logits).tolist()
-    tracker = criterion.tracker(4, "cpu")
-    rows = torch.arange(4)
-    got = [5] * 4
-    for layer in range(4):
-        leaving = tracker.update(logits[rows, layer])
-        for r in rows[leaving].tolist():
-            got[r] = layer + 1
-        tracker.keep(~leaving)
-        rows = rows[~leaving]
+    got = exit_layers_with_compaction(criterion, logits)
     assert got == full == [2, 3, 2, 5]
 
 

@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_batch, read_tsv_column, tiny_encoder_config, tiny_model
+from helpers import (
+    assert_batched_equals_one_by_one,
+    random_batch,
+    read_tsv_column,
+    tiny_encoder_config,
+    tiny_model,
+)
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from pabee import PabeeConfig, PabeeForSequenceClassification
-
-
-def one_by_one(model, batch, patience=None, **exit_options):
-    """Run every example alone, without its padding: the only mode the original research code had."""
-    logits, exits = [], []
-    with torch.no_grad():
-        for row in range(batch["input_ids"].shape[0]):
-            length = int(batch["attention_mask"][row].sum())
-            single = {k: v[row : row + 1, :length] for k, v in batch.items()}
-            out = model(**single, patience=patience, **exit_options)
-            logits.append(out.logits[0])
-            exits.append(int(out.exit_layers[0]))
-    return torch.stack(logits), exits
-
-
-def assert_batched_equals_one_by_one(model, batch, patience=None, atol=1e-5, **exit_options):
-    with torch.no_grad():
-        out = model(**batch, patience=patience, **exit_options)
-    single_logits, single_exits = one_by_one(model, batch, patience, **exit_options)
-    assert out.exit_layers.dtype == torch.long
-    assert out.exit_layers.tolist() == single_exits
-    if model.config.is_regression:
-        torch.testing.assert_close(out.logits, single_logits, rtol=1e-4, atol=atol)
-    else:
-        assert out.logits.argmax(-1).tolist() == single_logits.argmax(-1).tolist()
-        torch.testing.assert_close(out.logits, single_logits, rtol=1e-4, atol=atol)
-    return out
 
 
 @pytest.mark.parametrize("model_type", ["bert", "albert"])

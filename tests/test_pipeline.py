@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from text_models import save_tiny_text_model
+from helpers import save_tiny_text_model
 
 from pabee.errors import PabeeError
 from pabee.glue import get_task, read_glue_tsv

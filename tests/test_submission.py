@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from text_models import save_tiny_text_model
+from helpers import save_tiny_text_model
 
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv

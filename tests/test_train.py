@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pabee.exit_settings import exit_settings, parse_criteria, parse_thresholds
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from pabee.data import load_glue, tokenize
 from pabee.errors import PabeeError
-from pabee.exit_settings import exit_settings, parse_criteria, parse_thresholds
 from pabee.exits import confidence, entropy
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics

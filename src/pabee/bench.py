@@ -347,7 +347,7 @@ def run_bench(args: BenchArguments, command: str | None = None) -> dict[str, Any
     """Time every variant; return the report (also written to `--output_dir` when given)."""
     import os
 
-    from .results import provenance, write_atomic, write_json
+    from .provenance import provenance, write_atomic, write_json
 
     patiences = parse_int_list(args.patience, "--patience", 0)
     criteria = parse_criteria(args.exit_criterion)
@@ -566,74 +566,3 @@ def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         met = None if value is None else (value >= goal if op == ">=" else value <= goal)
         out[name] = {"what": what, "goal": f"{op} {goal}", "measured": value, "met": met}
     return out
-
-
-def _setting_name(row: dict[str, Any]) -> str:
-    """`patience 2`, `confidence 0.9`, ... (rows from before criteria existed carry only a patience)."""
-    criterion = row.get("criterion", "patience")
-    return f"{criterion} {row['patience'] if criterion == 'patience' else row['setting']}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The bench tables, rendered from the JSON report."""
-    s, prov = report["settings"], report["provenance"]
-    lines = [
-        "# pabee bench",
-        "",
-        f"Model: `{prov['model']}`  ",
-        f"Data: `{prov['data']}` ({s['examples']} examples; batch-size-1 loop on {s['bs1_examples']})  ",
-        f"Command: `{prov['command']}`  ",
-        f"{prov['date']}; {prov['hardware']['cpu']}, {s['threads']} threads, {s.get('attn_implementation')} "
-        f"attention; torch {prov['versions']['torch']}, "
-        f"transformers {prov['versions']['transformers']}; median of {s['repeats']} interleaved passes after "
-        f"{s['warmup']} warm-up; length-sorted batches: {'yes' if s['sort_by_length'] else 'no'}.",
-        "",
-        "| Setting | Batch | Avg. exit layer | Layer speed-up | Measured speed-up | Measured / layer | "
-        "Early exit ex/s | Full ex/s | BS=1 ex/s | Batched / BS=1 | BS=1 p50 / p90 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {_setting_name(r)} | {r['batch_size']} | {r['avg_exit_layer']:.2f} | {r['layer_speed_up']:.2f}x | "
-            f"{r['measured_speed_up']:.2f}x | {r['measured_over_layer']:.2f} | {r['examples_per_s']:.0f} | "
-            f"{r['full_examples_per_s']:.0f} | {r['bs1_examples_per_s']:.0f} | {r['batched_over_bs1']:.2f}x | "
-            f"{r['bs1_latency_p50_ms']:.1f} / {r['bs1_latency_p90_ms']:.1f} / {r['bs1_latency_p99_ms']:.1f} |"
-        )
-    lines += [
-        "",
-        "| Variant | Examples/s (median) | Seconds (median) | Spread (max−min)/median |",
-        "|---|---|---|---|",
-    ]
-    for name, v in report["variants"].items():
-        lines.append(f"| {name} | {v['examples_per_s']:.1f} | {v['seconds_median']:.3f} | {v['spread_pct']:.1f}% |")
-    overhead = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["no_exit_overhead_pct"].items())
-    heads = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["heads_no_exit_overhead_pct"].items())
-    ceiling = ", ".join(f"bs {b}: {v:.2f}x" for b, v in report["full_batched_over_bs1"].items())
-    lines += [
-        "",
-        f"No-exit overhead (engine with patience ≥ layers vs plain forward): {overhead}.  ",
-        f"Every head and exit test computed while nobody exits, vs plain forward: {heads}.  ",
-        f"What batching gains the plain full model over one example at a time (the ceiling for early exit's "
-        f"batched / BS=1 ratio): {ceiling}.  ",
-    ]
-    lines.append(f"Full vs engine logits, max abs difference: {report['check_full_vs_engine_max_abs_diff']:.2e}.")
-    if "training_cost" in report:
-        t = report["training_cost"]
-        lines += [
-            "",
-            f"Training step (batch {t['batch_size']}, {t['seq_len']} tokens): "
-            f"PABEE {1000 * t['pabee_step_s']:.0f} ms, plain fine-tuning ({t['plain_model']}) "
-            f"{1000 * t['plain_step_s']:.0f} ms, ratio {t['ratio']:.3f}.",
-        ]
-    if "profile" in report:
-        lines += ["", "## Where early-exit time goes (seconds per pass)", ""]
-        for name, parts in report["profile"].items():
-            total = parts["total"]
-            shares = ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)" for k, v in parts.items() if k != "total")
-            lines.append(f"- {name}: total {total:.3f} — {shares}")
-    lines += ["", "## Targets", "", "| Target | Goal | Measured | Met |", "|---|---|---|---|"]
-    for t in report["targets"].values():
-        measured = "—" if t["measured"] is None else f"{t['measured']:.3f}"
-        met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['what']} | {t['goal']} | {measured} | {met} |")
-    return "\n".join(lines)

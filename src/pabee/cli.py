@@ -1,6 +1,8 @@
-"""The `pabee` command. Sub-commands parse their flags from typed dataclasses with `HfArgumentParser`.
+"""The `pabee` command: a table of sub-commands, each a set of argument dataclasses (`pabee.arguments`) and a
+function that runs it. Flags are parsed with `HfArgumentParser`.
 
-Input errors (`PabeeError`) are reported as one line on stderr with exit code 2, never as a traceback.
+An unknown or malformed flag prints the usage and exits with code 2; a bad value (`PabeeError`) is one line on
+stderr with exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -8,9 +10,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .errors import PabeeError
+
+__all__ = ["COMMANDS", "Command", "main", "run_command", "translate_seed_flags"]
 
 # The research script's spellings that TrainingArguments no longer has, rewritten before parsing.
 _RENAMED_FLAGS = {
@@ -48,96 +53,131 @@ def _has_flag(argv: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def run_glue_main(argv: Sequence[str]) -> int:
-    from transformers import HfArgumentParser, TrainingArguments
+def _require_extra(extra: str, modules: Sequence[str]) -> None:
+    from importlib.util import find_spec
 
-    from .train import RunGlueArguments, run_glue
+    missing = [name for name in modules if find_spec(name) is None]
+    if missing:
+        raise PabeeError(f'this command needs {", ".join(missing)}: pip install "pabee[{extra}]"')
 
-    parser = HfArgumentParser(
-        (RunGlueArguments, TrainingArguments),
-        prog="pabee run-glue",
-        description="Fine-tune and evaluate a PABEE model on a GLUE task (or your own data) across patiences.",
-    )
-    command = shlex.join(["pabee", "run-glue", *argv])
-    argv = translate_seed_flags(argv)
-    if not any(a in ("-h", "--help") for a in argv) and not _has_flag(argv, "--output_dir"):
-        parser.error("the following arguments are required: --output_dir")
-    try:
-        args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:  # TrainingArguments' own validation
-        parser.error(str(error))
-    run_glue(args, training_args, command=command)
+
+def _run_glue(parsed: tuple, command: str) -> int:
+    from .train import run_glue
+
+    run_glue(*parsed, command=command)
     return 0
 
 
-def bench_main(argv: Sequence[str]) -> int:
-    from transformers import HfArgumentParser
+def _bench(parsed: tuple, command: str) -> int:
+    from .bench import run_bench
+    from .report import bench_markdown
 
-    from .bench import BenchArguments, render_markdown, run_bench
-
-    parser = HfArgumentParser(
-        BenchArguments,
-        prog="pabee bench",
-        description="Wall-clock inference benchmark: full model vs batched early exit vs batch size 1.",
-    )
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
-    report = run_bench(args, command=shlex.join(["pabee", "bench", *argv]))
-    print(render_markdown(report))
+    (args,) = parsed
+    print(bench_markdown(run_bench(args, command=command)))
     if args.output_dir:
         print(f"\nResults: {args.output_dir}/bench.md, bench.json")
     return 0
 
 
-def predict_main(argv: Sequence[str]) -> int:
-    from transformers import HfArgumentParser
+def _predict(parsed: tuple, command: str) -> int:
+    from .predict import run_predict
 
-    from .predict import PredictArguments, run_predict
-
-    parser = HfArgumentParser(
-        PredictArguments,
-        prog="pabee predict",
-        description="Classify a file of texts with batched early exit; one JSON line per example.",
-    )
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
+    (args,) = parsed
     result = run_predict(args)
     where = f"; wrote {args.output}" if args.output else ""
     print(f"pabee predict: {result['summary']}{where}", file=sys.stderr)
     return 0
 
 
-def serve_main(argv: Sequence[str]) -> int:
-    from importlib.util import find_spec
+def _serve(parsed: tuple, command: str) -> int:
+    _require_extra("serve", ("fastapi", "uvicorn", "prometheus_client"))
+    from .serve import run_server
 
-    from transformers import HfArgumentParser
-
-    missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if find_spec(name) is None]
-    if missing:
-        raise PabeeError(f'the server needs {", ".join(missing)}: pip install "pabee[serve]"')
-    from .serve import ServeArguments, run_server
-
-    parser = HfArgumentParser(
-        ServeArguments,
-        prog="pabee serve",
-        description="HTTP server with dynamic micro-batching and batched early exit: POST /predict, GET /health, "
-        "GET /metrics.",
-    )
-    (args,) = parser.parse_args_into_dataclasses(args=list(argv))
-    run_server(args)
+    run_server(*parsed)
     return 0
 
 
-COMMANDS = {
-    "run-glue": (run_glue_main, "fine-tune and evaluate PABEE on a GLUE task across patiences"),
-    "bench": (bench_main, "measure wall-clock speed-up, batched throughput and training cost"),
-    "predict": (predict_main, "classify a file of texts (txt, tsv, csv, jsonl) into JSON lines"),
-    "serve": (serve_main, "HTTP server with dynamic micro-batching and early exit"),
+def _arguments(*names: str) -> Callable[[], tuple[type, ...]]:
+    """The argument dataclasses of a command, imported only when it runs (`pabee --help` stays quick)."""
+
+    def load() -> tuple[type, ...]:
+        from transformers import TrainingArguments
+
+        from . import arguments
+
+        return tuple(TrainingArguments if name == "TrainingArguments" else getattr(arguments, name) for name in names)
+
+    return load
+
+
+@dataclass(frozen=True)
+class Command:
+    """A sub-command: its flags (dataclasses), what it does with them, and how `--help` describes it."""
+
+    summary: str
+    description: str
+    arguments: Callable[[], tuple[type, ...]]
+    run: Callable[[tuple, str], int]
+    required: tuple[str, ...] = ()  # flags the dataclasses leave optional but the command needs
+    translate: Callable[[Sequence[str]], list[str]] | None = None  # old spellings rewritten before parsing
+
+
+COMMANDS: dict[str, Command] = {
+    "run-glue": Command(
+        "fine-tune and evaluate PABEE on a GLUE task across patiences",
+        "Fine-tune and evaluate a PABEE model on a GLUE task (or your own data) across patiences.",
+        _arguments("RunGlueArguments", "TrainingArguments"),
+        _run_glue,
+        required=("--output_dir",),
+        translate=translate_seed_flags,
+    ),
+    "bench": Command(
+        "measure wall-clock speed-up, batched throughput and training cost",
+        "Wall-clock inference benchmark: full model vs batched early exit vs batch size 1.",
+        _arguments("BenchArguments"),
+        _bench,
+    ),
+    "predict": Command(
+        "classify a file of texts (txt, tsv, csv, jsonl) into JSON lines",
+        "Classify a file of texts with batched early exit; one JSON line per example.",
+        _arguments("PredictArguments"),
+        _predict,
+    ),
+    "serve": Command(
+        "HTTP server with dynamic micro-batching and early exit",
+        "HTTP server with dynamic micro-batching and batched early exit: POST /predict, GET /health, GET /metrics.",
+        _arguments("ServeArguments"),
+        _serve,
+    ),
 }
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    """Parse `argv` into the command's dataclasses and run it. An unknown or malformed flag prints the usage and
+    exits with code 2 (`SystemExit`); a bad value raises `PabeeError`."""
+    from transformers import HfArgumentParser
+
+    spec = COMMANDS[name]
+    command_line = shlex.join(["pabee", name, *argv])
+    argv = spec.translate(argv) if spec.translate else list(argv)
+    parser = HfArgumentParser(spec.arguments(), prog=f"pabee {name}", description=spec.description)
+    if not any(a in ("-h", "--help") for a in argv):
+        missing = [flag for flag in spec.required if not _has_flag(argv, flag)]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)}")
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # unknown flags, and TrainingArguments' own checks
+        parser.error(str(error))
+    return spec.run(tuple(parsed), command_line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog="pabee", description="Patience-based early exit for transformer classifiers.")
-    top.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    top.add_argument(
+        "command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {c.summary}" for k, c in COMMANDS.items())
+    )
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
@@ -148,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = top.parse_args(argv[:1]).command
     try:
-        return COMMANDS[command][0](argv[1:])
+        return run_command(command, argv[1:])
+    except SystemExit as stop:  # argparse's usage errors (2) and --help (0)
+        return stop.code if isinstance(stop.code, int) else 2
     except PabeeError as error:
         print(f"pabee {command}: error: {error}", file=sys.stderr)
         return 2

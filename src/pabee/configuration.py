@@ -5,7 +5,9 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, make_criterion
+from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, ExitSpec
+
+__all__ = ["POOLINGS", "PabeeConfig"]
 
 POOLINGS = ("pooler", "cls", "mean")
 
@@ -46,7 +48,7 @@ class PabeeConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.criterion()  # validates patience, thresholds, the cap and the rule's fit to the problem type
+        self.build_criterion(self.exit_spec)  # validates patience, thresholds, the cap and the fit to the problem
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of {', '.join(POOLINGS)}.")
         if self.num_labels is None or self.num_labels < 1:
@@ -68,32 +70,25 @@ class PabeeConfig(PreTrainedConfig):
             return REGRESSION
         return MULTI_LABEL if self.problem_type == MULTI_LABEL else SINGLE_LABEL
 
-    def criterion(
-        self,
-        patience: int | None = None,
-        exit_criterion: str | None = None,
-        exit_threshold: float | None = None,
-        max_exit_layer: int | None = None,
-    ) -> ExitCriterion:
-        """The exit rule these settings describe, with any argument given overriding the stored one.
+    @property
+    def exit_spec(self) -> ExitSpec:
+        """The stored exit setting as one value; `config.json` keeps the flat fields, so old folders load."""
+        return ExitSpec(self.exit_criterion, self.patience, self.exit_threshold, self.max_exit_layer)
 
-        The stored threshold only carries over to the stored rule: switching `exit_criterion` for one call
-        uses that rule's default threshold unless `exit_threshold` is given too.
-        """
-        name = self.exit_criterion if exit_criterion is None else exit_criterion
-        if exit_threshold is None and name == self.exit_criterion:
-            exit_threshold = self.exit_threshold
-        criterion = make_criterion(
-            name,
-            patience=self.patience if patience is None else patience,
-            threshold=exit_threshold,
-            max_exit_layer=self.max_exit_layer if max_exit_layer is None else max_exit_layer,
-            problem_type=self.problem,
-            regression_threshold=self.regression_threshold,
+    @exit_spec.setter
+    def exit_spec(self, spec: ExitSpec) -> None:
+        self.exit_criterion, self.exit_threshold, self.max_exit_layer = (
+            spec.criterion,
+            spec.threshold,
+            spec.max_exit_layer,
         )
-        if self.encoder_config is not None and hasattr(self.encoder_config, "num_hidden_layers"):
-            criterion.exit_limit(self.num_hidden_layers)  # e.g. static layer k beyond the encoder's depth
-        return criterion
+        if spec.patience is not None:  # a threshold rule keeps the stored patience for later switches
+            self.patience = spec.patience
+
+    def build_criterion(self, spec: ExitSpec) -> ExitCriterion:
+        """`spec` as a criterion for this model's problem type and depth (a `ValueError` if it does not fit)."""
+        layers = getattr(self.encoder_config, "num_hidden_layers", None)
+        return spec.build(self.problem, self.regression_threshold, layers)
 
     @property
     def dropout_prob(self) -> float:

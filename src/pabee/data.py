@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .errors import DataError, PabeeError
 from .glue import GlueTask, TaskSpec, read_glue_tsv, task_dir
 
 HUB_DATASET = "nyu-mll/glue"
+csv.field_size_limit(sys.maxsize)  # a long text in one csv cell is an example, not an error
 
 
 @dataclass
@@ -114,37 +116,97 @@ def read_jsonl_records(path: Path, expected: str = "a JSON object") -> list[tupl
     return records
 
 
-def read_examples_file(path: str | Path) -> list[dict]:
-    """Read a user's csv, tsv or jsonl file with columns `text`, optional `text_pair`, and `label`."""
+@dataclass
+class InputRow:
+    """One example of a user's file: its line number (for messages and joins), text, text pair and record."""
+
+    line: int
+    text: str
+    text_pair: str | None = None
+    record: dict = field(default_factory=dict)  # every column/field of the line (e.g. `label`)
+
+
+TEXT_FORMATS = (".txt", ".tsv", ".csv", ".jsonl")
+
+
+def _read_plain_lines(path: Path) -> list[InputRow]:
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) > 2:
+                raise DataError(f"{path}, line {line_no}: {len(parts)} tab-separated fields; use 1 or 2 (a pair).")
+            rows.append(InputRow(line_no, parts[0], parts[1] if len(parts) == 2 else None))
+    return rows
+
+
+def _read_table(path: Path, text_column: str) -> list[tuple[int, dict]]:
+    """A csv (standard quoting) or tsv (no quoting, as the GLUE files) with a header row."""
+    tsv = path.suffix.lower() == ".tsv"
+    records = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(
+            f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+        )
+        if reader.fieldnames is None or text_column not in reader.fieldnames:
+            raise DataError(
+                f"{path}: the header must name a {text_column!r} column (found {reader.fieldnames}); "
+                "choose it with --text_column."
+            )
+        for record in reader:
+            if None in record or None in record.values():
+                raise DataError(f"{path}, line {reader.line_num}: the number of columns differs from the header.")
+            records.append((reader.line_num, record))
+    return records
+
+
+def read_text_file(
+    path: str | Path,
+    text_column: str = "text",
+    text_pair_column: str = "text_pair",
+    formats: tuple[str, ...] = TEXT_FORMATS,
+) -> list[InputRow]:
+    """The one reader of users' text files (`predict`, `bench --input_file`, run-glue's own data).
+
+    By suffix: `.txt` (or none) one example per line, a tab splitting a pair, blank lines skipped; `.tsv` and
+    `.csv` a header naming the columns; `.jsonl` one object per line. A `DataError` names the file and line.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Missing data file {path}.")
-    suffix = path.suffix.lower()
-    rows: list[tuple[int, dict]] = []
-    if suffix in (".jsonl", ".json"):
-        rows = read_jsonl_records(path, "a JSON object with a 'text' field")
-    elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None or "text" not in reader.fieldnames:
-                raise DataError(f"{path}: the header must name a 'text' column (found {reader.fieldnames}).")
-            for row in reader:
-                if None in row or None in row.values():
-                    raise DataError(f"{path}, line {reader.line_num}: the number of columns differs from the header.")
-                rows.append((reader.line_num, row))
+        raise DataError(f"Missing input file {path}.")
+    suffix = path.suffix.lower() or ".txt"
+    if suffix not in formats:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(formats)}.")
+    if suffix == ".txt":
+        rows = _read_plain_lines(path)
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl.")
-    examples = []
-    for line_no, row in rows:
-        text = row.get("text")
-        if not isinstance(text, str):
-            raise DataError(f"{path}, line {line_no}: 'text' is missing or not a string.")
-        example = {"text": text, "label": row.get("label"), "_line": line_no}
-        if "text_pair" in row:
-            example["text_pair"] = row["text_pair"]
-        examples.append(example)
-    if not examples:
+        records = read_jsonl_records(path) if suffix in (".jsonl", ".json") else _read_table(path, text_column)
+        rows = []
+        for line_no, record in records:
+            text, pair = record.get(text_column), record.get(text_pair_column)
+            if not isinstance(text, str):
+                raise DataError(f"{path}, line {line_no}: {text_column!r} is missing or not a string.")
+            if pair is not None and not isinstance(pair, str):
+                raise DataError(f"{path}, line {line_no}: {text_pair_column!r} is not a string.")
+            rows.append(InputRow(line_no, text, pair, record))
+    if not rows:
         raise DataError(f"{path} holds no examples.")
+    return rows
+
+
+def read_examples_file(path: str | Path) -> list[dict]:
+    """A user's labelled csv, tsv or jsonl file (columns `text`, optional `text_pair`, `label`) as run-glue reads
+    it: `{"text", "label", "_line"}` plus `text_pair` where the file has that column."""
+    rows = read_text_file(path, formats=(".csv", ".tsv", ".jsonl", ".json"))
+    examples = []
+    for row in rows:
+        example = {"text": row.text, "label": row.record.get("label"), "_line": row.line}
+        if "text_pair" in row.record:
+            example["text_pair"] = row.text_pair
+        examples.append(example)
     return examples
 
 

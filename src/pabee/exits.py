@@ -5,7 +5,8 @@ pass it hands out a fresh tracker that holds the per-example state as tensors. T
 early-exit inference (where rows that exit are dropped with `keep`) and the one-pass sweep over precomputed
 logits (`sweep_exit_layers`), so the two cannot disagree about a rule. No model code lives here.
 
-Criteria, by the name `make_criterion` and the config know them:
+An `ExitSpec` names a setting in the words users and the config use (criterion, patience, threshold, cap);
+`ExitSpec.build` turns it into the criterion for a model's problem type. Criteria, by name:
 
 - `patience`: PABEE (Zhou et al. 2020) — exit once `patience` layers in a row agree with the layer before.
 - `entropy`: DeeBERT (Xin et al. 2020) — exit when the prediction entropy (nats) falls below the threshold.
@@ -22,9 +23,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import torch
 
@@ -178,11 +179,13 @@ class ExitCriterion(ABC):
     """A rule deciding, layer by layer, which examples have seen enough.
 
     `problem_type` says how to read logits (HF names: single-label, multi-label, regression); `max_exit_layer`
-    caps the layers any example may use (None: all of them).
+    caps the layers any example may use (None: all of them). Each rule builds itself from an `ExitSpec`
+    (`from_spec`), so the names users write map to a rule in exactly one place per rule.
     """
 
     name: ClassVar[str] = ""
     supports_regression: ClassVar[bool] = False
+    default_threshold: ClassVar[float | None] = None  # used when a spec gives no threshold
 
     problem_type: str = field(default=SINGLE_LABEL, kw_only=True)
     max_exit_layer: int | None = field(default=None, kw_only=True)
@@ -197,6 +200,12 @@ class ExitCriterion(ABC):
             )
         check_max_exit_layer(self.max_exit_layer)
 
+    @classmethod
+    def from_spec(cls, spec: ExitSpec, problem_type: str, regression_threshold: float) -> ExitCriterion:
+        """The rule `spec` describes; the default reads a threshold (or the rule's default) and nothing else."""
+        threshold = cls.default_threshold if spec.threshold is None else spec.threshold
+        return cls(threshold, problem_type=problem_type, max_exit_layer=spec.max_exit_layer)
+
     @abstractmethod
     def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
         """Fresh per-example state for a batch of `batch_size` examples."""
@@ -210,8 +219,33 @@ class ExitCriterion(ABC):
         return self.exit_limit(num_layers) > 1
 
 
+def _need(value, criterion: str, what: str):
+    if value is None:
+        raise ValueError(f"exit_criterion={criterion!r} needs {what}.")
+    return value
+
+
 @dataclass(frozen=True)
-class PatienceCriterion(ExitCriterion):
+class _AgreementCriterion(ExitCriterion):
+    """Shared by patience and patience+confidence: a counter of agreeing layers that must reach `patience`."""
+
+    patience: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_patience(self.patience)
+
+    def can_exit_early(self, num_layers: int) -> bool:
+        # The counter reaches `patience` at layer `patience + 1` at the earliest.
+        return 0 < self.patience < self.exit_limit(num_layers) - 1
+
+    def _tracker(self, batch_size, device, regression_threshold: float, min_confidence: float | None) -> ExitTracker:
+        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return _AgreementTracker(self.patience, self.problem_type, regression_threshold, min_confidence, counter)
+
+
+@dataclass(frozen=True)
+class PatienceCriterion(_AgreementCriterion):
     """PABEE: exit once `patience` consecutive layers agree with the layer before them.
 
     Layer *i* agrees with layer *i-1* when their predicted labels (label sets, for multi-label) are equal, or, for
@@ -222,21 +256,23 @@ class PatienceCriterion(ExitCriterion):
     name: ClassVar[str] = "patience"
     supports_regression: ClassVar[bool] = True
 
-    patience: int
     regression_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_patience(self.patience)
         check_regression_threshold(self.regression_threshold)
 
-    def can_exit_early(self, num_layers: int) -> bool:
-        # The counter reaches `patience` at layer `patience + 1` at the earliest.
-        return 0 < self.patience < self.exit_limit(num_layers) - 1
+    @classmethod
+    def from_spec(cls, spec: ExitSpec, problem_type: str, regression_threshold: float) -> ExitCriterion:
+        if spec.threshold is not None:
+            raise ValueError(
+                "exit_threshold does not apply to 'patience' (set patience, and regression_threshold for regression)."
+            )
+        patience = _need(spec.patience, cls.name, "patience")
+        return cls(patience, regression_threshold, problem_type=problem_type, max_exit_layer=spec.max_exit_layer)
 
     def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return _AgreementTracker(self.patience, self.problem_type, self.regression_threshold, None, counter)
+        return self._tracker(batch_size, device, self.regression_threshold, None)
 
 
 def _check_probability(threshold: float, name: str) -> float:
@@ -247,26 +283,27 @@ def _check_probability(threshold: float, name: str) -> float:
 
 
 @dataclass(frozen=True)
-class PatienceConfidenceCriterion(ExitCriterion):
+class PatienceConfidenceCriterion(_AgreementCriterion):
     """After PCEE-BERT: like patience, but a layer counts only if it agrees with the previous one *and* its top
     probability is at least `threshold`; an unsure layer resets the counter."""
 
     name: ClassVar[str] = "patience+confidence"
+    default_threshold: ClassVar[float | None] = 0.9
 
-    patience: int
     threshold: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_patience(self.patience)
         _check_probability(self.threshold, self.name)
 
-    def can_exit_early(self, num_layers: int) -> bool:
-        return 0 < self.patience < self.exit_limit(num_layers) - 1
+    @classmethod
+    def from_spec(cls, spec: ExitSpec, problem_type: str, regression_threshold: float) -> ExitCriterion:
+        patience = _need(spec.patience, cls.name, "patience")
+        threshold = cls.default_threshold if spec.threshold is None else spec.threshold
+        return cls(patience, threshold, problem_type=problem_type, max_exit_layer=spec.max_exit_layer)
 
     def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return _AgreementTracker(self.patience, self.problem_type, 0.0, self.threshold, counter)
+        return self._tracker(batch_size, device, 0.0, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -277,6 +314,7 @@ class EntropyCriterion(ExitCriterion):
     """
 
     name: ClassVar[str] = "entropy"
+    default_threshold: ClassVar[float | None] = 0.1
 
     threshold: float
 
@@ -295,6 +333,7 @@ class ConfidenceCriterion(ExitCriterion):
     """Schwartz et al.: exit at the first layer whose top probability reaches `threshold`."""
 
     name: ClassVar[str] = "confidence"
+    default_threshold: ClassVar[float | None] = 0.9
 
     threshold: float
 
@@ -320,6 +359,13 @@ class StaticCriterion(ExitCriterion):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"exit_threshold={self.layer!r} is invalid for 'static': use a layer number >= 1.")
 
+    @classmethod
+    def from_spec(cls, spec: ExitSpec, problem_type: str, regression_threshold: float) -> ExitCriterion:
+        layer = _need(spec.threshold, cls.name, "exit_threshold (the layer k)")
+        if isinstance(layer, float) and layer.is_integer():
+            layer = int(layer)  # a sweep or the command line gives 4.0
+        return cls(layer, problem_type=problem_type, max_exit_layer=spec.max_exit_layer)
+
     def exit_limit(self, num_layers: int) -> int:
         if self.layer > num_layers:
             raise ValueError(f"static exit at layer {self.layer} is impossible: the model has {num_layers} layers.")
@@ -337,7 +383,119 @@ CRITERIA: dict[str, type[ExitCriterion]] = {
     for c in (PatienceCriterion, EntropyCriterion, ConfidenceCriterion, PatienceConfidenceCriterion, StaticCriterion)
 }
 # Used when a criterion that needs a threshold gets none.
-DEFAULT_THRESHOLDS: dict[str, float] = {"entropy": 0.1, "confidence": 0.9, "patience+confidence": 0.9}
+DEFAULT_THRESHOLDS: dict[str, float] = {n: c.default_threshold for n, c in CRITERIA.items() if c.default_threshold}
+# The keyword names of an exit setting in `forward`, the pipelines, the config and the command line.
+EXIT_OPTIONS = ("patience", "exit_criterion", "exit_threshold", "max_exit_layer")
+
+
+# --- exit settings -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """One exit setting, as users write it: a criterion with its patience, threshold and layer cap.
+
+    `threshold` is the entropy bound, the top probability, or (for `static`) the layer k; `patience` serves
+    `patience` and `patience+confidence`; `None` means unset (the rule's default threshold, no cap). A spec is
+    checked when it is built into a criterion for a model (`build`), where the problem type is known.
+
+    Example:
+        >>> spec = ExitSpec("confidence", threshold=0.9, max_exit_layer=4)
+        >>> spec.merged(threshold=0.8).label
+        '0.8'
+    """
+
+    criterion: str = "patience"
+    patience: int | None = None
+    threshold: float | None = None
+    max_exit_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"exit_criterion={self.criterion!r} is unknown; choose one of {', '.join(CRITERIA)}.")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ExitSpec:
+        """A spec from keyword options (`exit_criterion`, `patience`, `exit_threshold`, `max_exit_layer`)."""
+        return cls().merged(**_spec_fields(options))
+
+    def merged(
+        self,
+        criterion: str | None = None,
+        patience: int | None = None,
+        threshold: float | None = None,
+        max_exit_layer: int | None = None,
+    ) -> ExitSpec:
+        """This spec with every override that is not `None` applied.
+
+        A threshold belongs to its rule: switching `criterion` drops the stored threshold (the new rule's default
+        applies) unless `threshold` is given too.
+        """
+        spec = self
+        if criterion is not None and criterion != self.criterion:
+            spec = replace(self, criterion=criterion, threshold=None)
+        changes = {"patience": patience, "threshold": threshold, "max_exit_layer": max_exit_layer}
+        return replace(spec, **{name: value for name, value in changes.items() if value is not None})
+
+    def build(
+        self, problem_type: str = SINGLE_LABEL, regression_threshold: float = 0.1, num_layers: int | None = None
+    ) -> ExitCriterion:
+        """The criterion for a model of `problem_type` (and `num_layers`, to reject a static layer beyond it)."""
+        criterion = CRITERIA[self.criterion].from_spec(self, problem_type, regression_threshold)
+        if num_layers is not None:
+            criterion.exit_limit(num_layers)
+        return criterion
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options that are set, by the names `forward`, the config and the flags use."""
+        values = (self.patience, self.criterion, self.threshold, self.max_exit_layer)
+        return {name: v for name, v in zip(EXIT_OPTIONS, values, strict=True) if v is not None}
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and plots: `3`, `0 (full)`, `0.9`, `p2, 0.9`, `k=4`."""
+        if self.criterion == "patience":
+            return f"{self.patience} (full)" if self.patience == 0 else str(self.patience)
+        if self.criterion == "static":
+            return f"k={_number(self.threshold)}"
+        if self.criterion == "patience+confidence":
+            return f"p{self.patience}, {_number(self.threshold)}"
+        return _number(self.threshold)
+
+    @property
+    def key(self) -> str:
+        """Identifier without spaces (bench variant names): `p3`, `confidence=0.9`, `p2+confidence=0.9`."""
+        if self.criterion == "patience":
+            return f"p{self.patience}"
+        if self.criterion == "patience+confidence":
+            return f"p{self.patience}+confidence={_number(self.threshold)}"
+        return f"{self.criterion}={_number(self.threshold)}"
+
+    @property
+    def is_full_model(self) -> bool:
+        return self.criterion == "patience" and self.patience == 0
+
+    def describe(self) -> dict[str, Any]:
+        """The setting's fields for a results row."""
+        return {
+            "criterion": self.criterion,
+            "setting": self.label,
+            "patience": self.patience,
+            "threshold": self.threshold,
+        }
+
+
+def _number(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
+def _spec_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword options → `ExitSpec` field names; an unknown option is an error."""
+    unknown = [name for name in options if name not in EXIT_OPTIONS]
+    if unknown:
+        raise ValueError(f"Unknown exit option {unknown[0]!r}; use {', '.join(EXIT_OPTIONS)}.")
+    renames = {"exit_criterion": "criterion", "exit_threshold": "threshold"}
+    return {renames.get(name, name): value for name, value in options.items()}
 
 
 def make_criterion(
@@ -349,36 +507,11 @@ def make_criterion(
     problem_type: str = SINGLE_LABEL,
     regression_threshold: float = 0.1,
 ) -> ExitCriterion:
-    """Build a criterion from the names the config and the command line use.
+    """Build a criterion from the names the config and the command line use (`ExitSpec(...).build(...)`).
 
-    `threshold` is the entropy bound, the probability, or (for `static`) the layer k; `patience` serves
-    `patience` and `patience+confidence`. A threshold `patience` cannot use is an error, not silently ignored.
+    A threshold `patience` cannot use is an error, not silently ignored.
     """
-    if name not in CRITERIA:
-        raise ValueError(f"exit_criterion={name!r} is unknown; choose one of {', '.join(CRITERIA)}.")
-    common = {"problem_type": problem_type, "max_exit_layer": max_exit_layer}
-    if name == "patience":
-        if threshold is not None:
-            raise ValueError(
-                "exit_threshold does not apply to 'patience' (set patience, and regression_threshold for regression)."
-            )
-        return PatienceCriterion(_need(patience, name, "patience"), regression_threshold, **common)
-    if threshold is None:
-        threshold = DEFAULT_THRESHOLDS.get(name)
-    if name == "patience+confidence":
-        return PatienceConfidenceCriterion(_need(patience, name, "patience"), threshold, **common)
-    if name == "static":
-        layer = _need(threshold, name, "exit_threshold (the layer k)")
-        if isinstance(layer, float) and layer.is_integer():
-            layer = int(layer)
-        return StaticCriterion(layer, **common)
-    return CRITERIA[name](threshold, **common)
-
-
-def _need(value, criterion: str, what: str):
-    if value is None:
-        raise ValueError(f"exit_criterion={criterion!r} needs {what}.")
-    return value
+    return ExitSpec(name, patience, threshold, max_exit_layer).build(problem_type, regression_threshold)
 
 
 # --- applying a criterion to precomputed logits --------------------------------------------------------------

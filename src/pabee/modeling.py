@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,15 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from torch.autograd import profiler
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .backbones import EncoderAdapter, adapter_for
 from .configuration import POOLINGS, PabeeConfig
-from .exits import MULTI_LABEL, REGRESSION, ExitCriterion, check_patience, logits_at_exit, sweep_exit_layers
+from .exits import MULTI_LABEL, REGRESSION, ExitCriterion, ExitSpec, check_patience, logits_at_exit, sweep_exit_layers
 from .pretrained import bundled_model_path, sentence_transformers_pooling
+
+__all__ = ["PabeeForSequenceClassification", "PabeeOutput", "PabeePreTrainedModel"]
 
 
 @dataclass
@@ -51,10 +55,14 @@ class PabeePreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
+        # The encoder initialises its own modules (transformers dispatches sub-models to their `_init_weights`);
+        # here only the classifiers are ours, drawn with the encoder's scale.
         if isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=getattr(self.config.encoder_config, "initializer_range", 0.02))
             if module.bias is not None:
                 init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
 
 class PabeeForSequenceClassification(PabeePreTrainedModel):
@@ -155,14 +163,23 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
 
     def get_exit_criterion(
         self,
+        exit_spec: ExitSpec | None = None,
+        *,
         patience: int | None = None,
-        exit_criterion: str | None = None,
+        exit_criterion: str | ExitCriterion | None = None,
         exit_threshold: float | None = None,
         max_exit_layer: int | None = None,
     ) -> ExitCriterion:
-        """The exit rule for a call: the config's settings, with any argument given overriding them."""
-        return self.config.criterion(patience, exit_criterion, exit_threshold, max_exit_layer)
+        """The exit rule for a call: `exit_spec` (default: the config's) with the keyword overrides that are set.
 
+        A ready `ExitCriterion` passed as `exit_criterion` is used as it is (e.g. a benchmark's never-exit rule).
+        """
+        if isinstance(exit_criterion, ExitCriterion):
+            return exit_criterion
+        spec = (exit_spec or self.config.exit_spec).merged(exit_criterion, patience, exit_threshold, max_exit_layer)
+        return self.config.build_criterion(spec)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -172,64 +189,70 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         patience: int | None = None,
-        exit_criterion: str | None = None,
+        exit_criterion: str | ExitCriterion | None = None,
         exit_threshold: float | None = None,
         max_exit_layer: int | None = None,
+        exit_spec: ExitSpec | None = None,
         output_all_logits: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> PabeeOutput | tuple:
+    ) -> PabeeOutput:
         """Classify a batch.
 
         Args:
-            patience, exit_criterion, exit_threshold, max_exit_layer: override the config's exit settings for
-                this call.
+            exit_spec: the exit setting for this call (default: the config's `exit_spec`).
+            patience, exit_criterion, exit_threshold, max_exit_layer: override single fields of it for this call;
+                `exit_criterion` may also be a ready `ExitCriterion`.
             output_all_logits: run every layer and return `all_logits` (implied in training and with `labels`);
                 `logits` and `exit_layers` are then read from those with the exit rule, as inference would give.
         """
-        criterion = self.get_exit_criterion(patience, exit_criterion, exit_threshold, max_exit_layer)
+        criterion = self.get_exit_criterion(
+            exit_spec,
+            patience=patience,
+            exit_criterion=exit_criterion,
+            exit_threshold=exit_threshold,
+            max_exit_layer=max_exit_layer,
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         reference = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        hidden = self.adapter.embed(
-            self.encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask
-        )
+        with _mark("pabee.embeddings"):
+            hidden = self.adapter.embed(
+                self.encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask
+            )  # (B, T, H)
 
+        all_logits, loss = None, None
         if self.training or labels is not None or output_all_logits:
-            all_logits = self._all_layers(hidden, attention_mask)
+            all_logits = self._all_layers(hidden, attention_mask)  # (B, L, C)
             exit_layers = sweep_exit_layers(criterion, all_logits.detach())
             logits = logits_at_exit(all_logits, exit_layers)
             loss = self._weighted_loss(all_logits, labels) if labels is not None else None
         elif not criterion.can_exit_early(self.num_layers):  # e.g. patience 0 or static: no early heads needed
-            all_logits, loss = None, None
             limit = criterion.exit_limit(self.num_layers)
             logits = self._run_to(limit, hidden, attention_mask)
             exit_layers = torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device)
         else:
-            all_logits, loss = None, None
             logits, exit_layers = self._early_exit(hidden, attention_mask, criterion)
+        return PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
 
-        output = PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
-        return output if return_dict is not False else output.to_tuple()
-
-    def _classify(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def classify(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Classifier `layer` (0-based) on hidden states `(B, T, H)` of that layer → logits `(B, C)`."""
         pooling = self.config.pooling
         if pooling == "pooler":
             pooled = self.adapter.pool(self.encoder, hidden)
         elif pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        return self.classifiers[layer](self.dropout(pooled))
+        return self.classifiers[layer](self.dropout(pooled))  # (B, C)
 
     def _all_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
         per_layer = []
         for layer in range(self.num_layers):
             hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
-            per_layer.append(self._classify(layer, hidden, attention_mask))
+            per_layer.append(self.classify(layer, hidden, attention_mask))
         return torch.stack(per_layer, dim=1)
 
     def _run_to(self, num_layers: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -237,7 +260,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
         for layer in range(num_layers):
             hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
-        return self._classify(num_layers - 1, hidden, attention_mask)
+        return self.classify(num_layers - 1, hidden, attention_mask)
 
     def _weighted_loss(self, all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Σ_i i·loss_i / Σ_i i: deeper classifiers count more, as in the paper."""
@@ -258,33 +281,46 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
     def _early_exit(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: ExitCriterion
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Climb layer by layer; rows that exit are written out and removed from the batch."""
+        """Climb layer by layer; rows that exit are written out and removed from the batch.
+
+        Its parts carry `torch.profiler.record_function` labels (`pabee.*`), which `pabee bench --profile` reads.
+        """
         batch_size, device = hidden.shape[0], hidden.device
-        logits_out = hidden.new_empty(batch_size, self.config.num_labels)
-        exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long, device=device)
-        rows = torch.arange(batch_size, device=device)  # original index of each row still running
+        logits_out = hidden.new_empty(batch_size, self.config.num_labels)  # (B, C), filled as rows exit
+        exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long, device=device)  # (B,)
+        rows = torch.arange(batch_size, device=device)  # (b,) original index of each row still running
         tracker = criterion.tracker(batch_size, device)
         right_padded = _is_right_padded(attention_mask)
         if right_padded:
-            hidden, attention_mask = _trim_padding(hidden, attention_mask)
-        mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
-        limit = criterion.exit_limit(self.num_layers)
-        last = limit - 1
-        for layer in range(limit):
-            hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
-            logits = self._classify(layer, hidden, attention_mask)
-            leaving = tracker.update(logits) if layer < last else torch.ones_like(rows, dtype=torch.bool)
-            if not leaving.any():
-                continue
-            logits_out[rows[leaving]] = logits[leaving]
-            exit_layers[rows[leaving]] = layer + 1
-            staying = ~leaving
-            if not staying.any():
-                break
-            rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
-            tracker.keep(staying)
+            hidden, attention_mask = _trim_padding(hidden, attention_mask)  # (b, t, H), (b, t)
+        with _mark("pabee.attention_masks"):
             mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
+        limit = criterion.exit_limit(self.num_layers)
+        for layer in range(limit):
+            with _mark("pabee.layers"):
+                hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)  # (b, t, H)
+            with _mark("pabee.classifiers"):
+                logits = self.classify(layer, hidden, attention_mask)  # (b, C)
+            with _mark("pabee.exit_tests"):
+                leaving = tracker.update(logits) if layer < limit - 1 else torch.ones_like(rows, dtype=torch.bool)
+                if not leaving.any():
+                    continue
+            with _mark("pabee.compaction"):
+                logits_out[rows[leaving]] = logits[leaving]
+                exit_layers[rows[leaving]] = layer + 1
+                staying = ~leaving
+                if not staying.any():
+                    break
+                rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
+                tracker.keep(staying)
+            with _mark("pabee.attention_masks"):
+                mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
         return logits_out, exit_layers
+
+
+def _mark(part: str) -> AbstractContextManager:
+    """A `record_function` label while a profiler runs; `record_function` costs ~20 µs even when none does."""
+    return profiler.record_function(part) if getattr(profiler, "_is_profiler_enabled", True) else nullcontext()
 
 
 def _drop_rows(

@@ -171,7 +171,7 @@ def run_predict(args: PredictArguments) -> dict[str, Any]:
     """
     import torch
 
-    from .results import write_atomic
+    from .provenance import write_atomic
 
     out = _check_output(args)
     if not Path(args.model).is_dir():

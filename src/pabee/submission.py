@@ -18,7 +18,7 @@ import torch
 from .errors import DataError, PabeeError
 from .glue import GlueTask, get_task, task_dir
 from .pipeline import PabeePipeline
-from .results import write_atomic, write_json
+from .provenance import write_atomic, write_json
 
 SUBMISSION_DIR = "glue_submission"
 _SPLIT_FILES = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}

@@ -1,0 +1,302 @@
+"""Every command's flags, as typed dataclasses that check themselves (`HfArgumentParser` turns them into flags).
+
+A value no command could use raises a `PabeeError` in `__post_init__`, so the command line reports it as one line
+with exit code 2 before any model or data is loaded; list flags (`--patience 1,2,3`) are converted here, once.
+What can only be checked against a model or a folder (a threshold for the model's problem type, a taken output
+file) is checked by the command.
+
+- `ExitSweepArguments`: the exit settings `run-glue` evaluates and `bench` times (criteria, thresholds, cap);
+- `RunGlueArguments`, `BenchArguments`: those plus each command's own;
+- `InferenceArguments`: what `predict` and `serve` share (model, one exit setting, length, threads, dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backbones import ADAPTERS
+from .errors import PabeeError
+from .exits import EXIT_OPTIONS, ExitSpec, check_max_exit_layer, check_patience, check_regression_threshold
+from .pipeline import ATTENTION_KERNELS, DEFAULT_MAX_LENGTH, DTYPES
+from .sweeps import parse_criteria, parse_int_list, parse_patience_list, parse_thresholds
+
+__all__ = [
+    "BenchArguments",
+    "ExitSweepArguments",
+    "InferenceArguments",
+    "PredictArguments",
+    "RunGlueArguments",
+    "ServeArguments",
+]
+
+
+def _at_least(args: object, name: str, minimum: float) -> None:
+    """`--name=value is invalid` unless the flag `name` of `args` is unset or >= `minimum`."""
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+        whole = "whole " if isinstance(minimum, int) else ""
+        raise PabeeError(f"--{name}={value!r} is invalid: use a {whole}number >= {minimum}.")
+
+
+def _checked(check, *values) -> Any:
+    """Run one of `exits`' checks; its `ValueError` becomes the command line's `PabeeError`."""
+    try:
+        return check(*values)
+    except ValueError as error:
+        raise PabeeError(str(error)) from None
+
+
+@dataclass
+class ExitSweepArguments:
+    """The exit settings `run-glue` evaluates and `bench` times; `--patience` is each command's own."""
+
+    exit_criterion: str = field(
+        default="patience",
+        metadata={
+            "help": "Comma-separated exit criteria to compare on the same model: patience, entropy, confidence, "
+            "patience+confidence, static. Each gets its own table (run-glue) or timed variants (bench)."
+        },
+    )
+    exit_threshold: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Thresholds per criterion, e.g. confidence=0.8,0.9 entropy=0.1,0.3 static=2,4 (static: the "
+            "layer k). A bare list serves the only selected criterion that takes one. Default: a built-in sweep."
+        },
+    )
+    max_exit_layer: int | None = field(
+        default=None, metadata={"help": "Cap on the layers any example may use, for every criterion."}
+    )
+
+    def __post_init__(self) -> None:
+        self.criteria: list[str] = parse_criteria(self.exit_criterion)
+        self.thresholds: dict[str, list[float]] = parse_thresholds(self.exit_threshold, self.criteria)
+        _checked(check_max_exit_layer, self.max_exit_layer)
+
+
+@dataclass
+class RunGlueArguments(ExitSweepArguments):
+    """Flags of `pabee run-glue` beyond `TrainingArguments`; the research script's names are kept verbatim."""
+
+    task_name: str | None = field(
+        default=None, metadata={"help": "GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI."}
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "GLUE TSV folder of the task (or the GLUE root). Omitted: load nyu-mll/glue from the hub."},
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Encoder checkpoint or fine-tuned PABEE folder. Default: the bundled MiniLM."}
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Encoder type; inferred from the checkpoint.", "choices": sorted(ADAPTERS)},
+    )
+    patience: str = field(
+        default="1,2,3,4,5",
+        metadata={
+            "help": "Comma-separated patiences to evaluate (0 = full model, always included). The first non-zero "
+            "one becomes the saved model's default patience."
+        },
+    )
+    regression_threshold: float = field(default=0.1, metadata={"help": "Agreement threshold for regression."})
+    pooling: str = field(
+        default="auto",
+        metadata={"help": "What the classifiers read.", "choices": ["auto", "pooler", "cls", "mean"]},
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    do_lower_case: bool = field(
+        default=False, metadata={"help": "Accepted for compatibility; the tokenizer's own setting decides."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Reuse a non-empty --output_dir: its checkpoints and results are replaced, nothing else."},
+    )
+    eval_all_checkpoints: bool = field(
+        default=False, metadata={"help": "Evaluate every checkpoint-* folder in --output_dir and the final model."}
+    )
+    evaluate_during_training: bool = field(
+        default=False, metadata={"help": "Research-script spelling of --eval_strategy steps."}
+    )
+    per_gpu_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Research-script spelling of --per_device_train_batch_size."}
+    )
+    per_gpu_eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Research-script spelling of --per_device_eval_batch_size."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Your own training data (csv, tsv or jsonl)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Your own evaluation data."})
+    task_type: str = field(
+        default="auto",
+        metadata={"help": "For your own data.", "choices": ["auto", "classification", "regression"]},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again instead of using the cache."})
+
+    def __post_init__(self) -> None:
+        from .glue import get_task
+
+        if self.task_name is None and self.train_file is None and self.validation_file is None:
+            raise PabeeError("Give --task_name (a GLUE task) or --train_file / --validation_file (your own data).")
+        if self.task_name is not None:
+            get_task(self.task_name)  # an unknown task fails before any folder is touched
+        self.patiences: list[int] = parse_patience_list(self.patience)
+        super().__post_init__()
+        try:
+            check_regression_threshold(self.regression_threshold)
+        except ValueError as error:
+            raise PabeeError(f"--{error}") from None
+        if self.max_seq_length < 8:
+            raise PabeeError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8.")
+        _at_least(self, "max_train_samples", 1)
+        _at_least(self, "max_eval_samples", 1)
+
+
+@dataclass
+class BenchArguments(ExitSweepArguments):
+    """Flags of `pabee bench`."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Fine-tuned PABEE folder. Default: the bundled MiniLM with fresh (untrained) heads."},
+    )
+    task_name: str = field(default="SST-2", metadata={"help": "GLUE task whose dev set supplies the examples."})
+    data_dir: str | None = field(default=None, metadata={"help": "GLUE TSV folder (task folder or GLUE root)."})
+    input_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Your own texts instead of GLUE: .txt (one per line, a tab splits a pair), .tsv, .csv, .jsonl."
+        },
+    )
+    patience: str = field(default="1,2,3", metadata={"help": "Comma-separated patiences to time."})
+    batch_sizes: str = field(default="32", metadata={"help": "Comma-separated batch sizes for batched variants."})
+    max_examples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
+    bs1_examples: int | None = field(
+        default=None, metadata={"help": "Examples for the batch-size-1 loop (default: all); it is the slow one."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    sort_by_length: bool = field(
+        default=False, metadata={"help": "Batch examples of similar length together (less padding), all variants."}
+    )
+    repeats: int = field(default=5, metadata={"help": "Timed passes per variant (median reported)."})
+    warmup: int = field(default=1, metadata={"help": "Untimed passes per variant first."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: all cores)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel (default: the model's, sdpa). eager is faster on some CPUs.",
+            "choices": list(ATTENTION_KERNELS),
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for fresh heads and the interleaving order."})
+    profile: bool = field(default=False, metadata={"help": "Also break early-exit time into its parts."})
+    training_cost: bool = field(
+        default=False, metadata={"help": "Also time a training step: PABEE vs plain fine-tuning."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Write bench.json and bench.md here."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace existing bench files."})
+
+    def __post_init__(self) -> None:
+        self.patiences: list[int] = parse_int_list(self.patience, "--patience", 0)
+        super().__post_init__()
+        self.batch_size_list: list[int] = parse_int_list(self.batch_sizes, "--batch_sizes", 1)
+        if self.repeats < 1 or self.warmup < 0:
+            raise PabeeError("--repeats must be >= 1 and --warmup >= 0.")
+        for name in ("threads", "max_examples", "bs1_examples"):
+            _at_least(self, name, 1)
+        _at_least(self, "max_seq_length", 2)
+
+
+@dataclass
+class InferenceArguments:
+    """What `pabee predict` and `pabee serve` share: the model, one exit setting, input length and runtime."""
+
+    model: str = field(metadata={"help": "Fine-tuned PABEE model folder (e.g. the --output_dir of run-glue)."})
+    patience: int | None = field(default=None, metadata={"help": "Patience (0 = full model). Default: the model's."})
+    exit_criterion: str | None = field(default=None, metadata={"help": "Exit rule. Default: the model's."})
+    exit_threshold: float | None = field(default=None, metadata={"help": "The exit rule's threshold."})
+    max_exit_layer: int | None = field(default=None, metadata={"help": "No example uses more layers than this."})
+    max_seq_length: int = field(
+        default=DEFAULT_MAX_LENGTH, metadata={"help": "Tokens per text (pair); longer ones are truncated."}
+    )
+    threads: int | None = field(
+        default=None, metadata={"help": "torch threads (default: predict: torch's choice; serve: cores / workers)."}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights' dtype (default: as saved, float32). bfloat16 about doubles throughput on CPUs with "
+            "bfloat16 instructions, for slightly different numbers.",
+            "choices": list(DTYPES),
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel (default: the model's, sdpa).", "choices": list(ATTENTION_KERNELS)},
+    )
+
+    def __post_init__(self) -> None:
+        if self.patience is not None:
+            _checked(check_patience, self.patience)
+        _checked(check_max_exit_layer, self.max_exit_layer)
+        _checked(ExitSpec.from_options, self.exit_options())  # an unknown criterion
+        _at_least(self, "threads", 1)
+        _at_least(self, "max_seq_length", 2)
+
+    def exit_options(self) -> dict[str, Any]:
+        """The exit settings given on the command line (the model's own apply to the rest)."""
+        return {name: getattr(self, name) for name in EXIT_OPTIONS if getattr(self, name) is not None}
+
+
+@dataclass(kw_only=True)
+class PredictArguments(InferenceArguments):
+    """Flags of `pabee predict`."""
+
+    input: str = field(metadata={"help": "Texts: .txt (one per line, a tab splits a pair), .tsv, .csv or .jsonl."})
+    output: str | None = field(default=None, metadata={"help": "JSON-lines output file (default: standard output)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output file."})
+    text_column: str = field(default="text", metadata={"help": "Column/field holding the text (tsv, csv, jsonl)."})
+    text_pair_column: str = field(
+        default="text_pair", metadata={"help": "Column/field holding the second text of a pair, where present."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Examples per forward pass (batched by length)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, "batch_size", 1)
+
+
+@dataclass(kw_only=True)
+class ServeArguments(InferenceArguments):
+    """Flags of `pabee serve`."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    max_batch_size: int = field(
+        default=32, metadata={"help": "Most texts gathered into one micro-batch (run as padding-aware forwards)."}
+    )
+    max_wait_ms: float = field(
+        default=5.0, metadata={"help": "How long the first request of a micro-batch waits for company."}
+    )
+    max_texts_per_request: int = field(default=64, metadata={"help": "More texts in one request: 413."})
+    max_text_chars: int = field(default=5000, metadata={"help": "A longer text (or pair part): 413."})
+    workers: int = field(default=1, metadata={"help": "uvicorn worker processes, each with its own model copy."})
+    access_log: bool = field(default=True, metadata={"help": "Log every request (--no_access_log to turn off)."})
+    graceful_timeout: float = field(
+        default=30.0, metadata={"help": "Seconds shutdown waits for in-flight requests before closing."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, minimum in (
+            ("max_batch_size", 1),
+            ("max_wait_ms", 0.0),
+            ("max_texts_per_request", 1),
+            ("max_text_chars", 1),
+            ("workers", 1),
+            ("port", 0),
+            ("graceful_timeout", 0.0),
+        ):
+            _at_least(self, name, minimum)
