@@ -25,3 +25,4 @@ common=(--model "$MODEL" --task_name SST-2 --data_dir "$GLUE_DIR" --patience 1,2
 pabee bench "${common[@]}" --profile --training_cost --output_dir "$RESULTS/bench_sst2"
 pabee bench "${common[@]}" --sort_by_length --output_dir "$RESULTS/bench_sst2_sorted"
 pabee bench "${common[@]}" --sort_by_length --attn_implementation eager --output_dir "$RESULTS/bench_sst2_sorted_eager"
+python benchmarks/bench_targets.py "$RESULTS"/bench_sst2*/bench.json

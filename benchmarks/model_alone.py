@@ -2,7 +2,7 @@
 
 Run as its own process by `load_test.py` (what batching itself gives, next to the server's numbers) and
 `thread_pools.py` (the model loaded in the main thread vs in the thread that runs it). The model always runs in
-`pabee.serve.forward_thread`, as in the server; prints one JSON line `{"batched_per_s", "single_per_s"}`.
+`pabee.batching.forward_thread`, as in the server; prints one JSON line `{"batched_per_s", "single_per_s"}`.
 
     python benchmarks/model_alone.py --model runs/sst2_bench_model --batch 16
 """
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--load_in", choices=["worker", "main"], default="worker", help="Thread loading the model.")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    from pabee.batching import forward_thread
     from pabee.pipeline import pipeline
-    from pabee.serve import forward_thread
 
     worker = forward_thread(args.threads)
     options = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}

@@ -1,7 +1,7 @@
 """Why `pabee serve` loads the model in the thread that runs it: one torch thread pool vs two.
 
 Each case runs in a fresh process: the fine-tuned model is loaded either in the main thread or in the worker
-thread (`pabee.serve.forward_thread`), then the worker thread classifies batches of 16 random SST-2 dev
+thread (`pabee.batching.forward_thread`), then the worker thread classifies batches of 16 random SST-2 dev
 sentences and single sentences for `--seconds` each (patience 2). Loading in the main thread starts a second
 OpenMP team there; the cases differ only in that. Cases are interleaved over `--rounds`; medians are reported.
 

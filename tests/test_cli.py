@@ -289,7 +289,8 @@ def test_mnli_evaluates_matched_and_mismatched_and_during_training(tmp_path, cap
     code = run(
         [
             *"--task_name MNLI --do_train --do_eval --max_steps 2 --per_device_train_batch_size 8".split(),
-            *"--evaluate_during_training --logging_steps 1 --save_strategy no --patience 1,2".split(),
+            *"--evaluate_during_training --logging_steps 1 --save_steps 1 --save_only_model --patience 1,2".split(),
+            "--eval_all_checkpoints",  # beside --eval_strategy steps, which Trainer checks for an eval set
             *["--data_dir", data, "--output_dir", out],
         ]
     )
@@ -297,6 +298,7 @@ def test_mnli_evaluates_matched_and_mismatched_and_during_training(tmp_path, cap
     printed = capsys.readouterr().out
     assert "MNLI dev_matched (9 examples" in printed and "MNLI dev_mismatched (6 examples" in printed
     report = json.loads((out / "eval_results.json").read_text())
+    assert [e["model"] for e in report["evaluations"]] == ["checkpoint-1", "checkpoint-2", "final"]
     splits = report["evaluations"][-1]["splits"]
     assert splits["dev_matched"]["num_examples"] == 9 and splits["dev_mismatched"]["num_examples"] == 6
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]

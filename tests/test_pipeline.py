@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from helpers import save_tiny_text_model
 
 from pabee.errors import PabeeError
+from pabee.exits import ExitSpec
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import PabeePipeline, pipeline, plan_batches
 
@@ -133,7 +132,8 @@ def test_multi_label_answers_list_the_labels_above_one_half(model_dir):
     assert [a["exit_layer"] for a in answers] == [1, 2, 4]
 
 
-def test_exit_options_reach_forward_only_when_set(model_dir, monkeypatch):
+def test_exit_options_reach_forward_as_one_exit_spec(model_dir, monkeypatch):
+    """Forward gets one `ExitSpec`: the model's own unless an option was set, for the pipeline or for one call."""
     pipe = pipeline(model_dir)
     calls = []
     original = pipe.model.forward
@@ -142,17 +142,19 @@ def test_exit_options_reach_forward_only_when_set(model_dir, monkeypatch):
         calls.append(kwargs)
         return original(*args, **kwargs)
 
-    spy.__signature__ = inspect.signature(original)
     monkeypatch.setattr(pipe.model, "forward", spy)
     pipe(["a film"])
     assert not {"patience", "exit_criterion", "exit_threshold", "max_exit_layer"} & set(calls[-1])
+    assert calls[-1]["exit_spec"] == pipe.model.config.exit_spec
     pipe(["a film"], patience=3)
-    assert calls[-1]["patience"] == 3
+    assert calls[-1]["exit_spec"].patience == 3
     fixed = pipeline(pipe.model, pipe.tokenizer, patience=2)
     fixed(["a film"])
-    assert calls[-1]["patience"] == 2
+    assert calls[-1]["exit_spec"].patience == 2
     fixed(["a film"], patience=0)
-    assert calls[-1]["patience"] == 0
+    assert calls[-1]["exit_spec"].patience == 0
+    fixed(["a film"], exit_spec=ExitSpec("static", threshold=2))
+    assert calls[-1]["exit_spec"] == ExitSpec("static", threshold=2)
 
 
 def test_exit_criteria_and_the_layer_cap_reach_the_model(model_dir, sst2_dev_sentences):

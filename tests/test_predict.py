@@ -7,9 +7,9 @@ import json
 import pytest
 
 from pabee.cli import main
+from pabee.data import read_text_file
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import pipeline
-from pabee.predict import read_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -169,8 +169,8 @@ def test_bad_input_is_one_line_and_exit_code_2(case, message, model_dir, tmp_pat
         assert predict(*argv, "--overwrite") == 0 and read_jsonl(tmp_path / "taken.jsonl")[0]["text"] == "fine"
 
 
-def test_read_inputs_keeps_line_numbers_and_pairs(tmp_path):
+def test_read_text_file_keeps_line_numbers_and_pairs(tmp_path):
     path = tmp_path / "x.txt"
     path.write_text("one\n\ntwo\tthree\r\n", encoding="utf-8")
-    rows = read_inputs(path)
+    rows = read_text_file(path)
     assert [(r.line, r.text, r.text_pair) for r in rows] == [(1, "one", None), (3, "two", "three")]

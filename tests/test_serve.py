@@ -20,10 +20,12 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from pabee.arguments import ServeArguments
+from pabee.batching import BatchFailed, MicroBatcher, ShuttingDown
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import PabeePipeline, pipeline
-from pabee.serve import BatchFailed, MicroBatcher, ServeArguments, ShuttingDown, app_from_args, create_app
+from pabee.serve import app_from_args, create_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -268,13 +270,43 @@ def test_serve_without_the_server_packages_says_how_to_install_them(monkeypatch,
     assert 'pip install "pabee[serve]"' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--model", "m"],
+        ["predict", "--model", "m", "--input", "x"],
+        ["bench"],
+        ["run-glue", "--output_dir", "o"],
+    ],
+)
+def test_an_unknown_flag_prints_the_usage_and_exits_2(argv, capsys):
+    command = argv[0]
+    assert main([*argv, "--bogus_flag", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: pabee {command}") and "--bogus_flag" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "--model", "m", "--max_batch_size", "0"], "--max_batch_size=0 is invalid"),
+        (["serve", "--model", "m", "--max_wait_ms=-1"], "--max_wait_ms=-1.0 is invalid"),
+        (["serve", "--model", "m", "--threads", "0"], "--threads=0 is invalid"),
+        (["predict", "--model", "m", "--input", "x", "--max_exit_layer", "0"], "max_exit_layer=0 is invalid"),
+    ],
+)
+def test_a_bad_value_is_one_line_and_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
 @contextmanager
 def server_process(argv: list, log_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
     """`pabee serve ARGV --port <free>` in a process of its own, yielded once /health answers 200; killed on exit
@@ -327,6 +359,7 @@ def test_the_model_is_loaded_and_run_in_the_forward_thread(model_dir, sst2_dev_s
     assert app.state.pipeline.model.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_real_server_process_answers_and_finishes_in_flight_requests_on_shutdown(model_dir, tmp_path):
     argv = ["--model", model_dir, "--threads", "1", "--max_wait_ms", "1000"]
     with server_process(argv, tmp_path / "server.log") as (server, url):

@@ -249,6 +249,15 @@ class InferenceArguments:
         """The exit settings given on the command line (the model's own apply to the rest)."""
         return {name: getattr(self, name) for name in EXIT_OPTIONS if getattr(self, name) is not None}
 
+    def pipeline_options(self) -> dict[str, Any]:
+        """`PabeePipeline.from_pretrained` keywords these flags set; the batch size is each command's own."""
+        return {
+            "max_length": self.max_seq_length,
+            "exit_options": self.exit_options(),
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+        }
+
 
 @dataclass(kw_only=True)
 class PredictArguments(InferenceArguments):

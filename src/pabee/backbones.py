@@ -14,6 +14,17 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
+__all__ = [
+    "ADAPTERS",
+    "AlbertAdapter",
+    "BertAdapter",
+    "DebertaV2Adapter",
+    "DistilBertAdapter",
+    "ElectraAdapter",
+    "EncoderAdapter",
+    "adapter_for",
+]
+
 
 class EncoderAdapter:
     """How to embed, run layer *i* and pool for one family of Hugging Face encoders."""

@@ -165,9 +165,12 @@ def run_command(name: str, argv: Sequence[str]) -> int:
         missing = [flag for flag in spec.required if not _has_flag(argv, flag)]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)}")
+    unknown = parser.parse_known_args(argv)[1]  # before the dataclasses check their values
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:  # unknown flags, and TrainingArguments' own checks
+    except ValueError as error:  # TrainingArguments' own checks
         parser.error(str(error))
     return spec.run(tuple(parsed), command_line)
 

@@ -35,6 +35,7 @@ class PabeeConfig(PreTrainedConfig):
     """
 
     model_type = "pabee"
+    keys_to_ignore_at_inference = ["logits", "exit_layers"]  # Trainer's predictions: `all_logits` alone
     sub_configs_defaults = {"encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
 
     encoder_config: PreTrainedConfig | dict | None = None

@@ -20,6 +20,20 @@ from . import __version__
 from .errors import DataError, PabeeError
 from .glue import GlueTask, TaskSpec, read_glue_tsv, task_dir
 
+__all__ = [
+    "HUB_DATASET",
+    "InputRow",
+    "TEXT_FORMATS",
+    "TaskData",
+    "infer_task",
+    "load_glue",
+    "load_user_files",
+    "read_examples_file",
+    "read_jsonl_records",
+    "read_text_file",
+    "tokenize",
+]
+
 HUB_DATASET = "nyu-mll/glue"
 csv.field_size_limit(sys.maxsize)  # a long text in one csv cell is an example, not an error
 

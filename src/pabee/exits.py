@@ -29,6 +29,33 @@ from typing import Any, ClassVar
 
 import torch
 
+__all__ = [
+    "CRITERIA",
+    "ConfidenceCriterion",
+    "DEFAULT_THRESHOLDS",
+    "EXIT_OPTIONS",
+    "EntropyCriterion",
+    "ExitCriterion",
+    "ExitSpec",
+    "ExitTracker",
+    "MULTI_LABEL",
+    "PROBLEM_TYPES",
+    "PatienceConfidenceCriterion",
+    "PatienceCriterion",
+    "REGRESSION",
+    "SINGLE_LABEL",
+    "StaticCriterion",
+    "check_max_exit_layer",
+    "check_patience",
+    "check_regression_threshold",
+    "confidence",
+    "entropy",
+    "logits_at_exit",
+    "make_criterion",
+    "predictions",
+    "sweep_exit_layers",
+]
+
 SINGLE_LABEL = "single_label_classification"
 MULTI_LABEL = "multi_label_classification"
 REGRESSION = "regression"
@@ -417,7 +444,11 @@ class ExitSpec:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> ExitSpec:
         """A spec from keyword options (`exit_criterion`, `patience`, `exit_threshold`, `max_exit_layer`)."""
-        return cls().merged(**_spec_fields(options))
+        return cls().with_options(options)
+
+    def with_options(self, options: Mapping[str, Any]) -> ExitSpec:
+        """`merged` with keyword options by their `forward` names; an unknown name is a `ValueError`."""
+        return self.merged(**_spec_fields(options)) if options else self
 
     def merged(
         self,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .errors import DataError, PabeeError
 
+__all__ = ["EvalSplit", "GLUE_TASKS", "GlueTask", "TaskSpec", "get_task", "read_glue_tsv", "task_dir"]
+
 csv.field_size_limit(sys.maxsize)  # a few GLUE rows are longer than csv's default limit
 
 

@@ -21,7 +21,10 @@ from typing import Any
 from transformers import AutoModelForSequenceClassification, TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .pipeline import DEFAULT_MAX_LENGTH, EXIT_OPTIONS, supported_length
+from .exits import EXIT_OPTIONS
+from .pipeline import DEFAULT_MAX_LENGTH, supported_length
+
+__all__ = ["EarlyExitClassificationPipeline", "TASK", "register"]
 
 TASK = "early-exit-classification"
 

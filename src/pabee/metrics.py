@@ -6,6 +6,8 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+__all__ = ["METRIC_LABELS", "compute_metrics", "exit_statistics", "predictions_from_logits"]
+
 METRIC_LABELS = {
     "accuracy": "Acc",
     "f1": "F1",

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import profiler
 from torch.nn import functional as F
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from torch.autograd import profiler
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .backbones import EncoderAdapter, adapter_for
@@ -130,11 +130,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             raise ValueError(f"pooling={pooling!r} is not supported; choose one of {', '.join(POOLINGS)} or None.")
         name_or_path = bundled_model_path() if name_or_path is None else name_or_path
         encoder = AutoModel.from_pretrained(str(name_or_path))
-        adapter_for(encoder.config.model_type)  # fail early, before building anything
-        if pooling is None:
-            pooling = sentence_transformers_pooling(name_or_path)
-        if pooling is None:
-            pooling = "pooler" if adapter_for(encoder.config.model_type).has_pooler(encoder) else "cls"
+        pooling = pooling or _default_pooling(name_or_path, encoder)
         config = PabeeConfig(
             encoder_config=encoder.config,
             num_labels=num_labels,
@@ -301,7 +297,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
                 hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)  # (b, t, H)
             with _mark("pabee.classifiers"):
                 logits = self.classify(layer, hidden, attention_mask)  # (b, C)
-            with _mark("pabee.exit_tests"):
+            with _mark("pabee.exit_bookkeeping"):
                 leaving = tracker.update(logits) if layer < limit - 1 else torch.ones_like(rows, dtype=torch.bool)
                 if not leaving.any():
                     continue
@@ -312,10 +308,17 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
                 if not staying.any():
                     break
                 rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
+            with _mark("pabee.exit_bookkeeping"):
                 tracker.keep(staying)
             with _mark("pabee.attention_masks"):
                 mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
         return logits_out, exit_layers
+
+
+def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel) -> str:
+    """What a sentence-transformers checkpoint was trained with, else the encoder's pooler (or `[CLS]`)."""
+    adapter = adapter_for(encoder.config.model_type)  # an encoder without adapter fails here, before building
+    return sentence_transformers_pooling(name_or_path) or ("pooler" if adapter.has_pooler(encoder) else "cls")
 
 
 def _mark(part: str) -> AbstractContextManager:

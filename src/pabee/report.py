@@ -14,6 +14,20 @@ from typing import Any
 
 from .metrics import METRIC_LABELS
 
+__all__ = [
+    "bench_markdown",
+    "best_tradeoff",
+    "criteria_tables",
+    "layer_table",
+    "patience_table",
+    "plot_exit_histograms",
+    "plot_patience_curves",
+    "point_label",
+    "run_glue_markdown",
+    "run_glue_plots",
+    "settings_table",
+]
+
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
@@ -249,10 +263,10 @@ def _setting_name(row: dict[str, Any]) -> str:
     return f"{criterion} {row['patience'] if criterion == 'patience' else row['setting']}"
 
 
-def bench_markdown(report: dict[str, Any]) -> str:
-    """The bench tables, rendered from the JSON report."""
+def _bench_header(report: dict[str, Any]) -> list[str]:
+    """Title, model, data, command and the conditions every number below was measured under."""
     s, prov = report["settings"], report["provenance"]
-    lines = [
+    return [
         "# pabee bench",
         "",
         f"Model: `{prov['model']}`  ",
@@ -263,35 +277,56 @@ def bench_markdown(report: dict[str, Any]) -> str:
         f"transformers {prov['versions']['transformers']}; median of {s['repeats']} interleaved passes after "
         f"{s['warmup']} warm-up; length-sorted batches: {'yes' if s['sort_by_length'] else 'no'}.",
         "",
+    ]
+
+
+def _bench_rows_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per setting and batch size: layer vs measured speed-up, throughput, batch-size-1 latency."""
+    lines = [
         "| Setting | Batch | Avg. exit layer | Layer speed-up | Measured speed-up | Measured / layer | "
         "Early exit ex/s | Full ex/s | BS=1 ex/s | Batched / BS=1 | BS=1 p50 / p90 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["rows"]:
+    for r in rows:
         lines.append(
             f"| {_setting_name(r)} | {r['batch_size']} | {r['avg_exit_layer']:.2f} | {r['layer_speed_up']:.2f}x | "
             f"{r['measured_speed_up']:.2f}x | {r['measured_over_layer']:.2f} | {r['examples_per_s']:.0f} | "
             f"{r['full_examples_per_s']:.0f} | {r['bs1_examples_per_s']:.0f} | {r['batched_over_bs1']:.2f}x | "
             f"{r['bs1_latency_p50_ms']:.1f} / {r['bs1_latency_p90_ms']:.1f} / {r['bs1_latency_p99_ms']:.1f} |"
         )
-    lines += [
+    return lines
+
+
+def _bench_variants_table(variants: dict[str, dict[str, float]]) -> list[str]:
+    """Every timed variant with its spread, so noise is visible next to the medians."""
+    lines = [
         "",
         "| Variant | Examples/s (median) | Seconds (median) | Spread (max−min)/median |",
         "|---|---|---|---|",
     ]
-    for name, v in report["variants"].items():
+    for name, v in variants.items():
         lines.append(f"| {name} | {v['examples_per_s']:.1f} | {v['seconds_median']:.3f} | {v['spread_pct']:.1f}% |")
+    return lines
+
+
+def _bench_overheads(report: dict[str, Any]) -> list[str]:
+    """The engine's cost when nobody exits, what batching can gain at all, and the correctness check."""
     overhead = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["no_exit_overhead_pct"].items())
     heads = ", ".join(f"bs {b}: {v:+.1f}%" for b, v in report["heads_no_exit_overhead_pct"].items())
     ceiling = ", ".join(f"bs {b}: {v:.2f}x" for b, v in report["full_batched_over_bs1"].items())
-    lines += [
+    return [
         "",
         f"No-exit overhead (engine with patience ≥ layers vs plain forward): {overhead}.  ",
         f"Every head and exit test computed while nobody exits, vs plain forward: {heads}.  ",
         f"What batching gains the plain full model over one example at a time (the ceiling for early exit's "
         f"batched / BS=1 ratio): {ceiling}.  ",
+        f"Full vs engine logits, max abs difference: {report['check_full_vs_engine_max_abs_diff']:.2e}.",
     ]
-    lines.append(f"Full vs engine logits, max abs difference: {report['check_full_vs_engine_max_abs_diff']:.2e}.")
+
+
+def _bench_extras(report: dict[str, Any]) -> list[str]:
+    """The optional sections: training-step cost (`--training_cost`) and time per part (`--profile`)."""
+    lines = []
     if "training_cost" in report:
         t = report["training_cost"]
         lines += [
@@ -306,9 +341,16 @@ def bench_markdown(report: dict[str, Any]) -> str:
             total = parts["total"]
             shares = ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)" for k, v in parts.items() if k != "total")
             lines.append(f"- {name}: total {total:.3f} — {shares}")
-    lines += ["", "## Targets", "", "| Target | Goal | Measured | Met |", "|---|---|---|---|"]
-    for t in report["targets"].values():
-        measured = "—" if t["measured"] is None else f"{t['measured']:.3f}"
-        met = "—" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['what']} | {t['goal']} | {measured} | {met} |")
+    return lines
+
+
+def bench_markdown(report: dict[str, Any]) -> str:
+    """`bench.md`: the bench tables, rendered from the JSON report."""
+    lines = [
+        *_bench_header(report),
+        *_bench_rows_table(report["rows"]),
+        *_bench_variants_table(report["variants"]),
+        *_bench_overheads(report),
+        *_bench_extras(report),
+    ]
     return "\n".join(lines)

@@ -20,6 +20,15 @@ from .glue import GlueTask, get_task, task_dir
 from .pipeline import PabeePipeline
 from .provenance import write_atomic, write_json
 
+__all__ = [
+    "SUBMISSION_DIR",
+    "check_predict_setup",
+    "format_predictions",
+    "predict_glue_test",
+    "submission_filename",
+    "write_submission_file",
+]
+
 SUBMISSION_DIR = "glue_submission"
 _SPLIT_FILES = {"test_matched": "MNLI-m", "test_mismatched": "MNLI-mm"}
 

@@ -1,8 +1,8 @@
-"""`pabee run-glue`: Trainer-based fine-tuning of a PABEE model and evaluation across patiences.
+"""`pabee run-glue`: fine-tune a PABEE model with Trainer and evaluate it across exit settings.
 
-Evaluation makes one pass over the data that keeps every layer's logits, then reads every patience off those
-logits with the same exit rule real inference uses (`sweep_exit_layers`), so a whole patience list costs one
-full forward pass.
+`run_glue` runs the stages in order — check, load, train, evaluate, write — each a function below, so every stage
+can be read (and changed) on its own. The flags check themselves (`pabee.arguments`); the evaluation lives in
+`pabee.evaluate` and the tables and plots in `pabee.report`.
 """
 
 from __future__ import annotations
@@ -10,125 +10,61 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import datasets
 import torch
 from transformers import (
     AutoConfig,
     AutoTokenizer,
     DataCollatorWithPadding,
-    EvalPrediction,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .backbones import ADAPTERS
+from .arguments import RunGlueArguments
 from .data import TaskData, load_glue, load_user_files, tokenize
 from .errors import PabeeError
-from .exit_settings import ExitArguments, ExitSetting, check_settings, exit_settings, parse_criteria, parse_thresholds
-from .exits import check_regression_threshold, logits_at_exit, sweep_exit_layers
+from .evaluate import metrics_during_training, sweep_results
+from .exits import ExitSpec
 from .glue import TaskSpec, get_task
-from .metrics import METRIC_LABELS, compute_metrics, exit_statistics, predictions_from_logits
 from .modeling import PabeeForSequenceClassification
 from .pretrained import bundled_model_path
-from .results import (
-    best_tradeoff,
-    layer_table,
-    patience_table,
-    plot_exit_histograms,
-    plot_patience_curves,
-    provenance,
-    settings_table,
-    write_atomic,
-    write_json,
-)
+from .provenance import provenance, write_atomic, write_json
+from .report import criteria_tables, run_glue_markdown, run_glue_plots
+from .sweeps import check_specs, exit_specs
+
+__all__ = ["RESULT_FILES", "RUN_FILE", "load_model", "load_task_data", "prepare_output_dir", "run_glue"]
 
 RESULT_FILES = ("eval_results.json", "eval_results.md", "patience_curve.png", "exit_histograms.png")
 RUN_FILE = "pabee_run.json"  # what a training run in this folder is, so a resume cannot mix two runs
 
 
-@dataclass
-class RunGlueArguments(ExitArguments):
-    """Flags of `pabee run-glue` beyond `TrainingArguments`; the research script's names are kept verbatim."""
-
-    task_name: str | None = field(
-        default=None, metadata={"help": "GLUE task: CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI."}
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata={"help": "GLUE TSV folder of the task (or the GLUE root). Omitted: load nyu-mll/glue from the hub."},
-    )
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Encoder checkpoint or fine-tuned PABEE folder. Default: the bundled MiniLM."}
-    )
-    model_type: str | None = field(
-        default=None,
-        metadata={"help": "Encoder type; inferred from the checkpoint.", "choices": sorted(ADAPTERS)},
-    )
-    patience: str = field(
-        default="1,2,3,4,5",
-        metadata={
-            "help": "Comma-separated patiences to evaluate (0 = full model, always included). The first non-zero "
-            "one becomes the saved model's default patience."
-        },
-    )
-    regression_threshold: float = field(default=0.1, metadata={"help": "Agreement threshold for regression."})
-    pooling: str = field(
-        default="auto",
-        metadata={"help": "What the classifiers read.", "choices": ["auto", "pooler", "cls", "mean"]},
-    )
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
-    do_lower_case: bool = field(
-        default=False, metadata={"help": "Accepted for compatibility; the tokenizer's own setting decides."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Reuse a non-empty --output_dir: its checkpoints and results are replaced, nothing else."},
-    )
-    eval_all_checkpoints: bool = field(
-        default=False, metadata={"help": "Evaluate every checkpoint-* folder in --output_dir and the final model."}
-    )
-    evaluate_during_training: bool = field(
-        default=False, metadata={"help": "Research-script spelling of --eval_strategy steps."}
-    )
-    per_gpu_train_batch_size: int | None = field(
-        default=None, metadata={"help": "Research-script spelling of --per_device_train_batch_size."}
-    )
-    per_gpu_eval_batch_size: int | None = field(
-        default=None, metadata={"help": "Research-script spelling of --per_device_eval_batch_size."}
-    )
-    train_file: str | None = field(default=None, metadata={"help": "Your own training data (csv, tsv or jsonl)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Your own evaluation data."})
-    task_type: str = field(
-        default="auto",
-        metadata={"help": "For your own data.", "choices": ["auto", "classification", "regression"]},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again instead of using the cache."})
+# --- check ---------------------------------------------------------------------------------------------------
 
 
-def parse_patience_list(value: str) -> list[int]:
-    """`"3,4,5"` → `[0, 3, 4, 5]`: whole numbers >= 0, in the given order, the full model (0) first."""
-    patiences = []
-    for part in str(value).split(","):
-        part = part.strip()
-        if not re.fullmatch(r"\d+", part):
-            raise PabeeError(
-                f"--patience {value!r} is invalid: {part!r} is not a whole number >= 0 (use e.g. --patience 3,4,5)."
-            )
-        if int(part) not in patiences:
-            patiences.append(int(part))
-    return [0, *(p for p in patiences if p != 0)]
+def check(args: RunGlueArguments, training_args: TrainingArguments) -> None:
+    """What only both sets of flags together can tell, before any folder or model is touched."""
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise PabeeError("Nothing to do: pass --do_train and/or --do_eval (or --do_predict for GLUE test files).")
+    if training_args.do_predict:  # GLUE submission files: checked before training, written after it
+        from .submission import check_predict_setup
+
+        check_predict_setup(args.task_name, args.data_dir, training_args.output_dir, args.overwrite_output_dir)
 
 
 def _non_empty(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def _run_identity(args: RunGlueArguments, name_or_path: str) -> dict[str, Any]:
@@ -137,6 +73,26 @@ def _run_identity(args: RunGlueArguments, name_or_path: str) -> dict[str, Any]:
         "train_file": str(Path(args.train_file).resolve()) if args.train_file else None,
         "model_name_or_path": name_or_path,
     }
+
+
+def _same_run_checkpoint(out: Path, args: RunGlueArguments, name_or_path: str) -> str:
+    """The last checkpoint in `out` when it belongs to this run; checkpoints of another run are an error."""
+    last = get_last_checkpoint(str(out))
+    if last is None:
+        raise PabeeError(
+            f"--output_dir {out} exists and is not empty. Pass --overwrite_output_dir to replace its contents, "
+            "or choose another folder."
+        )
+    try:
+        previous = json.loads((out / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    if previous != _run_identity(args, name_or_path):
+        raise PabeeError(
+            f"--output_dir {out} holds checkpoints of another run ({previous or 'unknown'}); pass "
+            "--overwrite_output_dir to start afresh there, or choose another folder."
+        )
+    return last
 
 
 def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> str | None:
@@ -149,45 +105,51 @@ def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments,
     if out.exists() and not out.is_dir():
         raise PabeeError(f"--output_dir {out} exists and is not a folder.")
     resume = training_args.resume_from_checkpoint
-    if training_args.do_train:
-        if resume is not None:
-            if not Path(resume).is_dir():
-                raise PabeeError(f"--resume_from_checkpoint {resume} is not a folder.")
-            return resume
-        if _non_empty(out) and not args.overwrite_output_dir:
-            last = get_last_checkpoint(str(out))
-            if last is not None:
-                identity = _run_identity(args, name_or_path)
-                try:
-                    previous = json.loads((out / RUN_FILE).read_text())
-                except (OSError, json.JSONDecodeError):
-                    previous = None
-                if previous != identity:
-                    raise PabeeError(
-                        f"--output_dir {out} holds checkpoints of another run ({previous or 'unknown'}); pass "
-                        "--overwrite_output_dir to start afresh there, or choose another folder."
-                    )
-                return last
-            raise PabeeError(
-                f"--output_dir {out} exists and is not empty. Pass --overwrite_output_dir to replace its contents, "
-                "or choose another folder."
-            )
-        if _non_empty(out) and args.overwrite_output_dir:
-            # Only what a previous run wrote: stale checkpoints would be resumed or evaluated as this run's.
-            for checkpoint in _checkpoints(out):
-                shutil.rmtree(checkpoint)
-            for name in (*RESULT_FILES, RUN_FILE, "trainer_state.json"):
-                (out / name).unlink(missing_ok=True)
-    elif not args.overwrite_output_dir:
+    if not training_args.do_train:
         taken = [name for name in RESULT_FILES if (out / name).exists()]
-        if taken:
+        if taken and not args.overwrite_output_dir:
             raise PabeeError(
                 f"--output_dir {out} already holds {', '.join(taken)}; pass --overwrite_output_dir to replace them."
             )
+        return None
+    if resume is not None:
+        if not Path(resume).is_dir():
+            raise PabeeError(f"--resume_from_checkpoint {resume} is not a folder.")
+        return resume
+    if not _non_empty(out):
+        return None
+    if not args.overwrite_output_dir:
+        return _same_run_checkpoint(out, args, name_or_path)
+    # Only what a previous run wrote: stale checkpoints would be resumed or evaluated as this run's.
+    for checkpoint in _checkpoints(out):
+        shutil.rmtree(checkpoint)
+    for name in (*RESULT_FILES, RUN_FILE, "trainer_state.json"):
+        (out / name).unlink(missing_ok=True)
     return None
 
 
+# --- load ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What the stages share: the model and its tokenizer, the data, and the exit settings to evaluate."""
+
+    name_or_path: str
+    tokenizer: PreTrainedTokenizerBase
+    data: TaskData
+    model: PabeeForSequenceClassification
+    specs: dict[str, list[ExitSpec]]
+    train_set: datasets.Dataset | None
+    eval_sets: dict[str, datasets.Dataset]
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.data.task
+
+
 def load_task_data(args: RunGlueArguments, training_args: TrainingArguments, labels=None) -> TaskData:
+    """The splits the flags ask for (a GLUE task, or your own files), cut to `--max_*_samples`."""
     if args.task_name is not None:
         task = get_task(args.task_name)
         data = load_glue(task, args.data_dir, train=training_args.do_train, evaluate=training_args.do_eval, test=False)
@@ -226,7 +188,7 @@ def load_model(args: RunGlueArguments, task: TaskSpec, name_or_path: str) -> Pab
     encoder_type = config.encoder_config.model_type if config.model_type == "pabee" else config.model_type
     if args.model_type is not None and args.model_type != encoder_type:
         raise PabeeError(f"--model_type {args.model_type} does not match the checkpoint's encoder ({encoder_type}).")
-    threshold = check_regression_threshold(args.regression_threshold)
+    threshold = args.regression_threshold
     if config.model_type == "pabee":
         model = PabeeForSequenceClassification.from_pretrained(name_or_path, regression_threshold=threshold)
         if model.config.num_labels != task.num_labels:
@@ -249,79 +211,152 @@ def load_model(args: RunGlueArguments, task: TaskSpec, name_or_path: str) -> Pab
         raise PabeeError(str(error)) from None
 
 
-def sweep_results(
-    model: PabeeForSequenceClassification,
-    all_logits: np.ndarray,
-    labels: np.ndarray,
-    task: TaskSpec,
-    patiences: list[int],
-    settings: dict[str, list[ExitSetting]] | None = None,
-    max_exit_layer: int | None = None,
-) -> dict[str, Any]:
-    """Metrics and exit statistics for every patience and every other criterion's setting, all read off one
-    full pass, and every internal classifier's own metrics."""
-    all_logits_t = torch.as_tensor(all_logits)
-    num_layers = all_logits_t.shape[1]
-    regression = model.config.is_regression
+def _default_exit(specs: list[ExitSpec]) -> ExitSpec:
+    """The setting the saved model answers with: the first criterion's first early-exit setting (capped)."""
+    return next((spec for spec in specs if not spec.is_full_model), specs[0])
 
-    def evaluate(setting: ExitSetting) -> dict[str, Any]:
-        criterion = model.get_exit_criterion(**setting.options(max_exit_layer))
-        exit_layers = sweep_exit_layers(criterion, all_logits_t)
-        chosen = logits_at_exit(all_logits_t, exit_layers).numpy()
-        row = setting.describe()
-        row.update(compute_metrics(task.metrics, predictions_from_logits(chosen, regression), labels))
-        row.update(exit_statistics(exit_layers.numpy(), num_layers))
-        return row
 
-    per_layer = [
-        {
-            "layer": layer + 1,
-            **compute_metrics(task.metrics, predictions_from_logits(all_logits[:, layer], regression), labels),
-        }
-        for layer in range(num_layers)
-    ]
-    result = {
-        "num_examples": int(len(labels)),
-        "num_layers": num_layers,
-        "patiences": [evaluate(ExitSetting("patience", patience=p)) for p in patiences],
-        "per_layer": per_layer,
+def _tokenized(
+    args: RunGlueArguments, training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase, data: TaskData
+) -> tuple[datasets.Dataset | None, dict[str, datasets.Dataset]]:
+    """The training set and every evaluation split, tokenized (and cached) once, by the main process first."""
+
+    def prepared(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+        key = data.cache_keys.get(split)
+        return tokenize(
+            dataset, tokenizer, args.max_seq_length, split=split, cache_key=key, overwrite_cache=args.overwrite_cache
+        )
+
+    with training_args.main_process_first(desc="tokenizing"):
+        train_set = prepared(data.train, "train") if data.train is not None else None
+        return train_set, {name: prepared(ds, name) for name, ds in data.eval.items()}
+
+
+def load(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> Setup:
+    """Tokenizer, data and model; every exit setting is built once here, so a bad one stops us before training."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise PabeeError(f"Cannot load a tokenizer from {name_or_path!r}: {error}") from None
+    data = load_task_data(args, training_args, labels=_labels_of_finetuned(args, name_or_path))
+    set_seed(training_args.seed)  # before the fresh classifiers are initialised, so a run is reproducible
+    model = load_model(args, data.task, name_or_path)
+    specs = exit_specs(args.criteria, args.patiences, args.thresholds, model.num_layers, args.max_exit_layer)
+    check_specs(model.config, specs)
+    model.config.patience = args.patiences[1] if len(args.patiences) > 1 else 0
+    model.config.exit_spec = _default_exit(specs[args.criteria[0]])
+    train_set, eval_sets = _tokenized(args, training_args, tokenizer, data)
+    return Setup(name_or_path, tokenizer, data, model, specs, train_set, eval_sets)
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+
+
+def make_trainer(args: RunGlueArguments, training_args: TrainingArguments, setup: Setup) -> Trainer:
+    """The Trainer for training and for evaluating the final model; evaluation during training logs every
+    patience's metrics."""
+    if not torch.cuda.is_available():  # pinning is a no-op without a GPU, and torch warns about it
+        training_args.dataloader_pin_memory = False
+    eval_sets = setup.eval_sets
+    return Trainer(
+        model=setup.model,
+        args=training_args,
+        train_dataset=setup.train_set,
+        eval_dataset=(next(iter(eval_sets.values())) if len(eval_sets) == 1 else eval_sets) or None,
+        data_collator=DataCollatorWithPadding(setup.tokenizer),
+        processing_class=setup.tokenizer,
+        compute_metrics=metrics_during_training(setup.model, setup.task, args.patiences, args.max_exit_layer),
+    )
+
+
+def train(args: RunGlueArguments, trainer: Trainer, setup: Setup, resume: str | None) -> dict[str, Any]:
+    """Fine-tune (resuming from `resume` if given) and save the model; returns the training summary."""
+    if trainer.is_world_process_zero():
+        if resume is not None:
+            print(f"Resuming training from {resume}")
+        write_json(Path(trainer.args.output_dir) / RUN_FILE, _run_identity(args, setup.name_or_path))
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    return {**result.metrics, "global_step": result.global_step, "train_samples": len(setup.train_set)}
+
+
+def predict_test(args: RunGlueArguments, trainer: Trainer, setup: Setup) -> None:
+    """`--do_predict`: GLUE submission files from real early exit with the saved model's setting."""
+    from .submission import predict_glue_test
+
+    sizes = {"max_length": args.max_seq_length, "batch_size": trainer.args.per_device_eval_batch_size}
+    predict_glue_test(setup.model, setup.tokenizer, args.task_name, args.data_dir, trainer.args.output_dir, **sizes)
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------
+
+
+def _split_results(args: RunGlueArguments, evaluator: Trainer, setup: Setup) -> dict[str, dict[str, Any]]:
+    """Every evaluation split of the evaluator's model through one full pass, every exit setting read off it."""
+    splits = {}
+    for split, dataset in setup.eval_sets.items():
+        output = evaluator.predict(dataset, metric_key_prefix=f"eval_{split}")
+        splits[split] = sweep_results(
+            evaluator.model,
+            output.predictions,
+            output.label_ids,
+            setup.task,
+            args.patiences,
+            setup.specs,
+            args.max_exit_layer,
+        )
+    return splits
+
+
+def evaluate(args: RunGlueArguments, trainer: Trainer, setup: Setup) -> list[dict[str, Any]]:
+    """Each `checkpoint-*` (with `--eval_all_checkpoints`), then the final model, on every evaluation split."""
+    output_dir = Path(trainer.args.output_dir)
+    evaluations = []
+    for checkpoint in _checkpoints(output_dir) if args.eval_all_checkpoints else []:
+        evaluator = Trainer(  # the eval set too: Trainer refuses --eval_strategy steps without one
+            model=load_model(args, setup.task, str(checkpoint)),
+            args=trainer.args,
+            eval_dataset=trainer.eval_dataset,
+            data_collator=trainer.data_collator,
+            processing_class=setup.tokenizer,
+        )
+        splits = _split_results(args, evaluator, setup)
+        evaluations.append({"model": checkpoint.name, "path": str(checkpoint), "splits": splits})
+    evaluations.append({"model": "final", "path": str(output_dir), "splits": _split_results(args, trainer, setup)})
+    return evaluations
+
+
+# --- write ---------------------------------------------------------------------------------------------------
+
+
+def new_report(args: RunGlueArguments, setup: Setup, command: str | None) -> dict[str, Any]:
+    """The results skeleton, with the provenance of the run as it starts; the stages fill in the rest."""
+    task = setup.task
+    return {
+        "task": task.name,
+        "metrics": list(task.metrics),
+        "main_metric": task.main_metric,
+        "patiences": args.patiences,
+        "criteria": args.criteria,
+        "max_exit_layer": args.max_exit_layer,
+        "provenance": provenance(command, model=setup.name_or_path, data=setup.data.sources),
+        "training": None,
+        "evaluations": [],
     }
-    others = {name: items for name, items in (settings or {}).items() if name != "patience"}
-    if others:
-        result["criteria"] = {name: [evaluate(s) for s in items] for name, items in others.items()}
-    return result
 
 
-def _metrics_during_training(model, task: TaskSpec, patiences: list[int]):
-    """`compute_metrics` for Trainer: the task metrics of every patience, flattened for the log."""
-
-    def compute(prediction: EvalPrediction) -> dict[str, float]:
-        _, all_logits, _ = prediction.predictions
-        summary = sweep_results(model, all_logits, prediction.label_ids, task, patiences)
-        flat: dict[str, float] = {}
-        for row in summary["patiences"]:
-            prefix = "full" if row["patience"] == 0 else f"p{row['patience']}"
-            for name in (*task.metrics, "speed_up"):
-                flat[f"{prefix}_{name}"] = row[name]
-        return flat
-
-    return compute
-
-
-def _store_default_exit(model, settings: list[ExitSetting], max_exit_layer: int | None) -> None:
-    """The saved model answers with the first criterion's first early-exit setting unless told otherwise."""
-    setting = next((s for s in settings if not s.is_full_model), settings[0])
-    config = model.config
-    config.exit_criterion = setting.criterion
-    config.exit_threshold = setting.threshold
-    if setting.patience is not None:
-        config.patience = setting.patience
-    config.max_exit_layer = max_exit_layer
-
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def write_results(report: dict[str, Any], output_dir: Path) -> Path:
+    """`eval_results.json`, `eval_results.md` and the plots; the final model's tables are printed too."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "eval_results.json", report)
+    write_atomic(output_dir / "eval_results.md", run_glue_markdown(report) + "\n")
+    run_glue_plots(report, output_dir)
+    for split, result in report["evaluations"][-1]["splits"].items():
+        print(f"\n{report['task']} {split} ({result['num_examples']} examples, {result['num_layers']} layers):\n")
+        print("\n".join(criteria_tables(report, result)).rstrip())
+    print(f"\nResults: {output_dir / 'eval_results.md'} (table), eval_results.json, patience_curve.png")
+    return output_dir / "eval_results.json"
 
 
 def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: str | None = None) -> Path | None:
@@ -329,127 +364,19 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
 
     `command` is the command line recorded in the results (default: this process's `sys.argv`).
     """
-    if args.task_name is None and args.train_file is None and args.validation_file is None:
-        raise PabeeError("Give --task_name (a GLUE task) or --train_file / --validation_file (your own data).")
-    if args.task_name is not None:
-        get_task(args.task_name)  # unknown task: fail before touching any folder
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        raise PabeeError("Nothing to do: pass --do_train and/or --do_eval (or --do_predict for GLUE test files).")
-    if training_args.do_predict:  # GLUE submission files: checked before training, written after it
-        from .submission import check_predict_setup
-
-        check_predict_setup(args.task_name, args.data_dir, training_args.output_dir, args.overwrite_output_dir)
-    patiences = parse_patience_list(args.patience)
-    criteria = parse_criteria(args.exit_criterion)
-    thresholds = parse_thresholds(args.exit_threshold, criteria)
-    try:
-        check_regression_threshold(args.regression_threshold)
-    except ValueError as error:
-        raise PabeeError(f"--{error}") from None
-    if args.max_seq_length < 8:
-        raise PabeeError(f"--max_seq_length {args.max_seq_length} is too small; use at least 8.")
+    check(args, training_args)
     name_or_path = args.model_name_or_path or str(bundled_model_path())
     resume = prepare_output_dir(args, training_args, name_or_path)
-    output_dir = Path(training_args.output_dir)
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise PabeeError(f"Cannot load a tokenizer from {name_or_path!r}: {error}") from None
-    data = load_task_data(args, training_args, labels=_labels_of_finetuned(args, name_or_path))
-    task = data.task
-    set_seed(training_args.seed)  # before the fresh classifiers are initialised, so a run is reproducible
-    model = load_model(args, task, name_or_path)
-    model.config.patience = patiences[1] if len(patiences) > 1 else 0
-    settings = exit_settings(criteria, patiences, thresholds, model.num_layers)
-    check_settings(model, settings, args.max_exit_layer)  # a bad threshold stops us before training
-    _store_default_exit(model, settings[criteria[0]], args.max_exit_layer)
-
-    def prepared(dataset, split):
-        return tokenize(
-            dataset,
-            tokenizer,
-            args.max_seq_length,
-            split=split,
-            cache_key=data.cache_keys.get(split),
-            overwrite_cache=args.overwrite_cache,
-        )
-
-    with training_args.main_process_first(desc="tokenizing"):
-        train_set = prepared(data.train, "train") if data.train is not None else None
-        eval_sets = {name: prepared(ds, name) for name, ds in data.eval.items()}
-
-    if not torch.cuda.is_available():  # pinning is a no-op without a GPU, and torch warns about it
-        training_args.dataloader_pin_memory = False
-    collator = DataCollatorWithPadding(tokenizer)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_set,
-        eval_dataset=(next(iter(eval_sets.values())) if len(eval_sets) == 1 else eval_sets) or None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=_metrics_during_training(model, task, patiences),
-    )
-    report: dict[str, Any] = {
-        "task": task.name,
-        "metrics": list(task.metrics),
-        "main_metric": task.main_metric,
-        "patiences": patiences,
-        "criteria": criteria,
-        "max_exit_layer": args.max_exit_layer,
-        "provenance": provenance(command, model=name_or_path, data=data.sources),
-        "training": None,
-        "evaluations": [],
-    }
-    if resume is not None and trainer.is_world_process_zero():
-        print(f"Resuming training from {resume}")
+    setup = load(args, training_args, name_or_path)
+    trainer = make_trainer(args, training_args, setup)
+    report = new_report(args, setup, command)
     if training_args.do_train:
-        if trainer.is_world_process_zero():
-            write_json(output_dir / RUN_FILE, _run_identity(args, name_or_path))
-        result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()
-        trainer.save_state()
-        report["training"] = {**result.metrics, "global_step": result.global_step, "train_samples": len(train_set)}
-
+        report["training"] = train(args, trainer, setup, resume)
     if training_args.do_predict and trainer.is_world_process_zero():
-        from .submission import predict_glue_test
-
-        sizes = {"max_length": args.max_seq_length, "batch_size": training_args.per_device_eval_batch_size}
-        predict_glue_test(model, tokenizer, args.task_name, args.data_dir, output_dir, **sizes)
-
+        predict_test(args, trainer, setup)
     if not training_args.do_eval:
         return None
-    targets: list[tuple[str, str | None]] = []
-    if args.eval_all_checkpoints:
-        targets += [(p.name, str(p)) for p in _checkpoints(output_dir)]
-    targets.append(("final", None))
-    for label, path in targets:
-        evaluated = model if path is None else load_model(args, task, path)
-        evaluator = (
-            trainer
-            if path is None
-            else Trainer(model=evaluated, args=training_args, data_collator=collator, processing_class=tokenizer)
-        )
-        splits = {}
-        for split, dataset in eval_sets.items():
-            output = evaluator.predict(dataset, metric_key_prefix=f"eval_{split}")
-            _, all_logits, _ = output.predictions
-            splits[split] = sweep_results(
-                evaluated, all_logits, output.label_ids, task, patiences, settings, args.max_exit_layer
-            )
-        report["evaluations"].append({"model": label, "path": path or str(output_dir), "splits": splits})
-
+    report["evaluations"] = evaluate(args, trainer, setup)
     if not trainer.is_world_process_zero():
         return None
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "eval_results.json", report)
-    markdown = _render_markdown(report)
-    write_atomic(output_dir / "eval_results.md", markdown + "\n")
-    final = report["evaluations"][-1]
-    _comparison_plots(report, output_dir)
-    for split, result in final["splits"].items():
-        print(f"\n{task.name} {split} ({result['num_examples']} examples, {result['num_layers']} layers):\n")
-        print("\n".join(_criteria_tables(report, result)).rstrip())
-    print(f"\nResults: {output_dir / 'eval_results.md'} (table), eval_results.json, patience_curve.png")
-    return output_dir / "eval_results.json"
+    return write_results(report, Path(training_args.output_dir))

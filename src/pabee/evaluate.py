@@ -1,0 +1,94 @@
+"""`run-glue`'s evaluation: every exit setting read off one full pass.
+
+Trainer's predictions are every layer's logits `[examples, layers, labels]` (the config's
+`keys_to_ignore_at_inference` drops the rest), and each setting's exit layers come from them through the same rule
+real inference uses (`sweep_exit_layers`), so a whole sweep costs one forward pass and cannot disagree with
+early exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import EvalPrediction
+
+from .exits import ExitSpec, logits_at_exit, sweep_exit_layers
+from .glue import TaskSpec
+from .metrics import compute_metrics, exit_statistics, predictions_from_logits
+from .modeling import PabeeForSequenceClassification
+
+__all__ = ["layer_metrics", "metrics_during_training", "setting_row", "sweep_results"]
+
+
+def setting_row(
+    model: PabeeForSequenceClassification, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
+) -> dict[str, Any]:
+    """One results row: the setting, the task metrics of the answers it gives, and where examples exit."""
+    exit_layers = sweep_exit_layers(model.get_exit_criterion(spec), all_logits)
+    chosen = logits_at_exit(all_logits, exit_layers).numpy()
+    predictions = predictions_from_logits(chosen, model.config.is_regression)
+    return {
+        **spec.describe(),
+        **compute_metrics(task.metrics, predictions, labels),
+        **exit_statistics(exit_layers.numpy(), all_logits.shape[1]),
+    }
+
+
+def layer_metrics(all_logits: np.ndarray, labels: np.ndarray, task: TaskSpec, regression: bool) -> list[dict]:
+    """Each internal classifier's metrics on its own, layer 1 first."""
+    return [
+        {"layer": layer + 1, **compute_metrics(task.metrics, predictions_from_logits(logits, regression), labels)}
+        for layer, logits in enumerate(np.moveaxis(np.asarray(all_logits), 1, 0))
+    ]
+
+
+def sweep_results(
+    model: PabeeForSequenceClassification,
+    all_logits: np.ndarray,
+    labels: np.ndarray,
+    task: TaskSpec,
+    patiences: Sequence[int],
+    specs: Mapping[str, Sequence[ExitSpec]] | None = None,
+    max_exit_layer: int | None = None,
+) -> dict[str, Any]:
+    """Rows for every patience (capped at `max_exit_layer`) and for every other criterion's settings in `specs`
+    (which carry their own cap), plus each layer's own metrics; the shape of one split in `eval_results.json`."""
+    logits = torch.as_tensor(all_logits)
+    result: dict[str, Any] = {
+        "num_examples": int(len(labels)),
+        "num_layers": logits.shape[1],
+        "patiences": [
+            setting_row(model, logits, labels, task, ExitSpec("patience", patience=p, max_exit_layer=max_exit_layer))
+            for p in patiences
+        ],
+        "per_layer": layer_metrics(all_logits, labels, task, model.config.is_regression),
+    }
+    others = {name: items for name, items in (specs or {}).items() if name != "patience"}
+    if others:
+        result["criteria"] = {
+            name: [setting_row(model, logits, labels, task, spec) for spec in items] for name, items in others.items()
+        }
+    return result
+
+
+def metrics_during_training(
+    model: PabeeForSequenceClassification, task: TaskSpec, patiences: Sequence[int], max_exit_layer: int | None
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """Trainer's `compute_metrics`: the task metrics and speed-up of every patience, flattened for the log
+    (`full_accuracy`, `p2_speed_up`, ...)."""
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        summary = sweep_results(
+            model, prediction.predictions, prediction.label_ids, task, patiences, max_exit_layer=max_exit_layer
+        )
+        flat: dict[str, float] = {}
+        for row in summary["patiences"]:
+            prefix = "full" if row["patience"] == 0 else f"p{row['patience']}"
+            for name in (*task.metrics, "speed_up"):
+                flat[f"{prefix}_{name}"] = row[name]
+        return flat
+
+    return compute
