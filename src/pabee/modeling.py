@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from .configuration import POOLINGS, PabeeConfig
 from .exits import MULTI_LABEL, REGRESSION, ExitCriterion, ExitSpec, check_patience, logits_at_exit, sweep_exit_layers
 from .pretrained import bundled_model_path, sentence_transformers_pooling
 
-__all__ = ["PabeeForSequenceClassification", "PabeeOutput", "PabeePreTrainedModel"]
+__all__ = ["LayerStepper", "PabeeForSequenceClassification", "PabeeOutput", "PabeePreTrainedModel", "early_exit"]
 
 
 @dataclass
@@ -228,20 +228,35 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             logits = self._run_to(limit, hidden, attention_mask)
             exit_layers = torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device)
         else:
-            logits, exit_layers = self._early_exit(hidden, attention_mask, criterion)
+            logits, exit_layers = early_exit(self, hidden, attention_mask, criterion)
         return PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What every classifier reads from hidden states `(B, T, H)`: `(B, H)` by the config's pooling."""
+        pooling = self.config.pooling
+        if pooling == "pooler":
+            return self.adapter.pool(self.encoder, hidden)
+        if pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
     def classify(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Classifier `layer` (0-based) on hidden states `(B, T, H)` of that layer → logits `(B, C)`."""
-        pooling = self.config.pooling
-        if pooling == "pooler":
-            pooled = self.adapter.pool(self.encoder, hidden)
-        elif pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        return self.classifiers[layer](self.dropout(pooled))  # (B, C)
+        return self.classifiers[layer](self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
+
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """The attention mask every layer of this batch takes (the exit loop's `LayerStepper` interface)."""
+        return self.adapter.layer_mask(self.encoder, hidden, attention_mask)
+
+    def step(
+        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer` (0-based) and its classifier: `(B, T, H)` in → `(B, T, H)` and logits `(B, C)` out."""
+        with _mark("pabee.layers"):
+            hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
+        with _mark("pabee.classifiers"):
+            return hidden, self.classify(layer, hidden, attention_mask)
 
     def _all_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
@@ -274,45 +289,61 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             weights += layer + 1
         return total / weights
 
-    def _early_exit(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: ExitCriterion
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Climb layer by layer; rows that exit are written out and removed from the batch.
 
-        Its parts carry `torch.profiler.record_function` labels (`pabee.*`), which `pabee bench --profile` reads.
-        """
-        batch_size, device = hidden.shape[0], hidden.device
-        logits_out = hidden.new_empty(batch_size, self.config.num_labels)  # (B, C), filled as rows exit
-        exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long, device=device)  # (B,)
-        rows = torch.arange(batch_size, device=device)  # (b,) original index of each row still running
-        tracker = criterion.tracker(batch_size, device)
-        right_padded = _is_right_padded(attention_mask)
-        if right_padded:
-            hidden, attention_mask = _trim_padding(hidden, attention_mask)  # (b, t, H), (b, t)
+class LayerStepper(Protocol):
+    """What the exit loop needs from a runtime: the torch model, or ONNX Runtime sessions (`pabee.onnx_model`)."""
+
+    num_layers: int
+
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any: ...
+
+    def step(
+        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def early_exit(
+    stepper: LayerStepper, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: ExitCriterion
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Climb layer by layer; rows that exit are written out and removed from the batch.
+
+    The one exit loop, whatever runs the layers. Its parts carry `torch.profiler.record_function` labels
+    (`pabee.*`), which `pabee bench --profile` reads.
+
+    Returns:
+        logits `(B, C)` at each row's exit layer and the 1-based exit layers `(B,)`.
+    """
+    batch_size, device = hidden.shape[0], hidden.device
+    logits_out: torch.Tensor | None = None  # (B, C), allocated once the first layer tells C and the dtype
+    limit = criterion.exit_limit(stepper.num_layers)
+    exit_layers = torch.full((batch_size,), limit, dtype=torch.long, device=device)  # (B,)
+    rows = torch.arange(batch_size, device=device)  # (b,) original index of each row still running
+    tracker = criterion.tracker(batch_size, device)
+    right_padded = _is_right_padded(attention_mask)
+    if right_padded:
+        hidden, attention_mask = _trim_padding(hidden, attention_mask)  # (b, t, H), (b, t)
+    with _mark("pabee.attention_masks"):
+        mask = stepper.layer_mask(hidden, attention_mask)
+    for layer in range(limit):
+        hidden, logits = stepper.step(layer, hidden, mask, attention_mask)  # (b, t, H), (b, C)
+        if logits_out is None:
+            logits_out = logits.new_empty(batch_size, logits.shape[-1])
+        with _mark("pabee.exit_bookkeeping"):
+            leaving = tracker.update(logits) if layer < limit - 1 else torch.ones_like(rows, dtype=torch.bool)
+            if not leaving.any():
+                continue
+        with _mark("pabee.compaction"):
+            logits_out[rows[leaving]] = logits[leaving]
+            exit_layers[rows[leaving]] = layer + 1
+            staying = ~leaving
+            if not staying.any():
+                break
+            rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
+        with _mark("pabee.exit_bookkeeping"):
+            tracker.keep(staying)
         with _mark("pabee.attention_masks"):
-            mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
-        limit = criterion.exit_limit(self.num_layers)
-        for layer in range(limit):
-            with _mark("pabee.layers"):
-                hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)  # (b, t, H)
-            with _mark("pabee.classifiers"):
-                logits = self.classify(layer, hidden, attention_mask)  # (b, C)
-            with _mark("pabee.exit_bookkeeping"):
-                leaving = tracker.update(logits) if layer < limit - 1 else torch.ones_like(rows, dtype=torch.bool)
-                if not leaving.any():
-                    continue
-            with _mark("pabee.compaction"):
-                logits_out[rows[leaving]] = logits[leaving]
-                exit_layers[rows[leaving]] = layer + 1
-                staying = ~leaving
-                if not staying.any():
-                    break
-                rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
-            with _mark("pabee.exit_bookkeeping"):
-                tracker.keep(staying)
-            with _mark("pabee.attention_masks"):
-                mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
-        return logits_out, exit_layers
+            mask = stepper.layer_mask(hidden, attention_mask)
+    return logits_out, exit_layers
 
 
 def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .exits import ExitSpec
 from .metrics import METRIC_LABELS
 
 __all__ = [
@@ -56,13 +57,18 @@ def settings_table(rows: Sequence[dict], metrics: Sequence[str], first_column: s
     return "\n".join(lines)
 
 
+def _spec(row: dict) -> ExitSpec:
+    """The exit setting a results row was measured with (rows from before criteria existed: a patience)."""
+    return ExitSpec(row.get("criterion", "patience"), row.get("patience"), row.get("threshold"))
+
+
 def point_label(row: dict, short: bool = True) -> str:
-    """How a results row is named: its patience (`p=3` in plots) or its criterion setting (`0.9`, `k=2`)."""
-    if row.get("criterion", "patience") == "patience":
-        if row["patience"] == 0:
-            return "full" if short else "0 (full)"
-        return f"p={row['patience']}" if short else str(row["patience"])
-    return row["setting"]
+    """How a results row is named: `ExitSpec.label` (`3`, `0 (full)`, `0.9`, `k=2`); plots write patiences
+    shorter (`p=3`, `full`)."""
+    spec = _spec(row)
+    if short and spec.criterion == "patience":
+        return "full" if spec.is_full_model else f"p={spec.patience}"
+    return spec.label
 
 
 def best_tradeoff(rows: Sequence[dict], metric: str, reference: float, tolerance: float = 0.01) -> dict:
@@ -258,9 +264,8 @@ def run_glue_plots(report: dict, output_dir: Path) -> None:
 
 
 def _setting_name(row: dict[str, Any]) -> str:
-    """`patience 2`, `confidence 0.9`, ... (rows from before criteria existed carry only a patience)."""
-    criterion = row.get("criterion", "patience")
-    return f"{criterion} {row['patience'] if criterion == 'patience' else row['setting']}"
+    """`patience 2`, `confidence 0.9`, ...: the criterion and its setting's label."""
+    return f"{_spec(row).criterion} {point_label(row, short=False)}"
 
 
 def _bench_header(report: dict[str, Any]) -> list[str]:
