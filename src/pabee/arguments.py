@@ -18,11 +18,12 @@ from typing import Any
 from .backbones import ADAPTERS
 from .errors import PabeeError
 from .exits import EXIT_OPTIONS, ExitSpec, check_max_exit_layer, check_patience, check_regression_threshold
-from .pipeline import ATTENTION_KERNELS, DEFAULT_MAX_LENGTH, DTYPES
+from .pipeline import ATTENTION_KERNELS, BACKENDS, DEFAULT_MAX_LENGTH, DTYPES
 from .sweeps import parse_criteria, parse_int_list, parse_patience_list, parse_thresholds
 
 __all__ = [
     "BenchArguments",
+    "ExportArguments",
     "ExitSweepArguments",
     "InferenceArguments",
     "PredictArguments",
@@ -37,6 +38,12 @@ def _at_least(args: object, name: str, minimum: float) -> None:
     if value is not None and value < minimum:
         whole = "whole " if isinstance(minimum, int) else ""
         raise PabeeError(f"--{name}={value!r} is invalid: use a {whole}number >= {minimum}.")
+
+
+def _require_onnxruntime() -> None:
+    from .onnx_export import require_onnx
+
+    require_onnx()
 
 
 def _checked(check, *values) -> Any:
@@ -190,6 +197,13 @@ class BenchArguments(ExitSweepArguments):
             "choices": list(ATTENTION_KERNELS),
         },
     )
+    backend: str = field(
+        default="torch",
+        metadata={
+            "help": "torch, or onnxruntime: --model is then a folder made by `pabee export`, timed on its sessions.",
+            "choices": list(BACKENDS),
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for fresh heads and the interleaving order."})
     profile: bool = field(default=False, metadata={"help": "Also break early-exit time into its parts."})
     training_cost: bool = field(
@@ -199,6 +213,12 @@ class BenchArguments(ExitSweepArguments):
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace existing bench files."})
 
     def __post_init__(self) -> None:
+        if self.backend == "onnxruntime":
+            _require_onnxruntime()
+            if self.model is None:
+                raise PabeeError("--backend onnxruntime needs --model: a folder made by `pabee export`.")
+            if self.training_cost or self.attn_implementation:
+                raise PabeeError("--training_cost and --attn_implementation apply to the torch backend only.")
         self.patiences: list[int] = parse_int_list(self.patience, "--patience", 0)
         super().__post_init__()
         self.batch_size_list: list[int] = parse_int_list(self.batch_sizes, "--batch_sizes", 1)
@@ -236,8 +256,17 @@ class InferenceArguments:
         default=None,
         metadata={"help": "Attention kernel (default: the model's, sdpa).", "choices": list(ATTENTION_KERNELS)},
     )
+    backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch, or onnxruntime for a folder made by `pabee export` (default: what --model holds).",
+            "choices": list(BACKENDS),
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.backend == "onnxruntime":
+            _require_onnxruntime()
         if self.patience is not None:
             _checked(check_patience, self.patience)
         _checked(check_max_exit_layer, self.max_exit_layer)
@@ -256,6 +285,8 @@ class InferenceArguments:
             "exit_options": self.exit_options(),
             "dtype": self.dtype,
             "attn_implementation": self.attn_implementation,
+            "backend": self.backend,
+            "threads": self.threads,
         }
 
 
@@ -309,3 +340,20 @@ class ServeArguments(InferenceArguments):
             ("graceful_timeout", 0.0),
         ):
             _at_least(self, name, minimum)
+
+
+@dataclass
+class ExportArguments:
+    """Flags of `pabee export`."""
+
+    model: str = field(metadata={"help": "Fine-tuned PABEE model folder (e.g. the --output_dir of run-glue)."})
+    output: str = field(metadata={"help": "Folder for the ONNX graphs, tokenizer, config and manifest."})
+    quantize: str | None = field(
+        default=None, metadata={"help": "int8: dynamic int8 quantization of the weights.", "choices": ["int8"]}
+    )
+    opset: int = field(default=17, metadata={"help": "ONNX opset version."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty --output folder."})
+
+    def __post_init__(self) -> None:
+        _require_onnxruntime()
+        _at_least(self, "opset", 14)

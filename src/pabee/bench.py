@@ -40,7 +40,7 @@ __all__ = ["NEVER_EXIT", "NeverExit", "full_forward", "make_batches", "profile_e
 Batch = dict[str, torch.Tensor]
 Variant = Callable[["Timing"], None]
 
-# The engine's profiler labels (`modeling._mark`) → the part names of `report["profile"]`.
+# The engine's profiler labels (`modeling.profiler_label`) → the part names of `report["profile"]`.
 PROFILE_PARTS = {
     "pabee.embeddings": "embeddings",
     "pabee.attention_masks": "attention masks",
@@ -100,7 +100,10 @@ def make_batches(features: list[Batch], batch_size: int, pad_id: int, sort_by_le
 
 
 def full_forward(model: PabeeForSequenceClassification, batch: Batch) -> torch.Tensor:
-    """The baseline: the encoder's own forward, then the last layer's classifier."""
+    """The baseline: the encoder's own forward, then the last layer's classifier (on ONNX Runtime: every layer
+    session, the full model of that backend)."""
+    if not isinstance(model, PabeeForSequenceClassification):
+        return model(**batch, patience=0).logits
     out = model.encoder(**batch)
     if model.config.pooling == "pooler":
         return model.classifiers[-1](out.pooler_output)
@@ -271,6 +274,11 @@ def _load_model(args: BenchArguments) -> tuple[PabeeForSequenceClassification, A
 
     from .pretrained import bundled_model_path
 
+    if args.backend == "onnxruntime":
+        from .onnx_model import OnnxPabeeModel
+
+        model = OnnxPabeeModel(args.model, threads=args.threads)
+        return model, AutoTokenizer.from_pretrained(args.model), f"{args.model} (ONNX Runtime, {model.precision})"
     if args.model is None:
         torch.manual_seed(args.seed)
         path = str(bundled_model_path())

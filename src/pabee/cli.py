@@ -97,6 +97,17 @@ def _serve(parsed: tuple, command: str) -> int:
     return 0
 
 
+def _export(parsed: tuple, command: str) -> int:
+    from .onnx_export import export_onnx
+
+    (args,) = parsed
+    output = export_onnx(args.model, args.output, args.quantize, args.opset, args.overwrite)
+    print(
+        f"pabee export: wrote {output} ({args.quantize or 'fp32'}); run it with --backend onnxruntime", file=sys.stderr
+    )
+    return 0
+
+
 def _arguments(*names: str) -> Callable[[], tuple[type, ...]]:
     """The argument dataclasses of a command, imported only when it runs (`pabee --help` stays quick)."""
 
@@ -142,6 +153,12 @@ COMMANDS: dict[str, Command] = {
         "Classify a file of texts with batched early exit; one JSON line per example.",
         _arguments("PredictArguments"),
         _predict,
+    ),
+    "export": Command(
+        "export a model to ONNX graphs for early exit on ONNX Runtime (fp32 or int8)",
+        "Export a PABEE model as ONNX graphs (embeddings, then each layer with its exit head) for ONNX Runtime.",
+        _arguments("ExportArguments"),
+        _export,
     ),
     "serve": Command(
         "HTTP server with dynamic micro-batching and early exit",

@@ -20,7 +20,14 @@ from .configuration import POOLINGS, PabeeConfig
 from .exits import MULTI_LABEL, REGRESSION, ExitCriterion, ExitSpec, check_patience, logits_at_exit, sweep_exit_layers
 from .pretrained import bundled_model_path, sentence_transformers_pooling
 
-__all__ = ["LayerStepper", "PabeeForSequenceClassification", "PabeeOutput", "PabeePreTrainedModel", "early_exit"]
+__all__ = [
+    "ExitSettings",
+    "LayerStepper",
+    "PabeeForSequenceClassification",
+    "PabeeOutput",
+    "PabeePreTrainedModel",
+    "early_exit",
+]
 
 
 @dataclass
@@ -41,7 +48,31 @@ class PabeeOutput(ModelOutput):
     exit_layers: torch.Tensor | None = None
 
 
-class PabeePreTrainedModel(PreTrainedModel):
+class ExitSettings:
+    """The exit rule of a call from the config's `exit_spec`; shared by the torch model and `pabee.onnx_model`."""
+
+    config: PabeeConfig
+
+    def get_exit_criterion(
+        self,
+        exit_spec: ExitSpec | None = None,
+        *,
+        patience: int | None = None,
+        exit_criterion: str | ExitCriterion | None = None,
+        exit_threshold: float | None = None,
+        max_exit_layer: int | None = None,
+    ) -> ExitCriterion:
+        """The exit rule for a call: `exit_spec` (default: the config's) with the keyword overrides that are set.
+
+        A ready `ExitCriterion` passed as `exit_criterion` is used as it is (e.g. a benchmark's never-exit rule).
+        """
+        if isinstance(exit_criterion, ExitCriterion):
+            return exit_criterion
+        spec = (exit_spec or self.config.exit_spec).merged(exit_criterion, patience, exit_threshold, max_exit_layer)
+        return self.config.build_criterion(spec)
+
+
+class PabeePreTrainedModel(ExitSettings, PreTrainedModel):
     config_class = PabeeConfig
     config: PabeeConfig
     base_model_prefix = "encoder"
@@ -157,24 +188,6 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
     def num_layers(self) -> int:
         return self.config.encoder_config.num_hidden_layers
 
-    def get_exit_criterion(
-        self,
-        exit_spec: ExitSpec | None = None,
-        *,
-        patience: int | None = None,
-        exit_criterion: str | ExitCriterion | None = None,
-        exit_threshold: float | None = None,
-        max_exit_layer: int | None = None,
-    ) -> ExitCriterion:
-        """The exit rule for a call: `exit_spec` (default: the config's) with the keyword overrides that are set.
-
-        A ready `ExitCriterion` passed as `exit_criterion` is used as it is (e.g. a benchmark's never-exit rule).
-        """
-        if isinstance(exit_criterion, ExitCriterion):
-            return exit_criterion
-        spec = (exit_spec or self.config.exit_spec).merged(exit_criterion, patience, exit_threshold, max_exit_layer)
-        return self.config.build_criterion(spec)
-
     @can_return_tuple
     def forward(
         self,
@@ -212,7 +225,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         reference = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        with _mark("pabee.embeddings"):
+        with profiler_label("pabee.embeddings"):
             hidden = self.adapter.embed(
                 self.encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask
             )  # (B, T, H)
@@ -253,9 +266,9 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer` (0-based) and its classifier: `(B, T, H)` in → `(B, T, H)` and logits `(B, C)` out."""
-        with _mark("pabee.layers"):
+        with profiler_label("pabee.layers"):
             hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
-        with _mark("pabee.classifiers"):
+        with profiler_label("pabee.classifiers"):
             return hidden, self.classify(layer, hidden, attention_mask)
 
     def _all_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -322,26 +335,26 @@ def early_exit(
     right_padded = _is_right_padded(attention_mask)
     if right_padded:
         hidden, attention_mask = _trim_padding(hidden, attention_mask)  # (b, t, H), (b, t)
-    with _mark("pabee.attention_masks"):
+    with profiler_label("pabee.attention_masks"):
         mask = stepper.layer_mask(hidden, attention_mask)
     for layer in range(limit):
         hidden, logits = stepper.step(layer, hidden, mask, attention_mask)  # (b, t, H), (b, C)
         if logits_out is None:
             logits_out = logits.new_empty(batch_size, logits.shape[-1])
-        with _mark("pabee.exit_bookkeeping"):
+        with profiler_label("pabee.exit_bookkeeping"):
             leaving = tracker.update(logits) if layer < limit - 1 else torch.ones_like(rows, dtype=torch.bool)
             if not leaving.any():
                 continue
-        with _mark("pabee.compaction"):
+        with profiler_label("pabee.compaction"):
             logits_out[rows[leaving]] = logits[leaving]
             exit_layers[rows[leaving]] = layer + 1
             staying = ~leaving
             if not staying.any():
                 break
             rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
-        with _mark("pabee.exit_bookkeeping"):
+        with profiler_label("pabee.exit_bookkeeping"):
             tracker.keep(staying)
-        with _mark("pabee.attention_masks"):
+        with profiler_label("pabee.attention_masks"):
             mask = stepper.layer_mask(hidden, attention_mask)
     return logits_out, exit_layers
 
@@ -352,8 +365,9 @@ def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel) -> str:
     return sentence_transformers_pooling(name_or_path) or ("pooler" if adapter.has_pooler(encoder) else "cls")
 
 
-def _mark(part: str) -> AbstractContextManager:
-    """A `record_function` label while a profiler runs; `record_function` costs ~20 µs even when none does."""
+def profiler_label(part: str) -> AbstractContextManager:
+    """A `record_function` label (`pabee.*`, read by `pabee bench --profile`) while a profiler runs;
+    `record_function` itself costs ~20 µs even when none does."""
     return profiler.record_function(part) if getattr(profiler, "_is_profiler_enabled", True) else nullcontext()
 
 

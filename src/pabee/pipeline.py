@@ -26,7 +26,15 @@ from .errors import PabeeError
 from .exits import EXIT_OPTIONS, ExitSpec
 from .modeling import PabeeForSequenceClassification
 
-__all__ = ["PabeePipeline", "as_example", "pipeline", "plan_batches", "supported_length"]
+__all__ = [
+    "BACKENDS",
+    "PabeePipeline",
+    "load_model_folder",
+    "as_example",
+    "pipeline",
+    "plan_batches",
+    "supported_length",
+]
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_MAX_LENGTH = 128  # run-glue's default --max_seq_length: what the models here were trained with
@@ -146,44 +154,31 @@ class PabeePipeline:
         cls,
         model_dir: str | Path,
         *,
+        backend: str | None = None,
         dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
+        threads: int | None = None,
         **kwargs: Any,
     ) -> PabeePipeline:
         """Load a saved PABEE model and its tokenizer from a folder (`PabeeError` if it is not one).
 
+        `backend` is `"torch"` or `"onnxruntime"` (a folder written by `pabee export`); `None` picks by the folder.
+        `threads` sets ONNX Runtime's threads per session (torch's are process-wide: `torch.set_num_threads`).
         `dtype` and `attn_implementation` are passed to transformers' `from_pretrained`. On CPUs with bfloat16
         instructions (AVX512-BF16, AMX), `dtype="bfloat16"` roughly doubles throughput for a small change in the
         numbers (see `benchmarks/results/bf16_sst2.md`).
         """
-        from transformers import AutoConfig, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
         folder = Path(model_dir)
-        if not (folder / "config.json").is_file():
-            raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
-        try:
-            config = AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError) as error:
-            raise PabeeError(f"Cannot read the model config in {folder}: {error}") from None
-        if config.model_type != "pabee":
-            raise PabeeError(f"{folder} holds a {config.model_type!r} model, not a PABEE model.")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as error:
-            raise PabeeError(f"Cannot load a tokenizer from {folder}: {error}") from None
-        was_enabled = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a command's or server's output
-        try:
-            extra = {"dtype": dtype, "attn_implementation": attn_implementation}
-            extra = {name: value for name, value in extra.items() if value is not None}
-            model = PabeeForSequenceClassification.from_pretrained(folder, **extra)
-        except (OSError, ValueError) as error:
-            raise PabeeError(f"Cannot load the model in {folder}: {error}") from None
-        finally:
-            if was_enabled:
-                hf_logging.enable_progress_bar()
-        return cls(model, tokenizer, **kwargs)
+        backend = _backend(folder, backend)
+        if backend == "onnxruntime":
+            if dtype is not None or attn_implementation is not None:
+                raise PabeeError("dtype and attn_implementation apply to the torch backend; export with --quantize.")
+            from .onnx_model import OnnxPabeeModel
+
+            model = OnnxPabeeModel(folder, threads=threads)
+        else:
+            model = load_model_folder(folder, dtype, attn_implementation)
+        return cls(model, _load_tokenizer(folder), **kwargs)
 
     @property
     def num_layers(self) -> int:
@@ -308,6 +303,60 @@ class PabeePipeline:
         ]
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+def _backend(folder: Path, backend: str | None) -> str:
+    """The backend asked for, or the one the folder is for; a folder that is neither model nor export fails."""
+    from .onnx_export import MANIFEST
+
+    exported = (folder / MANIFEST).is_file()
+    if backend not in (None, *BACKENDS):
+        raise PabeeError(f"backend {backend!r} is unknown; use {' or '.join(BACKENDS)}.")
+    if backend == "onnxruntime" and not exported:
+        raise PabeeError(f"{folder} is not an ONNX export (no {MANIFEST}); make one with: pabee export --model DIR.")
+    if backend == "torch" and exported:
+        raise PabeeError(f"{folder} holds ONNX graphs; use the onnxruntime backend, or the original model folder.")
+    if not (folder / "config.json").is_file():
+        raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
+    return backend or ("onnxruntime" if exported else "torch")
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise PabeeError(f"Cannot load a tokenizer from {folder}: {error}") from None
+
+
+def load_model_folder(
+    folder: Path, dtype: str | torch.dtype | None = None, attn_implementation: str | None = None
+) -> PabeeForSequenceClassification:
+    """A saved PABEE model in eval mode, quietly; a folder that is not one is a `PabeeError`."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise PabeeError(f"Cannot read the model config in {folder}: {error}") from None
+    if config.model_type != "pabee":
+        raise PabeeError(f"{folder} holds a {config.model_type!r} model, not a PABEE model.")
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a command's or server's output
+    try:
+        extra = {"dtype": dtype, "attn_implementation": attn_implementation}
+        extra = {name: value for name, value in extra.items() if value is not None}
+        return PabeeForSequenceClassification.from_pretrained(folder, **extra).eval()
+    except (OSError, ValueError) as error:
+        raise PabeeError(f"Cannot load the model in {folder}: {error}") from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def pipeline(
     model: str | Path | PabeeForSequenceClassification, tokenizer: Any = None, **kwargs: Any
 ) -> PabeePipeline:
@@ -318,8 +367,9 @@ def pipeline(
         >>> classify([("He left.", "He went away."), ("It rained.", "Stocks fell.")])
         [{'label': 'equivalent', 'score': 0.81, 'exit_layer': 3}, ...]
 
-    Keyword arguments are `PabeePipeline`'s, plus `dtype` and `attn_implementation` when loading from a folder;
-    exit settings (`patience`, ...) may also be given directly.
+    Keyword arguments are `PabeePipeline`'s, plus `backend`, `threads`, `dtype` and `attn_implementation` when
+    loading from a folder (an export from `pabee export` runs on ONNX Runtime); exit settings (`patience`, ...)
+    may also be given directly.
     """
     options = dict(kwargs.pop("exit_options", None) or {})
     options.update({name: kwargs.pop(name) for name in EXIT_OPTIONS if name in kwargs})
@@ -327,7 +377,7 @@ def pipeline(
         return PabeePipeline.from_pretrained(model, exit_options=options, **kwargs)
     if tokenizer is None:
         raise ValueError("Give the tokenizer with a model object (or pass a model folder).")
-    for name in ("dtype", "attn_implementation"):
+    for name in ("dtype", "attn_implementation", "backend", "threads"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}= applies when loading from a folder; set it on the model object instead.")
         kwargs.pop(name, None)

@@ -1,0 +1,228 @@
+"""`pabee export`: a PABEE model as ONNX graphs that ONNX Runtime runs one layer at a time.
+
+ONNX Runtime cannot stop inside a graph, so early exit needs one graph per step: `embeddings.onnx` (token ids →
+hidden states) and one `layer_<k>.onnx` per distinct encoder layer, holding the layer and the exit heads of the
+layers that run it (ALBERT shares one layer across a group: one graph per group, its heads chosen by the `head`
+input). `pabee.onnx_model` drives them with the same exit loop as the torch layers (`modeling.early_exit`).
+
+The folder also holds the tokenizer, `config.json` (the model's config with its exit settings) and
+`pabee_onnx.json`, the manifest: versions, opset, precision, which graph and head serve each layer, and the
+SHA-256 of every file, so a missing or altered file is found before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PabeeError
+from .modeling import PabeeForSequenceClassification
+
+__all__ = ["FORMAT_VERSION", "MANIFEST", "OPSET", "export_onnx", "file_digest", "layer_graphs", "require_onnx"]
+
+MANIFEST = "pabee_onnx.json"
+FORMAT_VERSION = 1  # bumped when the folder layout or a graph's inputs change
+OPSET = 17
+PRECISIONS = ("fp32", "int8")
+
+
+def require_onnx() -> None:
+    """One line naming the extra when ONNX Runtime or the exporter's packages are missing."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ("onnx", "onnxruntime") if find_spec(name) is None]
+    if missing:
+        raise PabeeError(f'the ONNX backend needs {", ".join(missing)}: pip install "pabee[onnx]"')
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def layer_graphs(model: PabeeForSequenceClassification) -> list[int]:
+    """For each layer, the index of the graph that runs it: the layer itself, or ALBERT's shared group."""
+    config = model.config.encoder_config
+    groups = getattr(config, "num_hidden_groups", None) if config.model_type == "albert" else None
+    if not groups:
+        return list(range(model.num_layers))
+    return [int(i / (model.num_layers / groups)) for i in range(model.num_layers)]
+
+
+class _Embeddings(nn.Module):
+    """Token ids → the hidden states that enter layer 1."""
+
+    def __init__(self, model: PabeeForSequenceClassification) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor):
+        return self.model.adapter.embed(self.model.encoder, input_ids, token_type_ids, None, None, attention_mask)
+
+
+class _LayerStep(nn.Module):
+    """One encoder layer and the exit heads of the layers that run it; `head` picks the head (0 unless shared)."""
+
+    def __init__(self, model: PabeeForSequenceClassification, layer: int, heads: list[int]) -> None:
+        super().__init__()
+        self.model, self.layer = model, layer
+        self.register_buffer("weight", torch.stack([model.classifiers[i].weight.detach() for i in heads]))
+        self.register_buffer("bias", torch.stack([model.classifiers[i].bias.detach() for i in heads]))
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, head: torch.Tensor):
+        mask = self.model.layer_mask(hidden, attention_mask)
+        hidden = self.model.adapter.run_layer(self.model.encoder, self.layer, hidden, mask)  # (B, T, H)
+        pooled = self.model.pool(hidden, attention_mask)  # (B, H)
+        return hidden, pooled @ self.weight[head].transpose(0, 1) + self.bias[head]  # (B, T, H), (B, C)
+
+
+def _example_inputs(model: PabeeForSequenceClassification) -> dict[str, torch.Tensor]:
+    """Two rows, the second padded, so the traced graph keeps the padding-mask path."""
+    input_ids = torch.full((2, 8), 5, dtype=torch.long)
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    attention_mask[1, 5:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+
+
+def _export(module: nn.Module, args: tuple, path: Path, names: list[str], outputs: list[str], opset: int) -> None:
+    axes = {name: {0: "batch", 1: "sequence"} for name in (*names, *outputs) if name not in ("head", "logits")}
+    axes["logits"] = {0: "batch"}
+    module.eval()  # the exporter puts the wrapper's training mode back onto the model it wraps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,  # the TorchScript exporter handles transformers' mask code on every backbone we have
+        )
+
+
+def _export_graphs(model: PabeeForSequenceClassification, folder: Path, opset: int) -> dict[str, Any]:
+    """Write the graphs; return the manifest's graph section."""
+    inputs = _example_inputs(model)
+    with torch.no_grad():
+        hidden = _Embeddings(model)(**inputs)
+        _export(
+            _Embeddings(model), tuple(inputs.values()), folder / "embeddings.onnx", list(inputs), ["hidden"], opset
+        )
+        graph_of = layer_graphs(model)
+        graphs = []
+        for graph in sorted(set(graph_of)):
+            layers = [i for i, g in enumerate(graph_of) if g == graph]
+            step = _LayerStep(model, layers[0], layers)
+            path = folder / f"layer_{graph}.onnx"
+            args = (hidden, inputs["attention_mask"], torch.tensor(0))
+            _export(step, args, path, ["hidden", "attention_mask", "head"], ["hidden_out", "logits"], opset)
+            graphs.append(path.name)
+    heads = [graph_of[:i].count(graph_of[i]) for i in range(len(graph_of))]
+    layers = [{"graph": graphs[g], "head": h} for g, h in zip(graph_of, heads, strict=True)]
+    return {"embeddings": "embeddings.onnx", "layers": layers}
+
+
+def _quantize(folder: Path, graphs: list[str]) -> None:
+    """Dynamic int8 quantization of the layers' matrix products (activations are quantized per batch at run time).
+
+    The embedding tables stay float: a lookup does no arithmetic to speed up, and int8 tables only lose accuracy.
+    """
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice on pre-processing at WARNING
+    try:
+        for name in graphs:
+            path = folder / name
+            quantized = path.with_suffix(".int8.onnx")
+            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+            os.replace(quantized, path)
+    finally:
+        logging.getLogger().setLevel(quiet)
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {
+        "pabee": __version__,
+        "torch": torch.__version__,
+        "onnx": version("onnx"),
+        "onnxruntime": version("onnxruntime"),
+    }
+
+
+def _check_target(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise PabeeError(f"--output {output} exists and is not a folder.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise PabeeError(f"--output {output} exists and is not empty; pass --overwrite to replace it.")
+
+
+def _load(model_dir: str | Path) -> tuple[PabeeForSequenceClassification, Any]:
+    from transformers import AutoTokenizer
+
+    from .pipeline import load_model_folder
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
+    # Eager attention: the layer graphs then hold plain MatMul/Softmax, which int8 quantization understands.
+    return load_model_folder(folder, attn_implementation="eager"), AutoTokenizer.from_pretrained(folder)
+
+
+def export_onnx(
+    model_dir: str | Path, output: str | Path, quantize: str | None = None, opset: int = OPSET, overwrite: bool = False
+) -> Path:
+    """Export the PABEE model in `model_dir` to `output` (see the module docstring); returns `output`.
+
+    The folder is built beside `output` and moved into place at the end, so a failed export leaves nothing.
+    """
+    require_onnx()
+    output = Path(output)
+    precision = quantize or "fp32"
+    if precision not in PRECISIONS:
+        raise PabeeError(f"--quantize {quantize!r} is not supported; use int8 (or leave it out for fp32).")
+    _check_target(output, overwrite)
+    model, tokenizer = _load(model_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        try:
+            layout = _export_graphs(model, work, opset)
+        except Exception as error:  # an exporter failure on a backbone is a fact to report, not a traceback
+            name = model.config.encoder_config.model_type
+            raise PabeeError(
+                f"cannot export the {name!r} backbone to ONNX yet: {type(error).__name__}: {error}"
+            ) from None
+        if precision == "int8":
+            _quantize(work, list(dict.fromkeys(layer["graph"] for layer in layout["layers"])))
+        tokenizer.save_pretrained(work)
+        model.config.save_pretrained(work)
+        files = {p.name: file_digest(p) for p in sorted(work.iterdir()) if p.is_file()}
+        manifest = {"format": FORMAT_VERSION, "precision": precision, "opset": opset, "source": str(model_dir)}
+        manifest.update({**layout, "versions": _versions(), "files": files})
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(work, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return output

@@ -1,0 +1,171 @@
+"""An exported PABEE model (`pabee export`) on ONNX Runtime, called like the torch model for inference.
+
+`OnnxPabeeModel(folder)(**batch, exit_spec=...)` returns a `PabeeOutput` with the same `logits` and
+`exit_layers`: it embeds with one session, then hands the per-layer sessions to the exit loop the torch model
+uses (`modeling.early_exit`), so exit rules, compaction and padding trimming are the same code. Tensors cross
+into ONNX Runtime as numpy views, without copies where they are contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .configuration import PabeeConfig
+from .errors import PabeeError
+from .modeling import ExitSettings, PabeeOutput, early_exit, profiler_label
+from .onnx_export import FORMAT_VERSION, MANIFEST, file_digest, require_onnx
+
+__all__ = ["OnnxPabeeModel", "is_onnx_folder", "read_manifest"]
+
+
+def is_onnx_folder(folder: str | Path) -> bool:
+    """True for a folder written by `pabee export` (it holds the manifest)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of an exported folder, after checking its format and (with `verify`) every file's SHA-256."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PabeeError(f"{folder / MANIFEST} cannot be read: {error}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        made_by = manifest.get("versions", {}).get("pabee", "an unknown version")
+        raise PabeeError(
+            f"{folder} was exported by pabee {made_by} in format {manifest.get('format')!r}; this pabee reads format "
+            f"{FORMAT_VERSION}. Export the model again with this version (pabee export)."
+        )
+    for name, digest in manifest.get("files", {}).items() if verify else ():
+        path = folder / name
+        if not path.is_file():
+            raise PabeeError(f"{folder} is incomplete: {name} is missing; export the model again.")
+        if file_digest(path) != digest:
+            raise PabeeError(f"{path} differs from the file that was exported (SHA-256 mismatch); export again.")
+    return manifest
+
+
+def _session_options(threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice (the physical cores)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Sessions run one after another; threads that spin after a session ends would steal the next one's cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+class OnnxPabeeModel(ExitSettings):
+    """The sessions of an exported folder behind the torch model's inference interface.
+
+    Args:
+        folder: a folder written by `pabee export`.
+        threads: ONNX Runtime threads per session (default: its own choice).
+    """
+
+    training = False
+    device = torch.device("cpu")
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        require_onnx()
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        self.config = PabeeConfig.from_pretrained(folder)
+        options = _session_options(threads)
+
+        def session(name: str) -> Any:
+            return ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
+
+        self.embeddings = session(self.manifest["embeddings"])
+        graphs = {name: session(name) for name in dict.fromkeys(layer["graph"] for layer in self.manifest["layers"])}
+        self.layers = [
+            (graphs[layer["graph"]], np.array(layer["head"], dtype=np.int64)) for layer in self.manifest["layers"]
+        ]
+        self.embedding_inputs = [i.name for i in self.embeddings.get_inputs()]
+        self.precision = self.manifest["precision"]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def eval(self) -> OnnxPabeeModel:
+        return self
+
+    def to(self, device: Any) -> OnnxPabeeModel:
+        if torch.device(device).type != "cpu":
+            raise ValueError("The ONNX Runtime backend runs on the CPU here; use the torch backend for a GPU.")
+        return self
+
+    # --- the exit loop's LayerStepper interface ---------------------------------------------------------------
+
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64)  # each graph builds its own mask
+
+    def step(
+        self, layer: int, hidden: torch.Tensor, mask: np.ndarray, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        session, head = self.layers[layer]
+        feed = {"hidden": np.ascontiguousarray(hidden.numpy()), "attention_mask": mask, "head": head}
+        with profiler_label("pabee.layers"):  # the layer and its head are one session call
+            hidden_out, logits = session.run(None, feed)
+        return torch.from_numpy(hidden_out), torch.from_numpy(logits)
+
+    # --- inference ----------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs["token_type_ids"] = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        feed = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=np.int64) for name in self.embedding_inputs}
+        return torch.from_numpy(self.embeddings.run(None, feed)[0])
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        exit_spec: Any = None,
+        output_all_logits: bool = False,
+        **overrides: Any,
+    ) -> PabeeOutput:
+        """Early exit per example, as `PabeeForSequenceClassification.forward` in eval mode; `output_all_logits`
+        runs every layer and returns them too."""
+        criterion = self.get_exit_criterion(exit_spec, **overrides)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.embed(input_ids, attention_mask, token_type_ids)  # (B, T, H)
+        if output_all_logits:
+            return self._all_layers(hidden, attention_mask, criterion)
+        if criterion.can_exit_early(self.num_layers):
+            logits, exit_layers = early_exit(self, hidden, attention_mask, criterion)
+            return PabeeOutput(logits=logits, exit_layers=exit_layers)
+        limit = criterion.exit_limit(self.num_layers)
+        mask = self.layer_mask(hidden, attention_mask)
+        for layer in range(limit):
+            hidden, logits = self.step(layer, hidden, mask, attention_mask)
+        return PabeeOutput(logits=logits, exit_layers=torch.full((len(logits),), limit, dtype=torch.long))
+
+    def _all_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: Any) -> PabeeOutput:
+        from .exits import logits_at_exit, sweep_exit_layers
+
+        mask, per_layer = self.layer_mask(hidden, attention_mask), []
+        for layer in range(self.num_layers):
+            hidden, logits = self.step(layer, hidden, mask, attention_mask)
+            per_layer.append(logits)
+        all_logits = torch.stack(per_layer, dim=1)  # (B, L, C)
+        exit_layers = sweep_exit_layers(criterion, all_logits)
+        return PabeeOutput(
+            logits=logits_at_exit(all_logits, exit_layers), all_logits=all_logits, exit_layers=exit_layers
+        )

@@ -1,0 +1,221 @@
+"""`pabee export` and the ONNX Runtime backend: every backbone exports, each layer's logits equal torch's, the
+same exit loop gives the same exits, int8 runs, and a broken export folder is a clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import BACKBONE_TYPES, SENTIMENT, random_batch, read_tsv_column, save_tiny_text_model, tiny_model
+
+import pabee
+from pabee.cli import main
+from pabee.errors import PabeeError
+from pabee.onnx_export import MANIFEST, export_onnx
+from pabee.onnx_model import OnnxPabeeModel
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, minilm_tokenizer):
+    """Each tiny backbone saved with the MiniLM tokenizer and exported to fp32 ONNX: `{type: (torch, folder)}`."""
+    out = {}
+    for model_type in BACKBONE_TYPES:
+        folder = tmp_path_factory.mktemp(model_type)
+        pooling = "pooler" if model_type in ("bert", "albert", "roberta") else "mean"
+        model = tiny_model(model_type, pooling=pooling, patience=1)
+        model.save_pretrained(folder / "model")
+        minilm_tokenizer.save_pretrained(folder / "model")
+        out[model_type] = (model, export_onnx(folder / "model", folder / "onnx"))
+    return out
+
+
+def _batch(model_type: str) -> dict[str, torch.Tensor]:
+    batch = random_batch(batch_size=12, max_len=12, seed=4)
+    if model_type == "distilbert":
+        batch.pop("token_type_ids")
+    return batch
+
+
+@pytest.mark.parametrize("model_type", BACKBONE_TYPES)
+def test_every_layer_and_every_exit_equals_torch(exports, model_type):
+    model, folder = exports[model_type]
+    onnx = OnnxPabeeModel(folder, threads=1)
+    batch = _batch(model_type)
+    with torch.no_grad():
+        expected = model(**batch, output_all_logits=True)
+        got = onnx(**batch, output_all_logits=True)
+        torch.testing.assert_close(got.all_logits, expected.all_logits, atol=1e-4, rtol=0)
+        settings = [{"patience": 1}, {"patience": 0}, {"exit_criterion": "confidence", "exit_threshold": 0.52}]
+        settings.append({"patience": 1, "max_exit_layer": 3})
+        for options in settings:
+            expected, got = model(**batch, **options), onnx(**batch, **options)
+            assert got.exit_layers.tolist() == expected.exit_layers.tolist(), options
+            torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
+
+
+def test_albert_shares_one_graph_per_layer_group(exports):
+    manifest = json.loads((exports["albert"][1] / MANIFEST).read_text())
+    assert [(layer["graph"], layer["head"]) for layer in manifest["layers"]] == [
+        ("layer_0.onnx", 0),
+        ("layer_0.onnx", 1),
+        ("layer_1.onnx", 0),
+        ("layer_1.onnx", 1),
+    ]
+    assert not (exports["albert"][1] / "layer_2.onnx").exists()
+
+
+def test_export_leaves_the_model_unchanged(tmp_path, minilm_tokenizer):
+    folder = save_tiny_text_model(tmp_path / "model", minilm_tokenizer, patience=1, **SENTIMENT)
+    model = pabee.PabeeForSequenceClassification.from_pretrained(folder).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(folder, tmp_path / "onnx")
+    reloaded = pabee.PabeeForSequenceClassification.from_pretrained(folder)
+    assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
+    manifest = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
+    assert manifest["precision"] == "fp32" and manifest["versions"]["onnxruntime"]
+    assert {"embeddings.onnx", "config.json", "tokenizer.json"} <= set(manifest["files"])
+
+
+def test_batched_equals_one_by_one_on_onnx_runtime(exports):
+    _, folder = exports["bert"]
+    onnx = OnnxPabeeModel(folder, threads=1)
+    batch = _batch("bert")
+    out = onnx(**batch, patience=1)
+    for row in range(len(out.exit_layers)):
+        length = int(batch["attention_mask"][row].sum())
+        single = onnx(**{k: v[row : row + 1, :length] for k, v in batch.items()}, patience=1)
+        assert int(single.exit_layers[0]) == int(out.exit_layers[row])
+        torch.testing.assert_close(single.logits[0], out.logits[row], atol=1e-5, rtol=1e-4)
+
+
+def test_int8_export_quantizes_the_weight_products_and_stays_close(tmp_path, model_dir, sst2_dev_sentences):
+    fp32 = pabee.pipeline(export_onnx(model_dir, tmp_path / "fp32"), threads=1)
+    int8 = pabee.pipeline(export_onnx(model_dir, tmp_path / "int8", quantize="int8"), threads=1)
+    assert json.loads((tmp_path / "int8" / MANIFEST).read_text())["precision"] == "int8"
+    import onnx
+
+    for graph in (tmp_path / "int8").glob("layer_*.onnx"):
+        ops = [node.op_type for node in onnx.load(graph).graph.node]
+        assert ops.count("MatMulInteger") == 6, ops  # query, key, value, attention output, both feed-forward
+    assert "MatMulInteger" not in {
+        node.op_type for node in onnx.load(tmp_path / "int8" / "embeddings.onnx").graph.node
+    }
+    examples = [(s, None) for s in sst2_dev_sentences]
+    exact, quantized = fp32.run(examples, patience=0)[0], int8.run(examples, patience=0)[0]
+    assert (quantized.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+    assert float((quantized - exact).abs().max()) < 0.5
+
+
+def test_pipeline_predict_and_serve_run_on_onnx_runtime(tmp_path, model_dir, sst2_dev_sentences, capsys):
+    assert main(["export", "--model", str(model_dir), "--output", str(tmp_path / "onnx")]) == 0
+    exported = pabee.pipeline(tmp_path / "onnx")  # the manifest picks the backend
+    assert type(exported.model).__name__ == "OnnxPabeeModel"
+    expected = pabee.pipeline(model_dir)(sst2_dev_sentences)
+    answers = exported(sst2_dev_sentences)
+    assert [a["exit_layer"] for a in answers] == [a["exit_layer"] for a in expected]
+    assert [a["label"] for a in answers] == [a["label"] for a in expected]
+    assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(answers, expected, strict=True))
+
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(sst2_dev_sentences[:8]) + "\n", encoding="utf-8")
+    argv = ["predict", "--model", str(tmp_path / "onnx"), "--input", str(source), "--threads", "1"]
+    assert main([*argv, "--backend", "onnxruntime", "--output", str(tmp_path / "out.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["exit_layer"] for r in lines] == [a["exit_layer"] for a in expected[:8]]
+
+    from fastapi.testclient import TestClient
+
+    from pabee.arguments import ServeArguments
+    from pabee.serve import app_from_args
+
+    app = app_from_args(ServeArguments(model=str(tmp_path / "onnx"), threads=1))
+    with TestClient(app) as client:
+        served = client.post("/predict", json={"texts": sst2_dev_sentences[:4]}).json()["predictions"]
+        assert [a["exit_layer"] for a in served] == [a["exit_layer"] for a in expected[:4]]
+        assert client.post("/predict", json={"texts": []}).status_code == 422
+
+
+def test_bench_times_the_onnx_backend(tmp_path, model_dir, glue_dir, capsys):
+    export_onnx(model_dir, tmp_path / "onnx")
+    argv = ["bench", "--model", str(tmp_path / "onnx"), "--backend", "onnxruntime", "--task_name", "SST-2"]
+    argv += ["--data_dir", str(glue_dir), "--max_examples", "24", "--bs1_examples", "4", "--repeats", "1"]
+    assert main([*argv, "--patience", "1", "--threads", "1", "--output_dir", str(tmp_path / "bench")]) == 0
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert report["check_full_vs_engine_max_abs_diff"] < 1e-4
+    assert "ONNX Runtime, fp32" in report["provenance"]["model"]
+
+
+@pytest.mark.parametrize("case", ["missing", "altered", "format", "taken", "backend", "torch_on_export", "no_extra"])
+def test_bad_export_folders_and_options_are_one_line_and_exit_2(case, tmp_path, model_dir, capsys, monkeypatch):
+    folder = tmp_path / "onnx"
+    export_onnx(model_dir, folder)
+    capsys.readouterr()
+    argv = ["predict", "--model", str(folder), "--input", str(tmp_path / "in.txt")]
+    (tmp_path / "in.txt").write_text("a fine film\n", encoding="utf-8")
+    message = {
+        "missing": "is incomplete: layer_2.onnx is missing",
+        "altered": "layer_1.onnx differs from the file that was exported",
+        "format": "this pabee reads format 1",
+        "taken": "exists and is not empty; pass --overwrite",
+        "backend": "is not an ONNX export",
+        "torch_on_export": "holds ONNX graphs; use the onnxruntime backend",
+        "no_extra": 'pip install "pabee[onnx]"',
+    }[case]
+    if case == "missing":
+        (folder / "layer_2.onnx").unlink()
+    elif case == "altered":
+        with open(folder / "layer_1.onnx", "ab") as f:
+            f.write(b"\0")
+    elif case == "format":
+        manifest = json.loads((folder / MANIFEST).read_text())
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
+    elif case == "taken":
+        argv = ["export", "--model", str(model_dir), "--output", str(folder)]
+    elif case == "backend":
+        argv = [*argv[:2], str(model_dir), *argv[3:], "--backend", "onnxruntime"]
+    elif case == "torch_on_export":
+        argv += ["--backend", "torch"]
+    elif case == "no_extra":
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+        argv = ["export", "--model", str(model_dir), "--output", str(tmp_path / "new")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    if case in ("taken", "no_extra"):
+        assert not (tmp_path / "new").exists() and (folder / MANIFEST).is_file()
+
+
+def test_a_failing_exporter_names_the_backbone_and_leaves_nothing(tmp_path, model_dir, monkeypatch):
+    from pabee import onnx_export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnx_export, "_export_graphs", broken)
+    with pytest.raises(PabeeError, match="cannot export the 'bert' backbone to ONNX yet: RuntimeError"):
+        export_onnx(model_dir, tmp_path / "onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_minilm_on_onnx_runtime_exits_like_torch_on_sst2(trained_minilm, minilm_tokenizer, glue_dir, tmp_path):
+    """fp32: every exit layer equals torch's on 256 SST-2 dev sentences unless two classes tie within 1e-4."""
+    trained_minilm.save_pretrained(tmp_path / "model")
+    minilm_tokenizer.save_pretrained(tmp_path / "model")
+    sentences = read_tsv_column(glue_dir / "SST-2" / "dev.tsv", "sentence", limit=256)
+    torch_pipe = pabee.pipeline(trained_minilm, minilm_tokenizer)
+    onnx_pipe = pabee.pipeline(export_onnx(tmp_path / "model", tmp_path / "onnx"), threads=1)
+    for patience in (1, 2, 3):
+        expected, got = torch_pipe(sentences, patience=patience), onnx_pipe(sentences, patience=patience)
+        differ = [i for i, (a, b) in enumerate(zip(expected, got, strict=True)) if a["exit_layer"] != b["exit_layer"]]
+        ties = [i for i in differ if abs(expected[i]["score"] - 0.5) < 1e-4]
+        assert differ == ties, (patience, differ)
+        assert len({a["exit_layer"] for a in got}) > 1
+    shutil.rmtree(tmp_path / "onnx")
