@@ -50,6 +50,8 @@ def main() -> None:
 
     worker = forward_thread(args.threads)
     options = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
+    if (Path(args.model) / "pabee_onnx.json").is_file():  # an export: ONNX Runtime threads as the server's
+        options = {"threads": args.threads}
 
     def load():
         return pipeline(args.model, patience=args.patience, batch_size=args.max_batch_size, **options)

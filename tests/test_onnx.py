@@ -139,6 +139,23 @@ def test_pipeline_predict_and_serve_run_on_onnx_runtime(tmp_path, model_dir, sst
         assert client.post("/predict", json={"texts": []}).status_code == 422
 
 
+def test_a_shared_thread_pool_gives_the_same_answers(tmp_path, model_dir, sst2_dev_sentences):
+    """With more than one thread the sessions share one process-wide pool (its own process here, since ONNX
+    Runtime sizes that pool once per process); the answers do not change."""
+    import subprocess
+    import sys
+
+    export_onnx(model_dir, tmp_path / "onnx")
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(sst2_dev_sentences[:16]) + "\n", encoding="utf-8")
+    argv = [sys.executable, "-m", "pabee", "predict", "--model", str(tmp_path / "onnx"), "--input", str(source)]
+    subprocess.run([*argv, "--threads", "2", "--output", str(tmp_path / "two.jsonl")], check=True, capture_output=True)
+    expected = pabee.pipeline(tmp_path / "onnx", threads=1)(sst2_dev_sentences[:16])
+    lines = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["exit_layer"] for r in lines] == [a["exit_layer"] for a in expected]
+    assert all(abs(r["score"] - a["score"]) < 1e-5 for r, a in zip(lines, expected, strict=True))
+
+
 def test_bench_times_the_onnx_backend(tmp_path, model_dir, glue_dir, capsys):
     export_onnx(model_dir, tmp_path / "onnx")
     argv = ["bench", "--model", str(tmp_path / "onnx"), "--backend", "onnxruntime", "--task_name", "SST-2"]

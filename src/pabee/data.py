@@ -19,6 +19,7 @@ import datasets
 from . import __version__
 from .errors import DataError, PabeeError
 from .glue import GlueTask, TaskSpec, read_glue_tsv, task_dir
+from .provenance import file_digest
 
 __all__ = [
     "HUB_DATASET",
@@ -50,14 +51,6 @@ class TaskData:
     cache_keys: dict[str, str] = field(default_factory=dict)
 
 
-def _file_key(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_glue(task: GlueTask, data_dir: str | Path | None, *, train: bool, evaluate: bool, test: bool) -> TaskData:
     """Load the requested splits of a GLUE task from its TSV folder, or from the hub when `data_dir` is None."""
     data = TaskData(task)
@@ -78,7 +71,7 @@ def load_glue(task: GlueTask, data_dir: str | Path | None, *, train: bool, evalu
             examples = [{k: v for k, v in e.items() if k != "label"} for e in examples]
         dataset = datasets.Dataset.from_list(examples)
         data.sources[name] = str(path.resolve())
-        data.cache_keys[name] = _file_key(path)
+        data.cache_keys[name] = file_digest(path)
         if name == "train":
             data.train = dataset
         elif is_test:
@@ -282,7 +275,7 @@ def load_user_files(
             rows.append(row)
         dataset = datasets.Dataset.from_list(rows)
         data.sources[split] = str(path.resolve())
-        data.cache_keys[split] = _file_key(path)
+        data.cache_keys[split] = file_digest(path)
         if split == "train":
             data.train = dataset
         else:

@@ -12,7 +12,6 @@ SHA-256 of every file, so a missing or altered file is found before anything run
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,8 +26,18 @@ from torch import nn
 
 from .errors import PabeeError
 from .modeling import PabeeForSequenceClassification
+from .provenance import file_digest
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "OPSET", "export_onnx", "file_digest", "layer_graphs", "require_onnx"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "OPSET",
+    "export_full_model",
+    "export_onnx",
+    "file_digest",
+    "layer_graphs",
+    "require_onnx",
+]
 
 MANIFEST = "pabee_onnx.json"
 FORMAT_VERSION = 1  # bumped when the folder layout or a graph's inputs change
@@ -43,14 +52,6 @@ def require_onnx() -> None:
     missing = [name for name in ("onnx", "onnxruntime") if find_spec(name) is None]
     if missing:
         raise PabeeError(f'the ONNX backend needs {", ".join(missing)}: pip install "pabee[onnx]"')
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def layer_graphs(model: PabeeForSequenceClassification) -> list[int]:
@@ -135,6 +136,35 @@ def _export_graphs(model: PabeeForSequenceClassification, folder: Path, opset: i
     heads = [graph_of[:i].count(graph_of[i]) for i in range(len(graph_of))]
     layers = [{"graph": graphs[g], "head": h} for g, h in zip(graph_of, heads, strict=True)]
     return {"embeddings": "embeddings.onnx", "layers": layers}
+
+
+class _FullModel(nn.Module):
+    """The whole encoder and the last classifier in one graph: the full model, no early exit."""
+
+    def __init__(self, model: PabeeForSequenceClassification) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor):
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, patience=0
+        ).logits
+
+
+def export_full_model(
+    model_dir: str | Path, path: str | Path, quantize: str | None = None, opset: int = OPSET
+) -> Path:
+    """The model as ONE graph at full depth: what a user without early exit would deploy, the baseline that
+    per-layer sessions are measured against (`benchmarks/backends.py`). Input names as `embeddings.onnx`."""
+    require_onnx()
+    model, _ = _load(model_dir)
+    path = Path(path)
+    inputs = _example_inputs(model)
+    with torch.no_grad():
+        _export(_FullModel(model), tuple(inputs.values()), path, list(inputs), ["logits"], opset)
+    if quantize == "int8":
+        _quantize(path.parent, [path.name])
+    return path
 
 
 def _quantize(folder: Path, graphs: list[str]) -> None:

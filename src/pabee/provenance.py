@@ -6,6 +6,7 @@ run never leaves half a results file behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["hardware", "provenance", "versions", "write_atomic", "write_json"]
+__all__ = ["file_digest", "hardware", "provenance", "versions", "write_atomic", "write_json"]
 
 
 def _cpu_name() -> str:
@@ -29,6 +30,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_flags() -> list[str]:
+    """The vector instructions that decide CPU speed (AVX2, AVX-512, VNNI, AMX, bf16); results differ with them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")) or "vnni" in f or "bf16" in f)
+    except OSError:
+        pass
+    return []
+
+
 def hardware() -> dict[str, Any]:
     """The machine the numbers were measured on."""
     import torch
@@ -36,6 +49,7 @@ def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
@@ -66,6 +80,15 @@ def provenance(command: str | None = None, **extra: Any) -> dict[str, Any]:
         "versions": versions(),
         "hardware": hardware(),
     }
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file: what a cache key or an export manifest records about it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
