@@ -238,6 +238,20 @@ def per_round_ratios(runs: dict[str, list[dict]]) -> list[float]:
     return [m["throughput"] / s["throughput"] for m, s in zip(micro, single, strict=True)]
 
 
+def _onnx_precision(model: str) -> str | None:
+    """The precision of a `pabee export` folder (the server then runs ONNX Runtime), else None."""
+    manifest = Path(model) / "pabee_onnx.json"
+    return json.loads(manifest.read_text())["precision"] if manifest.is_file() else None
+
+
+def _runtime(report: dict) -> str:
+    if report.get("onnx_precision"):
+        return f"ONNX Runtime, {report['onnx_precision']} (a `pabee export` folder)"
+    return (
+        f"torch, weights {report.get('dtype') or 'float32'}, attention {report.get('attn_implementation') or 'sdpa'}"
+    )
+
+
 def render_markdown(report: dict) -> str:
     p = report["provenance"]
     s = report["settings"]
@@ -247,7 +261,7 @@ def render_markdown(report: dict) -> str:
         f"Model: `{p['model']}` ({report['num_layers']} layers). {report['clients']} concurrent closed-loop clients, "
         f"{report['duration']:.0f} s measured after {report['warmup']:.0f} s warm-up per setting and round, "
         f"{report['rounds']} round(s) interleaved (medians over rounds); server `--threads {report['threads']}`, "
-        f"weights {report.get('dtype') or 'float32'}, attention {report.get('attn_implementation') or 'sdpa'}.  ",
+        f"{_runtime(report)}.  ",
         f"Command: `{p['command']}`  ",
         f"Date: {p['date']}; torch {p['versions']['torch']}, transformers {p['versions']['transformers']}, "
         f"{p['hardware']['cpu']}, {p['hardware']['cpu_count']} cores.  ",
@@ -366,6 +380,7 @@ def main() -> None:
         "threads": args.threads,
         "dtype": args.dtype,
         "attn_implementation": args.attn_implementation,
+        "onnx_precision": _onnx_precision(args.model),
         "num_layers": num_layers,
         "configs": configs,
         "settings": settings,
