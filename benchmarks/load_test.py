@@ -240,8 +240,9 @@ def per_round_ratios(runs: dict[str, list[dict]]) -> list[float]:
 
 def _onnx_precision(model: str) -> str | None:
     """The precision of a `pabee export` folder (the server then runs ONNX Runtime), else None."""
-    manifest = Path(model) / "pabee_onnx.json"
-    return json.loads(manifest.read_text())["precision"] if manifest.is_file() else None
+    from pabee.onnx_export import MANIFEST, is_onnx_folder
+
+    return json.loads((Path(model) / MANIFEST).read_text())["precision"] if is_onnx_folder(model) else None
 
 
 def _runtime(report: dict) -> str:

@@ -46,11 +46,12 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from pabee.batching import forward_thread
+    from pabee.onnx_export import is_onnx_folder
     from pabee.pipeline import pipeline
 
     worker = forward_thread(args.threads)
     options = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
-    if (Path(args.model) / "pabee_onnx.json").is_file():  # an export: ONNX Runtime threads as the server's
+    if is_onnx_folder(args.model):  # an export: ONNX Runtime threads as the server's
         options = {"threads": args.threads}
 
     def load():

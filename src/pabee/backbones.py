@@ -62,6 +62,10 @@ class EncoderAdapter:
         """Apply layer `index` (0-based) to `hidden`."""
         raise NotImplementedError
 
+    def weights_of_layer(self, config: Any, index: int) -> int:
+        """Which distinct set of layer weights runs layer `index`: its own, except where layers share them."""
+        return index
+
     def has_pooler(self, encoder: nn.Module) -> bool:
         return self.pooler_available and getattr(encoder, "pooler", None) is not None
 
@@ -91,9 +95,11 @@ class AlbertAdapter(EncoderAdapter):
         hidden = super().embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         return encoder.encoder.embedding_hidden_mapping_in(hidden)
 
+    def weights_of_layer(self, config: Any, index: int) -> int:
+        return int(index / (config.num_hidden_layers / config.num_hidden_groups))  # the layer's group
+
     def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
-        config = encoder.config
-        group = int(index / (config.num_hidden_layers / config.num_hidden_groups))
+        group = self.weights_of_layer(encoder.config, index)
         return encoder.encoder.albert_layer_groups[group](hidden, mask)
 
     def pool(self, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

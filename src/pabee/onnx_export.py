@@ -34,7 +34,7 @@ __all__ = [
     "OPSET",
     "export_full_model",
     "export_onnx",
-    "file_digest",
+    "is_onnx_folder",
     "layer_graphs",
     "require_onnx",
 ]
@@ -55,12 +55,14 @@ def require_onnx() -> None:
 
 
 def layer_graphs(model: PabeeForSequenceClassification) -> list[int]:
-    """For each layer, the index of the graph that runs it: the layer itself, or ALBERT's shared group."""
+    """For each layer, the index of the graph that runs it: one graph per distinct set of layer weights."""
     config = model.config.encoder_config
-    groups = getattr(config, "num_hidden_groups", None) if config.model_type == "albert" else None
-    if not groups:
-        return list(range(model.num_layers))
-    return [int(i / (model.num_layers / groups)) for i in range(model.num_layers)]
+    return [model.adapter.weights_of_layer(config, i) for i in range(model.num_layers)]
+
+
+def is_onnx_folder(folder: str | Path) -> bool:
+    """True for a folder written by `pabee export` (it holds the manifest)."""
+    return (Path(folder) / MANIFEST).is_file()
 
 
 class _Embeddings(nn.Module):
@@ -212,8 +214,6 @@ def _load(model_dir: str | Path) -> tuple[PabeeForSequenceClassification, Any]:
     from .pipeline import load_model_folder
 
     folder = Path(model_dir)
-    if not (folder / "config.json").is_file():
-        raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
     # Eager attention: the layer graphs then hold plain MatMul/Softmax, which int8 quantization understands.
     return load_model_folder(folder, attn_implementation="eager"), AutoTokenizer.from_pretrained(folder)
 

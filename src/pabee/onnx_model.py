@@ -21,12 +21,7 @@ from .modeling import ExitSettings, PabeeOutput, early_exit, profiler_label
 from .onnx_export import FORMAT_VERSION, MANIFEST, require_onnx
 from .provenance import file_digest
 
-__all__ = ["OnnxPabeeModel", "is_onnx_folder", "read_manifest", "session_options"]
-
-
-def is_onnx_folder(folder: str | Path) -> bool:
-    """True for a folder written by `pabee export` (it holds the manifest)."""
-    return (Path(folder) / MANIFEST).is_file()
+__all__ = ["OnnxPabeeModel", "read_manifest", "session_options"]
 
 
 def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -178,19 +173,21 @@ class OnnxPabeeModel(ExitSettings):
             logits, exit_layers = early_exit(self, hidden, attention_mask, criterion)
             return PabeeOutput(logits=logits, exit_layers=exit_layers)
         limit = criterion.exit_limit(self.num_layers)
-        mask = self.layer_mask(hidden, attention_mask)
-        for layer in range(limit):
-            hidden, logits = self.step(layer, hidden, mask, attention_mask)
+        logits = self._layer_logits(hidden, attention_mask, limit)[-1]
         return PabeeOutput(logits=logits, exit_layers=torch.full((len(logits),), limit, dtype=torch.long))
+
+    def _layer_logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> list[torch.Tensor]:
+        """Every example through the first `layers` layers: each layer's logits `(B, C)`."""
+        mask, per_layer = self.layer_mask(hidden, attention_mask), []
+        for layer in range(layers):
+            hidden, logits = self.step(layer, hidden, mask, attention_mask)
+            per_layer.append(logits)
+        return per_layer
 
     def _all_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: Any) -> PabeeOutput:
         from .exits import logits_at_exit, sweep_exit_layers
 
-        mask, per_layer = self.layer_mask(hidden, attention_mask), []
-        for layer in range(self.num_layers):
-            hidden, logits = self.step(layer, hidden, mask, attention_mask)
-            per_layer.append(logits)
-        all_logits = torch.stack(per_layer, dim=1)  # (B, L, C)
+        all_logits = torch.stack(self._layer_logits(hidden, attention_mask, self.num_layers), dim=1)  # (B, L, C)
         exit_layers = sweep_exit_layers(criterion, all_logits)
         return PabeeOutput(
             logits=logits_at_exit(all_logits, exit_layers), all_logits=all_logits, exit_layers=exit_layers

@@ -308,17 +308,15 @@ BACKENDS = ("torch", "onnxruntime")
 
 def _backend(folder: Path, backend: str | None) -> str:
     """The backend asked for, or the one the folder is for; a folder that is neither model nor export fails."""
-    from .onnx_export import MANIFEST
+    from .onnx_export import MANIFEST, is_onnx_folder
 
-    exported = (folder / MANIFEST).is_file()
+    exported = is_onnx_folder(folder)
     if backend not in (None, *BACKENDS):
         raise PabeeError(f"backend {backend!r} is unknown; use {' or '.join(BACKENDS)}.")
     if backend == "onnxruntime" and not exported:
         raise PabeeError(f"{folder} is not an ONNX export (no {MANIFEST}); make one with: pabee export --model DIR.")
     if backend == "torch" and exported:
         raise PabeeError(f"{folder} holds ONNX graphs; use the onnxruntime backend, or the original model folder.")
-    if not (folder / "config.json").is_file():
-        raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
     return backend or ("onnxruntime" if exported else "torch")
 
 
@@ -338,6 +336,8 @@ def load_model_folder(
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
+    if not (folder / "config.json").is_file():
+        raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as error:
