@@ -18,6 +18,7 @@ from typing import Any
 from .backbones import ADAPTERS
 from .errors import PabeeError
 from .exits import EXIT_OPTIONS, ExitSpec, check_max_exit_layer, check_patience, check_regression_threshold
+from .onnx_export import require_onnx
 from .pipeline import ATTENTION_KERNELS, BACKENDS, DEFAULT_MAX_LENGTH, DTYPES
 from .sweeps import parse_criteria, parse_int_list, parse_patience_list, parse_thresholds
 
@@ -38,12 +39,6 @@ def _at_least(args: object, name: str, minimum: float) -> None:
     if value is not None and value < minimum:
         whole = "whole " if isinstance(minimum, int) else ""
         raise PabeeError(f"--{name}={value!r} is invalid: use a {whole}number >= {minimum}.")
-
-
-def _require_onnxruntime() -> None:
-    from .onnx_export import require_onnx
-
-    require_onnx()
 
 
 def _checked(check, *values) -> Any:
@@ -214,7 +209,7 @@ class BenchArguments(ExitSweepArguments):
 
     def __post_init__(self) -> None:
         if self.backend == "onnxruntime":
-            _require_onnxruntime()
+            require_onnx()
             if self.model is None:
                 raise PabeeError("--backend onnxruntime needs --model: a folder made by `pabee export`.")
             if self.training_cost or self.attn_implementation:
@@ -266,7 +261,7 @@ class InferenceArguments:
 
     def __post_init__(self) -> None:
         if self.backend == "onnxruntime":
-            _require_onnxruntime()
+            require_onnx()
         if self.patience is not None:
             _checked(check_patience, self.patience)
         _checked(check_max_exit_layer, self.max_exit_layer)
@@ -355,5 +350,5 @@ class ExportArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty --output folder."})
 
     def __post_init__(self) -> None:
-        _require_onnxruntime()
+        require_onnx()
         _at_least(self, "opset", 14)
