@@ -160,3 +160,14 @@ def exit_layers_with_compaction(criterion: ExitCriterion, all_logits: torch.Tens
         tracker.keep(~leaving)
         rows = rows[~leaving]
     return got
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text → {(sample name, sorted labels): value}; raises if the text does not parse."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metric_samples
 
 from pabee.arguments import ServeArguments
 from pabee.batching import BatchFailed, MicroBatcher, ShuttingDown
@@ -38,15 +38,6 @@ def pipe(model_dir):
 @pytest.fixture(scope="module")
 def rte_pairs(glue_dir) -> list[list[str]]:
     return [[r["text"], r["text_pair"]] for r in read_glue_tsv(get_task("RTE"), glue_dir / "RTE" / "dev.tsv")[:8]]
-
-
-def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    """Prometheus text → {(sample name, sorted labels): value}; raises if the text does not parse."""
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def assert_answers(got: list[dict], expected: list[dict]) -> None:

@@ -12,6 +12,7 @@ file) is checked by the command.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from .pipeline import ATTENTION_KERNELS, BACKENDS, DEFAULT_MAX_LENGTH, DTYPES
 from .sweeps import parse_criteria, parse_int_list, parse_patience_list, parse_thresholds
 
 __all__ = [
+    "API_KEY_VARIABLE",
     "BenchArguments",
     "ExportArguments",
     "ExitSweepArguments",
@@ -31,6 +33,9 @@ __all__ = [
     "RunGlueArguments",
     "ServeArguments",
 ]
+
+
+API_KEY_VARIABLE = "PABEE_API_KEY"  # where `pabee serve` finds its API key when --api_key is not given
 
 
 def _at_least(args: object, name: str, minimum: float) -> None:
@@ -317,6 +322,21 @@ class ServeArguments(InferenceArguments):
     )
     max_texts_per_request: int = field(default=64, metadata={"help": "More texts in one request: 413."})
     max_text_chars: int = field(default=5000, metadata={"help": "A longer text (or pair part): 413."})
+    max_queue: int = field(
+        default=128,
+        metadata={"help": "Most texts waiting for a batch; a request beyond it gets 503 with Retry-After at once."},
+    )
+    request_timeout: float = field(
+        default=60.0,
+        metadata={"help": "Seconds a /predict request may take; then 504, and its texts leave the queue unrun."},
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Require 'Authorization: Bearer <key>' on /predict and /metrics (default: $PABEE_API_KEY; "
+            "none: anyone who can reach the port may use it)."
+        },
+    )
     workers: int = field(default=1, metadata={"help": "uvicorn worker processes, each with its own model copy."})
     access_log: bool = field(default=True, metadata={"help": "Log every request (--no_access_log to turn off)."})
     graceful_timeout: float = field(
@@ -330,11 +350,23 @@ class ServeArguments(InferenceArguments):
             ("max_wait_ms", 0.0),
             ("max_texts_per_request", 1),
             ("max_text_chars", 1),
+            ("max_queue", 1),
             ("workers", 1),
             ("port", 0),
             ("graceful_timeout", 0.0),
         ):
             _at_least(self, name, minimum)
+        if self.request_timeout <= 0:
+            raise PabeeError(f"--request_timeout={self.request_timeout!r} is invalid: use a number of seconds > 0.")
+        if self.max_queue < self.max_texts_per_request:
+            raise PabeeError(
+                f"--max_queue={self.max_queue} is smaller than --max_texts_per_request={self.max_texts_per_request}: "
+                "a request that large could only be served when nothing else waits; raise --max_queue."
+            )
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_VARIABLE) or None
+        if self.api_key is not None and not self.api_key.strip():
+            raise PabeeError("--api_key is empty; give a secret, or leave it out to serve without one.")
 
 
 @dataclass

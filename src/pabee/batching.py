@@ -6,6 +6,7 @@ Kept apart from the HTTP layer (`serve.py`) so any front end (FastAPI here, Ray 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +19,7 @@ import torch
 
 from .pipeline import Example
 
-__all__ = ["BatchFailed", "BatchRunner", "MicroBatcher", "ShuttingDown", "forward_thread"]
+__all__ = ["BatchFailed", "BatchRunner", "MicroBatcher", "Overloaded", "ShuttingDown", "forward_thread"]
 
 
 class BatchFailed(Exception):
@@ -29,6 +30,14 @@ class ShuttingDown(Exception):
     """A request arrived after shutdown began."""
 
 
+class Overloaded(Exception):
+    """The queue is full: refused at once, so the client can go elsewhere instead of waiting in a long line."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # whole seconds until the queue has likely drained
+
+
 @dataclass
 class _Pending:
     examples: list[Example]
@@ -36,6 +45,7 @@ class _Pending:
     arrived: float
     answers: list[dict | None] = field(default_factory=list)
     missing: int = 0
+    started: bool = False
 
 
 # The batch function: texts → chunks `(positions among the texts, their answers)` as its forward passes end.
@@ -65,6 +75,10 @@ class MicroBatcher:
     request is answered as soon as all of its texts are: its client can send the next request while the rest of
     the batch is still running, so the worker thread need not sit idle between batches.
 
+    Admission control: with `max_queue`, a request that would make more than `max_queue` texts wait is refused
+    at once with `Overloaded` (a request always fits an empty queue). A caller that stops waiting (a timeout,
+    a client gone) takes its texts out of the queue if their batch has not started, so they cost nothing.
+
     Args:
         run: the batch function; runs in the worker thread.
         on_batch: called on the event loop after each successful batch with
@@ -80,11 +94,16 @@ class MicroBatcher:
         on_batch: Callable[[int, list[dict], float], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
+        max_queue: int | None = None,
+        on_withdraw: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_wait < 0:
-            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 and max_wait={max_wait} >= 0.")
-        self.run, self.max_batch_size, self.max_wait = run, max_batch_size, max_wait
-        self.on_batch, self.on_failure = on_batch, on_failure
+        if max_batch_size < 1 or max_wait < 0 or (max_queue is not None and max_queue < 1):
+            raise ValueError(
+                f"max_batch_size={max_batch_size} and max_queue={max_queue} must be >= 1, max_wait={max_wait} >= 0."
+            )
+        self.run, self.max_batch_size, self.max_wait, self.max_queue = run, max_batch_size, max_wait, max_queue
+        self.on_batch, self.on_failure, self.on_withdraw = on_batch, on_failure, on_withdraw
+        self._texts_per_second: float | None = None  # recent throughput, for Retry-After
         self._executor = executor or forward_thread()
         self._pending: deque[_Pending] = deque()
         self._waiting = 0  # texts in _pending
@@ -96,6 +115,17 @@ class MicroBatcher:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def queued(self) -> int:
+        """Texts waiting for a batch (not yet started)."""
+        return self._waiting
+
+    def retry_after(self) -> int:
+        """Whole seconds (>= 1) the queued texts will likely take at the recent throughput."""
+        if not self._texts_per_second:
+            return 1
+        return max(1, math.ceil(self._waiting / self._texts_per_second))
+
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="pabee-micro-batcher")
@@ -105,15 +135,33 @@ class MicroBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def submit(self, examples: list[Example]) -> list[dict]:
-        """Queue one request's texts; returns their answers (raises `BatchFailed` or `ShuttingDown`)."""
+        """Queue one request's texts; returns their answers (raises `BatchFailed`, `Overloaded`, `ShuttingDown`)."""
         if self._closing or self._task is None:
             raise ShuttingDown("The server is shutting down.")
+        if self.max_queue is not None and self._waiting and self._waiting + len(examples) > self.max_queue:
+            raise Overloaded(
+                f"The server is busy: {self._waiting} texts are queued and the limit is {self.max_queue}; "
+                "retry later.",
+                self.retry_after(),
+            )
         loop = asyncio.get_running_loop()
         pending = _Pending(examples, loop.create_future(), loop.time())
         self._pending.append(pending)
         self._waiting += len(examples)
         self._wakeup.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:  # the caller gave up (timeout, client gone)
+            self._withdraw(pending)
+            raise
+
+    def _withdraw(self, pending: _Pending) -> None:
+        if pending.started:
+            return  # its batch runs anyway; the answers are dropped
+        self._pending.remove(pending)
+        self._waiting -= len(pending.examples)
+        if self.on_withdraw is not None:
+            self.on_withdraw(len(pending.examples))
 
     async def stop(self) -> None:
         """Answer everything already queued, then stop the loop and the worker thread."""
@@ -136,6 +184,7 @@ class MicroBatcher:
                 break
             self._pending.popleft()
             self._waiting -= len(pending.examples)
+            pending.started = True
             if pending.future.done():  # the client went away while waiting
                 continue
             batch.append(pending)
@@ -181,8 +230,13 @@ class MicroBatcher:
                 pending.missing -= 1
                 if pending.missing == 0 and not pending.future.done():
                     pending.future.set_result(pending.answers)
-            if missing == 0 and self.on_batch is not None:  # before any of these callers hears back
-                self.on_batch(len(batch), answers, time.perf_counter() - start)
+            if missing == 0:  # before any of these callers hears back
+                seconds = time.perf_counter() - start
+                rate = len(answers) / max(seconds, 1e-6)
+                previous = self._texts_per_second
+                self._texts_per_second = rate if previous is None else 0.8 * previous + 0.2 * rate
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), answers, seconds)
 
         def work() -> None:  # in the worker thread; `deliver` calls run on the loop in order, before it resumes
             for positions, chunk in self.run(examples):

@@ -18,14 +18,24 @@ texts, a text longer than `max_text_chars` characters, or an oversized body. Tex
 truncated to `max_seq_length` tokens (pairs: longer part first), as in training. If a forward fails, the
 requests of that batch get a 500 and the server carries on.
 
+Holding up under load and strangers: a request that would make more than `max_queue` texts wait gets 503 with
+`Retry-After` at once (waiting in a long line helps nobody); one not answered within `request_timeout` seconds
+gets 504 and its texts leave the queue unrun. With an API key, /predict and /metrics answer 401 unless the
+request has `Authorization: Bearer <key>`; /health stays open for load balancers. `/metrics` counts layers
+computed and exit layers, so a shift of the mean exit layer (a slowdown attack, drifting inputs) shows.
+
 The server keeps no state between requests, so it scales out as several uvicorn workers (`--workers`) or as
 replicas behind any load balancer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +46,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .arguments import ServeArguments
-from .batching import BatchFailed, MicroBatcher, ShuttingDown, forward_thread
+from .arguments import API_KEY_VARIABLE, ServeArguments
+from .batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown, forward_thread
 from .errors import PabeeError
 from .pipeline import Example, PabeePipeline
 
@@ -48,6 +58,33 @@ __all__ = ["RequestError", "app_from_args", "create_app", "parse_predict_body", 
 ENV_CONFIG = "PABEE_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DRAIN_LIMIT = 64 * 2**20  # bytes of an oversized body read (and dropped) so its client gets the 413
+
+_TEXT = {"type": "string"}
+# The body /predict takes, for the OpenAPI schema (the handler parses it itself, to answer in its own words).
+PREDICT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["texts"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "texts": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "oneOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 2, "maxItems": 2}]
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class RequestError(Exception):
@@ -64,6 +101,8 @@ def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[Exam
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RequestError(400, f"The body is not valid JSON: {error}.") from None
+    except RecursionError:  # thousands of nested brackets: the parser gives up, and so do we
+        raise RequestError(400, "The body is not valid JSON for this API: it is nested too deeply.") from None
     if not isinstance(payload, dict):
         raise RequestError(422, 'The body must be a JSON object like {"texts": ["a text", ...]}.')
     unknown = sorted(set(payload) - {"texts"})
@@ -94,7 +133,7 @@ def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[Exam
 class _Metrics:
     """Prometheus metrics in a registry of their own, so several apps in one process never clash."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, queued: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -115,6 +154,13 @@ class _Metrics:
         self.exit_layer = Histogram(
             "pabee_exit_layer", "Layer each text exited at.", buckets=tuple(range(1, num_layers + 1)), registry=r
         )
+        self.layers = Counter(
+            "pabee_layers_computed", "Encoder layers run, summed over texts (a text exiting at k adds k).", registry=r
+        )
+        self.rejected = Counter("pabee_rejected", "/predict requests refused (503): queue full.", registry=r)
+        self.timeouts = Counter("pabee_timeouts", "/predict requests past --request_timeout (504).", registry=r)
+        self.dropped = Counter("pabee_dropped_texts", "Texts taken out of the queue unrun (timeout).", registry=r)
+        Gauge("pabee_queued_texts", "Texts waiting for a batch.", registry=r).set_function(queued)
 
     def batch_done(self, num_requests: int, answers: list[dict], seconds: float) -> None:
         self.batch_size.observe(len(answers))
@@ -123,10 +169,11 @@ class _Metrics:
         self.texts.inc(len(answers))
         for answer in answers:
             self.exit_layer.observe(answer["exit_layer"])
+        self.layers.inc(sum(answer["exit_layer"] for answer in answers))
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
 def create_app(
@@ -136,12 +183,17 @@ def create_app(
     max_wait_ms: float = 5.0,
     max_texts_per_request: int = 64,
     max_text_chars: int = 5000,
+    max_queue: int | None = None,
+    request_timeout: float | None = None,
+    api_key: str | None = None,
     threads: int | None = None,
     model_name: str | None = None,
     executor: ThreadPoolExecutor | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `pipeline` (its exit options apply to every request).
 
+    `max_queue` (texts) and `request_timeout` (seconds) bound the waiting (503 / 504 beyond them; None: no
+    bound); with `api_key`, /predict and /metrics need `Authorization: Bearer <api_key>`.
     The micro-batcher starts and stops with the app's lifespan: run it under uvicorn, or in tests inside
     `with TestClient(app)`. `executor` is the thread the pipeline was loaded in (`forward_thread`); without
     one, a new thread with `threads` torch threads runs the batches.
@@ -151,30 +203,39 @@ def create_app(
             raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
     if threads is not None and threads < 1:
         raise ValueError(f"threads={threads} is invalid; use a whole number >= 1.")
-    metrics = _Metrics(pipeline.num_layers)
+    if request_timeout is not None and request_timeout <= 0:
+        raise ValueError(f"request_timeout={request_timeout} is invalid; use a number of seconds > 0.")
 
     def run(examples: list[Example]) -> Iterator[tuple[list[int], list[dict]]]:
         for rows, logits, exit_layers in pipeline.run_batches(examples, batch_size=max_batch_size):
             yield rows, pipeline.format(logits, exit_layers)
 
+    metrics = _Metrics(pipeline.num_layers, queued=lambda: batcher.queued)
     batcher = MicroBatcher(
         run,
         max_batch_size,
         max_wait_ms / 1000,
         on_batch=metrics.batch_done,
         on_failure=lambda error: metrics.batch_failures.inc(),
+        on_withdraw=metrics.dropped.inc,
         executor=executor or forward_thread(threads),
+        max_queue=max_queue,
     )
+    limits = {
+        "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms,
+        "max_texts_per_request": max_texts_per_request,
+        "max_text_chars": max_text_chars,
+        "max_queue": max_queue,
+        "request_timeout": request_timeout,
+        "max_seq_length": pipeline.max_length,
+    }
     info = {
         "model": model_name or str(getattr(pipeline.model.config, "name_or_path", "")),
         "labels": pipeline.labels,
         "num_layers": pipeline.num_layers,
         "exit_options": pipeline.exit_options,
-        "max_batch_size": max_batch_size,
-        "max_wait_ms": max_wait_ms,
-        "max_texts_per_request": max_texts_per_request,
-        "max_text_chars": max_text_chars,
-        "max_seq_length": pipeline.max_length,
+        **limits,
     }
 
     @asynccontextmanager
@@ -186,43 +247,82 @@ def create_app(
 
     app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=lifespan)
     app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
-    _add_routes(app, batcher, metrics, info)
+    _add_routes(app, batcher, metrics, info, api_key)
     return app
 
 
 async def _read_body(request: Request, max_body: int) -> bytes:
-    """The body, refused with 413 as soon as it is larger than `max_body` (declared or streamed)."""
+    """The body, or 413 when it is larger than `max_body` bytes (declared or streamed).
+
+    An oversized body is still read to its end (and dropped), up to `DRAIN_LIMIT` bytes: a server that answers
+    and closes while the client is still sending makes the client see a connection reset, not the 413.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise RequestError(413, f"The body has {declared} bytes; the limit is {max_body}.")
+    too_large = declared is not None and declared.isdigit() and int(declared) > max_body
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_body:
-            raise RequestError(413, f"The body is larger than the limit of {max_body} bytes.")
-        chunks.append(chunk)
+        too_large = too_large or size > max_body
+        if too_large and size > DRAIN_LIMIT:
+            break
+        if not too_large:
+            chunks.append(chunk)
+    if too_large:
+        raise RequestError(413, f"The body has {declared or f'over {max_body}'} bytes; the limit is {max_body}.")
     return b"".join(chunks)
 
 
-def _add_routes(app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any]) -> None:
-    """`POST /predict`, `GET /health` and `GET /metrics`, as the module docstring describes."""
-    max_texts, max_chars = info["max_texts_per_request"], info["max_text_chars"]
-    # Each JSON-escaped character takes at most 6 bytes; beyond that the body cannot be a valid request.
-    max_body = 6 * max_texts * (2 * max_chars + 8) + 4096
+def _authorized(request: Request, api_key: bytes | None) -> bool:
+    """Whether the request carries `Authorization: Bearer <api_key>` (always, without a key)."""
+    if api_key is None:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # compare_digest takes as long for a near miss as for a far one, so timing tells nothing about the key.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
 
-    @app.post("/predict")
+
+async def _answer_predict(request: Request, batcher: MicroBatcher, info: dict[str, Any], max_body: int) -> Response:
+    """Parse, queue and answer one /predict request (every failure as its JSON status)."""
+    try:
+        examples = parse_predict_body(
+            await _read_body(request, max_body), info["max_texts_per_request"], info["max_text_chars"]
+        )
+        return JSONResponse({"predictions": await batcher.submit(examples)})
+    except RequestError as error:
+        return _error(error.status, error.message)
+    except Overloaded as error:
+        return _error(503, str(error), {"Retry-After": str(error.retry_after)})
+    except BatchFailed as error:
+        return _error(500, f"Inference failed for the batch holding this request ({error}).")
+    except ShuttingDown as error:
+        return _error(503, str(error))
+
+
+def _add_routes(
+    app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], api_key: str | None
+) -> None:
+    """`POST /predict`, `GET /health` and `GET /metrics`, as the module docstring describes."""
+    key = api_key.encode() if api_key else None
+    timeout = info["request_timeout"]
+    # Each JSON-escaped character takes at most 6 bytes; beyond that the body cannot be a valid request.
+    max_body = 6 * info["max_texts_per_request"] * (2 * info["max_text_chars"] + 8) + 4096
+    unauthorized = {"WWW-Authenticate": "Bearer"}
+
+    @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
-        try:
-            examples = parse_predict_body(await _read_body(request, max_body), max_texts, max_chars)
-            answers = await batcher.submit(examples)
-            response: Response = JSONResponse({"predictions": answers})
-        except RequestError as error:
-            response = _error(error.status, error.message)
-        except BatchFailed as error:
-            response = _error(500, f"Inference failed for the batch holding this request ({error}).")
-        except ShuttingDown as error:
-            response = _error(503, str(error))
+        if not _authorized(request, key):
+            response = _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", unauthorized)
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await _answer_predict(request, batcher, info, max_body)
+            except TimeoutError:
+                response = _error(504, f"No answer within --request_timeout {timeout} s; the request was dropped.")
+        if response.status_code == 503 and "Retry-After" in response.headers:
+            metrics.rejected.inc()
+        elif response.status_code == 504:
+            metrics.timeouts.inc()
         metrics.requests.labels("/predict", str(response.status_code)).inc()
         metrics.latency.observe(time.perf_counter() - start)
         return response
@@ -236,7 +336,10 @@ def _add_routes(app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: di
         return JSONResponse({"status": "ok", **info})
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        if not _authorized(request, key):
+            metrics.requests.labels("/metrics", "401").inc()
+            return _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", unauthorized)
         metrics.requests.labels("/metrics", "200").inc()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -256,6 +359,9 @@ def app_from_args(args: ServeArguments) -> FastAPI:
         max_wait_ms=args.max_wait_ms,
         max_texts_per_request=args.max_texts_per_request,
         max_text_chars=args.max_text_chars,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        api_key=args.api_key,
         threads=threads,
         model_name=args.model,
         executor=executor,
@@ -265,6 +371,16 @@ def app_from_args(args: ServeArguments) -> FastAPI:
 def app_from_environment() -> FastAPI:
     """uvicorn's app factory for `--workers N`: each worker reads the settings from `PABEE_SERVE_CONFIG`."""
     return app_from_args(ServeArguments(**json.loads(os.environ[ENV_CONFIG])))
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], FastAPI] = app_from_args) -> None:
@@ -278,6 +394,12 @@ def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], Fas
         "timeout_graceful_shutdown": args.graceful_timeout,
         "log_level": "info",
     }
+    if args.api_key is None and not _is_loopback(args.host):
+        print(
+            f"warning: serving {args.host}:{args.port} without an API key: anyone who can reach it may use it "
+            f"(set --api_key or ${API_KEY_VARIABLE}).",
+            file=sys.stderr,
+        )
     try:
         app = app_factory(args)  # with several workers too: a bad model or option fails here, once
     except ValueError as error:

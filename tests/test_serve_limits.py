@@ -1,0 +1,179 @@
+"""`pabee serve` under overload, strangers and hostile bodies: 503 at once, 504 on time, 401 without the key."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from helpers import metric_samples
+
+from pabee.arguments import ServeArguments
+from pabee.cli import main
+from pabee.pipeline import pipeline
+from pabee.serve import create_app, run_server
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def blocked_pipe(model_dir):
+    """The tiny model's pipeline whose forwards wait until the test sets `pipe.release`."""
+    pipe = pipeline(model_dir)
+    working, pipe.release, pipe.started = pipe.run_batches, threading.Event(), threading.Event()
+
+    def run_batches(examples, **kwargs):
+        if examples != [("warm up", None)]:
+            pipe.started.set()
+            assert pipe.release.wait(30), "the test never released the forward"
+        return working(examples, **kwargs)
+
+    pipe.run_batches = run_batches
+    return pipe
+
+
+async def _serve(app, scenario):
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            return await scenario(client, app.state.batcher)
+
+
+async def _until(condition, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the server never reached the expected state")
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(blocked_pipe):
+    app = create_app(blocked_pipe, max_batch_size=2, max_wait_ms=0, max_texts_per_request=4, max_queue=4, threads=1)
+
+    async def scenario(client, batcher):
+        running = asyncio.ensure_future(client.post("/predict", json={"texts": ["a", "b"]}))
+        await _until(blocked_pipe.started.is_set)
+        queued = [asyncio.ensure_future(client.post("/predict", json={"texts": [f"q{i}", "x"]})) for i in range(2)]
+        await _until(lambda: batcher.queued == 4)
+        refused = await asyncio.wait_for(client.post("/predict", json={"texts": ["one more"]}), 5)
+        blocked_pipe.release.set()
+        answered = await asyncio.gather(running, *queued)
+        return refused, answered, (await client.get("/metrics")).text
+
+    refused, answered, metrics = asyncio.run(_serve(app, scenario))
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert "4 texts are queued and the limit is 4" in refused.json()["detail"]
+    assert [r.status_code for r in answered] == [200, 200, 200]
+    samples = metric_samples(metrics)
+    assert samples[("pabee_rejected_total", ())] == 1
+    assert samples[("pabee_requests_total", (("endpoint", "/predict"), ("status", "503")))] == 1
+    assert samples[("pabee_queued_texts", ())] == 0
+
+
+def test_a_request_past_its_timeout_gets_504_and_its_queued_texts_are_dropped(blocked_pipe):
+    app = create_app(blocked_pipe, max_batch_size=2, max_wait_ms=0, request_timeout=0.3, threads=1)
+
+    async def scenario(client, batcher):
+        running = asyncio.ensure_future(client.post("/predict", json={"texts": ["a", "b"]}))
+        await _until(blocked_pipe.started.is_set)
+        queued = await client.post("/predict", json={"texts": ["c", "d", "e"]})  # waits behind the running one
+        answers = [await running, queued, batcher.queued]
+        blocked_pipe.release.set()
+        answers.append(await client.post("/predict", json={"texts": ["after"]}))
+        return answers, (await client.get("/metrics")).text
+
+    (running, queued, left_in_queue, after), metrics = asyncio.run(_serve(app, scenario))
+    assert running.status_code == 504 and queued.status_code == 504
+    assert "--request_timeout 0.3 s" in queued.json()["detail"]
+    assert left_in_queue == 0 and after.status_code == 200
+    samples = metric_samples(metrics)
+    assert samples[("pabee_timeouts_total", ())] == 2
+    assert samples[("pabee_dropped_texts_total", ())] == 3  # the queued request's texts never ran
+    assert samples[("pabee_texts_total", ())] == 3  # the started batch and "after" ran
+
+
+def test_with_an_api_key_predict_and_metrics_need_it_and_health_stays_open(model_dir):
+    key = "s3cret-key"
+    with TestClient(create_app(pipeline(model_dir), api_key=key, threads=1)) as client:
+        body = {"texts": ["a text"]}
+        assert client.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {key}"}):
+            response = client.post("/predict", json=body, headers=headers)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+            assert "API key" in response.json()["detail"]
+            assert client.get("/metrics", headers=headers).status_code == 401
+        good = {"Authorization": f"Bearer {key}"}
+        assert client.post("/predict", json=body, headers=good).status_code == 200
+        metrics = client.get("/metrics", headers=good)
+        assert metrics.status_code == 200 and key not in metrics.text
+        assert key not in client.get("/health").text
+    samples = metric_samples(metrics.text)
+    assert samples[("pabee_requests_total", (("endpoint", "/predict"), ("status", "401")))] == 3
+
+
+def test_layers_computed_counts_each_texts_exit_layer(model_dir, sst2_dev_sentences):
+    pipe = pipeline(model_dir)
+    with TestClient(create_app(pipe, threads=1)) as client:
+        client.post("/predict", json={"texts": sst2_dev_sentences[:12]})
+        samples = metric_samples(client.get("/metrics").text)
+    assert samples[("pabee_layers_computed_total", ())] == sum(a["exit_layer"] for a in pipe(sst2_dev_sentences[:12]))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"texts": ' + b"[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_deeply_nested_json_is_a_400_not_a_crash(model_dir, body, message):
+    app = create_app(pipeline(model_dir), max_texts_per_request=64, max_text_chars=5000, threads=1)
+    with TestClient(app) as client:
+        response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and message in response.json()["detail"]
+
+
+def test_an_oversized_streamed_body_gets_413_after_being_read(model_dir):
+    app = create_app(pipeline(model_dir), max_texts_per_request=2, max_text_chars=10, threads=1)
+
+    def chunks():  # no content-length: the server finds out while reading
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    with TestClient(app) as client:
+        response = client.post("/predict", content=chunks())
+    assert response.status_code == 413 and "the limit is" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_queue", "8"], "--max_queue=8 is smaller than --max_texts_per_request=64"),
+        (["--request_timeout", "0"], "--request_timeout=0.0 is invalid"),
+        (["--api_key", " "], "--api_key is empty"),
+    ],
+)
+def test_bad_limits_are_one_line_and_exit_code_2(argv, message, capsys):
+    assert main(["serve", "--model", "m", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_the_api_key_comes_from_the_environment_when_not_given(monkeypatch):
+    monkeypatch.setenv("PABEE_API_KEY", "from-env")
+    assert ServeArguments(model="m").api_key == "from-env"
+    assert ServeArguments(model="m", api_key="flag").api_key == "flag"
+
+
+@pytest.mark.parametrize(("host", "key", "warned"), [("0.0.0.0", None, True), ("0.0.0.0", "k", False)])
+def test_serving_a_non_local_address_without_a_key_warns(monkeypatch, capsys, host, key, warned):
+    monkeypatch.delenv("PABEE_API_KEY", raising=False)
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: None)
+    run_server(ServeArguments(model="m", host=host, api_key=key), app_factory=lambda args: object())
+    assert ("without an API key" in capsys.readouterr().err) == warned
+
+
+def test_the_default_host_is_local_only():
+    assert ServeArguments(model="m").host == "127.0.0.1"
