@@ -8,7 +8,6 @@ can be read (and changed) on its own. The flags check themselves (`pabee.argumen
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,9 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import RunGlueArguments
+from .checkpoints import CheckpointMarker, checkpoint_folders, complete_checkpoints
 from .data import TaskData, load_glue, load_user_files, tokenize
 from .errors import PabeeError
 from .evaluate import metrics_during_training, sweep_results
@@ -39,7 +38,14 @@ from .provenance import provenance, write_atomic, write_json
 from .report import criteria_tables, run_glue_markdown, run_glue_plots
 from .sweeps import check_specs, exit_specs
 
-__all__ = ["RESULT_FILES", "RUN_FILE", "load_model", "load_task_data", "prepare_output_dir", "run_glue"]
+__all__ = [
+    "RESULT_FILES",
+    "RUN_FILE",
+    "load_model",
+    "load_task_data",
+    "prepare_output_dir",
+    "run_glue",
+]
 
 RESULT_FILES = ("eval_results.json", "eval_results.md", "patience_curve.png", "exit_histograms.png")
 RUN_FILE = "pabee_run.json"  # what a training run in this folder is, so a resume cannot mix two runs
@@ -62,11 +68,6 @@ def _non_empty(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
-def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 def _run_identity(args: RunGlueArguments, name_or_path: str) -> dict[str, Any]:
     return {
         "task": get_task(args.task_name).name if args.task_name else None,
@@ -75,31 +76,39 @@ def _run_identity(args: RunGlueArguments, name_or_path: str) -> dict[str, Any]:
     }
 
 
-def _same_run_checkpoint(out: Path, args: RunGlueArguments, name_or_path: str) -> str:
-    """The last checkpoint in `out` when it belongs to this run; checkpoints of another run are an error."""
-    last = get_last_checkpoint(str(out))
-    if last is None:
-        raise PabeeError(
-            f"--output_dir {out} exists and is not empty. Pass --overwrite_output_dir to replace its contents, "
-            "or choose another folder."
-        )
+def _same_run_checkpoint(out: Path, args: RunGlueArguments, name_or_path: str, main_process: bool) -> str | None:
+    """The last complete checkpoint in `out` when it belongs to this run, or None when this run was killed before
+    it completed one (it starts afresh); checkpoints of another run are an error."""
     try:
         previous = json.loads((out / RUN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         previous = None
-    if previous != _run_identity(args, name_or_path):
+    same_run = previous == _run_identity(args, name_or_path)
+    unfinished = same_run and not (out / "trainer_state.json").exists()  # a finished run saves its state there
+    if not checkpoint_folders(out) and not unfinished:
+        raise PabeeError(
+            f"--output_dir {out} exists and is not empty. Pass --overwrite_output_dir to replace its contents, "
+            "or choose another folder."
+        )
+    if not same_run:
         raise PabeeError(
             f"--output_dir {out} holds checkpoints of another run ({previous or 'unknown'}); pass "
             "--overwrite_output_dir to start afresh there, or choose another folder."
         )
-    return last
+    complete = complete_checkpoints(out, remove_incomplete=main_process, verbose=main_process)
+    if complete:
+        return str(complete[-1])
+    if main_process:
+        print(f"No complete checkpoint of this run in {out}: training from the start.")
+    return None
 
 
 def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> str | None:
     """Refuse to overwrite silently; return the checkpoint to resume from, if any.
 
     A folder holding checkpoints of the same run (same task, data and starting model) is resumed from its
-    last checkpoint; checkpoints of any other run are an error, never silently continued.
+    last complete checkpoint (one a kill cut short is removed first); checkpoints of any other run are an error,
+    never silently continued.
     """
     out = Path(training_args.output_dir)
     if out.exists() and not out.is_dir():
@@ -119,9 +128,9 @@ def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments,
     if not _non_empty(out):
         return None
     if not args.overwrite_output_dir:
-        return _same_run_checkpoint(out, args, name_or_path)
+        return _same_run_checkpoint(out, args, name_or_path, training_args.should_save)
     # Only what a previous run wrote: stale checkpoints would be resumed or evaluated as this run's.
-    for checkpoint in _checkpoints(out):
+    for checkpoint in checkpoint_folders(out):
         shutil.rmtree(checkpoint)
     for name in (*RESULT_FILES, RUN_FILE, "trainer_state.json"):
         (out / name).unlink(missing_ok=True)
@@ -266,6 +275,7 @@ def make_trainer(args: RunGlueArguments, training_args: TrainingArguments, setup
         data_collator=DataCollatorWithPadding(setup.tokenizer),
         processing_class=setup.tokenizer,
         compute_metrics=metrics_during_training(setup.model, setup.task, args.patiences, args.max_exit_layer),
+        callbacks=[CheckpointMarker()],
     )
 
 
@@ -313,7 +323,8 @@ def evaluate(args: RunGlueArguments, trainer: Trainer, setup: Setup) -> list[dic
     """Each `checkpoint-*` (with `--eval_all_checkpoints`), then the final model, on every evaluation split."""
     output_dir = Path(trainer.args.output_dir)
     evaluations = []
-    for checkpoint in _checkpoints(output_dir) if args.eval_all_checkpoints else []:
+    main_process = trainer.is_world_process_zero()
+    for checkpoint in complete_checkpoints(output_dir, verbose=main_process) if args.eval_all_checkpoints else []:
         evaluator = Trainer(  # the eval set too: Trainer refuses --eval_strategy steps without one
             model=load_model(args, setup.task, str(checkpoint)),
             args=trainer.args,
