@@ -50,25 +50,35 @@ async def _until(condition, seconds: float = 10.0) -> None:
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(blocked_pipe):
-    app = create_app(blocked_pipe, max_batch_size=2, max_wait_ms=0, max_texts_per_request=4, max_queue=4, threads=1)
+    app = create_app(
+        blocked_pipe, max_batch_size=2, max_wait_ms=0, max_texts_per_request=4, max_queue=5, api_key="k", threads=1
+    )
+    key = {"Authorization": "Bearer k"}
 
     async def scenario(client, batcher):
-        running = asyncio.ensure_future(client.post("/predict", json={"texts": ["a", "b"]}))
+        post = lambda texts, headers=key: client.post("/predict", json={"texts": texts}, headers=headers)  # noqa: E731
+        running = asyncio.ensure_future(post(["a", "b"]))
         await _until(blocked_pipe.started.is_set)
-        queued = [asyncio.ensure_future(client.post("/predict", json={"texts": [f"q{i}", "x"]})) for i in range(2)]
+        queued = [asyncio.ensure_future(post([f"q{i}", "x"])) for i in range(2)]
         await _until(lambda: batcher.queued == 4)
-        refused = await asyncio.wait_for(client.post("/predict", json={"texts": ["one more"]}), 5)
+        too_big = await asyncio.wait_for(post(["does", "not fit"]), 5)  # 4 + 2 > 5: refused by the batcher
+        queued.append(asyncio.ensure_future(post(["fits"])))
+        await _until(lambda: batcher.queued == 5)
+        refused = await asyncio.wait_for(post(["one more"]), 5)  # the queue is full: refused before parsing
+        stranger = await asyncio.wait_for(post(["one more"], headers={}), 5)
         blocked_pipe.release.set()
         answered = await asyncio.gather(running, *queued)
-        return refused, answered, (await client.get("/metrics")).text
+        return too_big, refused, stranger, answered, (await client.get("/metrics", headers=key)).text
 
-    refused, answered, metrics = asyncio.run(_serve(app, scenario))
-    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
-    assert "4 texts are queued and the limit is 4" in refused.json()["detail"]
-    assert [r.status_code for r in answered] == [200, 200, 200]
+    too_big, refused, stranger, answered, metrics = asyncio.run(_serve(app, scenario))
+    for response, queued in ((too_big, 4), (refused, 5)):
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+        assert f"{queued} texts are queued and the limit is 5" in response.json()["detail"]
+    assert stranger.status_code == 401  # not told how busy the server is
+    assert [r.status_code for r in answered] == [200, 200, 200, 200]
     samples = metric_samples(metrics)
-    assert samples[("pabee_rejected_total", ())] == 1
-    assert samples[("pabee_requests_total", (("endpoint", "/predict"), ("status", "503")))] == 1
+    assert samples[("pabee_rejected_total", ())] == 2
+    assert samples[("pabee_requests_total", (("endpoint", "/predict"), ("status", "503")))] == 2
     assert samples[("pabee_queued_texts", ())] == 0
 
 

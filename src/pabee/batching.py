@@ -120,6 +120,18 @@ class MicroBatcher:
         """Texts waiting for a batch (not yet started)."""
         return self._waiting
 
+    @property
+    def full(self) -> bool:
+        """No request of any size would be admitted now."""
+        return self.max_queue is not None and self._waiting >= self.max_queue
+
+    def overloaded(self) -> Overloaded:
+        """The refusal for a request that does not fit the queue now."""
+        return Overloaded(
+            f"The server is busy: {self._waiting} texts are queued and the limit is {self.max_queue}; retry later.",
+            self.retry_after(),
+        )
+
     def retry_after(self) -> int:
         """Whole seconds (>= 1) the queued texts will likely take at the recent throughput."""
         if not self._texts_per_second:
@@ -139,11 +151,7 @@ class MicroBatcher:
         if self._closing or self._task is None:
             raise ShuttingDown("The server is shutting down.")
         if self.max_queue is not None and self._waiting and self._waiting + len(examples) > self.max_queue:
-            raise Overloaded(
-                f"The server is busy: {self._waiting} texts are queued and the limit is {self.max_queue}; "
-                "retry later.",
-                self.retry_after(),
-            )
+            raise self.overloaded()
         loop = asyncio.get_running_loop()
         pending = _Pending(examples, loop.create_future(), loop.time())
         self._pending.append(pending)

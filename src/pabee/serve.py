@@ -248,6 +248,7 @@ def create_app(
     app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=lifespan)
     app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
     _add_routes(app, batcher, metrics, info, api_key)
+    app.add_middleware(_RefuseWhenFull, batcher=batcher, metrics=metrics, api_key=api_key)
     return app
 
 
@@ -272,11 +273,11 @@ async def _read_body(request: Request, max_body: int) -> bytes:
     return b"".join(chunks)
 
 
-def _authorized(request: Request, api_key: bytes | None) -> bool:
-    """Whether the request carries `Authorization: Bearer <api_key>` (always, without a key)."""
+def _authorized(authorization: str | None, api_key: bytes | None) -> bool:
+    """Whether an `Authorization` header value is `Bearer <api_key>` (always true without a key)."""
     if api_key is None:
         return True
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = (authorization or "").partition(" ")
     # compare_digest takes as long for a near miss as for a far one, so timing tells nothing about the key.
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
 
@@ -298,6 +299,29 @@ async def _answer_predict(request: Request, batcher: MicroBatcher, info: dict[st
         return _error(503, str(error))
 
 
+class _RefuseWhenFull:
+    """ASGI middleware: a /predict arriving while the queue is full gets its 503 before FastAPI parses anything.
+
+    Under a flood most requests are refused, and on a small machine the CPU that refusing takes is the model's:
+    the cheaper a refusal, the more of the capacity is left for the requests that were admitted.
+    """
+
+    def __init__(self, app: Any, batcher: MicroBatcher, metrics: _Metrics, api_key: str | None) -> None:
+        self.app, self.batcher, self.metrics = app, batcher, metrics
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or not self.batcher.full:
+            return await self.app(scope, receive, send)
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if not _authorized(authorization, self.key):
+            return await self.app(scope, receive, send)  # a stranger hears 401, not how busy we are
+        error = self.batcher.overloaded()
+        await _error(503, str(error), {"Retry-After": str(error.retry_after)})(scope, receive, send)
+        self.metrics.rejected.inc()
+        self.metrics.requests.labels("/predict", "503").inc()
+
+
 def _add_routes(
     app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], api_key: str | None
 ) -> None:
@@ -311,7 +335,7 @@ def _add_routes(
     @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
-        if not _authorized(request, key):
+        if not _authorized(request.headers.get("authorization"), key):
             response = _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", unauthorized)
         else:
             try:
@@ -337,7 +361,7 @@ def _add_routes(
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
-        if not _authorized(request, key):
+        if not _authorized(request.headers.get("authorization"), key):
             metrics.requests.labels("/metrics", "401").inc()
             return _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", unauthorized)
         metrics.requests.labels("/metrics", "200").inc()
