@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -84,6 +85,11 @@ class Connection:
         if self.writer is not None:
             self.writer.close()
             await self.writer.wait_closed()
+
+    async def close_quietly(self) -> None:
+        """Close a connection the server may already have dropped."""
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await self.close()
 
 
 async def drive(port: int, sentences: list[str], clients: int, warmup: float, duration: float, max_requests: int):
