@@ -178,6 +178,12 @@ def _save_figure(fig, path: str | Path) -> None:
 # --- run-glue -------------------------------------------------------------------------------------------------
 
 
+def _processes(provenance: dict) -> str:
+    """How many torchrun processes trained and evaluated, when more than one: the global batch was theirs."""
+    world_size = provenance.get("world_size", 1)
+    return f"; {world_size} processes (torchrun)" if world_size > 1 else ""
+
+
 def run_glue_markdown(report: dict) -> str:
     """`eval_results.md`: the tables of every evaluated model and split, and the training summary."""
     metrics = report["metrics"]
@@ -187,7 +193,8 @@ def run_glue_markdown(report: dict) -> str:
         f"Model: `{report['provenance']['model']}`  ",
         f"Command: `{report['provenance']['command']}`  ",
         f"Date: {report['provenance']['date']}; torch {report['provenance']['versions']['torch']}, "
-        f"transformers {report['provenance']['versions']['transformers']}; {report['provenance']['hardware']['cpu']}",
+        f"transformers {report['provenance']['versions']['transformers']}; {report['provenance']['hardware']['cpu']}"
+        + _processes(report["provenance"]),
         "",
     ]
     if report.get("max_exit_layer"):

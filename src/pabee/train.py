@@ -8,6 +8,7 @@ can be read (and changed) on its own. The flags check themselves (`pabee.argumen
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,18 @@ RUN_FILE = "pabee_run.json"  # what a training run in this folder is, so a resum
 
 
 # --- check ---------------------------------------------------------------------------------------------------
+
+
+def join_cpu_processes(training_args: TrainingArguments) -> None:
+    """Under torchrun without a GPU, make the processes one job: accelerate forms a (gloo) process group on CPU only
+    with `--use_cpu`, so without it each process trained alone and wrote the same folder. Set it, redo the setup."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched or training_args.use_cpu or training_args.world_size > 1:
+        return
+    training_args.use_cpu = True
+    training_args.__dict__.pop("_setup_devices", None)  # Trainer's cached device setup, run again below
+    if training_args.device.type != "cpu" or training_args.world_size == 1:
+        raise PabeeError("torchrun started this process, but it could not join the others (no process group).")
 
 
 def check(args: RunGlueArguments, training_args: TrainingArguments) -> None:
@@ -129,12 +142,22 @@ def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments,
         return None
     if not args.overwrite_output_dir:
         return _same_run_checkpoint(out, args, name_or_path, training_args.should_save)
+    if not training_args.should_save:  # the saving process has already emptied the folder (`_prepare_in_turn`)
+        return None
     # Only what a previous run wrote: stale checkpoints would be resumed or evaluated as this run's.
     for checkpoint in checkpoint_folders(out):
         shutil.rmtree(checkpoint)
     for name in (*RESULT_FILES, RUN_FILE, "trainer_state.json"):
         (out / name).unlink(missing_ok=True)
     return None
+
+
+def _prepare_in_turn(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> str | None:
+    """`prepare_output_dir` under torchrun: the saving process first (only it removes stale files), the others
+    after it, so they see the folder it left and reach the same checkpoint to resume from, or the same error."""
+    local = training_args.save_on_each_node  # the processes that save: one per node, or rank 0 alone
+    with training_args.main_process_first(local=local, desc="preparing the output folder"):
+        return prepare_output_dir(args, training_args, name_or_path)
 
 
 # --- load ----------------------------------------------------------------------------------------------------
@@ -341,9 +364,11 @@ def evaluate(args: RunGlueArguments, trainer: Trainer, setup: Setup) -> list[dic
 # --- write ---------------------------------------------------------------------------------------------------
 
 
-def new_report(args: RunGlueArguments, setup: Setup, command: str | None) -> dict[str, Any]:
-    """The results skeleton, with the provenance of the run as it starts; the stages fill in the rest."""
+def new_report(args: RunGlueArguments, setup: Setup, command: str | None, world_size: int = 1) -> dict[str, Any]:
+    """The results skeleton, with the provenance of the run as it starts (`world_size`: the torchrun processes
+    that trained and evaluated, since the global batch is theirs together); the stages fill in the rest."""
     task = setup.task
+    sources = {"model": setup.name_or_path, "data": setup.data.sources, "world_size": world_size}
     return {
         "task": task.name,
         "metrics": list(task.metrics),
@@ -351,7 +376,7 @@ def new_report(args: RunGlueArguments, setup: Setup, command: str | None) -> dic
         "patiences": args.patiences,
         "criteria": args.criteria,
         "max_exit_layer": args.max_exit_layer,
-        "provenance": provenance(command, model=setup.name_or_path, data=setup.data.sources),
+        "provenance": provenance(command, **sources),
         "training": None,
         "evaluations": [],
     }
@@ -374,20 +399,23 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
     """Fine-tune and/or evaluate; returns the results file, or None when nothing was evaluated.
 
     `command` is the command line recorded in the results (default: this process's `sys.argv`).
+    Under torchrun every process trains and takes its share of each evaluation (Trainer shards and gathers it);
+    only the first writes the results and the submission files, and prints the tables.
     """
+    join_cpu_processes(training_args)
     check(args, training_args)
     name_or_path = args.model_name_or_path or str(bundled_model_path())
-    resume = prepare_output_dir(args, training_args, name_or_path)
+    resume = _prepare_in_turn(args, training_args, name_or_path)
     setup = load(args, training_args, name_or_path)
     trainer = make_trainer(args, training_args, setup)
-    report = new_report(args, setup, command)
+    report = new_report(args, setup, command, training_args.world_size)
     if training_args.do_train:
         report["training"] = train(args, trainer, setup, resume)
-    if training_args.do_predict and trainer.is_world_process_zero():
-        predict_test(args, trainer, setup)
-    if not training_args.do_eval:
-        return None
-    report["evaluations"] = evaluate(args, trainer, setup)
+        trainer.accelerator.wait_for_everyone()  # the final save and marker written: all list the same checkpoints
+    if training_args.do_eval:
+        report["evaluations"] = evaluate(args, trainer, setup)
     if not trainer.is_world_process_zero():
         return None
-    return write_results(report, Path(training_args.output_dir))
+    if training_args.do_predict:  # after evaluation, so no other process waits on it in a collective call
+        predict_test(args, trainer, setup)
+    return write_results(report, Path(training_args.output_dir)) if training_args.do_eval else None
