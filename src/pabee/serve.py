@@ -176,6 +176,30 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
+def _lifespan(batcher: MicroBatcher, run: Callable[[list[Example]], Iterator]) -> Callable:
+    """Start the micro-batcher (and warm the model up: the first request should not pay) with the app; stop it
+    after uvicorn has finished the requests in flight."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        await batcher.call_in_worker(lambda: list(run([("warm up", None)])))
+        yield
+        await batcher.stop()
+
+    return lifespan
+
+
+def _check_limits(max_texts: int, max_chars: int, threads: int | None, request_timeout: float | None) -> None:
+    for name, value in (("max_texts_per_request", max_texts), ("max_text_chars", max_chars)):
+        if value < 1:
+            raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} is invalid; use a whole number >= 1.")
+    if request_timeout is not None and request_timeout <= 0:
+        raise ValueError(f"request_timeout={request_timeout} is invalid; use a number of seconds > 0.")
+
+
 def create_app(
     pipeline: PabeePipeline,
     *,
@@ -198,13 +222,7 @@ def create_app(
     `with TestClient(app)`. `executor` is the thread the pipeline was loaded in (`forward_thread`); without
     one, a new thread with `threads` torch threads runs the batches.
     """
-    for name, value in (("max_texts_per_request", max_texts_per_request), ("max_text_chars", max_text_chars)):
-        if value < 1:
-            raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads={threads} is invalid; use a whole number >= 1.")
-    if request_timeout is not None and request_timeout <= 0:
-        raise ValueError(f"request_timeout={request_timeout} is invalid; use a number of seconds > 0.")
+    _check_limits(max_texts_per_request, max_text_chars, threads, request_timeout)
 
     def run(examples: list[Example]) -> Iterator[tuple[list[int], list[dict]]]:
         for rows, logits, exit_layers in pipeline.run_batches(examples, batch_size=max_batch_size):
@@ -221,7 +239,11 @@ def create_app(
         executor=executor or forward_thread(threads),
         max_queue=max_queue,
     )
-    limits = {
+    info = {  # what /health shows (never the API key)
+        "model": model_name or str(getattr(pipeline.model.config, "name_or_path", "")),
+        "labels": pipeline.labels,
+        "num_layers": pipeline.num_layers,
+        "exit_options": pipeline.exit_options,
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,
         "max_texts_per_request": max_texts_per_request,
@@ -230,22 +252,8 @@ def create_app(
         "request_timeout": request_timeout,
         "max_seq_length": pipeline.max_length,
     }
-    info = {
-        "model": model_name or str(getattr(pipeline.model.config, "name_or_path", "")),
-        "labels": pipeline.labels,
-        "num_layers": pipeline.num_layers,
-        "exit_options": pipeline.exit_options,
-        **limits,
-    }
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher.start()
-        await batcher.call_in_worker(lambda: list(run([("warm up", None)])))  # the first request should not pay
-        yield
-        await batcher.stop()  # uvicorn has finished the in-flight requests by now
-
-    app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=lifespan)
+    app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=_lifespan(batcher, run))
     app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
     _add_routes(app, batcher, metrics, info, api_key)
     app.add_middleware(_RefuseWhenFull, batcher=batcher, metrics=metrics, api_key=api_key)
