@@ -255,8 +255,9 @@ def create_app(
 
     app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=_lifespan(batcher, run))
     app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
-    _add_routes(app, batcher, metrics, info, api_key)
-    app.add_middleware(_RefuseWhenFull, batcher=batcher, metrics=metrics, api_key=api_key)
+    key = api_key.encode() if api_key else None
+    _add_routes(app, batcher, metrics, info, key)
+    app.add_middleware(_RefuseWhenFull, batcher=batcher, metrics=metrics, api_key=key)
     return app
 
 
@@ -290,7 +291,19 @@ def _authorized(authorization: str | None, api_key: bytes | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
 
 
-async def _answer_predict(request: Request, batcher: MicroBatcher, info: dict[str, Any], max_body: int) -> Response:
+def _refusal(error: Overloaded, metrics: _Metrics) -> JSONResponse:
+    """The 503 with `Retry-After` for a request the queue cannot take, counted wherever it is refused."""
+    metrics.rejected.inc()
+    return _error(503, str(error), {"Retry-After": str(error.retry_after)})
+
+
+def _unauthorized() -> JSONResponse:
+    return _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", {"WWW-Authenticate": "Bearer"})
+
+
+async def _answer_predict(
+    request: Request, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], max_body: int
+) -> Response:
     """Parse, queue and answer one /predict request (every failure as its JSON status)."""
     try:
         examples = parse_predict_body(
@@ -300,7 +313,7 @@ async def _answer_predict(request: Request, batcher: MicroBatcher, info: dict[st
     except RequestError as error:
         return _error(error.status, error.message)
     except Overloaded as error:
-        return _error(503, str(error), {"Retry-After": str(error.retry_after)})
+        return _refusal(error, metrics)
     except BatchFailed as error:
         return _error(500, f"Inference failed for the batch holding this request ({error}).")
     except ShuttingDown as error:
@@ -314,9 +327,8 @@ class _RefuseWhenFull:
     the cheaper a refusal, the more of the capacity is left for the requests that were admitted.
     """
 
-    def __init__(self, app: Any, batcher: MicroBatcher, metrics: _Metrics, api_key: str | None) -> None:
-        self.app, self.batcher, self.metrics = app, batcher, metrics
-        self.key = api_key.encode() if api_key else None
+    def __init__(self, app: Any, batcher: MicroBatcher, metrics: _Metrics, api_key: bytes | None) -> None:
+        self.app, self.batcher, self.metrics, self.key = app, batcher, metrics, api_key
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["path"] != "/predict" or not self.batcher.full:
@@ -324,37 +336,30 @@ class _RefuseWhenFull:
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         if not _authorized(authorization, self.key):
             return await self.app(scope, receive, send)  # a stranger hears 401, not how busy we are
-        error = self.batcher.overloaded()
-        await _error(503, str(error), {"Retry-After": str(error.retry_after)})(scope, receive, send)
-        self.metrics.rejected.inc()
+        await _refusal(self.batcher.overloaded(), self.metrics)(scope, receive, send)
         self.metrics.requests.labels("/predict", "503").inc()
 
 
 def _add_routes(
-    app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], api_key: str | None
+    app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], key: bytes | None
 ) -> None:
     """`POST /predict`, `GET /health` and `GET /metrics`, as the module docstring describes."""
-    key = api_key.encode() if api_key else None
     timeout = info["request_timeout"]
     # Each JSON-escaped character takes at most 6 bytes; beyond that the body cannot be a valid request.
     max_body = 6 * info["max_texts_per_request"] * (2 * info["max_text_chars"] + 8) + 4096
-    unauthorized = {"WWW-Authenticate": "Bearer"}
 
     @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
         if not _authorized(request.headers.get("authorization"), key):
-            response = _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", unauthorized)
+            response = _unauthorized()
         else:
             try:
                 async with asyncio.timeout(timeout):
-                    response = await _answer_predict(request, batcher, info, max_body)
+                    response = await _answer_predict(request, batcher, metrics, info, max_body)
             except TimeoutError:
+                metrics.timeouts.inc()
                 response = _error(504, f"No answer within --request_timeout {timeout} s; the request was dropped.")
-        if response.status_code == 503 and "Retry-After" in response.headers:
-            metrics.rejected.inc()
-        elif response.status_code == 504:
-            metrics.timeouts.inc()
         metrics.requests.labels("/predict", str(response.status_code)).inc()
         metrics.latency.observe(time.perf_counter() - start)
         return response
@@ -371,7 +376,7 @@ def _add_routes(
     async def prometheus_metrics(request: Request) -> Response:
         if not _authorized(request.headers.get("authorization"), key):
             metrics.requests.labels("/metrics", "401").inc()
-            return _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", unauthorized)
+            return _unauthorized()
         metrics.requests.labels("/metrics", "200").inc()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
