@@ -127,8 +127,8 @@ async def drive(port: int, sentences: list[str], clients: int, warmup: float, du
     return latencies, exit_layers, errors, measured
 
 
-def scrape_metrics(port: int) -> dict[str, float]:
-    """Sums and counts of the server's batch-size and exit-layer histograms."""
+def metrics_text(port: int) -> str:
+    """The server's /metrics page (Prometheus text)."""
 
     async def get() -> bytes:
         connection = Connection(port)
@@ -137,8 +137,13 @@ def scrape_metrics(port: int) -> dict[str, float]:
         finally:
             await connection.close()
 
+    return asyncio.run(get()).decode()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Sums and counts of the server's batch-size and exit-layer histograms."""
     values = {}
-    for line in asyncio.run(get()).decode().splitlines():
+    for line in metrics_text(port).splitlines():
         name, _, value = line.partition(" ")
         if name in ("pabee_batch_size_sum", "pabee_batch_size_count", "pabee_batch_duration_seconds_sum"):
             values[name] = float(value)
@@ -146,12 +151,18 @@ def scrape_metrics(port: int) -> dict[str, float]:
 
 
 def start_server(args: argparse.Namespace, setting: dict, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pabee", "serve", "--model", args.model, "--port", str(port)]
-    cmd += ["--threads", str(args.threads), "--no_access_log", "--patience", str(setting["patience"])]
-    cmd += ["--max_batch_size", str(setting["max_batch_size"]), "--max_wait_ms", str(setting["max_wait_ms"])]
+    flags = ["--threads", str(args.threads), "--no_access_log", "--patience", str(setting["patience"])]
+    flags += ["--max_batch_size", str(setting["max_batch_size"]), "--max_wait_ms", str(setting["max_wait_ms"])]
     for flag in ("dtype", "attn_implementation"):
         if getattr(args, flag):
-            cmd += [f"--{flag}", getattr(args, flag)]
+            flags += [f"--{flag}", getattr(args, flag)]
+    return launch_server(args.model, flags, port, log)
+
+
+def launch_server(model: str, flags: list[str], port: int, log: Path) -> subprocess.Popen:
+    """`pabee serve --model model --port port *flags`, returned once /health answers (its output in `log`);
+    the benchmarks beside this script start their servers through it."""
+    cmd = [sys.executable, "-m", "pabee", "serve", "--model", model, "--port", str(port), *flags]
     server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     deadline = time.monotonic() + 180
 
@@ -172,6 +183,16 @@ def start_server(args: argparse.Namespace, setting: dict, port: int, log: Path) 
     return server
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL if it takes over a minute."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
 
@@ -189,11 +210,7 @@ def run_setting(args, setting: dict, sentences: list[str], log: Path) -> dict:
         driven = time.monotonic() - began
         metrics = scrape_metrics(port)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     if errors:
         raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
     return {

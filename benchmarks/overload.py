@@ -26,15 +26,22 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-from load_test import ROOT, Connection, free_port, load_average, percentile, sst2_sentences
+from load_test import (
+    ROOT,
+    Connection,
+    free_port,
+    launch_server,
+    load_average,
+    percentile,
+    sst2_sentences,
+    stop_server,
+)
 
 __all__ = ["main"]
 
@@ -42,39 +49,10 @@ __all__ = ["main"]
 def start_server(args: argparse.Namespace, setting: tuple[int, int], port: int, log: Path) -> subprocess.Popen:
     """`pabee serve` with `setting` = (--max_batch_size, --max_queue)."""
     max_batch_size, max_queue = setting
-    cmd = [sys.executable, "-m", "pabee", "serve", "--model", args.model, "--port", str(port), "--no_access_log"]
-    cmd += ["--threads", str(args.threads), "--max_batch_size", str(max_batch_size)]
-    cmd += ["--max_queue", str(max_queue), "--request_timeout", str(args.request_timeout)]
-    cmd += ["--max_texts_per_request", str(min(64, max_queue))]
-    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    deadline = time.monotonic() + 180
-    while not _healthy(port):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"the server did not start; see {log}")
-        time.sleep(0.3)
-    return server
-
-
-def _healthy(port: int) -> bool:
-    async def ask() -> bool:
-        connection = Connection(port)
-        try:
-            return (await connection.request("GET", "/health"))[0] == 200
-        except OSError:
-            return False
-        finally:
-            await connection.close()
-
-    return asyncio.run(ask())
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(60)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    flags = ["--no_access_log", "--threads", str(args.threads), "--max_batch_size", str(max_batch_size)]
+    flags += ["--max_queue", str(max_queue), "--request_timeout", str(args.request_timeout)]
+    flags += ["--max_texts_per_request", str(min(64, max_queue))]
+    return launch_server(args.model, flags, port, log)
 
 
 def rss_mb(pid: int) -> float:

@@ -35,7 +35,6 @@ import json
 import os
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,15 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_test.py, beside this script
-from load_test import Connection, free_port, load_average, percentile  # noqa: E402
+from load_test import (  # noqa: E402
+    Connection,
+    free_port,
+    launch_server,
+    load_average,
+    metrics_text,
+    percentile,
+    stop_server,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -605,52 +612,17 @@ def one_at_a_time(task: str, pipe: Any, dev: list, trigger: str, args: argparse.
 
 
 def start_server(model: str, options: dict[str, Any], threads: int, port: int, log: Path) -> subprocess.Popen:
-    """`pabee serve` with the exit `options`, once /health answers (as `load_test.start_server`, other flags)."""
-    cmd = [sys.executable, "-m", "pabee", "serve", "--model", model, "--port", str(port), "--threads", str(threads)]
-    cmd += ["--no_access_log"]
+    """`pabee serve` with the exit `options`, once /health answers."""
+    flags = ["--threads", str(threads), "--no_access_log"]
     for name, value in options.items():
-        cmd += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
-    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    deadline = time.monotonic() + 180
-
-    async def healthy() -> bool:
-        connection = Connection(port)
-        try:
-            return (await connection.request("GET", "/health"))[0] == 200
-        except OSError:
-            return False
-        finally:
-            await connection.close()
-
-    while not asyncio.run(healthy()):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"the server did not start; see {log}")
-        time.sleep(0.3)
-    return server
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(60)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+        flags += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return launch_server(model, flags, port, log)
 
 
 def scrape(port: int) -> dict[str, float]:
     """The server's exit-layer histogram (per layer and totals) and batch counters from /metrics."""
-
-    async def get() -> bytes:
-        connection = Connection(port)
-        try:
-            return (await connection.request("GET", "/metrics"))[1]
-        finally:
-            await connection.close()
-
     values: dict[str, float] = {}
-    for line in asyncio.run(get()).decode().splitlines():
+    for line in metrics_text(port).splitlines():
         name, _, value = line.rpartition(" ")
         if name.startswith(("pabee_exit_layer", "pabee_batch_size_", "pabee_batch_duration_seconds_sum")):
             values[name] = float(value)
