@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backbones import ADAPTERS
-from .errors import PabeeError
+from .errors import PabeeError, require_extra
 from .exits import EXIT_OPTIONS, ExitSpec, check_max_exit_layer, check_patience, check_regression_threshold
 from .onnx_export import require_onnx
 from .pipeline import ATTENTION_KERNELS, BACKENDS, DEFAULT_MAX_LENGTH, DTYPES
@@ -30,6 +30,7 @@ __all__ = [
     "ExitSweepArguments",
     "InferenceArguments",
     "PredictArguments",
+    "RayArguments",
     "RunGlueArguments",
     "ServeArguments",
 ]
@@ -291,25 +292,61 @@ class InferenceArguments:
 
 
 @dataclass(kw_only=True)
-class PredictArguments(InferenceArguments):
+class RayArguments:
+    """Running on Ray (`pabee[ray]`): a local Ray started here, or a running cluster joined."""
+
+    ray: bool = field(default=False, metadata={"help": "Run on Ray (needs pabee[ray])."})
+    ray_address: str | None = field(
+        default=None, metadata={"help": "A running Ray cluster to join, e.g. ray://head:10001 (default: local Ray)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.ray:
+            require_extra("ray", ("ray",), "--ray")
+        elif self.ray_address is not None:
+            raise PabeeError("--ray_address applies with --ray.")
+
+
+@dataclass(kw_only=True)
+class PredictArguments(RayArguments, InferenceArguments):
     """Flags of `pabee predict`."""
 
-    input: str = field(metadata={"help": "Texts: .txt (one per line, a tab splits a pair), .tsv, .csv or .jsonl."})
-    output: str | None = field(default=None, metadata={"help": "JSON-lines output file (default: standard output)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output file."})
+    input: str = field(
+        metadata={
+            "help": "Texts: .txt (one per line, a tab splits a pair), .tsv, .csv or .jsonl; with --ray also "
+            ".parquet, and a glob or a folder of files."
+        }
+    )
+    output: str | None = field(
+        default=None,
+        metadata={"help": "JSON-lines output file (default: standard output); with --ray, a folder of shards."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing output file (--ray: redo inputs already done)."}
+    )
     text_column: str = field(default="text", metadata={"help": "Column/field holding the text (tsv, csv, jsonl)."})
     text_pair_column: str = field(
         default="text_pair", metadata={"help": "Column/field holding the second text of a pair, where present."}
     )
     batch_size: int = field(default=32, metadata={"help": "Examples per forward pass (batched by length)."})
+    concurrency: int | None = field(
+        default=None, metadata={"help": "With --ray: model copies (actors), --threads each (default: CPUs / threads)."}
+    )
+    output_format: str = field(
+        default="jsonl", metadata={"help": "With --ray: shard format.", "choices": ["jsonl", "parquet"]}
+    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        InferenceArguments.__post_init__(self)
+        RayArguments.__post_init__(self)
         _at_least(self, "batch_size", 1)
+        _at_least(self, "concurrency", 1)
+        if not self.ray and (self.concurrency is not None or self.output_format != "jsonl"):
+            raise PabeeError("--concurrency and --output_format apply with --ray (shards in a folder).")
 
 
 @dataclass(kw_only=True)
-class ServeArguments(InferenceArguments):
+class ServeArguments(RayArguments, InferenceArguments):
     """Flags of `pabee serve`."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
@@ -338,14 +375,21 @@ class ServeArguments(InferenceArguments):
         },
     )
     workers: int = field(default=1, metadata={"help": "uvicorn worker processes, each with its own model copy."})
+    replicas: int = field(default=1, metadata={"help": "With --ray: Ray Serve replicas, each with its own model."})
     access_log: bool = field(default=True, metadata={"help": "Log every request (--no_access_log to turn off)."})
     graceful_timeout: float = field(
         default=30.0, metadata={"help": "Seconds shutdown waits for in-flight requests before closing."}
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        InferenceArguments.__post_init__(self)
+        RayArguments.__post_init__(self)
+        if self.ray and self.workers != 1:
+            raise PabeeError("--workers is uvicorn's; with --ray, use --replicas.")
+        if not self.ray and self.replicas != 1:
+            raise PabeeError("--replicas applies with --ray; without it, use --workers.")
         for name, minimum in (
+            ("replicas", 1),
             ("max_batch_size", 1),
             ("max_wait_ms", 0.0),
             ("max_texts_per_request", 1),

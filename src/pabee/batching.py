@@ -1,6 +1,7 @@
 """Dynamic micro-batching: concurrent requests gathered into one early-exit forward, run in one model thread.
 
-Kept apart from the HTTP layer (`serve.py`) so any front end (FastAPI here, Ray Serve later) can share it.
+Kept apart from the HTTP layer (`serve.py`), so the same app can run with another batcher: on Ray Serve,
+`pabee.ray.serving.ServeBatcher` keeps this admission control and lets `@serve.batch` gather the batches.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._open = False  # accepting requests: from start() on
 
     @property
     def closing(self) -> bool:
@@ -139,6 +141,7 @@ class MicroBatcher:
         return max(1, math.ceil(self._waiting / self._texts_per_second))
 
     async def start(self) -> None:
+        self._open = True
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="pabee-micro-batcher")
 
@@ -146,30 +149,40 @@ class MicroBatcher:
         """Run `fn` in the forward thread (e.g. a warm-up), in turn with the batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def submit(self, examples: list[Example]) -> list[dict]:
-        """Queue one request's texts; returns their answers (raises `BatchFailed`, `Overloaded`, `ShuttingDown`)."""
-        if self._closing or self._task is None:
+    def _admit(self, examples: list[Example]) -> None:
+        """Refuse a request now (`ShuttingDown`, `Overloaded`) or count its texts as queued."""
+        if self._closing or not self._open:
             raise ShuttingDown("The server is shutting down.")
         if self.max_queue is not None and self._waiting and self._waiting + len(examples) > self.max_queue:
             raise self.overloaded()
+        self._waiting += len(examples)
+
+    async def submit(self, examples: list[Example]) -> list[dict]:
+        """Queue one request's texts; returns their answers (raises `BatchFailed`, `Overloaded`, `ShuttingDown`)."""
+        self._admit(examples)
         loop = asyncio.get_running_loop()
         pending = _Pending(examples, loop.create_future(), loop.time())
         self._pending.append(pending)
-        self._waiting += len(examples)
         self._wakeup.set()
         try:
             return await pending.future
         except asyncio.CancelledError:  # the caller gave up (timeout, client gone)
-            self._withdraw(pending)
+            if not pending.started:  # else its batch runs anyway and the answers are dropped
+                self._pending.remove(pending)
+                self._withdraw(pending)
             raise
 
     def _withdraw(self, pending: _Pending) -> None:
-        if pending.started:
-            return  # its batch runs anyway; the answers are dropped
-        self._pending.remove(pending)
+        """Uncount the texts of a request that left the queue before its batch started."""
         self._waiting -= len(pending.examples)
         if self.on_withdraw is not None:
             self.on_withdraw(len(pending.examples))
+
+    def _record_rate(self, texts: int, seconds: float) -> None:
+        """Keep a moving average of the throughput, which `retry_after` turns into seconds to wait."""
+        rate = texts / max(seconds, 1e-6)
+        previous = self._texts_per_second
+        self._texts_per_second = rate if previous is None else 0.8 * previous + 0.2 * rate
 
     async def stop(self) -> None:
         """Answer everything already queued, then stop the loop and the worker thread."""
@@ -240,9 +253,7 @@ class MicroBatcher:
                     pending.future.set_result(pending.answers)
             if missing == 0:  # before any of these callers hears back
                 seconds = time.perf_counter() - start
-                rate = len(answers) / max(seconds, 1e-6)
-                previous = self._texts_per_second
-                self._texts_per_second = rate if previous is None else 0.8 * previous + 0.2 * rate
+                self._record_rate(len(answers), seconds)
                 if self.on_batch is not None:
                     self.on_batch(len(batch), answers, seconds)
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import PabeeError
+from .errors import PabeeError, require_extra
 
 __all__ = ["COMMANDS", "Command", "main", "run_command", "translate_seed_flags"]
 
@@ -53,14 +53,6 @@ def _has_flag(argv: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def _require_extra(extra: str, modules: Sequence[str]) -> None:
-    from importlib.util import find_spec
-
-    missing = [name for name in modules if find_spec(name) is None]
-    if missing:
-        raise PabeeError(f'this command needs {", ".join(missing)}: pip install "pabee[{extra}]"')
-
-
 def _run_glue(parsed: tuple, command: str) -> int:
     from .train import run_glue
 
@@ -80,9 +72,11 @@ def _bench(parsed: tuple, command: str) -> int:
 
 
 def _predict(parsed: tuple, command: str) -> int:
-    from .predict import run_predict
-
     (args,) = parsed
+    if args.ray:
+        from .ray.batch_predict import run_ray_predict as run_predict
+    else:
+        from .predict import run_predict
     result = run_predict(args)
     where = f"; wrote {args.output}" if args.output else ""
     print(f"pabee predict: {result['summary']}{where}", file=sys.stderr)
@@ -90,10 +84,13 @@ def _predict(parsed: tuple, command: str) -> int:
 
 
 def _serve(parsed: tuple, command: str) -> int:
-    _require_extra("serve", ("fastapi", "uvicorn", "prometheus_client"))
-    from .serve import run_server
-
-    run_server(*parsed)
+    require_extra("serve", ("fastapi", "uvicorn", "prometheus_client"))
+    (args,) = parsed
+    if args.ray:
+        from .ray.serving import run_ray_server as run_server
+    else:
+        from .serve import run_server
+    run_server(args)
     return 0
 
 

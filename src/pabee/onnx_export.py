@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PabeeError
+from .errors import PabeeError, require_extra
 from .modeling import PabeeForSequenceClassification
 from .provenance import file_digest
 
@@ -47,11 +47,7 @@ PRECISIONS = ("fp32", "int8")
 
 def require_onnx() -> None:
     """One line naming the extra when ONNX Runtime or the exporter's packages are missing."""
-    from importlib.util import find_spec
-
-    missing = [name for name in ("onnx", "onnxruntime") if find_spec(name) is None]
-    if missing:
-        raise PabeeError(f'the ONNX backend needs {", ".join(missing)}: pip install "pabee[onnx]"')
+    require_extra("onnx", ("onnx", "onnxruntime"), "the ONNX backend")
 
 
 def layer_graphs(model: PabeeForSequenceClassification) -> list[int]:

@@ -213,6 +213,7 @@ def create_app(
     threads: int | None = None,
     model_name: str | None = None,
     executor: ThreadPoolExecutor | None = None,
+    batcher_class: type[MicroBatcher] = MicroBatcher,
 ) -> FastAPI:
     """The FastAPI app serving `pipeline` (its exit options apply to every request).
 
@@ -220,7 +221,8 @@ def create_app(
     bound); with `api_key`, /predict and /metrics need `Authorization: Bearer <api_key>`.
     The micro-batcher starts and stops with the app's lifespan: run it under uvicorn, or in tests inside
     `with TestClient(app)`. `executor` is the thread the pipeline was loaded in (`forward_thread`); without
-    one, a new thread with `threads` torch threads runs the batches.
+    one, a new thread with `threads` torch threads runs the batches. `batcher_class` gathers the batches (on Ray
+    Serve: `pabee.ray.serving.ServeBatcher`, the same admission control around `@serve.batch`).
     """
     _check_limits(max_texts_per_request, max_text_chars, threads, request_timeout)
 
@@ -229,7 +231,7 @@ def create_app(
             yield rows, pipeline.format(logits, exit_layers)
 
     metrics = _Metrics(pipeline.num_layers, queued=lambda: batcher.queued)
-    batcher = MicroBatcher(
+    batcher = batcher_class(
         run,
         max_batch_size,
         max_wait_ms / 1000,
@@ -381,7 +383,7 @@ def _add_routes(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def app_from_args(args: ServeArguments) -> FastAPI:
+def app_from_args(args: ServeArguments, batcher_class: type[MicroBatcher] = MicroBatcher) -> FastAPI:
     """Load the model and build the app as `pabee serve` configures it."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     executor = forward_thread(threads)
@@ -402,6 +404,7 @@ def app_from_args(args: ServeArguments) -> FastAPI:
         threads=threads,
         model_name=args.model,
         executor=executor,
+        batcher_class=batcher_class,
     )
 
 
@@ -420,6 +423,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def warn_if_open(args: ServeArguments) -> None:
+    """Say so when the server listens beyond this machine without an API key."""
+    if args.api_key is None and not _is_loopback(args.host):
+        print(
+            f"warning: serving {args.host}:{args.port} without an API key: anyone who can reach it may use it "
+            f"(set --api_key or ${API_KEY_VARIABLE}).",
+            file=sys.stderr,
+        )
+
+
 def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], FastAPI] = app_from_args) -> None:
     """Serve until SIGINT/SIGTERM; shutdown stops accepting, finishes in-flight requests, then exits."""
     import uvicorn
@@ -431,12 +444,7 @@ def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], Fas
         "timeout_graceful_shutdown": args.graceful_timeout,
         "log_level": "info",
     }
-    if args.api_key is None and not _is_loopback(args.host):
-        print(
-            f"warning: serving {args.host}:{args.port} without an API key: anyone who can reach it may use it "
-            f"(set --api_key or ${API_KEY_VARIABLE}).",
-            file=sys.stderr,
-        )
+    warn_if_open(args)
     try:
         app = app_factory(args)  # with several workers too: a bad model or option fails here, once
     except ValueError as error:

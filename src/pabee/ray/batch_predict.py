@@ -1,0 +1,345 @@
+"""Batch prediction on Ray Data: a corpus of texts in, labels, scores and exit layers out, one model per actor.
+
+`predict_dataset` adds `label`, `score` and `exit_layer` columns to any Ray Dataset. Each actor of the pool loads
+the model once and hands every batch of rows to `PabeePipeline.run`, which sorts them by length and plans
+padding-aware forwards, exactly as `pabee predict` does in one process.
+
+`run_ray_predict` is `pabee predict --ray`: input files (jsonl, csv, tsv, parquet, txt; a glob or a folder) in,
+one output shard per input file out. Nothing is lost and nothing written twice: a shard is written whole
+(temporary file, then rename) once the last row of its input has been predicted, and a re-run of the same
+command skips the inputs whose shard exists. A job killed midway loses at most the files in flight and leaves no
+partial shard. That needs each file's rows in order, so the job runs with Ray Data's `preserve_order`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+
+from ..arguments import PredictArguments
+from ..errors import PabeeError
+from ..exits import ExitSpec
+from ..pipeline import DEFAULT_MAX_LENGTH, Example, PabeePipeline
+from ..provenance import write_atomic, write_json
+
+__all__ = ["FORMATS", "PREDICTION_COLUMNS", "predict_dataset", "run_ray_predict"]
+
+PREDICTION_COLUMNS = ("label", "score", "exit_layer")
+ROWS_PER_CALL = 1024  # rows an actor gets per call: enough for length-sorted batches with little padding
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text"}
+JOB_FILE = "pabee_predict.json"  # in the output folder: which job its shards belong to
+
+
+def _examples(batch: pd.DataFrame, text_column: str, text_pair_column: str | None) -> list[Example]:
+    texts = batch[text_column].tolist()
+    pairs = batch[text_pair_column].tolist() if text_pair_column else [None] * len(texts)
+    for text, pair in zip(texts, pairs, strict=True):
+        if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
+            bad = text if not isinstance(text, str) else pair
+            raise ValueError(f"A row holds {bad!r} where a text (a string) belongs; texts: {text!r:.80}.")
+    return list(zip(texts, pairs, strict=True))
+
+
+class _Predictor:
+    """One per Ray actor: loads the pipeline once, then classifies every batch of rows it is handed."""
+
+    def __init__(
+        self, model: str, text_column: str, text_pair_column: str | None, threads: int | None, options: dict
+    ) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.pipe = PabeePipeline.from_pretrained(model, threads=threads, **options)
+        self.text_column, self.text_pair_column = text_column, text_pair_column
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        examples = _examples(batch, self.text_column, self.text_pair_column)
+        answers = self.pipe.format(*self.pipe.run(examples))
+        for name in PREDICTION_COLUMNS:
+            batch[name] = [answer[name] for answer in answers]
+        return batch
+
+
+def predict_dataset(
+    dataset: ray.data.Dataset,
+    model: str | Path,
+    *,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    batch_size: int = 32,
+    rows_per_call: int = ROWS_PER_CALL,
+    concurrency: int | None = None,
+    threads: int = 1,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    backend: str | None = None,
+    **exit_options: Any,
+) -> ray.data.Dataset:
+    """`dataset` with `label`, `score` and `exit_layer` columns added (lazily, as Ray Data does).
+
+    Args:
+        model: a saved PABEE model folder or a `pabee export` folder; every node must see it at this path.
+        text_column, text_pair_column: the columns holding the text and, for pairs, the second text.
+        batch_size: most examples per forward pass.
+        rows_per_call: rows handed to an actor at once; they are sorted by length into forwards inside it.
+        concurrency: actors in the pool (default: the cluster's CPUs / `threads`).
+        threads: torch (or ONNX Runtime) threads per actor; Ray reserves as many CPUs for it.
+        exit_options: `patience`, `exit_criterion`, `exit_threshold`, `max_exit_layer` (default: the model's).
+    """
+    if not Path(model).is_dir():
+        raise PabeeError(f"model {model} is not a folder.")
+    for name, value in (("batch_size", batch_size), ("rows_per_call", rows_per_call), ("threads", threads)):
+        if value < 1:
+            raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
+    ExitSpec.from_options({name: value for name, value in exit_options.items() if value is not None})
+    columns = dataset.columns()
+    for name in (text_column, text_pair_column):
+        if name is not None and name not in columns:
+            raise PabeeError(f"The dataset has no column {name!r}; its columns are {', '.join(columns)}.")
+    taken = [name for name in PREDICTION_COLUMNS if name in columns]
+    if taken:
+        raise PabeeError(f"The dataset already has column(s) {', '.join(taken)}; drop or rename them first.")
+    if concurrency is None:
+        concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    options = {"batch_size": batch_size, "max_length": max_length, "backend": backend, "exit_options": exit_options}
+    return dataset.map_batches(
+        _Predictor,
+        fn_constructor_kwargs={
+            "model": str(Path(model).resolve()),
+            "text_column": text_column,
+            "text_pair_column": text_pair_column,
+            "threads": threads,
+            "options": options,
+        },
+        batch_size=rows_per_call,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=threads,
+    )
+
+
+def input_files(pattern: str) -> list[Path]:
+    """The files `--input` names: one file, a folder's files, or a glob; sorted, all of one format."""
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS)
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not files:
+        raise PabeeError(f"--input {pattern} matches no files.")
+    kinds = {FORMATS.get(p.suffix) for p in files}
+    if None in kinds:
+        unknown = next(p for p in files if p.suffix not in FORMATS)
+        raise PabeeError(f"{unknown}: unknown input format; use {', '.join(FORMATS)}.")
+    if len(kinds) > 1:
+        raise PabeeError(f"--input {pattern} mixes formats ({', '.join(sorted(kinds))}); run one format at a time.")
+    return [p.resolve() for p in files]
+
+
+def _read(files: Sequence[Path], text_column: str, text_pair_column: str | None) -> tuple[ray.data.Dataset, list[str]]:
+    """The text columns of `files` (read as strings; the pair column where the files have it) and a `path` column
+    naming each row's file, with the text columns found."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    kind = FORMATS[files[0].suffix]
+    paths = [str(p) for p in files]
+    # Reading takes little CPU next to the model; reserving a core for it would leave an actor's core idle (or,
+    # with every core given to actors, let no read start at all).
+    common = {"include_paths": True, "num_cpus": 0}
+    if kind == "text":  # a line is a text
+        return ray.data.read_text(paths, **common), ["text"]
+    if kind == "parquet":
+        dataset = ray.data.read_parquet(paths, **common)
+    elif kind == "json":
+        dataset = ray.data.read_json(paths, lines=True, **common)
+    else:
+        strings = csv.ConvertOptions(column_types={name: pa.string() for name in (text_column, text_pair_column)})
+        parse = csv.ParseOptions(delimiter="\t", quote_char=False) if kind == "tsv" else csv.ParseOptions()
+        dataset = ray.data.read_csv(paths, parse_options=parse, convert_options=strings, **common)
+    found = dataset.columns()
+    if text_column not in found:
+        raise PabeeError(f"{files[0]}: no column {text_column!r} (columns: {', '.join(found)}); set --text_column.")
+    columns = [text_column] + ([text_pair_column] if text_pair_column in found else [])
+    return dataset.select_columns([*columns, "path"]), columns
+
+
+class _ShardWriter:
+    """Gathers the predicted rows of each input file (they arrive in order) and writes its shard whole."""
+
+    def __init__(self, shards: dict[str, Path], output_format: str, renames: dict[str, str]) -> None:
+        self.shards, self.format, self.renames = shards, output_format, renames  # input path → its shard
+        self.current: str | None = None
+        self.frames: list[pd.DataFrame] = []
+        self.rows = 0
+        self.finished: set[str] = set()
+
+    def add(self, batch: pd.DataFrame) -> None:
+        for path, frame in batch.groupby("path", sort=False):
+            path = str(path)
+            if path != self.current:
+                self._finish()
+                if path in self.finished or path not in self.shards:
+                    raise RuntimeError(f"rows of {path} arrived out of order; not writing a shard that may be partial")
+                self.current = path
+            frame = frame.drop(columns="path").rename(columns=self.renames)
+            frame.insert(0, "row", range(self.rows, self.rows + len(frame)))
+            self.rows += len(frame)
+            self.frames.append(frame)
+
+    def close(self) -> None:
+        """Finish the last file, then write an empty shard for every input that had no rows."""
+        self._finish()
+        for path in self.shards:
+            if path not in self.finished:
+                self.current = path
+                self._finish()
+
+    def _finish(self) -> None:
+        if self.current is None:
+            return
+        frame = pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame()
+        write_atomic(self.shards[self.current], _encode(frame, self.format))
+        self.finished.add(self.current)
+        self.current, self.frames, self.rows = None, [], 0
+
+
+def _encode(frame: pd.DataFrame, output_format: str) -> bytes:
+    if output_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+        return buffer.getvalue()
+    records = frame.to_dict(orient="records")
+    return "".join(json.dumps(_plain(record), ensure_ascii=False) + "\n" for record in records).encode()
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """numpy scalars and arrays as JSON's own types (a multi-label answer's names and scores are arrays)."""
+    out = {}
+    for name, value in record.items():
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        out[name] = value
+    return out
+
+
+def _job(args: PredictArguments, root: Path) -> dict[str, Any]:
+    """What decides a shard's contents: a re-run with a different job must not mix its shards with these."""
+    return {
+        "model": str(Path(args.model).resolve()),
+        "input_root": str(root),
+        "output_format": args.output_format,
+        "text_column": args.text_column,
+        "text_pair_column": args.text_pair_column,
+        "max_seq_length": args.max_seq_length,
+        "exit_options": args.exit_options(),
+        "backend": args.backend,
+        "dtype": args.dtype,
+    }
+
+
+def _shards(args: PredictArguments, files: Sequence[Path]) -> tuple[Path, dict[str, Path]]:
+    """The output folder (checked against the job that made it) and every input's shard path."""
+    root = _common_parent(files)
+    out = Path(args.output or "")
+    if not args.output:
+        raise PabeeError("--ray writes shards to a folder: give it as --output DIR.")
+    if out.exists() and not out.is_dir():
+        raise PabeeError(f"--output {out} is a file; with --ray, --output is a folder of shards.")
+    job, recorded = _job(args, root), out / JOB_FILE
+    if recorded.is_file() and not args.overwrite and json.loads(recorded.read_text())["job"] != job:
+        raise PabeeError(
+            f"--output {out} holds shards of a different job (model, options or inputs); "
+            "use another folder, or --overwrite to redo every input."
+        )
+    for stale in out.rglob(".*.tmp") if out.is_dir() else ():  # left by a killed run
+        stale.unlink()
+    suffix = ".predictions." + args.output_format
+    shards = {str(p): out / p.relative_to(root).with_name(p.name + suffix) for p in files}
+    write_json(recorded, {"job": job, "command": "pabee predict --ray"})
+    return out, shards
+
+
+def _common_parent(files: Sequence[Path]) -> Path:
+    parts = [p.parent.parts for p in files]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return Path(*common)
+
+
+def connect(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, include_dashboard=False)
+
+
+def run_ray_predict(args: PredictArguments) -> dict[str, Any]:
+    """`pabee predict --ray`: classify every row of the inputs into one shard per input file (see module doc)."""
+    files = input_files(args.input)
+    out, shards = _shards(args, files)
+    pending = {path: shard for path, shard in shards.items() if args.overwrite or not shard.is_file()}
+    start = time.perf_counter()
+    counts = {"examples": 0, "layers": 0}
+    if pending:
+        connect(args.ray_address)
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        dataset, columns = _read([Path(p) for p in pending], args.text_column, args.text_pair_column)
+        dataset = predict_dataset(
+            dataset,
+            args.model,
+            text_column=columns[0],
+            text_pair_column=columns[1] if len(columns) > 1 else None,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            threads=args.threads or 1,
+            max_length=args.max_seq_length,
+            backend=args.backend,
+            **args.exit_options(),
+        )
+        # the text columns are called `text` and `text_pair` in the output, as `pabee predict` writes them
+        writer = _ShardWriter(pending, args.output_format, dict(zip(columns, ("text", "text_pair"), strict=False)))
+        for batch in _batches(dataset):
+            counts["examples"] += len(batch)
+            counts["layers"] += int(batch["exit_layer"].sum())
+            writer.add(batch)
+        writer.close()
+    seconds = time.perf_counter() - start
+    return _summary(counts, seconds, len(shards) - len(pending), len(shards), out)
+
+
+def _batches(dataset: ray.data.Dataset) -> Iterable[pd.DataFrame]:
+    return dataset.iter_batches(batch_format="pandas", batch_size=None)
+
+
+def _summary(counts: dict[str, int], seconds: float, skipped: int, total: int, out: Path) -> dict[str, Any]:
+    n = counts["examples"]
+    line = f"{n} examples in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} examples/s)"
+    if n:
+        line += f"; average exit layer {counts['layers'] / n:.2f}"
+    line += f"; {total - skipped} of {total} input files written to {out}"
+    if skipped:
+        line += f" ({skipped} done before, skipped)"
+    return {
+        "examples": n,
+        "seconds": seconds,
+        "examples_per_s": n / max(seconds, 1e-9),
+        "avg_exit_layer": counts["layers"] / n if n else None,
+        "summary": line,
+    }
