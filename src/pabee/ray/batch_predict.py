@@ -13,12 +13,14 @@ partial shard. That needs each file's rows in order, so the job runs with Ray Da
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
 import json
 import math
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,16 @@ JOB_FILE = "pabee_predict.json"  # in the output folder: which job its shards be
 
 
 def _examples(batch: pd.DataFrame, text_column: str, text_pair_column: str | None) -> list[Example]:
+    for name in (text_column, text_pair_column):
+        if name is not None and name not in batch.columns:
+            raise ValueError(f"The dataset has no column {name!r}; its columns are {', '.join(batch.columns)}.")
     texts = batch[text_column].tolist()
     pairs = batch[text_pair_column].tolist() if text_pair_column else [None] * len(texts)
-    for text, pair in zip(texts, pairs, strict=True):
+    for i, (text, pair) in enumerate(zip(texts, pairs, strict=True)):
         if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
             bad = text if not isinstance(text, str) else pair
-            raise ValueError(f"A row holds {bad!r} where a text (a string) belongs; texts: {text!r:.80}.")
+            where = f"{batch['path'].iloc[i]}: " if "path" in batch.columns else ""
+            raise ValueError(f"{where}a row holds {bad!r:.80} where a text (a string) belongs.")
     return list(zip(texts, pairs, strict=True))
 
 
@@ -53,17 +59,25 @@ class _Predictor:
     """One per Ray actor: loads the pipeline once, then classifies every batch of rows it is handed."""
 
     def __init__(
-        self, model: str, text_column: str, text_pair_column: str | None, threads: int | None, options: dict
+        self,
+        model: str,
+        text_column: str,
+        text_pair_column: str | None,
+        threads: int | None,
+        options: dict,
+        keep_columns: list[str] | None,
     ) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.pipe = PabeePipeline.from_pretrained(model, threads=threads, **options)
-        self.text_column, self.text_pair_column = text_column, text_pair_column
+        self.text_column, self.text_pair_column, self.keep_columns = text_column, text_pair_column, keep_columns
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         examples = _examples(batch, self.text_column, self.text_pair_column)
+        if self.keep_columns is not None:
+            batch = batch[self.keep_columns].copy()
         answers = self.pipe.format(*self.pipe.run(examples))
         for name in PREDICTION_COLUMNS:
             batch[name] = [answer[name] for answer in answers]
@@ -82,6 +96,7 @@ def predict_dataset(
     threads: int = 1,
     max_length: int = DEFAULT_MAX_LENGTH,
     backend: str | None = None,
+    keep_columns: Sequence[str] | None = None,
     **exit_options: Any,
 ) -> ray.data.Dataset:
     """`dataset` with `label`, `score` and `exit_layer` columns added (lazily, as Ray Data does).
@@ -93,6 +108,8 @@ def predict_dataset(
         rows_per_call: rows handed to an actor at once; they are sorted by length into forwards inside it.
         concurrency: actors in the pool (default: the cluster's CPUs / `threads`).
         threads: torch (or ONNX Runtime) threads per actor; Ray reserves as many CPUs for it.
+        keep_columns: the input columns the output keeps (default: all). Chosen here rather than with
+            `select_columns`, which would be a step of its own that needs a CPU the actors may all hold.
         exit_options: `patience`, `exit_criterion`, `exit_threshold`, `max_exit_layer` (default: the model's).
     """
     if not Path(model).is_dir():
@@ -101,13 +118,7 @@ def predict_dataset(
         if value < 1:
             raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
     ExitSpec.from_options({name: value for name, value in exit_options.items() if value is not None})
-    columns = dataset.columns()
-    for name in (text_column, text_pair_column):
-        if name is not None and name not in columns:
-            raise PabeeError(f"The dataset has no column {name!r}; its columns are {', '.join(columns)}.")
-    taken = [name for name in PREDICTION_COLUMNS if name in columns]
-    if taken:
-        raise PabeeError(f"The dataset already has column(s) {', '.join(taken)}; drop or rename them first.")
+    _check_columns(dataset, [text_column, text_pair_column, *(keep_columns or ())], keep_columns)
     if concurrency is None:
         concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
     options = {"batch_size": batch_size, "max_length": max_length, "backend": backend, "exit_options": exit_options}
@@ -119,12 +130,26 @@ def predict_dataset(
             "text_pair_column": text_pair_column,
             "threads": threads,
             "options": options,
+            "keep_columns": None if keep_columns is None else list(keep_columns),
         },
         batch_size=rows_per_call,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=threads,
     )
+
+
+def _check_columns(dataset: ray.data.Dataset, needed: list[str | None], keep: Sequence[str] | None) -> None:
+    """Missing or clashing columns, when the schema is known without running the dataset (else the actors say)."""
+    columns = dataset.columns(fetch_if_missing=False)
+    if columns is None:
+        return
+    for name in needed:
+        if name is not None and name not in columns:
+            raise PabeeError(f"The dataset has no column {name!r}; its columns are {', '.join(columns)}.")
+    taken = [name for name in PREDICTION_COLUMNS if name in (columns if keep is None else keep)]
+    if taken:
+        raise PabeeError(f"The dataset already has column(s) {', '.join(taken)}; drop or rename them first.")
 
 
 def input_files(pattern: str) -> list[Path]:
@@ -145,32 +170,51 @@ def input_files(pattern: str) -> list[Path]:
     return [p.resolve() for p in files]
 
 
-def _read(files: Sequence[Path], text_column: str, text_pair_column: str | None) -> tuple[ray.data.Dataset, list[str]]:
-    """The text columns of `files` (read as strings; the pair column where the files have it) and a `path` column
-    naming each row's file, with the text columns found."""
-    import pyarrow as pa
-    from pyarrow import csv
+def _columns(file: Path) -> list[str]:
+    """The columns of an input file, from its header or first record: no Ray job needed to check the flags."""
+    kind = FORMATS[file.suffix]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
 
+        return pq.read_schema(file).names
+    if kind == "text":
+        return ["text"]
+    with open(file, encoding="utf-8") as f:
+        first = f.readline()
+    if kind == "json":
+        return list(json.loads(first)) if first.strip() else []
+    return first.rstrip("\r\n").split("\t") if kind == "tsv" else next(csv.reader([first]), [])
+
+
+def _read(files: Sequence[Path], text_column: str, text_pair_column: str | None) -> tuple[ray.data.Dataset, list[str]]:
+    """`files` as a dataset with a `path` column naming each row's file (text columns read as strings), and its
+    text columns: `text_column`, and `text_pair_column` where the files have it."""
+    import pyarrow as pa
+    from pyarrow import csv as arrow_csv
+
+    found = _columns(files[0])
     kind = FORMATS[files[0].suffix]
+    if kind == "text":  # a line is a text
+        text_column, found = "text", ["text"]
+    if text_column not in found:
+        raise PabeeError(f"{files[0]}: no column {text_column!r} (columns: {', '.join(found)}); set --text_column.")
+    columns = [text_column] + ([text_pair_column] if text_pair_column in found else [])
     paths = [str(p) for p in files]
     # Reading takes little CPU next to the model; reserving a core for it would leave an actor's core idle (or,
     # with every core given to actors, let no read start at all).
     common = {"include_paths": True, "num_cpus": 0}
-    if kind == "text":  # a line is a text
-        return ray.data.read_text(paths, **common), ["text"]
-    if kind == "parquet":
+    if kind == "text":
+        dataset = ray.data.read_text(paths, **common)
+    elif kind == "parquet":
         dataset = ray.data.read_parquet(paths, **common)
     elif kind == "json":
         dataset = ray.data.read_json(paths, lines=True, **common)
     else:
-        strings = csv.ConvertOptions(column_types={name: pa.string() for name in (text_column, text_pair_column)})
-        parse = csv.ParseOptions(delimiter="\t", quote_char=False) if kind == "tsv" else csv.ParseOptions()
+        strings = arrow_csv.ConvertOptions(column_types={name: pa.string() for name in columns})
+        tsv = arrow_csv.ParseOptions(delimiter="\t", quote_char=False)
+        parse = tsv if kind == "tsv" else arrow_csv.ParseOptions()
         dataset = ray.data.read_csv(paths, parse_options=parse, convert_options=strings, **common)
-    found = dataset.columns()
-    if text_column not in found:
-        raise PabeeError(f"{files[0]}: no column {text_column!r} (columns: {', '.join(found)}); set --text_column.")
-    columns = [text_column] + ([text_pair_column] if text_pair_column in found else [])
-    return dataset.select_columns([*columns, "path"]), columns
+    return dataset, columns
 
 
 class _ShardWriter:
@@ -311,21 +355,28 @@ def run_ray_predict(args: PredictArguments) -> dict[str, Any]:
             threads=args.threads or 1,
             max_length=args.max_seq_length,
             backend=args.backend,
+            keep_columns=[*columns, "path"],
             **args.exit_options(),
         )
         # the text columns are called `text` and `text_pair` in the output, as `pabee predict` writes them
         writer = _ShardWriter(pending, args.output_format, dict(zip(columns, ("text", "text_pair"), strict=False)))
-        for batch in _batches(dataset):
-            counts["examples"] += len(batch)
-            counts["layers"] += int(batch["exit_layer"].sum())
-            writer.add(batch)
+        try:
+            for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
+                counts["examples"] += len(batch)
+                counts["layers"] += int(batch["exit_layer"].sum())
+                writer.add(batch)
+        except ray.exceptions.RayTaskError as error:
+            raise PabeeError(f"a Ray task failed: {_root_cause(error)}") from None
         writer.close()
     seconds = time.perf_counter() - start
     return _summary(counts, seconds, len(shards) - len(pending), len(shards), out)
 
 
-def _batches(dataset: ray.data.Dataset) -> Iterable[pd.DataFrame]:
-    return dataset.iter_batches(batch_format="pandas", batch_size=None)
+def _root_cause(error: BaseException) -> str:
+    """The error the user's data or model raised inside a Ray task, as one line (Ray hands the driver its text)."""
+    lines = re.findall(r"^(\w+(?:Error|Exception): .+)$", str(error), flags=re.MULTILINE)
+    ours = [line for line in lines if not line.startswith(("RayTaskError", "UserCodeException"))]
+    return (ours or lines or [str(error).strip().splitlines()[-1]])[0]
 
 
 def _summary(counts: dict[str, int], seconds: float, skipped: int, total: int, out: Path) -> dict[str, Any]:
