@@ -132,6 +132,19 @@ def test_ray_data_equals_the_pipeline_on_256_sst2_sentences(ray_cluster, sst2_mo
 
 
 @pytest.mark.slow
+def test_ray_data_runs_an_onnx_export_as_the_pipeline_does(ray_cluster, model_dir, sst2_dev_sentences, tmp_path):
+    from pabee.onnx_export import export_onnx
+    from pabee.ray import predict_dataset
+
+    exported = export_onnx(model_dir, tmp_path / "onnx", None, 17, False)
+    expected = pipeline(exported, backend="onnxruntime")(sst2_dev_sentences)
+    dataset = ray_cluster.data.from_items([{"text": s} for s in sst2_dev_sentences])
+    rows = predict_dataset(dataset, exported, backend="onnxruntime", rows_per_call=16, concurrency=1).take_all()
+    got = sorted((r["text"], r["label"], r["exit_layer"]) for r in rows)  # Ray Data does not promise the order
+    assert got == sorted((s, a["label"], a["exit_layer"]) for s, a in zip(sst2_dev_sentences, expected, strict=True))
+
+
+@pytest.mark.slow
 def test_interrupted_job_writes_every_row_exactly_once(ray_cluster, model_dir, glue_dir, tmp_path, monkeypatch):
     from helpers import read_tsv_column
 

@@ -221,9 +221,8 @@ def create_app(
     bound); with `api_key`, /predict and /metrics need `Authorization: Bearer <api_key>`.
     The micro-batcher starts and stops with the app's lifespan: run it under uvicorn, or in tests inside
     `with TestClient(app)`. `executor` is the thread the pipeline was loaded in (`forward_thread`); without
-    one, a new thread with `threads` torch threads runs the batches. `batcher_class` gathers the batches (on Ray
-    Serve: `pabee.ray.serving.ServeBatcher`, the same admission control around `@serve.batch`).
-    """
+    one, a new thread with `threads` torch threads runs the batches. `batcher_class` gathers them (Ray Serve's:
+    `pabee.ray.serving.ServeBatcher`)."""
     _check_limits(max_texts_per_request, max_text_chars, threads, request_timeout)
 
     def run(examples: list[Example]) -> Iterator[tuple[list[int], list[dict]]]:

@@ -384,7 +384,7 @@ def _summary(counts: dict[str, int], seconds: float, skipped: int, total: int, o
     line = f"{n} examples in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} examples/s)"
     if n:
         line += f"; average exit layer {counts['layers'] / n:.2f}"
-    line += f"; {total - skipped} of {total} input files written to {out}"
+    line += f"; {total - skipped} of {total} input files written"
     if skipped:
         line += f" ({skipped} done before, skipped)"
     return {
