@@ -19,6 +19,7 @@ from typing import Any
 from .backbones import ADAPTERS
 from .errors import PabeeError, require_extra
 from .exits import EXIT_OPTIONS, ExitSpec, check_max_exit_layer, check_patience, check_regression_threshold
+from .losses import check_distillation
 from .onnx_export import require_onnx
 from .pipeline import ATTENTION_KERNELS, BACKENDS, DEFAULT_MAX_LENGTH, DTYPES
 from .sweeps import parse_criteria, parse_int_list, parse_patience_list, parse_thresholds
@@ -109,6 +110,16 @@ class RunGlueArguments(ExitSweepArguments):
         },
     )
     regression_threshold: float = field(default=0.1, metadata={"help": "Agreement threshold for regression."})
+    distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Self-distillation: each internal classifier's loss is (1 - w) x its label loss + w x its "
+            "distance to the last layer's prediction (0: labels only, the paper's loss)."
+        },
+    )
+    distillation_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the last layer's softened prediction for distillation."}
+    )
     pooling: str = field(
         default="auto",
         metadata={"help": "What the classifiers read.", "choices": ["auto", "pooler", "cls", "mean"]},
@@ -154,6 +165,7 @@ class RunGlueArguments(ExitSweepArguments):
         super().__post_init__()
         try:
             check_regression_threshold(self.regression_threshold)
+            check_distillation(self.distillation_weight, self.distillation_temperature)
         except ValueError as error:
             raise PabeeError(f"--{error}") from None
         if self.max_seq_length < 8:

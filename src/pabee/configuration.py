@@ -6,6 +6,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, ExitSpec
+from .losses import check_distillation
 
 __all__ = ["POOLINGS", "PabeeConfig"]
 
@@ -32,6 +33,9 @@ class PabeeConfig(PreTrainedConfig):
             `"cls"` (the raw `[CLS]` state) or `"mean"` (masked mean of the token states).
         classifier_dropout: dropout before every internal classifier; `None` takes the encoder's
             `classifier_dropout`, else its `hidden_dropout_prob`.
+        distillation_weight: how much each internal classifier learns from the last layer's prediction rather
+            than the labels during training (0: labels only, the paper's loss; see `pabee.losses`).
+        distillation_temperature: the temperature of that softened prediction.
     """
 
     model_type = "pabee"
@@ -46,9 +50,12 @@ class PabeeConfig(PreTrainedConfig):
     exit_criterion: str = "patience"
     exit_threshold: float | None = None
     max_exit_layer: int | None = None
+    distillation_weight: float = 0.0
+    distillation_temperature: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        check_distillation(self.distillation_weight, self.distillation_temperature)
         self.build_criterion(self.exit_spec)  # validates patience, thresholds, the cap and the fit to the problem
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of {', '.join(POOLINGS)}.")

@@ -10,14 +10,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.autograd import profiler
-from torch.nn import functional as F
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .backbones import EncoderAdapter, adapter_for
 from .configuration import POOLINGS, PabeeConfig
-from .exits import MULTI_LABEL, REGRESSION, ExitCriterion, ExitSpec, check_patience, logits_at_exit, sweep_exit_layers
+from .exits import ExitCriterion, ExitSpec, check_patience, logits_at_exit, sweep_exit_layers
+from .losses import layer_weighted_loss
 from .pretrained import bundled_model_path, sentence_transformers_pooling
 
 __all__ = [
@@ -287,20 +287,10 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         return self.classify(num_layers - 1, hidden, attention_mask)
 
     def _weighted_loss(self, all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Σ_i i·loss_i / Σ_i i: deeper classifiers count more, as in the paper."""
-        total, weights = 0.0, 0
-        problem = self.config.problem
-        for layer in range(all_logits.shape[1]):
-            logits = all_logits[:, layer]
-            if problem == REGRESSION:
-                layer_loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
-            elif problem == MULTI_LABEL:
-                layer_loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-            else:
-                layer_loss = F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
-            total = total + (layer + 1) * layer_loss
-            weights += layer + 1
-        return total / weights
+        config = self.config
+        return layer_weighted_loss(
+            config.problem, all_logits, labels, config.distillation_weight, config.distillation_temperature
+        )
 
 
 class LayerStepper(Protocol):

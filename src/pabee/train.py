@@ -277,6 +277,9 @@ def load(args: RunGlueArguments, training_args: TrainingArguments, name_or_path:
     check_specs(model.config, specs)
     model.config.patience = args.patiences[1] if len(args.patiences) > 1 else 0
     model.config.exit_spec = _default_exit(specs[args.criteria[0]])
+    if training_args.do_train:  # the loss this run trains with, recorded in the saved config
+        model.config.distillation_weight = args.distillation_weight
+        model.config.distillation_temperature = args.distillation_temperature
     train_set, eval_sets = _tokenized(args, training_args, tokenizer, data)
     return Setup(name_or_path, tokenizer, data, model, specs, train_set, eval_sets)
 
