@@ -27,6 +27,7 @@ from .sweeps import parse_criteria, parse_int_list, parse_patience_list, parse_t
 __all__ = [
     "API_KEY_VARIABLE",
     "BenchArguments",
+    "CalibrateArguments",
     "ExportArguments",
     "ExitSweepArguments",
     "InferenceArguments",
@@ -423,6 +424,45 @@ class ServeArguments(RayArguments, InferenceArguments):
             self.api_key = os.environ.get(API_KEY_VARIABLE) or None
         if self.api_key is not None and not self.api_key.strip():
             raise PabeeError("--api_key is empty; give a secret, or leave it out to serve without one.")
+
+
+@dataclass
+class CalibrateArguments(ExitSweepArguments):
+    """Flags of `pabee calibrate`."""
+
+    model: str = field(default=None, metadata={"help": "Fine-tuned PABEE model folder; its config.json is updated."})
+    task_name: str | None = field(default=None, metadata={"help": "GLUE task whose dev set calibrates."})
+    data_dir: str | None = field(default=None, metadata={"help": "GLUE TSV folder (task folder or GLUE root)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Your own labelled data instead."})
+    task_type: str = field(
+        default="auto",
+        metadata={"help": "For --validation_file.", "choices": ["auto", "classification", "regression"]},
+    )
+    max_drop: float = field(
+        default=1.0,
+        metadata={"help": "Most points of the task's metric the chosen setting may lose to the full model."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the split into a choosing and a reporting half."})
+    dry_run: bool = field(default=False, metadata={"help": "Report the choice without changing the config."})
+    max_seq_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Tokens per example."})
+    batch_size: int = field(default=64, metadata={"help": "Examples per forward pass."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model is None:
+            raise PabeeError("Give --model, the folder of a fine-tuned PABEE model.")
+        if (self.task_name is None) == (self.validation_file is None):
+            raise PabeeError("Give either --task_name (a GLUE task's dev set) or --validation_file (your own data).")
+        if self.task_name is not None:
+            from .glue import get_task
+
+            get_task(self.task_name)
+        if not self.max_drop >= 0:
+            raise PabeeError(f"--max_drop={self.max_drop!r} is invalid: use a number of points >= 0.")
+        _at_least(self, "batch_size", 1)
+        _at_least(self, "threads", 1)
+        _at_least(self, "max_seq_length", 2)
 
 
 @dataclass

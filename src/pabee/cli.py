@@ -94,6 +94,22 @@ def _serve(parsed: tuple, command: str) -> int:
     return 0
 
 
+def _calibrate(parsed: tuple, command: str) -> int:
+    from .calibrate import run_calibrate
+
+    (args,) = parsed
+    report = run_calibrate(args, command)
+    chosen = next(row for row in report["rows"] if row["chosen"])
+    held_out, full = chosen["report"], report["rows"][0]["report"]
+    print(
+        f"pabee calibrate: {chosen['criterion']} {chosen['setting']}: held-out score {held_out['score']:.1f} "
+        f"(full model {full['score']:.1f}), {held_out['avg_exit_layer']:.2f} layers on average; "
+        + ("dry run, config unchanged" if args.dry_run else f"written to {args.model}/config.json")
+        + f"; report: {args.model}/calibration.md"
+    )
+    return 0
+
+
 def _export(parsed: tuple, command: str) -> int:
     from .onnx_export import export_onnx
 
@@ -150,6 +166,14 @@ COMMANDS: dict[str, Command] = {
         "Classify a file of texts with batched early exit; one JSON line per example.",
         _arguments("PredictArguments"),
         _predict,
+    ),
+    "calibrate": Command(
+        "choose the fastest exit setting within --max_drop points of the full model, on data",
+        "Choose the fastest exit setting whose metric stays within --max_drop points of the full model (chosen on "
+        "one half of the data, reported on the other) and write it into the model's config.",
+        _arguments("CalibrateArguments"),
+        _calibrate,
+        required=("--model",),
     ),
     "export": Command(
         "export a model to ONNX graphs for early exit on ONNX Runtime (fp32 or int8)",

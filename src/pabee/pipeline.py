@@ -257,6 +257,24 @@ class PabeePipeline:
                 out = self.model(**self._pad([features[i] for i in rows]), exit_spec=spec)
             yield rows, out.logits.float().cpu(), out.exit_layers.cpu()
 
+    def all_layer_logits(
+        self, examples: Sequence[Example], *, batch_size: int | None = None, progress: bool = False
+    ) -> torch.Tensor:
+        """Every layer's logits `[N, layers, num_labels]` in input order, from one full pass (shortest inputs
+        first): any exit setting's answers can be read off them (`pabee calibrate` compares them all)."""
+        features = self.tokenize(examples)
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        out = torch.empty(len(examples), self.num_layers, self.model.config.num_labels)
+        size = batch_size or self.batch_size
+        with tqdm(total=len(examples), unit="ex", desc="All layers", disable=not progress) as bar:
+            for start in range(0, len(order), size):
+                rows = order[start : start + size]
+                with torch.inference_mode():
+                    result = self.model(**self._pad([features[i] for i in rows]), output_all_logits=True)
+                out[torch.tensor(rows)] = result.all_logits.float().cpu()
+                bar.update(len(rows))
+        return out
+
     def call_spec(self, exit_spec: ExitSpec | None = None, **exit_options: Any) -> ExitSpec:
         """The exit setting of one call: `exit_spec` (default: the pipeline's) with the options that are set."""
         options = {name: value for name, value in exit_options.items() if value is not None}

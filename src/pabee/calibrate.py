@@ -1,0 +1,168 @@
+"""`pabee calibrate`: the fastest exit setting whose quality stays within `--max_drop` points of the full model,
+chosen on data instead of by hand from a table, and reported on data it was not chosen on.
+
+One full pass over the calibration examples gives every layer's logits; every candidate setting (each selected
+criterion's patiences or thresholds) is read off them with the rule real early exit uses. The examples are split
+in two halves at random (`--seed`): the setting is chosen on the first half and its quality and speed are reported
+on the second, so the reported numbers are not the ones the choice was fitted to. The choice goes into the
+model's `config.json` (written atomically) unless `--dry_run`; the report (every setting on both halves, the
+Pareto front, the choice) goes beside it as `calibration.json` and `calibration.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .arguments import CalibrateArguments
+from .errors import PabeeError
+from .evaluate import setting_row
+from .exits import ExitSpec
+from .glue import TaskSpec, get_task
+from .modeling import PabeeForSequenceClassification
+from .pipeline import PabeePipeline
+from .provenance import provenance, write_atomic, write_json
+from .sweeps import check_specs, exit_specs
+
+__all__ = ["choose_setting", "run_calibrate"]
+
+
+def _score(row: dict[str, Any], metrics: tuple[str, ...]) -> float:
+    """The task's quality in points: its metric, or the mean of its metrics (as GLUE averages MRPC's two)."""
+    return 100 * statistics.fmean(row[name] for name in metrics)
+
+
+def _half(model, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec) -> dict[str, Any]:
+    row = setting_row(model, all_logits, labels, task, spec)
+    return {"score": _score(row, task.metrics), **{k: row[k] for k in (*task.metrics, "avg_exit_layer", "speed_up")}}
+
+
+def choose_setting(
+    model: PabeeForSequenceClassification,
+    all_logits: np.ndarray,
+    labels: np.ndarray,
+    task: TaskSpec,
+    specs: list[ExitSpec],
+    max_drop: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every setting scored on both halves; the chosen one is the fewest layers on the choosing half among those
+    within `max_drop` points of the full model there (ties: the better score)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = {"choose": order[: len(order) // 2], "report": order[len(order) // 2 :]}
+    logits = torch.as_tensor(all_logits)
+    full = ExitSpec("patience", patience=0)
+    rows = []
+    for spec in [full, *(s for s in specs if s != full)]:
+        row = {**spec.describe(), "max_exit_layer": spec.max_exit_layer, "spec": spec}
+        for name, index in halves.items():
+            row[name] = _half(model, logits[index], labels[index], task, spec)
+        rows.append(row)
+    floor = rows[0]["choose"]["score"] - max_drop
+    eligible = [row for row in rows if row["choose"]["score"] >= floor]
+    chosen = min(eligible, key=lambda row: (row["choose"]["avg_exit_layer"], -row["choose"]["score"]))
+    for row in rows:
+        row["pareto"] = not any(_dominates(other["choose"], row["choose"]) for other in rows)
+        row["chosen"] = row is chosen
+    return {"halves": {name: len(index) for name, index in halves.items()}, "max_drop": max_drop, "rows": rows}
+
+
+def _dominates(a: dict[str, float], b: dict[str, float]) -> bool:
+    better_or_equal = a["score"] >= b["score"] and a["avg_exit_layer"] <= b["avg_exit_layer"]
+    return better_or_equal and (a["score"] > b["score"] or a["avg_exit_layer"] < b["avg_exit_layer"])
+
+
+def _examples(args: CalibrateArguments, model: PabeeForSequenceClassification) -> tuple[TaskSpec, Any]:
+    """The calibration split: a GLUE task's dev set, or `--validation_file`."""
+    from .data import load_glue, load_user_files
+
+    if args.task_name is not None:
+        data = load_glue(get_task(args.task_name), args.data_dir, train=False, evaluate=True, test=False)
+    else:
+        config = model.config
+        names = None if config.is_regression else tuple(config.id2label[i] for i in range(config.num_labels))
+        data = load_user_files(None, args.validation_file, args.task_type, labels=names)
+    split = next(iter(data.eval.values()), None)
+    if split is None or len(split) < 2:
+        raise PabeeError("Calibration needs at least 2 labelled examples.")
+    if data.task.num_labels != model.config.num_labels:
+        raise PabeeError(
+            f"{data.task.name} has {data.task.num_labels} labels; the model has {model.config.num_labels}"
+        )
+    return data.task, split
+
+
+def run_calibrate(args: CalibrateArguments, command: str) -> dict[str, Any]:
+    """Load, one full pass, choose, then write the config (unless --dry_run) and the report."""
+    folder = Path(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = PabeePipeline.from_pretrained(
+        folder, backend="torch", batch_size=args.batch_size, max_length=args.max_seq_length
+    )
+    model = pipe.model
+    task, split = _examples(args, model)
+    layers = model.num_layers
+    specs = exit_specs(args.criteria, list(range(layers)), args.thresholds, layers, args.max_exit_layer)
+    check_specs(model.config, specs)
+    examples = [(row["text"], row.get("text_pair")) for row in split]
+    all_logits = pipe.all_layer_logits(examples, progress=True)
+    labels = np.asarray(split["label"])
+    result = choose_setting(model, all_logits, labels, task, [s for items in specs.values() for s in items],
+                            args.max_drop, args.seed)  # fmt: skip
+    chosen = next(row for row in result["rows"] if row["chosen"])
+    if not args.dry_run:
+        _write_exit_setting(folder / "config.json", model, chosen["spec"])
+    report = {"provenance": provenance(command, model=str(folder), task=task.name), "dry_run": args.dry_run, **result}
+    for row in report["rows"]:
+        row.pop("spec")
+    write_json(folder / "calibration.json", report)
+    write_atomic(folder / "calibration.md", render(report, task))
+    return report
+
+
+def _write_exit_setting(path: Path, model: PabeeForSequenceClassification, spec: ExitSpec) -> None:
+    """Change only the exit fields of `config.json` (atomically); everything else in it stays as it was."""
+    model.config.exit_spec = spec
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    for name in ("exit_criterion", "patience", "exit_threshold", "max_exit_layer"):
+        saved[name] = getattr(model.config, name)
+    write_json(path, saved)
+
+
+def render(report: dict[str, Any], task: TaskSpec) -> str:
+    """The report: how it was chosen, the chosen point on both halves, and the Pareto front."""
+    halves, drop = report["halves"], report["max_drop"]
+    chosen = next(row for row in report["rows"] if row["chosen"])
+    full = report["rows"][0]
+    score = " / ".join(task.metrics) if len(task.metrics) == 1 else f"mean of {' and '.join(task.metrics)}"
+    lines = [
+        f"# Calibration: {task.name}, at most {drop:g} point{'' if drop == 1 else 's'} below the full model",
+        "",
+        f"Chosen on one random half of the examples ({halves['choose']}), measured on the other half "
+        f"({halves['report']}), which the choice never saw. Score: {score}, in points. "
+        + ("Dry run: the config was not changed." if report["dry_run"] else "Written into config.json."),
+        "",
+        f"**Chosen: {chosen['criterion']} {chosen['setting']}** — on the held-out half: score "
+        f"{chosen['report']['score']:.1f} vs {full['report']['score']:.1f} for the full model, "
+        f"{chosen['report']['avg_exit_layer']:.2f} layers on average ({chosen['report']['speed_up']:.2f}x fewer).",
+        "",
+        f"Full model: score {full['choose']['score']:.1f} on the choosing half, {full['report']['score']:.1f} held "
+        "out. Pareto front on the choosing half (no setting is both better and faster), with the held-out numbers:",
+        "",
+        "| Criterion | Setting | score (choose) | avg. layer (choose) | score (held out) | avg. layer (held out) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in sorted((r for r in report["rows"] if r["pareto"]), key=lambda r: r["choose"]["avg_exit_layer"]):
+        mark = " **(chosen)**" if row["chosen"] else ""
+        lines.append(
+            f"| {row['criterion']} | {row['setting']}{mark} | {row['choose']['score']:.1f} | "
+            f"{row['choose']['avg_exit_layer']:.2f} | {row['report']['score']:.1f} | "
+            f"{row['report']['avg_exit_layer']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
