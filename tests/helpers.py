@@ -171,3 +171,14 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def save_tiny_encoder(folder: Path, tokenizer) -> Path:
+    """A tiny random plain BERT encoder (no PABEE heads) with `tokenizer`: what run-glue fine-tunes, in seconds."""
+    from transformers import BertModel
+
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=20)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from helpers import save_tiny_encoder
 from torch.nn import functional as F
-from transformers import BertConfig, BertModel
 
 from pabee.cli import main
 from pabee.configuration import PabeeConfig
@@ -116,11 +116,7 @@ def test_bad_distillation_flags_are_one_line(flags, message, tmp_path, capsys):
 
 def test_a_trained_model_says_how_it_was_trained(tmp_path, minilm_tokenizer):
     """run-glue on a tiny random encoder with distillation: the saved config records the weight and temperature."""
-    encoder = tmp_path / "tiny-bert"
-    tiny = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2,
-                      num_attention_heads=2, intermediate_size=20)  # fmt: skip
-    BertModel(tiny).save_pretrained(encoder)
-    minilm_tokenizer.save_pretrained(encoder)
+    encoder = save_tiny_encoder(tmp_path / "tiny-bert", minilm_tokenizer)
     rows = [{"text": f"word{i % 7} word{i % 3}", "label": i % 2} for i in range(24)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"

@@ -121,6 +121,16 @@ class RunGlueArguments(ExitSweepArguments):
     distillation_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of the last layer's softened prediction for distillation."}
     )
+    calibrate_max_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "After training, choose the saved model's exit setting like `pabee calibrate`: the fastest "
+            "within this many points of the full model, on a held-out part of the training data."
+        },
+    )
+    calibration_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the training data held out for --calibrate_max_drop."}
+    )
     pooling: str = field(
         default="auto",
         metadata={"help": "What the classifiers read.", "choices": ["auto", "pooler", "cls", "mean"]},
@@ -173,6 +183,11 @@ class RunGlueArguments(ExitSweepArguments):
             raise PabeeError(f"--max_seq_length {self.max_seq_length} is too small; use at least 8.")
         _at_least(self, "max_train_samples", 1)
         _at_least(self, "max_eval_samples", 1)
+        _at_least(self, "calibrate_max_drop", 0.0)
+        if not 0.0 < self.calibration_fraction <= 0.5:
+            raise PabeeError(
+                f"--calibration_fraction={self.calibration_fraction!r} is invalid: use a share in (0, 0.5]."
+            )
 
 
 @dataclass

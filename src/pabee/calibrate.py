@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .pipeline import PabeePipeline
 from .provenance import provenance, write_atomic, write_json
 from .sweeps import check_specs, exit_specs
 
-__all__ = ["choose_setting", "run_calibrate"]
+__all__ = ["Calibration", "calibrate", "choose_setting", "run_calibrate", "summary_line"]
 
 
 def _score(row: dict[str, Any], metrics: tuple[str, ...]) -> float:
@@ -98,32 +99,70 @@ def _examples(args: CalibrateArguments, model: PabeeForSequenceClassification) -
 
 
 def run_calibrate(args: CalibrateArguments, command: str) -> dict[str, Any]:
-    """Load, one full pass, choose, then write the config (unless --dry_run) and the report."""
+    """`pabee calibrate`: load the model and the labelled examples, then `calibrate`."""
     folder = Path(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = PabeePipeline.from_pretrained(
         folder, backend="torch", batch_size=args.batch_size, max_length=args.max_seq_length
     )
+    task, split = _examples(args, pipe.model)
+    settings = Calibration(args.criteria, args.thresholds, args.max_exit_layer, args.max_drop, args.seed)
+    return calibrate(pipe, task, split, settings, folder, command, dry_run=args.dry_run)
+
+
+@dataclass
+class Calibration:
+    """What to choose among and how much quality the choice may cost."""
+
+    criteria: list[str]
+    thresholds: dict[str, list[float]]
+    max_exit_layer: int | None
+    max_drop: float
+    seed: int = 0
+
+
+def calibrate(
+    pipe: PabeePipeline,
+    task: TaskSpec,
+    split: Any,
+    settings: Calibration,
+    folder: Path,
+    command: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """One full pass over `split` (rows with `text`, `text_pair`, `label`), the choice, then the model folder's
+    `config.json` (unless `dry_run`) and `calibration.json` / `calibration.md` in it. Returns the report."""
     model = pipe.model
-    task, split = _examples(args, model)
     layers = model.num_layers
-    specs = exit_specs(args.criteria, list(range(layers)), args.thresholds, layers, args.max_exit_layer)
+    specs = exit_specs(settings.criteria, list(range(layers)), settings.thresholds, layers, settings.max_exit_layer)
     check_specs(model.config, specs)
     examples = [(row["text"], row.get("text_pair")) for row in split]
     all_logits = pipe.all_layer_logits(examples, progress=True)
     labels = np.asarray(split["label"])
-    result = choose_setting(model, all_logits, labels, task, [s for items in specs.values() for s in items],
-                            args.max_drop, args.seed)  # fmt: skip
+    candidates = [spec for items in specs.values() for spec in items]
+    result = choose_setting(model, all_logits, labels, task, candidates, settings.max_drop, settings.seed)
     chosen = next(row for row in result["rows"] if row["chosen"])
-    if not args.dry_run:
+    if not dry_run:
         _write_exit_setting(folder / "config.json", model, chosen["spec"])
-    report = {"provenance": provenance(command, model=str(folder), task=task.name), "dry_run": args.dry_run, **result}
+    report = {"provenance": provenance(command, model=str(folder), task=task.name), "dry_run": dry_run, **result}
     for row in report["rows"]:
         row.pop("spec")
     write_json(folder / "calibration.json", report)
     write_atomic(folder / "calibration.md", render(report, task))
     return report
+
+
+def summary_line(report: dict[str, Any], folder: str | Path) -> str:
+    """What the commands print: the choice and its held-out numbers."""
+    chosen = next(row for row in report["rows"] if row["chosen"])
+    held_out, full = chosen["report"], report["rows"][0]["report"]
+    return (
+        f"{chosen['criterion']} {chosen['setting']}: held-out score {held_out['score']:.1f} (full model "
+        f"{full['score']:.1f}), {held_out['avg_exit_layer']:.2f} layers on average; "
+        + ("dry run, config unchanged" if report["dry_run"] else f"written to {folder}/config.json")
+        + f"; report: {folder}/calibration.md"
+    )
 
 
 def _write_exit_setting(path: Path, model: PabeeForSequenceClassification, spec: ExitSpec) -> None:

@@ -95,18 +95,10 @@ def _serve(parsed: tuple, command: str) -> int:
 
 
 def _calibrate(parsed: tuple, command: str) -> int:
-    from .calibrate import run_calibrate
+    from .calibrate import run_calibrate, summary_line
 
     (args,) = parsed
-    report = run_calibrate(args, command)
-    chosen = next(row for row in report["rows"] if row["chosen"])
-    held_out, full = chosen["report"], report["rows"][0]["report"]
-    print(
-        f"pabee calibrate: {chosen['criterion']} {chosen['setting']}: held-out score {held_out['score']:.1f} "
-        f"(full model {full['score']:.1f}), {held_out['avg_exit_layer']:.2f} layers on average; "
-        + ("dry run, config unchanged" if args.dry_run else f"written to {args.model}/config.json")
-        + f"; report: {args.model}/calibration.md"
-    )
+    print(f"pabee calibrate: {summary_line(run_calibrate(args, command), args.model)}")
     return 0
 
 

@@ -47,6 +47,7 @@ class TaskData:
     train: datasets.Dataset | None = None
     eval: dict[str, datasets.Dataset] = field(default_factory=dict)
     test: dict[str, datasets.Dataset] = field(default_factory=dict)
+    calibration: datasets.Dataset | None = None  # held out of train to choose the exit setting on
     sources: dict[str, str] = field(default_factory=dict)
     cache_keys: dict[str, str] = field(default_factory=dict)
 
