@@ -240,12 +240,11 @@ class PabeePipeline:
             batch[name] = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         return batch
 
-    def run_batches(
-        self, examples: Sequence[Example], *, batch_size: int | None = None, **exit_options: Any
-    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """Run the forward passes one by one, shortest inputs first, yielding each pass's results as it ends:
-        `(positions in examples, logits [n, num_labels], exit_layers [n])`. A server answers from these early."""
-        spec = self.call_spec(**exit_options)
+    def _forwards(
+        self, examples: Sequence[Example], batch_size: int | None, **model_kwargs: Any
+    ) -> Iterator[tuple[list[int], Any]]:
+        """Tokenize, sort by length, plan padding-aware batches and run them one by one: `(positions in
+        examples, the model's output)` per forward pass, shortest inputs first."""
         features = self.tokenize(examples)
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         lengths = [len(features[i]["input_ids"]) for i in order]
@@ -254,7 +253,16 @@ class PabeePipeline:
         for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
             rows = order[start:end]
             with torch.inference_mode():
-                out = self.model(**self._pad([features[i] for i in rows]), exit_spec=spec)
+                out = self.model(**self._pad([features[i] for i in rows]), **model_kwargs)
+            yield rows, out
+
+    def run_batches(
+        self, examples: Sequence[Example], *, batch_size: int | None = None, **exit_options: Any
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Run the forward passes one by one, shortest inputs first, yielding each pass's results as it ends:
+        `(positions in examples, logits [n, num_labels], exit_layers [n])`. A server answers from these early."""
+        spec = self.call_spec(**exit_options)
+        for rows, out in self._forwards(examples, batch_size, exit_spec=spec):
             yield rows, out.logits.float().cpu(), out.exit_layers.cpu()
 
     def all_layer_logits(
@@ -262,15 +270,9 @@ class PabeePipeline:
     ) -> torch.Tensor:
         """Every layer's logits `[N, layers, num_labels]` in input order, from one full pass (shortest inputs
         first): any exit setting's answers can be read off them (`pabee calibrate` compares them all)."""
-        features = self.tokenize(examples)
-        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         out = torch.empty(len(examples), self.num_layers, self.model.config.num_labels)
-        size = batch_size or self.batch_size
         with tqdm(total=len(examples), unit="ex", desc="All layers", disable=not progress) as bar:
-            for start in range(0, len(order), size):
-                rows = order[start : start + size]
-                with torch.inference_mode():
-                    result = self.model(**self._pad([features[i] for i in rows]), output_all_logits=True)
+            for rows, result in self._forwards(examples, batch_size, output_all_logits=True):
                 out[torch.tensor(rows)] = result.all_logits.float().cpu()
                 bar.update(len(rows))
         return out
