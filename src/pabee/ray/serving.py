@@ -110,8 +110,13 @@ class PabeeServer:
         return app_from_args(self.args, batcher_class=ServeBatcher)
 
 
+def _replica_threads(args: ServeArguments) -> int:
+    """Torch threads (and Ray CPUs) per replica: `--threads`, else this machine's cores shared by the replicas."""
+    return args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+
+
 def _application(args: ServeArguments) -> serve.Application:
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    threads = _replica_threads(args)
     return serve.deployment(
         PabeeServer,
         name=APP_NAME,
@@ -136,7 +141,7 @@ def deployment(model: str, **options: Any) -> serve.Application:
 
 
 def _check_cpus(args: ServeArguments) -> None:
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    threads = _replica_threads(args)
     available = int(ray.cluster_resources().get("CPU", 0))
     if args.replicas * threads > available:
         raise PabeeError(
