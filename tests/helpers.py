@@ -173,12 +173,21 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
     return samples
 
 
-def save_tiny_encoder(folder: Path, tokenizer) -> Path:
-    """A tiny random plain BERT encoder (no PABEE heads) with `tokenizer`: what run-glue fine-tunes, in seconds."""
+def tiny_run_glue_argv(tmp_path: Path, tokenizer, num_rows: int) -> tuple[list[str], Path]:
+    """A `pabee run-glue` command line that fine-tunes a tiny random BERT encoder (no PABEE heads) for 2 steps
+    on `num_rows` two-class jsonl rows, in seconds; returns it and its output folder."""
+    import json
+
     from transformers import BertModel
 
+    encoder = tmp_path / "tiny-bert"
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=20)  # fmt: skip
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    BertModel(config).save_pretrained(encoder)
+    tokenizer.save_pretrained(encoder)
+    rows = [{"text": f"word{i % 7} word{i % 3}", "label": i % 2} for i in range(num_rows)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    argv = ["run-glue", "--model_name_or_path", str(encoder), "--train_file", str(tmp_path / "train.jsonl")]
+    argv += ["--do_train", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(out), "--use_cpu"]
+    return [*argv, "--report_to", "none"], out

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_encoder
+from helpers import tiny_run_glue_argv
 
 from pabee.calibrate import choose_setting
 from pabee.cli import main
@@ -98,13 +98,8 @@ def test_bad_calibrate_flags_are_one_line(extra, message, model_dir, capsys):
 
 
 def test_run_glue_calibrates_on_held_out_training_examples(tmp_path, minilm_tokenizer, capsys):
-    encoder = save_tiny_encoder(tmp_path / "tiny-bert", minilm_tokenizer)
-    rows = [{"text": f"word{i % 7} word{i % 3}", "label": i % 2} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "out"
-    argv = ["run-glue", "--model_name_or_path", str(encoder), "--train_file", str(tmp_path / "train.jsonl")]
-    argv += ["--do_train", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(out), "--use_cpu"]
-    argv += ["--report_to", "none", "--exit_criterion", "patience,static", "--calibrate_max_drop", "5"]
+    argv, out = tiny_run_glue_argv(tmp_path, minilm_tokenizer, num_rows=40)
+    argv += ["--exit_criterion", "patience,static", "--calibrate_max_drop", "5"]
     assert main(argv) == 0
     assert "Calibrated on 4 held-out training examples" in capsys.readouterr().out
     report = json.loads((out / "calibration.json").read_text())

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import save_tiny_encoder
+from helpers import tiny_run_glue_argv
 from torch.nn import functional as F
 
 from pabee.cli import main
@@ -116,13 +116,8 @@ def test_bad_distillation_flags_are_one_line(flags, message, tmp_path, capsys):
 
 def test_a_trained_model_says_how_it_was_trained(tmp_path, minilm_tokenizer):
     """run-glue on a tiny random encoder with distillation: the saved config records the weight and temperature."""
-    encoder = save_tiny_encoder(tmp_path / "tiny-bert", minilm_tokenizer)
-    rows = [{"text": f"word{i % 7} word{i % 3}", "label": i % 2} for i in range(24)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "out"
-    argv = ["run-glue", "--model_name_or_path", str(encoder), "--train_file", str(tmp_path / "train.jsonl")]
-    argv += ["--do_train", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(out), "--use_cpu"]
-    argv += ["--distillation_weight", "0.5", "--distillation_temperature", "2", "--report_to", "none"]
+    argv, out = tiny_run_glue_argv(tmp_path, minilm_tokenizer, num_rows=24)
+    argv += ["--distillation_weight", "0.5", "--distillation_temperature", "2"]
     assert main(argv) == 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["distillation_weight"], saved["distillation_temperature"]) == (0.5, 2.0)
