@@ -38,8 +38,12 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: int | None) -> dict:
-    """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row."""
+def train_baseline(
+    task_name: str, glue_dir: str, out: Path, max_train_samples: int | None, num_layers: int | None = None
+) -> dict:
+    """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row. With `num_layers` = k, only
+    the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
+    The dev predictions are returned too, in dev order, so the metric can be read on any subset."""
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
@@ -63,8 +67,9 @@ def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: 
     train = tokenize(train, tokenizer, HYPER["max_seq_length"], split="train", cache_key=None)
     dev = tokenize(data.eval["dev"], tokenizer, HYPER["max_seq_length"], split="dev", cache_key=None)
     set_seed(HYPER["seed"])
+    depth = {} if num_layers is None else {"num_hidden_layers": num_layers}
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None
+        path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None, **depth
     )
     args = TrainingArguments(
         output_dir=str(out),
@@ -88,6 +93,8 @@ def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: 
         "metrics": compute_metrics(task.metrics, preds, output.label_ids),
         "train_seconds": seconds,
         "train_examples": len(train),
+        "num_layers": model.config.num_hidden_layers,
+        "predictions": preds.tolist(),
     }
 
 
@@ -109,39 +116,19 @@ def reproduce(task_name: str, glue_dir: str, work: Path, max_train_samples: int 
         if (out / "eval_results.json").exists():
             continue
         print(f"[{task.name}] PABEE, {pooling} pooling", flush=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pabee",
-            "run-glue",
-            "--task_name",
-            task.name,
-            "--data_dir",
-            glue_dir,
-            "--do_train",
-            "--do_eval",
-            "--pooling",
-            pooling,
-            "--patience",
-            PATIENCES,
-            "--num_train_epochs",
-            str(HYPER["epochs"]),
-            "--per_device_train_batch_size",
-            str(HYPER["batch_size"]),
-            "--learning_rate",
-            str(HYPER["learning_rate"]),
-            "--max_seq_length",
-            str(HYPER["max_seq_length"]),
-            "--seed",
-            str(HYPER["seed"]),
-            "--save_strategy",
-            "no",
-            "--overwrite_output_dir",
-            "--output_dir",
-            str(out),
-            *limit,
-        ]
+        cmd = run_glue_command(task.name, glue_dir, out, ["--pooling", pooling, *limit])
         run(cmd, folder / f"pabee_{pooling}.log")
+
+
+def run_glue_command(task_name: str, glue_dir: str, out: Path, extra: list[str]) -> list[str]:
+    """`pabee run-glue` training and evaluating one task with HYPER, patiences 1-5, the final model kept in `out`."""
+    return [
+        *(sys.executable, "-m", "pabee", "run-glue", "--task_name", task_name, "--data_dir", glue_dir),
+        *("--do_train", "--do_eval", "--patience", PATIENCES, "--seed", str(HYPER["seed"])),
+        *("--num_train_epochs", str(HYPER["epochs"]), "--per_device_train_batch_size", str(HYPER["batch_size"])),
+        *("--learning_rate", str(HYPER["learning_rate"]), "--max_seq_length", str(HYPER["max_seq_length"])),
+        *("--save_strategy", "no", "--overwrite_output_dir", "--output_dir", str(out), *extra),
+    ]
 
 
 def bench(task_name: str, glue_dir: str, work: Path) -> None:

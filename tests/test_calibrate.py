@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import tiny_run_glue_argv
 
-from pabee.calibrate import choose_setting
+from pabee.calibrate import choose_setting, split_halves
 from pabee.cli import main
 from pabee.exits import ExitSpec
 from pabee.glue import get_task
@@ -24,6 +24,14 @@ def confident(labels: np.ndarray, right: bool, classes: int = 2) -> np.ndarray:
     out = np.full((len(labels), classes), -4.0, dtype=np.float32)
     out[np.arange(len(labels)), labels if right else 1 - labels] = 4.0
     return out
+
+
+def test_the_halves_are_disjoint_cover_everything_and_follow_the_seed():
+    halves = split_halves(11, seed=3)
+    assert len(halves["choose"]) == 5 and len(halves["report"]) == 6
+    assert sorted(np.concatenate(list(halves.values())).tolist()) == list(range(11))
+    assert np.array_equal(split_halves(11, seed=3)["choose"], halves["choose"])
+    assert not np.array_equal(split_halves(11, seed=4)["choose"], halves["choose"])
 
 
 def test_the_fewest_layers_within_the_drop_on_the_choosing_half(model_dir):

@@ -30,17 +30,39 @@ from .pipeline import PabeePipeline
 from .provenance import provenance, write_atomic, write_json
 from .sweeps import check_specs, exit_specs
 
-__all__ = ["Calibration", "calibrate", "choose_setting", "run_calibrate", "summary_line"]
+__all__ = [
+    "Calibration",
+    "calibrate",
+    "choose_setting",
+    "run_calibrate",
+    "score_setting",
+    "split_halves",
+    "summary_line",
+    "task_score",
+]
 
 
-def _score(row: dict[str, Any], metrics: tuple[str, ...]) -> float:
+def task_score(row: dict[str, Any], metrics: tuple[str, ...]) -> float:
     """The task's quality in points: its metric, or the mean of its metrics (as GLUE averages MRPC's two)."""
     return 100 * statistics.fmean(row[name] for name in metrics)
 
 
-def _half(model, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec) -> dict[str, Any]:
+def score_setting(
+    model: PabeeForSequenceClassification, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
+) -> dict[str, Any]:
+    """One setting read off every layer's logits: its score (`task_score`), metrics and layers on average."""
     row = setting_row(model, all_logits, labels, task, spec)
-    return {"score": _score(row, task.metrics), **{k: row[k] for k in (*task.metrics, "avg_exit_layer", "speed_up")}}
+    return {
+        "score": task_score(row, task.metrics),
+        **{k: row[k] for k in (*task.metrics, "avg_exit_layer", "speed_up")},
+    }
+
+
+def split_halves(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Example indices in two random halves: `choose` (a setting is fitted on it) and `report` (it is measured on
+    it). One definition, so every calibration and reproduction splits the same way."""
+    order = np.random.default_rng(seed).permutation(count)
+    return {"choose": order[: count // 2], "report": order[count // 2 :]}
 
 
 def choose_setting(
@@ -54,15 +76,14 @@ def choose_setting(
 ) -> dict[str, Any]:
     """Every setting scored on both halves; the chosen one is the fewest layers on the choosing half among those
     within `max_drop` points of the full model there (ties: the better score)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    halves = {"choose": order[: len(order) // 2], "report": order[len(order) // 2 :]}
+    halves = split_halves(len(labels), seed)
     logits = torch.as_tensor(all_logits)
     full = ExitSpec("patience", patience=0)
     rows = []
     for spec in [full, *(s for s in specs if s != full)]:
         row = {**spec.describe(), "max_exit_layer": spec.max_exit_layer, "spec": spec}
         for name, index in halves.items():
-            row[name] = _half(model, logits[index], labels[index], task, spec)
+            row[name] = score_setting(model, logits[index], labels[index], task, spec)
         rows.append(row)
     floor = rows[0]["choose"]["score"] - max_drop
     eligible = [row for row in rows if row["choose"]["score"] >= floor]
