@@ -15,6 +15,7 @@ Every finished step is kept under --work_dir and skipped when the script runs ag
 
     python benchmarks/reproduce_glue_v2.py                      # train what is missing, analyse, time, report
     python benchmarks/reproduce_glue_v2.py --phase train        # only the training runs
+    python benchmarks/reproduce_glue_v2.py --pooling_runs       # also PABEE with the other pooling (cls / mean)
     python benchmarks/reproduce_glue_v2.py --phase report       # re-render glue_minilm_v2.{md,json,png}
 """
 
@@ -51,6 +52,7 @@ TRUNCATION_TASKS = ("MRPC", "SST-2")
 CRITERIA = ("patience", "confidence", "entropy", "static")
 MAX_DROP = 1.0  # points below plain fine-tuning
 SPLIT_SEED = 0
+REGRESSION_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)  # STS-B's scores run 0-5
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -59,8 +61,20 @@ def write_json(path: Path, data: dict) -> None:
     _write(path, data)
 
 
-def train(task_name: str, glue_dir: str, work: Path, max_train_samples: int | None) -> None:
-    """The baseline and both PABEE runs of one task, each skipped if it already finished."""
+def other_pooling(task_name: str) -> str:
+    """The pooling the `pabee` run does not use: the other arm of the pooling comparison."""
+    return "mean" if POOLING.get(task_name, "mean") == "cls" else "cls"
+
+
+def run_names(task_name: str) -> list[str]:
+    return [*RUNS, f"pabee_{other_pooling(task_name)}"]
+
+
+def train(
+    task_name: str, glue_dir: str, work: Path, max_train_samples: int | None, pooling_runs: bool = False
+) -> None:
+    """The baseline and both PABEE runs of one task, each skipped if it already finished; with `pooling_runs`,
+    also PABEE with the other pooling (which pooling `auto` should pick per problem type)."""
     from pabee.glue import get_task
 
     task = get_task(task_name)
@@ -79,6 +93,11 @@ def train(task_name: str, glue_dir: str, work: Path, max_train_samples: int | No
             continue
         print(f"[{task.name}] {name}", flush=True)
         run(run_glue_command(task.name, glue_dir, out, [*pooling, *limit, *extra]), folder / f"{name}.log")
+    other = other_pooling(task.name)
+    out = folder / f"pabee_{other}"
+    if pooling_runs and not (out / "eval_results.json").exists():
+        print(f"[{task.name}] pabee, {other} pooling", flush=True)
+        run(run_glue_command(task.name, glue_dir, out, ["--pooling", other, *limit]), folder / f"pabee_{other}.log")
 
 
 # --- reading every setting off one pass, choosing on one half, reporting on the other --------------------------
@@ -130,17 +149,18 @@ def analyse(model, logits: np.ndarray, labels: np.ndarray, task, baseline: np.nd
     out = {}
     criteria = [c for c in CRITERIA if not task.is_regression or c in ("patience", "static")]
     for name, specs in exit_specs(criteria, list(range(layers)), {}, layers).items():
-        rows = [
-            {
-                **spec.describe(),
-                "spec": asdict(spec),
-                **{
-                    half: score_setting(model, logits[index], labels[index], task, spec)
-                    for half, index in halves.items()
-                },
-            }
-            for spec in specs
-        ]
+        rows = []
+        for spec in specs:
+            # For regression, "agree" means closer than a threshold: patience is swept over both.
+            sweep = REGRESSION_THRESHOLDS if task.is_regression and name == "patience" and spec.patience else (None,)
+            for threshold in sweep:
+                row = {**spec.describe(), "spec": asdict(spec), "regression_threshold": threshold}
+                if threshold is not None:
+                    model.config.regression_threshold = threshold
+                    row["setting"] = f"{spec.label}, t={threshold:g}"
+                for half, index in halves.items():
+                    row[half] = score_setting(model, logits[index], labels[index], task, spec)
+                rows.append(row)
         eligible = [row for row in rows if row["choose"]["score"] >= base["choose"] - MAX_DROP]
         chosen = min(eligible, key=lambda r: (r["choose"]["avg_exit_layer"], -r["choose"]["score"]), default=None)
         out[name] = {"rows": rows, "chosen": None if chosen is None else rows.index(chosen)}
@@ -176,7 +196,7 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
         "truncated": {},
         "noise": bootstrap_spread(task, predictions, labels, halves["report"]),
     }
-    for name in RUNS:
+    for name in run_names(task.name):
         run_dir = folder / name
         if not (run_dir / "eval_results.json").exists():
             continue
@@ -266,16 +286,23 @@ def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: 
     for name, analysed in analysis["runs"].items():
         pipe = PabeePipeline.from_pretrained(folder / name, backend="torch", batch_size=32)
         logits = torch.as_tensor(np.load(folder / name / "dev_all_logits.npy")[index])
-        specs = {"full": ExitSpec("patience", patience=0)}
+        threshold = pipe.model.config.regression_threshold
+        specs = {"full": (ExitSpec("patience", patience=0), threshold)}
         for criterion, result in analysed["criteria"].items():
             if result["chosen"] is not None:
-                specs[criterion] = ExitSpec(**result["rows"][result["chosen"]]["spec"])
-        variants = {label: (lambda _, p=pipe, s=spec: p.run(examples, exit_spec=s)) for label, spec in specs.items()}
+                row = result["rows"][result["chosen"]]
+                specs[criterion] = (ExitSpec(**row["spec"]), row.get("regression_threshold") or threshold)
+
+        def run_setting(spec: ExitSpec, threshold: float, pipe=pipe) -> tuple:
+            pipe.model.config.regression_threshold = threshold
+            return pipe.run(examples, exit_spec=spec)
+
+        variants = {label: (lambda _, setting=setting: run_setting(*setting)) for label, setting in specs.items()}
         timings = time_variants(variants, repeats=repeats, warmup=1, seed=0)
         full = float(np.median(timings["full"].passes))
         rows = {}
-        for label, spec in specs.items():
-            _, exits = pipe.run(examples, exit_spec=spec)
+        for label, (spec, cut) in specs.items():
+            _, exits = run_setting(spec, cut)
             swept = sweep_exit_layers(pipe.model.get_exit_criterion(spec), logits)
             seconds = float(np.median(timings[label].passes))
             rows[label] = {
@@ -290,7 +317,12 @@ def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: 
 # --- the report ---------------------------------------------------------------------------------------------------
 
 ADAPTIVE = ("patience", "confidence", "entropy")
-LABELS = {"pabee": "PABEE", "pabee_distill": "PABEE + distillation"}
+LABELS = {
+    "pabee": "PABEE",
+    "pabee_distill": "PABEE + distillation",
+    "pabee_cls": "PABEE, cls pooling",
+    "pabee_mean": "PABEE, mean pooling",
+}
 
 
 def chosen_row(analysed: dict, criterion: str) -> dict | None:
@@ -480,6 +512,9 @@ def main() -> None:
     parser.add_argument("--results_dir", default=str(RESULTS))
     parser.add_argument("--threads", type=int, default=2, help="Torch threads while timing.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed passes per variant.")
+    parser.add_argument(
+        "--pooling_runs", action="store_true", help="Also train PABEE with the other pooling (cls / mean)."
+    )
     parser.add_argument("--phase", choices=("all", "train", "analyse", "time", "report"), default="all")
     args = parser.parse_args()
     work, results = Path(args.work_dir), Path(args.results_dir)
@@ -489,7 +524,7 @@ def main() -> None:
     limits = parse_limits(args.max_train_samples)
     if args.phase in ("all", "train"):
         for task in tasks:
-            train(task, args.glue_dir, work, limits.get(task, limits.get("*")))
+            train(task, args.glue_dir, work, limits.get(task, limits.get("*")), args.pooling_runs)
     if args.phase in ("all", "analyse"):
         for task in tasks:
             if analyse_task(task, args.glue_dir, work) is not None and task in TRUNCATION_TASKS:
