@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reproduce_glue import HYPER, RESULTS, ROOT, parse_limits, run, run_glue_command, train_baseline  # noqa: E402
 
-from pabee.calibrate import task_score  # noqa: E402
+from pabee.calibrate import fastest_within, split_halves, task_score  # noqa: E402
 from pabee.glue import get_task  # noqa: E402
+from pabee.metrics import compute_metrics  # noqa: E402
+from pabee.provenance import write_json  # noqa: E402
 
 TASKS = "MRPC,SST-2,RTE,CoLA,STS-B"
 DISTILLATION = {"weight": 0.5, "temperature": 2.0}
@@ -55,12 +57,6 @@ SPLIT_SEED = 0
 REGRESSION_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)  # STS-B's scores run 0-5
 
 
-def write_json(path: Path, data: dict) -> None:
-    from pabee.provenance import write_json as _write
-
-    _write(path, data)
-
-
 def other_pooling(task_name: str) -> str:
     """The pooling the `pabee` run does not use: the other arm of the pooling comparison."""
     return "mean" if POOLING.get(task_name, "mean") == "cls" else "cls"
@@ -75,8 +71,6 @@ def train(
 ) -> None:
     """The baseline and both PABEE runs of one task, each skipped if it already finished; with `pooling_runs`,
     also PABEE with the other pooling (which pooling `auto` should pick per problem type)."""
-    from pabee.glue import get_task
-
     task = get_task(task_name)
     folder = work / task.folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,17 +81,15 @@ def train(
         )
     limit = [] if max_train_samples is None else ["--max_train_samples", str(max_train_samples)]
     pooling = ["--pooling", POOLING.get(task.name, "mean")]
-    for name, extra in RUNS.items():
+    runs = {name: [*pooling, *extra] for name, extra in RUNS.items()}
+    if pooling_runs:
+        runs[f"pabee_{other_pooling(task.name)}"] = ["--pooling", other_pooling(task.name)]
+    for name, flags in runs.items():
         out = folder / name
         if (out / "eval_results.json").exists():
             continue
         print(f"[{task.name}] {name}", flush=True)
-        run(run_glue_command(task.name, glue_dir, out, [*pooling, *limit, *extra]), folder / f"{name}.log")
-    other = other_pooling(task.name)
-    out = folder / f"pabee_{other}"
-    if pooling_runs and not (out / "eval_results.json").exists():
-        print(f"[{task.name}] pabee, {other} pooling", flush=True)
-        run(run_glue_command(task.name, glue_dir, out, ["--pooling", other, *limit]), folder / f"pabee_{other}.log")
+        run(run_glue_command(task.name, glue_dir, out, [*flags, *limit]), folder / f"{name}.log")
 
 
 # --- reading every setting off one pass, choosing on one half, reporting on the other --------------------------
@@ -106,7 +98,6 @@ def train(
 def dev_split(task_name: str, glue_dir: str):
     """The task's dev rows (`text`, `text_pair`, `label`), in file order: the order of the baseline's predictions."""
     from pabee.data import load_glue
-    from pabee.glue import get_task
 
     data = load_glue(get_task(task_name), glue_dir, train=False, evaluate=True, test=False)
     return next(iter(data.eval.values()))
@@ -115,6 +106,11 @@ def dev_split(task_name: str, glue_dir: str):
 def examples_of(split, index=None) -> list[tuple[str, str | None]]:
     rows = split if index is None else split.select(index)
     return [(row["text"], row.get("text_pair")) for row in rows]
+
+
+def score_of(task, predictions: np.ndarray, labels: np.ndarray, index: np.ndarray) -> float:
+    """`task_score` of some predictions on the examples at `index`."""
+    return task_score(compute_metrics(task.metrics, predictions[index], labels[index]), task.metrics)
 
 
 def dev_logits(run_dir: Path, split) -> np.ndarray:
@@ -136,14 +132,10 @@ def analyse(model, logits: np.ndarray, labels: np.ndarray, task, baseline: np.nd
     average among those within MAX_DROP points of the baseline there; None when no setting is)."""
     import torch
 
-    from pabee.calibrate import score_setting, task_score
-    from pabee.metrics import compute_metrics
+    from pabee.calibrate import score_setting
     from pabee.sweeps import exit_specs
 
-    base = {
-        half: task_score(compute_metrics(task.metrics, baseline[index], labels[index]), task.metrics)
-        for half, index in halves.items()
-    }
+    base = {half: score_of(task, baseline, labels, index) for half, index in halves.items()}
     layers = model.num_layers
     logits = torch.as_tensor(logits)
     out = {}
@@ -161,18 +153,14 @@ def analyse(model, logits: np.ndarray, labels: np.ndarray, task, baseline: np.nd
                 for half, index in halves.items():
                     row[half] = score_setting(model, logits[index], labels[index], task, spec)
                 rows.append(row)
-        eligible = [row for row in rows if row["choose"]["score"] >= base["choose"] - MAX_DROP]
-        chosen = min(eligible, key=lambda r: (r["choose"]["avg_exit_layer"], -r["choose"]["score"]), default=None)
+        chosen = fastest_within(rows, base["choose"] - MAX_DROP)
         out[name] = {"rows": rows, "chosen": None if chosen is None else rows.index(chosen)}
     return {"baseline": base, "criteria": out}
 
 
 def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
     """`analysis.json` of one task: the baseline on both halves and every finished PABEE run analysed."""
-    from pabee.calibrate import split_halves
     from pabee.evaluate import layer_metrics
-    from pabee.glue import get_task
-    from pabee.metrics import compute_metrics
     from pabee.modeling import PabeeForSequenceClassification
 
     task = get_task(task_name)
@@ -201,14 +189,14 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
         if not (run_dir / "eval_results.json").exists():
             continue
         model = PabeeForSequenceClassification.from_pretrained(run_dir).eval()
-        analysis = analyse(model, dev_logits(run_dir, split), labels, task, predictions, halves)
+        logits = dev_logits(run_dir, split)
+        analysis = analyse(model, logits, labels, task, predictions, halves)
         evaluated = json.loads((run_dir / "eval_results.json").read_text())
         analysis["train_seconds"] = evaluated["training"]["train_runtime"]
         analysis["command"] = evaluated["provenance"]["command"]
         result["baseline"]["halves"] = analysis.pop("baseline")
         analysis["layers"] = [
-            task_score(row, task.metrics)
-            for row in layer_metrics(dev_logits(run_dir, split), labels, task, task.is_regression)
+            task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
         ]
         result["runs"][name] = analysis
     for path in sorted(folder.glob("baseline_k*.json")):
@@ -216,10 +204,7 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
         kept = np.asarray(truncated["predictions"])
         result["truncated"][truncated["num_layers"]] = {
             "train_seconds": truncated["train_seconds"],
-            **{
-                half: task_score(compute_metrics(task.metrics, kept[index], labels[index]), task.metrics)
-                for half, index in halves.items()
-            },
+            **{half: score_of(task, kept, labels, index) for half, index in halves.items()},
         }
     write_json(folder / "analysis.json", result)
     return result
@@ -228,38 +213,33 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
 def bootstrap_spread(task, predictions: np.ndarray, labels: np.ndarray, index: np.ndarray, draws: int = 1000) -> float:
     """Standard deviation of plain fine-tuning's score over bootstrap resamples of the reporting half: how far a
     score on a half this size moves by the luck of the draw alone, to hold against the 1-point bar."""
-    from pabee.metrics import compute_metrics
-
     rng = np.random.default_rng(0)
-    scores = []
-    for _ in range(draws):
-        sample = rng.choice(index, size=len(index))
-        scores.append(task_score(compute_metrics(task.metrics, predictions[sample], labels[sample]), task.metrics))
-    return float(np.std(scores))
+    return float(np.std([score_of(task, predictions, labels, rng.choice(index, len(index))) for _ in range(draws)]))
 
 
 def static_layers(analysis: dict) -> set[int]:
     """The k that `static` chose in each run (layer k's own classifier for every example), below full depth."""
     ks = set()
     for analysed in analysis["runs"].values():
-        static = analysed["criteria"]["static"]
-        if static["chosen"] is not None:
-            ks.add(int(static["rows"][static["chosen"]]["spec"]["threshold"]))
-    return {k for k in ks if k < 6}
+        row = chosen_row(analysed, "static")
+        if row is not None and int(row["spec"]["threshold"]) < len(analysed["layers"]):
+            ks.add(int(row["spec"]["threshold"]))
+    return ks
 
 
-def train_truncated(task_name: str, glue_dir: str, work: Path, max_train_samples: int | None) -> None:
-    """Plain fine-tuning of only the first k layers, for each k `static` needs: the stronger truncation baseline."""
-    from pabee.glue import get_task
-
+def train_truncated(task_name: str, analysis: dict, glue_dir: str, work: Path, max_train_samples: int | None) -> bool:
+    """Plain fine-tuning of only the first k layers, for each k `static` needs: the stronger truncation baseline.
+    True when a model was trained (the analysis is then out of date)."""
     task = get_task(task_name)
     folder = work / task.folder
-    analysis = json.loads((folder / "analysis.json").read_text())
+    trained = False
     for k in sorted(static_layers(analysis)):
         path = folder / f"baseline_k{k}.json"
         if not path.exists():
             print(f"[{task.name}] plain fine-tuning of the first {k} layers", flush=True)
             write_json(path, train_baseline(task.name, glue_dir, folder / f"baseline_k{k}", max_train_samples, k))
+            trained = True
+    return trained
 
 
 def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: int) -> None:
@@ -269,9 +249,7 @@ def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: 
     import torch
 
     from pabee.bench import time_variants
-    from pabee.calibrate import split_halves
     from pabee.exits import ExitSpec, sweep_exit_layers
-    from pabee.glue import get_task
     from pabee.pipeline import PabeePipeline
     from pabee.provenance import provenance
 
@@ -527,8 +505,9 @@ def main() -> None:
             train(task, args.glue_dir, work, limits.get(task, limits.get("*")), args.pooling_runs)
     if args.phase in ("all", "analyse"):
         for task in tasks:
-            if analyse_task(task, args.glue_dir, work) is not None and task in TRUNCATION_TASKS:
-                train_truncated(task, args.glue_dir, work, limits.get(task, limits.get("*")))
+            analysis = analyse_task(task, args.glue_dir, work)
+            limit = limits.get(task, limits.get("*"))
+            if analysis and task in TRUNCATION_TASKS and train_truncated(task, analysis, args.glue_dir, work, limit):
                 analyse_task(task, args.glue_dir, work)
     if args.phase in ("all", "time"):
         for task in tasks:

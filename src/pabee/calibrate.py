@@ -34,6 +34,7 @@ __all__ = [
     "Calibration",
     "calibrate",
     "choose_setting",
+    "fastest_within",
     "run_calibrate",
     "score_setting",
     "split_halves",
@@ -65,6 +66,13 @@ def split_halves(count: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"choose": order[: count // 2], "report": order[count // 2 :]}
 
 
+def fastest_within(rows: list[dict[str, Any]], floor: float) -> dict[str, Any] | None:
+    """The row with the fewest layers on average on the choosing half among those scoring at least `floor` there
+    (ties: the better score); None when none does. The one rule by which every setting is chosen."""
+    eligible = [row for row in rows if row["choose"]["score"] >= floor]
+    return min(eligible, key=lambda row: (row["choose"]["avg_exit_layer"], -row["choose"]["score"]), default=None)
+
+
 def choose_setting(
     model: PabeeForSequenceClassification,
     all_logits: np.ndarray,
@@ -85,9 +93,7 @@ def choose_setting(
         for name, index in halves.items():
             row[name] = score_setting(model, logits[index], labels[index], task, spec)
         rows.append(row)
-    floor = rows[0]["choose"]["score"] - max_drop
-    eligible = [row for row in rows if row["choose"]["score"] >= floor]
-    chosen = min(eligible, key=lambda row: (row["choose"]["avg_exit_layer"], -row["choose"]["score"]))
+    chosen = fastest_within(rows, rows[0]["choose"]["score"] - max_drop)
     for row in rows:
         row["pareto"] = not any(_dominates(other["choose"], row["choose"]) for other in rows)
         row["chosen"] = row is chosen
