@@ -13,7 +13,7 @@ from helpers import BACKBONE_TYPES, SENTIMENT, random_batch, read_tsv_column, sa
 import pabee
 from pabee.cli import main
 from pabee.errors import PabeeError
-from pabee.onnx_export import MANIFEST, export_onnx
+from pabee.onnx_export import FORMAT_VERSION, MANIFEST, export_onnx
 from pabee.onnx_model import OnnxPabeeModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -176,7 +176,7 @@ def test_bad_export_folders_and_options_are_one_line_and_exit_2(case, tmp_path, 
     message = {
         "missing": "is incomplete: layer_2.onnx is missing",
         "altered": "layer_1.onnx differs from the file that was exported",
-        "format": "this pabee reads format 1",
+        "format": f"in format {FORMAT_VERSION - 1}; this pabee reads format {FORMAT_VERSION}",
         "taken": "exists and is not empty; pass --overwrite",
         "backend": "is not an ONNX export",
         "torch_on_export": "holds ONNX graphs; use the onnxruntime backend",
@@ -189,7 +189,7 @@ def test_bad_export_folders_and_options_are_one_line_and_exit_2(case, tmp_path, 
             f.write(b"\0")
     elif case == "format":
         manifest = json.loads((folder / MANIFEST).read_text())
-        (folder / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT_VERSION - 1}))  # an older export
     elif case == "taken":
         argv = ["export", "--model", str(model_dir), "--output", str(folder)]
     elif case == "backend":

@@ -1,9 +1,11 @@
 """`pabee export`: a PABEE model as ONNX graphs that ONNX Runtime runs one layer at a time.
 
 ONNX Runtime cannot stop inside a graph, so early exit needs one graph per step: `embeddings.onnx` (token ids →
-hidden states) and one `layer_<k>.onnx` per distinct encoder layer, holding the layer and the exit heads of the
-layers that run it (ALBERT shares one layer across a group: one graph per group, its heads chosen by the `head`
-input). `pabee.onnx_model` drives them with the same exit loop as the torch layers (`modeling.early_exit`).
+hidden states), `mask.onnx` (padding mask → the attention mask(s) the layers take, built once per batch shape as
+the torch model does, not again in every layer's graph) and one `layer_<k>.onnx` per distinct encoder layer,
+holding the layer and the exit heads of the layers that run it (ALBERT shares one layer across a group: one graph
+per group, its heads chosen by the `head` input). `pabee.onnx_model` drives them with the same exit loop as the
+torch layers (`modeling.early_exit`).
 
 The folder also holds the tokenizer, `config.json` (the model's config with its exit settings) and
 `pabee_onnx.json`, the manifest: versions, opset, precision, which graph and head serve each layer, and the
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 MANIFEST = "pabee_onnx.json"
-FORMAT_VERSION = 1  # bumped when the folder layout or a graph's inputs change
+FORMAT_VERSION = 2  # bumped when the folder layout or a graph's inputs change
 OPSET = 17
 PRECISIONS = ("fp32", "int8")
 
@@ -72,17 +74,35 @@ class _Embeddings(nn.Module):
         return self.model.adapter.embed(self.model.encoder, input_ids, token_type_ids, None, None, attention_mask)
 
 
-class _LayerStep(nn.Module):
-    """One encoder layer and the exit heads of the layers that run it; `head` picks the head (0 unless shared)."""
+class _Mask(nn.Module):
+    """The padding mask → the attention mask(s) of the backbone's layers, as a tuple (`mask_names` names them)."""
 
-    def __init__(self, model: PabeeForSequenceClassification, layer: int, heads: list[int]) -> None:
+    def __init__(self, model: PabeeForSequenceClassification) -> None:
         super().__init__()
-        self.model, self.layer = model, layer
+        self.model = model
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        mask = self.model.layer_mask(hidden, attention_mask)
+        return tuple(mask.values()) if isinstance(mask, dict) else (mask,)
+
+
+def mask_names(mask: Any) -> list[str]:
+    """Graph names of the parts of a backbone's layer mask: one tensor (`mask`) or a dict's entries."""
+    return [f"mask.{key}" for key in mask] if isinstance(mask, dict) else ["mask"]
+
+
+class _LayerStep(nn.Module):
+    """One encoder layer and the exit heads of the layers that run it; `head` picks the head (0 unless shared).
+    The layer's attention mask comes in as `mask_parts` (from `mask.onnx`), rebuilt in the backbone's structure."""
+
+    def __init__(self, model: PabeeForSequenceClassification, layer: int, heads: list[int], keys: list | None) -> None:
+        super().__init__()
+        self.model, self.layer, self.keys = model, layer, keys
         self.register_buffer("weight", torch.stack([model.classifiers[i].weight.detach() for i in heads]))
         self.register_buffer("bias", torch.stack([model.classifiers[i].bias.detach() for i in heads]))
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, head: torch.Tensor):
-        mask = self.model.layer_mask(hidden, attention_mask)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, head: torch.Tensor, *mask_parts):
+        mask = mask_parts[0] if self.keys is None else dict(zip(self.keys, mask_parts, strict=True))
         hidden = self.model.adapter.run_layer(self.model.encoder, self.layer, hidden, mask)  # (B, T, H)
         pooled = self.model.pool(hidden, attention_mask)  # (B, H)
         return hidden, pooled @ self.weight[head].transpose(0, 1) + self.bias[head]  # (B, T, H), (B, C)
@@ -96,8 +116,16 @@ def _example_inputs(model: PabeeForSequenceClassification) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
 
 
-def _export(module: nn.Module, args: tuple, path: Path, names: list[str], outputs: list[str], opset: int) -> None:
-    axes = {name: {0: "batch", 1: "sequence"} for name in (*names, *outputs) if name not in ("head", "logits")}
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    names: list[str],
+    outputs: list[str],
+    opset: int,
+    axes: dict | None = None,
+) -> None:
+    axes = axes or {name: {0: "batch", 1: "sequence"} for name in (*names, *outputs) if name not in ("head", "logits")}
     axes["logits"] = {0: "batch"}
     module.eval()  # the exporter puts the wrapper's training mode back onto the model it wraps
     with warnings.catch_warnings():
@@ -122,18 +150,47 @@ def _export_graphs(model: PabeeForSequenceClassification, folder: Path, opset: i
         _export(
             _Embeddings(model), tuple(inputs.values()), folder / "embeddings.onnx", list(inputs), ["hidden"], opset
         )
+        structure = model.layer_mask(hidden, inputs["attention_mask"])
+        keys, parts = (list(structure), mask_names(structure)) if isinstance(structure, dict) else (None, ["mask"])
+        mask = _Mask(model)(hidden, inputs["attention_mask"])
+        axes = _mask_axes(hidden, inputs["attention_mask"], parts, mask)
+        _export(
+            _Mask(model),
+            (hidden, inputs["attention_mask"]),
+            folder / "mask.onnx",
+            ["hidden", "attention_mask"],
+            parts,
+            opset,
+            {"hidden": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, **axes},
+        )
         graph_of = layer_graphs(model)
         graphs = []
         for graph in sorted(set(graph_of)):
             layers = [i for i, g in enumerate(graph_of) if g == graph]
-            step = _LayerStep(model, layers[0], layers)
+            step = _LayerStep(model, layers[0], layers, keys)
             path = folder / f"layer_{graph}.onnx"
-            args = (hidden, inputs["attention_mask"], torch.tensor(0))
-            _export(step, args, path, ["hidden", "attention_mask", "head"], ["hidden_out", "logits"], opset)
+            args = (hidden, inputs["attention_mask"], torch.tensor(0), *mask)
+            names = ["hidden", "attention_mask", "head", *parts]
+            layer_axes = {"hidden": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+            layer_axes.update({"hidden_out": {0: "batch", 1: "sequence"}, **axes})
+            _export(step, args, path, names, ["hidden_out", "logits"], opset, layer_axes)
             graphs.append(path.name)
     heads = [graph_of[:i].count(graph_of[i]) for i in range(len(graph_of))]
     layers = [{"graph": graphs[g], "head": h} for g, h in zip(graph_of, heads, strict=True)]
-    return {"embeddings": "embeddings.onnx", "layers": layers}
+    return {"embeddings": "embeddings.onnx", "mask": {"graph": "mask.onnx", "outputs": parts}, "layers": layers}
+
+
+def _mask_axes(hidden: torch.Tensor, attention_mask: torch.Tensor, names: list[str], parts: tuple) -> dict:
+    """Dynamic axes of the mask parts: every dimension the example's batch or sequence length sized."""
+    batch, sequence = attention_mask.shape
+    axes = {}
+    for name, part in zip(names, parts, strict=True):
+        axes[name] = {
+            dim: "batch" if size == batch and dim == 0 else "sequence"
+            for dim, size in enumerate(part.shape)
+            if (dim == 0 and size == batch) or (dim > 0 and size == sequence)
+        }
+    return axes
 
 
 class _FullModel(nn.Module):

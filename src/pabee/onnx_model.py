@@ -2,7 +2,8 @@
 
 `OnnxPabeeModel(folder)(**batch, exit_spec=...)` returns a `PabeeOutput` with the same `logits` and
 `exit_layers`: it embeds with one session, then hands the per-layer sessions to the exit loop the torch model
-uses (`modeling.early_exit`), so exit rules, compaction and padding trimming are the same code. Tensors cross
+uses (`modeling.early_exit`), so exit rules, compaction and padding trimming are the same code; the attention
+mask is built by its own session once per batch shape (`layer_mask`), as in torch. Tensors cross
 into ONNX Runtime as numpy views, without copies where they are contiguous.
 """
 
@@ -107,11 +108,14 @@ class OnnxPabeeModel(ExitSettings):
             return ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
 
         self.embeddings = session(self.manifest["embeddings"])
+        self.mask = session(self.manifest["mask"]["graph"])
         graphs = {name: session(name) for name in dict.fromkeys(layer["graph"] for layer in self.manifest["layers"])}
         self.layers = [
             (graphs[layer["graph"]], np.array(layer["head"], dtype=np.int64)) for layer in self.manifest["layers"]
         ]
-        self.embedding_inputs = [i.name for i in self.embeddings.get_inputs()]
+        # The exporter may drop an input a graph does not use (DeBERTa's layers ignore the padding part): feed each
+        # session only the names it declares.
+        self.inputs = {id(s): [i.name for i in s.get_inputs()] for s in (self.embeddings, self.mask, *graphs.values())}
         self.precision = self.manifest["precision"]
 
     @property
@@ -132,25 +136,34 @@ class OnnxPabeeModel(ExitSettings):
 
     # --- the exit loop's LayerStepper interface ---------------------------------------------------------------
 
-    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(attention_mask.numpy(), dtype=np.int64)  # each graph builds its own mask
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """The padding mask and the layers' attention mask parts, by input name."""
+        feed = {"hidden": np.ascontiguousarray(hidden.numpy()), "attention_mask": _int64(attention_mask)}
+        parts = self._run(self.mask, feed)
+        return {
+            "attention_mask": feed["attention_mask"],
+            **dict(zip(self.manifest["mask"]["outputs"], parts, strict=True)),
+        }
 
     def step(
-        self, layer: int, hidden: torch.Tensor, mask: np.ndarray, attention_mask: torch.Tensor
+        self, layer: int, hidden: torch.Tensor, mask: dict[str, np.ndarray], attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         session, head = self.layers[layer]
-        feed = {"hidden": np.ascontiguousarray(hidden.numpy()), "attention_mask": mask, "head": head}
         with profiler_label("pabee.layers"):  # the layer and its head are one session call
-            hidden_out, logits = session.run(None, feed)
+            hidden_out, logits = self._run(
+                session, {"hidden": np.ascontiguousarray(hidden.numpy()), "head": head, **mask}
+            )
         return torch.from_numpy(hidden_out), torch.from_numpy(logits)
+
+    def _run(self, session: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(None, {name: feed[name] for name in self.inputs[id(session)]})
 
     # --- inference ----------------------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         inputs["token_type_ids"] = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        feed = {name: np.ascontiguousarray(inputs[name].numpy(), dtype=np.int64) for name in self.embedding_inputs}
-        return torch.from_numpy(self.embeddings.run(None, feed)[0])
+        return torch.from_numpy(self._run(self.embeddings, {name: _int64(value) for name, value in inputs.items()})[0])
 
     def __call__(
         self,
@@ -192,3 +205,7 @@ class OnnxPabeeModel(ExitSettings):
         return PabeeOutput(
             logits=logits_at_exit(all_logits, exit_layers), all_logits=all_logits, exit_layers=exit_layers
         )
+
+
+def _int64(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.numpy(), dtype=np.int64)
