@@ -49,7 +49,10 @@ def test_minilm_batched_equals_one_by_one_on_sst2(trained_minilm, minilm_tokeniz
 
 def test_minilm_regression_batched_equals_one_by_one(minilm_path, minilm_tokenizer, glue_dir):
     torch.manual_seed(0)
-    model = PabeeForSequenceClassification.from_backbone(minilm_path, num_labels=1, regression_threshold=0.01).eval()
+    # Mean pooling: untrained heads on the [CLS] state (regression's automatic pooling) all exit at one layer.
+    model = PabeeForSequenceClassification.from_backbone(
+        minilm_path, num_labels=1, regression_threshold=0.01, pooling="mean"
+    ).eval()
     dev = glue_dir / "STS-B" / "dev.tsv"
     first, second = read_tsv_column(dev, "sentence1", 64), read_tsv_column(dev, "sentence2", 64)
     batch = minilm_tokenizer(first, second, padding=True, return_tensors="pt")
@@ -157,12 +160,27 @@ def test_from_backbone_on_minilm(minilm_path, minilm_tokenizer):
     assert with_pooler.encoder.pooler is not None and with_pooler.config.pooling == "pooler"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "pooling"),
+    [
+        ({"num_labels": 2}, "mean"),
+        ({"num_labels": 1}, "cls"),  # regression: mean pooling costs STS-B 11 Spearman points (reproduction v2)
+        ({"num_labels": 3, "problem_type": "multi_label_classification"}, "mean"),
+        ({"num_labels": 1, "pooling": "mean"}, "mean"),  # an explicit choice is kept
+    ],
+)
+def test_automatic_pooling_follows_the_problem_type(minilm_path, kwargs, pooling):
+    model = PabeeForSequenceClassification.from_backbone(minilm_path, **kwargs)
+    assert model.config.pooling == pooling
+
+
 def test_from_backbone_without_sentence_transformers_files_uses_the_pooler(tmp_path):
     from transformers import AutoModel
 
     AutoModel.from_config(tiny_encoder_config("bert")).save_pretrained(tmp_path)
-    model = PabeeForSequenceClassification.from_backbone(tmp_path)
-    assert model.config.pooling == "pooler"
+    for num_labels in (2, 1):  # classification and regression alike, as in the paper
+        model = PabeeForSequenceClassification.from_backbone(tmp_path, num_labels=num_labels)
+        assert model.config.pooling == "pooler" and model.encoder.pooler is not None
 
 
 @pytest.mark.parametrize(
