@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +162,21 @@ def time_round(variants: dict, data: list, rng: random.Random, timings: dict) ->
         timings.setdefault(name, []).append(time.perf_counter() - start)
 
 
+def time_modes(variants: dict, features: list, pad: int, args) -> Iterator[tuple[str, dict[str, list[float]], int]]:
+    """For length-sorted batches of 32 and for one example at a time: (mode, seconds of each round by variant,
+    examples per round), the variants interleaved in a shuffled order every round after a warm-up."""
+    for mode, data in (
+        ("batch 32", make_batches(features[: args.timed_examples], 32, pad, True)),
+        ("batch 1", make_batches(features[: args.bs1_examples], 1, pad, False)),
+    ):
+        timings: dict[str, list[float]] = {}
+        rng = random.Random(0)
+        time_round(variants, data[:2], rng, {})  # warm-up
+        for _ in range(args.repeats):
+            time_round(variants, data, rng, timings)
+        yield mode, timings, sum(len(b["input_ids"]) for b in data)
+
+
 def measure(args, name: str, folder: Path, work: Path) -> list[dict]:
     from transformers import AutoTokenizer
 
@@ -189,16 +205,7 @@ def measure(args, name: str, folder: Path, work: Path) -> list[dict]:
             average = None if exits is None else exits.float().mean().item()
             quality[vname] = (compute_metrics(task.metrics, predictions, labels)[task.main_metric], average)
         agreement = agreement or exit_agreement(exits_of)
-        for mode, data in (
-            ("batch 32", make_batches(features[: args.timed_examples], 32, pad, True)),
-            ("batch 1", make_batches(features[: args.bs1_examples], 1, pad, False)),
-        ):
-            timings: dict[str, list[float]] = {}
-            rng = random.Random(0)
-            time_round(variants, data[:2], rng, {})  # warm-up
-            for _ in range(args.repeats):
-                time_round(variants, data, rng, timings)
-            count = sum(len(b["input_ids"]) for b in data)
+        for mode, timings, count in time_modes(variants, features, pad, args):
             base = count / statistics.median(timings["torch fp32 full"])
             for vname in variants:
                 seconds = timings[vname]
