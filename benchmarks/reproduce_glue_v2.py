@@ -403,6 +403,37 @@ def target_row(analysis: dict) -> str:
     return f"| {analysis['task']} | {goal:.1f}x | {best_cell} | {cell(patience)} | {cell(static)} | {beats} |"
 
 
+def pooling_section(analyses: dict) -> list[str]:
+    """Point 2 of issue 14: PABEE with mean vs `cls` pooling on each task, same loss (no distillation)."""
+    rows = []
+    for task, analysis in analyses.items():
+        pooled = {POOLING.get(task, "mean"): "pabee", other_pooling(task): f"pabee_{other_pooling(task)}"}
+        if not all(name in analysis["runs"] for name in pooled.values()):
+            continue
+        base = analysis["baseline"]["halves"]["report"]
+        problem = "regression" if task == "STS-B" else "classification"
+        for pooling, name in sorted(pooled.items()):
+            analysed = analysis["runs"][name]
+            patience = chosen_row(analysed, "patience")
+            chosen = "none within 1 point" if patience is None else (
+                f"{patience['setting']}: {patience['report']['speed_up']:.2f}x, "
+                f"{patience['report']['score'] - base:+.1f}"
+            )  # fmt: skip
+            layers = " / ".join(f"{v:.1f}" for v in analysed["layers"])
+            rows.append(f"| {task} | {problem} | {pooling} | {layers} | {chosen} |")
+    if not rows:
+        return []
+    return [
+        "\n## Pooling: mean vs `cls` (PABEE, no distillation)\n",
+        "Each layer's classifier alone on the whole dev set, and the fastest patience within 1 point of plain "
+        "fine-tuning (chosen on half 1, reported on half 2, against plain fine-tuning there).",
+        "",
+        "| Task | Problem | Pooling | Layers 1–6 alone, whole dev | Patience chosen (half 2) |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def render(work: Path, tasks: list[str], results: Path) -> None:
     """`glue_minilm_v2.{md,json,png}` from the analysed tasks."""
     import matplotlib
@@ -437,6 +468,7 @@ def render(work: Path, tasks: list[str], results: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     lines += [target_row(analyses[t]) if t in analyses else f"| {t} | not trained yet | | | | |" for t in tasks]
+    lines += pooling_section(analyses)
     for task, analysis in analyses.items():
         lines += task_section(analysis, timings[task])
     write_atomic(results / "glue_minilm_v2.md", "\n".join(lines) + "\n")
