@@ -173,7 +173,7 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
     predictions = np.asarray(baseline["predictions"])
     # The predictions are in dev order: their metrics must be the ones the baseline run computed.
     check = compute_metrics(task.metrics, predictions, labels)
-    assert all(abs(check[k] - baseline["metrics"][k]) < 1e-9 for k in task.metrics), (check, baseline["metrics"])
+    assert all(abs(check[k] - baseline["metrics"][k]) < 1e-6 for k in task.metrics), (check, baseline["metrics"])
     halves = split_halves(len(labels), SPLIT_SEED)
     result = {
         "task": task.name,
@@ -480,7 +480,7 @@ def plot_task(ax, analysis: dict) -> None:
     styles = {("pabee", "patience"): ":", ("pabee_distill", "patience"): "-", ("pabee_distill", "confidence"): "-",
               ("pabee_distill", "static"): "--"}  # fmt: skip
     for (name, criterion), style in styles.items():
-        if name not in analysis["runs"]:
+        if criterion not in analysis["runs"].get(name, {}).get("criteria", {}):  # regression: no confidence
             continue
         rows = analysis["runs"][name]["criteria"][criterion]["rows"]
         points = sorted((r["report"]["speed_up"], r["report"]["score"]) for r in rows)
