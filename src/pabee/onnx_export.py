@@ -82,8 +82,12 @@ class _Mask(nn.Module):
         self.model = model
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
-        mask = self.model.layer_mask(hidden, attention_mask)
-        return tuple(mask.values()) if isinstance(mask, dict) else (mask,)
+        return mask_parts(self.model.layer_mask(hidden, attention_mask))
+
+
+def mask_parts(mask: Any) -> tuple:
+    """The tensors of a backbone's layer mask, in `mask_names` order."""
+    return tuple(mask.values()) if isinstance(mask, dict) else (mask,)
 
 
 def mask_names(mask: Any) -> list[str]:
@@ -125,8 +129,9 @@ def _export(
     opset: int,
     axes: dict | None = None,
 ) -> None:
-    axes = axes or {name: {0: "batch", 1: "sequence"} for name in (*names, *outputs) if name not in ("head", "logits")}
-    axes["logits"] = {0: "batch"}
+    """`axes` overrides the default dynamic axes (batch and sequence on dims 0 and 1) of the names it holds."""
+    default = {name: {0: "batch", 1: "sequence"} for name in (*names, *outputs) if name not in ("head", "logits")}
+    axes = {**default, **(axes or {}), "logits": {0: "batch"}}
     module.eval()  # the exporter puts the wrapper's training mode back onto the model it wraps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
@@ -151,18 +156,11 @@ def _export_graphs(model: PabeeForSequenceClassification, folder: Path, opset: i
             _Embeddings(model), tuple(inputs.values()), folder / "embeddings.onnx", list(inputs), ["hidden"], opset
         )
         structure = model.layer_mask(hidden, inputs["attention_mask"])
-        keys, parts = (list(structure), mask_names(structure)) if isinstance(structure, dict) else (None, ["mask"])
-        mask = _Mask(model)(hidden, inputs["attention_mask"])
-        axes = _mask_axes(hidden, inputs["attention_mask"], parts, mask)
-        _export(
-            _Mask(model),
-            (hidden, inputs["attention_mask"]),
-            folder / "mask.onnx",
-            ["hidden", "attention_mask"],
-            parts,
-            opset,
-            {"hidden": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, **axes},
-        )
+        keys = list(structure) if isinstance(structure, dict) else None
+        parts, mask = mask_names(structure), mask_parts(structure)
+        axes = _mask_axes(inputs["attention_mask"], parts, mask)
+        args = (hidden, inputs["attention_mask"])
+        _export(_Mask(model), args, folder / "mask.onnx", ["hidden", "attention_mask"], parts, opset, axes)
         graph_of = layer_graphs(model)
         graphs = []
         for graph in sorted(set(graph_of)):
@@ -171,16 +169,14 @@ def _export_graphs(model: PabeeForSequenceClassification, folder: Path, opset: i
             path = folder / f"layer_{graph}.onnx"
             args = (hidden, inputs["attention_mask"], torch.tensor(0), *mask)
             names = ["hidden", "attention_mask", "head", *parts]
-            layer_axes = {"hidden": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-            layer_axes.update({"hidden_out": {0: "batch", 1: "sequence"}, **axes})
-            _export(step, args, path, names, ["hidden_out", "logits"], opset, layer_axes)
+            _export(step, args, path, names, ["hidden_out", "logits"], opset, axes)
             graphs.append(path.name)
     heads = [graph_of[:i].count(graph_of[i]) for i in range(len(graph_of))]
     layers = [{"graph": graphs[g], "head": h} for g, h in zip(graph_of, heads, strict=True)]
     return {"embeddings": "embeddings.onnx", "mask": {"graph": "mask.onnx", "outputs": parts}, "layers": layers}
 
 
-def _mask_axes(hidden: torch.Tensor, attention_mask: torch.Tensor, names: list[str], parts: tuple) -> dict:
+def _mask_axes(attention_mask: torch.Tensor, names: list[str], parts: tuple) -> dict:
     """Dynamic axes of the mask parts: every dimension the example's batch or sequence length sized."""
     batch, sequence = attention_mask.shape
     axes = {}
