@@ -99,8 +99,13 @@ def test_int8_export_quantizes_the_weight_products_and_stays_close(tmp_path, mod
     import onnx
 
     for graph in (tmp_path / "int8").glob("layer_*.onnx"):
-        ops = [node.op_type for node in onnx.load(graph).graph.node]
+        loaded = onnx.load(graph).graph
+        ops = [node.op_type for node in loaded.node]
         assert ops.count("MatMulInteger") == 6, ops  # query, key, value, attention output, both feed-forward
+        shapes = {t.name: list(t.dims) for t in loaded.initializer}
+        for node in loaded.node:  # a weight zero point per output column: per-channel quantization
+            if node.op_type == "MatMulInteger":
+                assert shapes[node.input[3]] == shapes[node.input[1]][-1:], node.name
     assert "MatMulInteger" not in {
         node.op_type for node in onnx.load(tmp_path / "int8" / "embeddings.onnx").graph.node
     }
