@@ -159,11 +159,14 @@ def start_server(args: argparse.Namespace, setting: dict, port: int, log: Path) 
     return launch_server(args.model, flags, port, log)
 
 
-def launch_server(model: str, flags: list[str], port: int, log: Path) -> subprocess.Popen:
+def launch_server(
+    model: str, flags: list[str], port: int, log: Path, cpus: set[int] | None = None
+) -> subprocess.Popen:
     """`pabee serve --model model --port port *flags`, returned once /health answers (its output in `log`);
-    the benchmarks beside this script start their servers through it."""
+    the benchmarks beside this script start their servers through it. `cpus`: the cores it may run on."""
     cmd = [sys.executable, "-m", "pabee", "serve", "--model", model, "--port", str(port), *flags]
-    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # before any thread exists, so all inherit it
+    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin)  # noqa: SIM115
     deadline = time.monotonic() + 180
 
     async def healthy() -> bool:

@@ -14,7 +14,8 @@ minute; statuses, p50/p99 per minute and the server's resident memory (RSS) each
 warm-up that includes two bursts.
 
 All clients run in this one process on the same machine as the server, so at high request rates they take CPU
-from it; the report gives the rates, so this can be judged.
+from it; the report gives the rates, so this can be judged. `--server_cpus 0 --client_cpus 1` pins them to
+separate cores instead, as a client on another machine would be (the server then has one core: `--threads 1`).
 
     python benchmarks/overload.py --model runs/sst2 --settings 32:128,32:32,8:8 --rounds 2 --soak_seconds 300
 """
@@ -52,7 +53,7 @@ def start_server(args: argparse.Namespace, setting: tuple[int, int], port: int, 
     flags = ["--no_access_log", "--threads", str(args.threads), "--max_batch_size", str(max_batch_size)]
     flags += ["--max_queue", str(max_queue), "--request_timeout", str(args.request_timeout)]
     flags += ["--max_texts_per_request", str(min(64, max_queue))]
-    return launch_server(args.model, flags, port, log)
+    return launch_server(args.model, flags, port, log, cpus=args.server_cpus)
 
 
 def rss_mb(pid: int) -> float:
@@ -208,7 +209,8 @@ def render_markdown(report: dict) -> str:
         f"request. Open-loop Poisson arrivals at {report['light_load']}× (light) and {report['overload']}× "
         "(overload) the capacity measured with closed-loop clients just before, on the same server; batch:queue is "
         "`--max_batch_size`:`--max_queue`. Medians over "
-        f"{report['rounds']} interleaved rounds; per-round values in the JSON.",
+        f"{report['rounds']} interleaved rounds; per-round values in the JSON. Cores: server "
+        f"{report.get('server_cpus', 'all')}, load clients {report.get('client_cpus', 'all')}.",
         "",
         "| batch:queue | capacity req/s | light p99 ms | overload: answered req/s | accepted p50 / p99 ms | "
         "p99 / light p99 | 503s | 503 p99 ms | other statuses | slowest ms |",
@@ -303,12 +305,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--soak_seconds", type=float, default=300.0)
     parser.add_argument("--soak_clients", type=int, default=64)
     parser.add_argument("--soak_burst", type=float, default=2.0, help="Soak bursts, as a multiple of the capacity.")
+    parser.add_argument("--server_cpus", type=_cpus, help="Cores the server may use, e.g. 0 (default: all).")
+    parser.add_argument("--client_cpus", type=_cpus, help="Cores the load clients may use, e.g. 1 (default: all).")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "overload"))
     return parser.parse_args()
 
 
+def _cpus(text: str) -> set[int]:
+    return {int(cpu) for cpu in text.split(",")}
+
+
 def main() -> None:
     args = parse_args()
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
     sys.path.insert(0, str(ROOT / "src"))
     from pabee.provenance import provenance, write_atomic, write_json
 
@@ -342,6 +352,7 @@ def main() -> None:
     report = {
         **{k: getattr(args, k) for k in ("model", "threads", "request_timeout", "rounds")},
         **{k: getattr(args, k) for k in ("light_load", "overload", "duration")},
+        **{k: sorted(getattr(args, k) or []) or "all" for k in ("server_cpus", "client_cpus")},
         "overload_results": table,
         "verdict": verdict,
         "runs": runs,
