@@ -249,12 +249,7 @@ def render(report: dict) -> str:
     if len(report.get("runs", [])) > 1:  # each thread count ran in a process of its own
         lines += ["Runs (a process each; later runs replaced the rows of their thread counts):", ""]
         lines += [f"- {run['date']}: `{run['command']}`" for run in report["runs"]]
-        lines += [
-            "",
-            "The 1-thread rows come from the first run, before sessions shared a thread pool (with one thread "
-            "there is no pool to share, so the code path is the same).",
-            "",
-        ]
+        lines += [""]
     groups: dict[tuple, list] = {}
     for row in report["rows"]:
         groups.setdefault((row["task"], row["threads"], row["mode"]), []).append(row)
