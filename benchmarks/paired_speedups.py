@@ -17,23 +17,19 @@ full, and >= 1.25x over the int8 whole graph.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from backends import ROOT, WholeGraph, choose_settings, dev_set, make_batches
-from per_layer_overhead import timed_pass
+from backends import WholeGraph, choose_settings, dev_set, make_batches
+from per_layer_overhead import measure_and_write, paired_parser, timed_pass
 
 from pabee.exits import ExitSpec
 from pabee.glue import get_task
 from pabee.onnx_export import export_full_model, export_onnx
 from pabee.onnx_model import OnnxPabeeModel
 from pabee.pipeline import load_model_folder
-from pabee.provenance import provenance, write_atomic, write_json
 
 BASELINES = ("torch fp32 full", "ORT int8 whole graph")
 TARGETS = {("batch 32", BASELINES[0]): 2.0, ("batch 1", BASELINES[0]): 3.5}  # else 1.25 (over the int8 graph)
@@ -113,26 +109,9 @@ def render(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, help="TASK=FOLDER, e.g. MRPC=runs/mrpc")
-    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue")))
-    parser.add_argument("--threads", type=int, default=2, help="One count per process (ONNX Runtime's pool).")
+    parser = paired_parser(__doc__, "paired_speedups")
     parser.add_argument("--rounds", type=int, default=16)
-    parser.add_argument("--batch_examples", type=int, default=128)
-    parser.add_argument("--single_examples", type=int, default=24)
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "paired_speedups"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = [row for item in args.model for row in measure(*item.split("=", 1), args)]
-    from importlib.metadata import version
-
-    report = {"provenance": provenance(model=dict(m.split("=", 1) for m in args.model)), "rows": rows}
-    report |= {"onnxruntime": version("onnxruntime")}
-    report |= {k: getattr(args, k) for k in ("threads", "rounds", "batch_examples", "single_examples")}
-    out = Path(args.output)
-    write_json(out.with_suffix(".json"), report)
-    write_atomic(out.with_suffix(".md"), render(report))
-    print(render(report))
+    measure_and_write(parser.parse_args(), measure, render, ("rounds",))
 
 
 if __name__ == "__main__":

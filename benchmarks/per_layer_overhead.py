@@ -141,27 +141,37 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def paired_parser(doc: str, output: str) -> argparse.ArgumentParser:
+    """The options this script and `paired_speedups.py` share."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="TASK=FOLDER, e.g. MRPC=runs/mrpc")
     parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue")))
     parser.add_argument("--threads", type=int, default=2, help="One count per process (ONNX Runtime's pool).")
-    parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--batch_examples", type=int, default=128)
     parser.add_argument("--single_examples", type=int, default=24)
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "per_layer_overhead"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = [row for item in args.model for row in measure(*item.split("=", 1), args)]
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / output))
+    return parser
+
+
+def measure_and_write(args, measure, render, keys: tuple[str, ...]) -> None:
+    """Rows of `measure(task, folder, args)` for every --model, written as JSON and Markdown with provenance."""
     from importlib.metadata import version
 
+    torch.set_num_threads(args.threads)
+    rows = [row for item in args.model for row in measure(*item.split("=", 1), args)]
     report = {"provenance": provenance(model=dict(m.split("=", 1) for m in args.model)), "rows": rows}
     report["onnxruntime"] = version("onnxruntime")
-    report |= {k: getattr(args, k) for k in ("threads", "pairs", "batch_examples", "single_examples")}
+    report |= {k: getattr(args, k) for k in ("threads", "batch_examples", "single_examples", *keys)}
     out = Path(args.output)
     write_json(out.with_suffix(".json"), report)
     write_atomic(out.with_suffix(".md"), render(report))
     print(render(report))
+
+
+def main() -> None:
+    parser = paired_parser(__doc__, "per_layer_overhead")
+    parser.add_argument("--pairs", type=int, default=20)
+    measure_and_write(parser.parse_args(), measure, render, ("pairs",))
 
 
 if __name__ == "__main__":
