@@ -61,12 +61,31 @@ def dev_set(task_name: str, glue_dir: Path, tokenizer, max_length: int = 128):
     return task, features, np.asarray(dev["label"])
 
 
+def length_order(features: list) -> list[int]:
+    """The dev indices in the order `make_batches(..., sort=True)` puts them: shortest first."""
+    return sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+
+
+def in_dev_order(sorted_rows: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """Rows of a pass over length-sorted batches put back in the dev file's order, the labels' order."""
+    rows = torch.empty_like(sorted_rows)
+    rows[torch.tensor(order)] = sorted_rows
+    return rows
+
+
+def timing_batches(features: list, pad: int, batch_examples: int, single_examples: int) -> dict[str, list[dict]]:
+    """What a speed is measured on: the first `batch_examples` in length-sorted batches of 32, the first
+    `single_examples` one at a time."""
+    return {
+        "batch 32": make_batches(features[:batch_examples], 32, pad, True),
+        "batch 1": make_batches(features[:single_examples], 1, pad, False),
+    }
+
+
 def choose_settings(model, batches, order, labels, task) -> tuple[dict[str, ExitSpec], float]:
     """The fastest patience and confidence setting within one point of the full model (torch fp32, one pass)."""
     with torch.inference_mode():
-        sorted_logits = torch.cat([model(**b, output_all_logits=True).all_logits for b in batches])
-    all_logits = torch.empty_like(sorted_logits)
-    all_logits[torch.tensor(order)] = sorted_logits  # back to the dev file's order, the labels' order
+        all_logits = in_dev_order(torch.cat([model(**b, output_all_logits=True).all_logits for b in batches]), order)
     metric = task.main_metric
 
     def score(spec: ExitSpec) -> tuple[float, float]:
@@ -165,10 +184,7 @@ def time_round(variants: dict, data: list, rng: random.Random, timings: dict) ->
 def time_modes(variants: dict, features: list, pad: int, args) -> Iterator[tuple[str, dict[str, list[float]], int]]:
     """For length-sorted batches of 32 and for one example at a time: (mode, seconds of each round by variant,
     examples per round), the variants interleaved in a shuffled order every round after a warm-up."""
-    for mode, data in (
-        ("batch 32", make_batches(features[: args.timed_examples], 32, pad, True)),
-        ("batch 1", make_batches(features[: args.bs1_examples], 1, pad, False)),
-    ):
+    for mode, data in timing_batches(features, pad, args.timed_examples, args.bs1_examples).items():
         timings: dict[str, list[float]] = {}
         rng = random.Random(0)
         time_round(variants, data[:2], rng, {})  # warm-up
@@ -184,7 +200,7 @@ def measure(args, name: str, folder: Path, work: Path) -> list[dict]:
     task, features, labels = dev_set(name, Path(args.glue_dir), tokenizer)
     pad = tokenizer.pad_token_id or 0
     torch.set_num_threads(2)
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # make_batches' order
+    order = length_order(features)
     batches = make_batches(features, 32, pad, True)
     specs, full_metric = choose_settings(load_model_folder(folder), batches, order, labels, task)
     difference = layer_logits_difference(folder, work, features, pad)
@@ -198,8 +214,7 @@ def measure(args, name: str, folder: Path, work: Path) -> list[dict]:
         for vname, forward in variants.items() if not quality else ():  # metrics once: the whole dev set
             with torch.inference_mode():
                 outs = [forward(**b) for b in batches]
-            predictions = np.empty(len(features), dtype=np.int64)
-            predictions[order] = torch.cat([o[0] for o in outs]).argmax(-1).numpy()
+            predictions = in_dev_order(torch.cat([o[0] for o in outs]), order).argmax(-1).numpy()
             exits = torch.cat([o[1] for o in outs]) if outs[0][1] is not None else None
             exits_of[vname] = exits
             average = None if exits is None else exits.float().mean().item()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from backends import WholeGraph, dev_set, time_modes  # noqa: E402
+from backends import WholeGraph, dev_set, in_dev_order, length_order, time_modes  # noqa: E402
 
 from pabee.bench import make_batches  # noqa: E402
 from pabee.metrics import compute_metrics  # noqa: E402
@@ -63,7 +63,7 @@ def measure(args, name: str, folder: Path, work: Path) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     task, features, labels = dev_set(name, Path(args.glue_dir), tokenizer)
     pad = tokenizer.pad_token_id or 0
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))  # make_batches' order
+    order = length_order(features)
     variants = {}
     for precision in ("fp32", "int8"):
         graph = work / f"whole_{precision}.onnx"
@@ -75,8 +75,7 @@ def measure(args, name: str, folder: Path, work: Path) -> list[dict]:
     for vname, forward in variants.items():
         with torch.inference_mode():
             logits = torch.cat([forward(**b)[0] for b in make_batches(features, 32, pad, True)])
-        predictions = np.empty(len(features), dtype=np.int64)
-        predictions[order] = logits.argmax(-1).numpy()
+        predictions = in_dev_order(logits, order).argmax(-1).numpy()
         quality[vname] = (compute_metrics(task.metrics, predictions, labels)[task.main_metric], predictions)
     rows = []
     for mode, timings, count in time_modes(variants, features, pad, args):

@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from backends import WholeGraph, choose_settings, dev_set, make_batches
-from per_layer_overhead import measure_and_write, paired_parser, timed_pass
+from backends import WholeGraph, choose_settings, dev_set, length_order, make_batches, timing_batches
+from per_layer_overhead import measure_and_write, paired_parser, ratios_over, rotating_rounds
 
 from pabee.exits import ExitSpec
 from pabee.glue import get_task
@@ -42,12 +42,9 @@ def measure(name: str, folder: str, args) -> list[dict]:
     _, features, labels = dev_set(name, Path(args.glue_dir), tokenizer)
     task, pad = get_task(name), tokenizer.pad_token_id or 0
     torch_model = load_model_folder(Path(folder))
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    order = length_order(features)
     specs, _ = choose_settings(torch_model, make_batches(features, 32, pad, True), order, labels, task)
-    modes = {
-        "batch 32": make_batches(features[: args.batch_examples], 32, pad, True),
-        "batch 1": make_batches(features[: args.single_examples], 1, pad, False),
-    }
+    modes = timing_batches(features, pad, args.batch_examples, args.single_examples)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -63,22 +60,16 @@ def measure(name: str, folder: str, args) -> list[dict]:
             },
         }
         for mode, data in modes.items():
-            for f in variants.values():
-                timed_pass(f, data[:2])  # warm-up
-            seconds: dict[str, list[float]] = {v: [] for v in variants}
-            names = list(variants)
-            for i in range(args.rounds):
-                for v in names[i % len(names) :] + names[: i % len(names)]:  # each variant leads in turn
-                    seconds[v].append(timed_pass(variants[v], data))
-            for v in names[2:]:
+            seconds = rotating_rounds(variants, data, args.rounds)
+            for v in list(variants)[2:]:
                 for base in BASELINES:
-                    ratios = [b / s for b, s in zip(seconds[base], seconds[v], strict=True)]
+                    ratios = ratios_over(seconds, base, v)
                     q1, median, q3 = statistics.quantiles(ratios, n=4)
                     rows.append(
                         {"task": name, "mode": mode, "variant": v, "over": base, "median": median, "q1": q1}
                         | {"q3": q3, "target": TARGETS.get((mode, base), 1.25), "ratios": ratios}
+                        | {"seconds": {base: seconds[base], v: seconds[v]}}
                     )
-            rows[-1]["seconds"] = seconds
             print(f"{name} {mode}: done", file=sys.stderr, flush=True)
     return rows
 

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from backends import ROOT, WholeGraph, dev_set, make_batches
+from backends import ROOT, WholeGraph, dev_set, timing_batches
 
 from pabee.exits import ExitSpec
 from pabee.onnx_export import export_full_model, export_onnx
@@ -41,15 +41,21 @@ def timed_pass(forward, data: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def paired_ratios(whole, layers, data: list[dict], pairs: int) -> list[float]:
-    """Per pair: whole-graph seconds / per-layer seconds (the per-layer path's relative throughput)."""
-    timed_pass(whole, data[:2]), timed_pass(layers, data[:2])  # warm-up
-    ratios = []
-    for i in range(pairs):
-        order = (whole, layers) if i % 2 == 0 else (layers, whole)  # ABBA: neither always goes first
-        seconds = {id(f): timed_pass(f, data) for f in order}
-        ratios.append(seconds[id(whole)] / seconds[id(layers)])
-    return ratios
+def rotating_rounds(variants: dict, data: list[dict], rounds: int) -> dict[str, list[float]]:
+    """Seconds of a pass over `data` per variant and round, after a warm-up; each variant leads the rounds in
+    turn (two variants: A B, B A, A B, ...), so none is always timed first."""
+    for forward in variants.values():
+        timed_pass(forward, data[:2])
+    names, seconds = list(variants), {name: [] for name in variants}
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            seconds[name].append(timed_pass(variants[name], data))
+    return seconds
+
+
+def ratios_over(seconds: dict[str, list[float]], base: str, variant: str) -> list[float]:
+    """Per round: the baseline's seconds / the variant's (the variant's speed-up)."""
+    return [b / v for b, v in zip(seconds[base], seconds[variant], strict=True)]
 
 
 def breakdown(model: OnnxPabeeModel, whole: WholeGraph, data: list[dict], repeats: int = 3) -> dict[str, float]:
@@ -83,11 +89,7 @@ def measure(name: str, folder: str, args) -> list[dict]:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     _, features, _ = dev_set(name, Path(args.glue_dir), tokenizer)
-    pad = tokenizer.pad_token_id or 0
-    modes = {
-        "batch 32": make_batches(features[: args.batch_examples], 32, pad, True),
-        "batch 1": make_batches(features[: args.single_examples], 1, pad, False),
-    }
+    modes = timing_batches(features, tokenizer.pad_token_id or 0, args.batch_examples, args.single_examples)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -98,7 +100,8 @@ def measure(name: str, folder: str, args) -> list[dict]:
             model = OnnxPabeeModel(work / precision, threads=args.threads)
             whole = WholeGraph(work / f"whole_{precision}.onnx", args.threads)
             for mode, data in modes.items():
-                ratios = paired_ratios(whole, lambda m=model, **b: m(**b, exit_spec=FULL), data, args.pairs)
+                pair = {"whole": whole, "layers": lambda m=model, **b: m(**b, exit_spec=FULL)}
+                ratios = ratios_over(rotating_rounds(pair, data, args.pairs), "whole", "layers")
                 q1, median, q3 = statistics.quantiles(ratios, n=4)
                 row = {"task": name, "precision": precision, "threads": args.threads, "mode": mode}
                 row |= {"median": median, "q1": q1, "q3": q3, "ratios": ratios, "examples": len(features)}
