@@ -1,7 +1,10 @@
 """Dynamic micro-batching: concurrent requests gathered into one early-exit forward, run in one model thread.
 
-Kept apart from the HTTP layer (`serve.py`), so the same app can run with another batcher: on Ray Serve,
-`pabee.ray.serving.ServeBatcher` keeps this admission control and lets `@serve.batch` gather the batches.
+Kept apart from the HTTP layer (`serve.py`), so the same app can run with another batcher. Admission control
+(`admit`, `withdraw`), running a batch of whole requests (`run_requests`: answers delivered per request, failures
+contained) and the lifecycle are the batcher's own; *gathering* requests into batches is the extension point:
+a subclass overrides `start_gathering`, `stop_gathering` and `gather` (on Ray Serve,
+`pabee.ray.serving.ServeBatcher` lets `@serve.batch` gather and calls `run_requests`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from .pipeline import Example
 
-__all__ = ["BatchFailed", "BatchRunner", "MicroBatcher", "Overloaded", "ShuttingDown", "forward_thread"]
+__all__ = ["BatchFailed", "BatchRunner", "MicroBatcher", "Overloaded", "Request", "ShuttingDown", "forward_thread"]
 
 
 class BatchFailed(Exception):
@@ -40,13 +43,17 @@ class Overloaded(Exception):
 
 
 @dataclass
-class _Pending:
+class Request:
+    """One caller's texts on their way through the batcher: admitted (counted as queued), then started (its batch
+    took it; no longer withdrawable), then answered through `future` (its answers, or `BatchFailed`)."""
+
     examples: list[Example]
     future: asyncio.Future
     arrived: float
     answers: list[dict | None] = field(default_factory=list)
     missing: int = 0
     started: bool = False
+    withdrawn: bool = False
 
 
 # The batch function: texts → chunks `(positions among the texts, their answers)` as its forward passes end.
@@ -106,8 +113,8 @@ class MicroBatcher:
         self.on_batch, self.on_failure, self.on_withdraw = on_batch, on_failure, on_withdraw
         self._texts_per_second: float | None = None  # recent throughput, for Retry-After
         self._executor = executor or forward_thread()
-        self._pending: deque[_Pending] = deque()
-        self._waiting = 0  # texts in _pending
+        self._pending: deque[Request] = deque()  # admitted, waiting for the gathering loop
+        self._waiting = 0  # texts admitted whose batch has not started
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -140,43 +147,59 @@ class MicroBatcher:
             return 1
         return max(1, math.ceil(self._waiting / self._texts_per_second))
 
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
     async def start(self) -> None:
+        """Accept requests from now on."""
         self._open = True
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.create_task(self._loop(), name="pabee-micro-batcher")
+        await self.start_gathering()
+
+    async def stop(self) -> None:
+        """Refuse new requests, answer everything already admitted, then stop the worker thread."""
+        self._closing = True
+        await self.stop_gathering()
+        self._executor.shutdown(wait=True)
 
     async def call_in_worker(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` in the forward thread (e.g. a warm-up), in turn with the batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def _admit(self, examples: list[Example]) -> None:
-        """Refuse a request now (`ShuttingDown`, `Overloaded`) or count its texts as queued."""
+    async def submit(self, examples: list[Example]) -> list[dict]:
+        """One request's texts → their answers (raises `BatchFailed`, `Overloaded`, `ShuttingDown`). A caller that
+        stops waiting (a timeout, a client gone) takes its texts out of the queue if their batch has not started."""
+        request = self.admit(examples)
+        try:
+            return await self.gather(request)
+        except asyncio.CancelledError:
+            self.withdraw(request)
+            raise
+
+    # --- admission control -----------------------------------------------------------------------------------
+
+    def admit(self, examples: list[Example]) -> Request:
+        """Refuse a request now (`ShuttingDown`, `Overloaded`) or count its texts as queued and return it."""
         if self._closing or not self._open:
             raise ShuttingDown("The server is shutting down.")
         if self.max_queue is not None and self._waiting and self._waiting + len(examples) > self.max_queue:
             raise self.overloaded()
         self._waiting += len(examples)
-
-    async def submit(self, examples: list[Example]) -> list[dict]:
-        """Queue one request's texts; returns their answers (raises `BatchFailed`, `Overloaded`, `ShuttingDown`)."""
-        self._admit(examples)
         loop = asyncio.get_running_loop()
-        pending = _Pending(examples, loop.create_future(), loop.time())
-        self._pending.append(pending)
-        self._wakeup.set()
-        try:
-            return await pending.future
-        except asyncio.CancelledError:  # the caller gave up (timeout, client gone)
-            if not pending.started:  # else its batch runs anyway and the answers are dropped
-                self._pending.remove(pending)
-                self._withdraw(pending)
-            raise
+        return Request(examples, loop.create_future(), loop.time())
 
-    def _withdraw(self, pending: _Pending) -> None:
-        """Uncount the texts of a request that left the queue before its batch started."""
-        self._waiting -= len(pending.examples)
+    def withdraw(self, request: Request) -> None:
+        """Uncount a request that leaves before its batch started (nothing to do once it has started)."""
+        if request.started or request.withdrawn:
+            return
+        request.withdrawn = True
+        self._waiting -= len(request.examples)
         if self.on_withdraw is not None:
-            self.on_withdraw(len(pending.examples))
+            self.on_withdraw(len(request.examples))
+
+    def _begin(self, request: Request) -> None:
+        """A batch takes the request: it stops counting as queued and can no longer be withdrawn."""
+        if not request.started and not request.withdrawn:
+            self._waiting -= len(request.examples)
+        request.started = True
 
     def _record_rate(self, texts: int, seconds: float) -> None:
         """Keep a moving average of the throughput, which `retry_after` turns into seconds to wait."""
@@ -184,32 +207,47 @@ class MicroBatcher:
         previous = self._texts_per_second
         self._texts_per_second = rate if previous is None else 0.8 * previous + 0.2 * rate
 
-    async def stop(self) -> None:
-        """Answer everything already queued, then stop the loop and the worker thread."""
-        self._closing = True
+    # --- gathering: the extension point ----------------------------------------------------------------------
+
+    async def start_gathering(self) -> None:
+        """Begin gathering admitted requests into batches (here: a loop on the event loop)."""
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="pabee-micro-batcher")
+
+    async def stop_gathering(self) -> None:
+        """Return once every admitted request has been run (called after new ones are refused)."""
         if self._task is not None:
             self._wakeup.set()
             await self._task
-        self._executor.shutdown(wait=True)
+
+    async def gather(self, request: Request) -> list[dict]:
+        """Put an admitted request into a batch and return its answers once `run_requests` has run that batch."""
+        self._pending.append(request)
+        self._wakeup.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if not request.started:  # else its batch runs anyway and the answers are dropped
+                self._pending.remove(request)
+            raise
 
     async def _wait(self, timeout: float | None) -> None:
         self._wakeup.clear()
         with suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
-    def _take_batch(self) -> list[_Pending]:
+    def _take_batch(self) -> list[Request]:
         batch, size = [], 0
         while self._pending:
-            pending = self._pending[0]
-            if batch and size + len(pending.examples) > self.max_batch_size:
+            request = self._pending[0]
+            if batch and size + len(request.examples) > self.max_batch_size:
                 break
             self._pending.popleft()
-            self._waiting -= len(pending.examples)
-            pending.started = True
-            if pending.future.done():  # the client went away while waiting
+            self._begin(request)
+            if request.future.done():  # the client went away while waiting
                 continue
-            batch.append(pending)
-            size += len(pending.examples)
+            batch.append(request)
+            size += len(request.examples)
         return batch
 
     async def _loop(self) -> None:
@@ -228,15 +266,25 @@ class MicroBatcher:
                 await self._wait(remaining)
             batch = self._take_batch()
             if batch:
-                await self._run_batch(batch)
+                await self.run_requests(batch)
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    # --- running a batch -------------------------------------------------------------------------------------
+
+    async def run_requests(self, requests: list[Request]) -> None:
+        """Run whole admitted requests as one batch in the forward thread. Each request's `future` gets its answers
+        as soon as all of its texts are done (shortest texts first), or `BatchFailed` if the batch function
+        raises; nothing is raised here, so one bad batch never takes the server down."""
+        for request in requests:
+            self._begin(request)
+        batch = [request for request in requests if not request.future.done()]
+        if not batch:
+            return
         loop = asyncio.get_running_loop()
         owners = []  # position in the batch → (request, index among its texts)
-        for pending in batch:
-            pending.answers, pending.missing = [None] * len(pending.examples), len(pending.examples)
-            owners += [(pending, i) for i in range(len(pending.examples))]
-        examples = [e for pending in batch for e in pending.examples]
+        for request in batch:
+            request.answers, request.missing = [None] * len(request.examples), len(request.examples)
+            owners += [(request, i) for i in range(len(request.examples))]
+        examples = [e for request in batch for e in request.examples]
         answers: list[dict | None] = [None] * len(examples)
         missing = len(examples)
         start = time.perf_counter()
@@ -246,11 +294,11 @@ class MicroBatcher:
             for position, answer in zip(positions, chunk, strict=True):
                 if answers[position] is None:
                     missing -= 1
-                pending, i = owners[position]
-                answers[position] = pending.answers[i] = answer
-                pending.missing -= 1
-                if pending.missing == 0 and not pending.future.done():
-                    pending.future.set_result(pending.answers)
+                request, i = owners[position]
+                answers[position] = request.answers[i] = answer
+                request.missing -= 1
+                if request.missing == 0 and not request.future.done():
+                    request.future.set_result(request.answers)
             if missing == 0:  # before any of these callers hears back
                 seconds = time.perf_counter() - start
                 self._record_rate(len(answers), seconds)
@@ -268,6 +316,6 @@ class MicroBatcher:
         except Exception as error:  # one bad batch must not take the server down
             if self.on_failure is not None:
                 self.on_failure(error)
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))

@@ -1,6 +1,6 @@
 """Serving on Ray Serve: `pabee serve --ray --replicas N`, or `pabee.ray.deployment(model, ...)` in your own app.
 
-Each replica runs the very app `pabee serve` runs (`pabee.serve.create_app`: same routes, limits, errors, API key
+Each replica runs the very app `pabee serve` runs (`pabee.server.create_app`: same routes, limits, errors, API key
 and metrics), with one difference inside: `ServeBatcher` lets Ray Serve's `@serve.batch` gather concurrent
 requests into batches, while the admission control (`--max_queue` → 503, `--request_timeout` → 504, queued texts
 withdrawn) stays ours. Ray Serve's proxy spreads requests over the replicas; `/metrics` answers for the replica
@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -23,9 +22,8 @@ from fastapi import FastAPI
 from ray import serve
 
 from ..arguments import ServeArguments
-from ..batching import BatchFailed, MicroBatcher, _Pending
+from ..batching import MicroBatcher, Request
 from ..errors import PabeeError
-from ..pipeline import Example
 from ..serve import app_from_args, warn_if_open
 
 __all__ = ["PabeeServer", "ServeBatcher", "deployment", "run_ray_server"]
@@ -33,70 +31,47 @@ __all__ = ["PabeeServer", "ServeBatcher", "deployment", "run_ray_server"]
 APP_NAME = "pabee"
 
 
-def _texts(requests: list[_Pending]) -> int:
+def _texts(requests: list[Request]) -> int:
     return sum(len(request.examples) for request in requests)
 
 
 class ServeBatcher(MicroBatcher):
-    """`MicroBatcher`'s admission control and accounting, with `@serve.batch` gathering requests into batches.
+    """`MicroBatcher` with `@serve.batch` gathering the requests: admission control, accounting and running stay
+    the micro-batcher's (`run_requests`); only the gathering hooks differ.
 
     A batch holds whole requests and at most `max_batch_size` texts (`serve.batch`'s `batch_size_fn` counts
     texts); a request larger than that runs alone, as with `MicroBatcher`. A request cancelled before its batch
     starts leaves the queue unrun (`serve.batch` skips cancelled callers).
     """
 
-    async def start(self) -> None:
-        self._open = True
+    async def start_gathering(self) -> None:
         self._batched = serve.batch(
             max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.max_wait, batch_size_fn=_texts
-        )(self._run_requests)
+        )(self._run_gathered)
 
-    async def stop(self) -> None:
-        self._closing = True
-        self._executor.shutdown(wait=True)
+    async def stop_gathering(self) -> None:
+        """Ray Serve drains the replica's requests itself before it stops the replica."""
 
-    async def submit(self, examples: list[Example]) -> list[dict]:
-        self._admit(examples)
-        request = _Pending(examples, None, time.monotonic())
-        try:
-            if len(examples) > self.max_batch_size:  # serve.batch refuses an item larger than its batches
-                return (await self._run_requests([request]))[0]
-            return await self._batched(request)
-        except asyncio.CancelledError:
-            if not request.started:
-                self._withdraw(request)
-            raise
+    async def gather(self, request: Request) -> list[dict]:
+        if len(request.examples) > self.max_batch_size:  # serve.batch refuses an item larger than its batches
+            outcome = (await self._run_gathered([request]))[0]
+        else:
+            outcome = await self._batched(request)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-    async def _run_requests(self, requests: list[_Pending]) -> list[list[dict]]:
-        """One batch: every text of `requests` through the pipeline in the forward thread, answers per request."""
-        for request in requests:
-            request.started = True
-            self._waiting -= len(request.examples)
-        examples = [example for request in requests for example in request.examples]
+    async def _run_gathered(self, requests: list[Request]) -> list[list[dict] | BaseException]:
+        """One `serve.batch` batch: each request's answers, or the error that ended its batch, per request."""
+        await self.run_requests(requests)
+        return [_outcome(request.future) for request in requests]
 
-        def work() -> list[dict]:
-            answers: list[Any] = [None] * len(examples)
-            for positions, chunk in self.run(examples):
-                for position, answer in zip(positions, chunk, strict=True):
-                    answers[position] = answer
-            return answers
 
-        start = time.perf_counter()
-        try:
-            answers = await asyncio.get_running_loop().run_in_executor(self._executor, work)
-        except Exception as error:  # one bad batch must not take the replica down
-            if self.on_failure is not None:
-                self.on_failure(error)
-            raise BatchFailed(f"{type(error).__name__}: {error}") from None
-        seconds = time.perf_counter() - start
-        self._record_rate(len(answers), seconds)
-        if self.on_batch is not None:
-            self.on_batch(len(requests), answers, seconds)
-        out, offset = [], 0
-        for request in requests:
-            out.append(answers[offset : offset + len(request.examples)])
-            offset += len(request.examples)
-        return out
+def _outcome(future: asyncio.Future) -> list[dict] | BaseException:
+    """A finished request's answers or error, as a value `serve.batch` can hand back to its caller."""
+    if future.cancelled():  # its caller is gone and reads nothing
+        return asyncio.CancelledError()
+    return future.exception() or future.result()
 
 
 @serve.ingress()
