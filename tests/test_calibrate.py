@@ -13,8 +13,8 @@ from helpers import tiny_run_glue_argv
 from pabee.calibrate import choose_setting, split_halves
 from pabee.cli import main
 from pabee.exits import ExitSpec
+from pabee.folders import load_model_folder
 from pabee.glue import get_task
-from pabee.pipeline import load_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

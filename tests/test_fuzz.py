@@ -13,7 +13,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
 from pabee.pipeline import pipeline
-from pabee.serve import RequestError, create_app, parse_predict_body
+from pabee.server import RequestError, create_app, parse_predict_body
 
 MAX_TEXTS, MAX_CHARS = 4, 50
 

@@ -13,8 +13,10 @@ from helpers import BACKBONE_TYPES, SENTIMENT, random_batch, read_tsv_column, sa
 import pabee
 from pabee.cli import main
 from pabee.errors import PabeeError
-from pabee.onnx_export import FORMAT_VERSION, MANIFEST, export_onnx
-from pabee.onnx_model import OnnxPabeeModel
+from pabee.exits import ExitSpec
+from pabee.folders import FORMAT_VERSION, MANIFEST, load_runtime
+from pabee.modeling import infer
+from pabee.onnx_export import export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,17 +45,17 @@ def _batch(model_type: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("model_type", BACKBONE_TYPES)
 def test_every_layer_and_every_exit_equals_torch(exports, model_type):
     model, folder = exports[model_type]
-    onnx = OnnxPabeeModel(folder, threads=1)
+    onnx = load_runtime(folder, threads=1)
     batch = _batch(model_type)
     with torch.no_grad():
         expected = model(**batch, output_all_logits=True)
-        got = onnx(**batch, output_all_logits=True)
+        got = infer(onnx, batch, all_layers=True)
         torch.testing.assert_close(got.all_logits, expected.all_logits, atol=1e-4, rtol=0)
-        settings = [{"patience": 1}, {"patience": 0}, {"exit_criterion": "confidence", "exit_threshold": 0.52}]
-        settings.append({"patience": 1, "max_exit_layer": 3})
-        for options in settings:
-            expected, got = model(**batch, **options), onnx(**batch, **options)
-            assert got.exit_layers.tolist() == expected.exit_layers.tolist(), options
+        settings = [ExitSpec(patience=1), ExitSpec(patience=0), ExitSpec("confidence", threshold=0.52)]
+        settings.append(ExitSpec(patience=1, max_exit_layer=3))
+        for spec in settings:
+            expected, got = model(**batch, exit_spec=spec), infer(onnx, batch, spec)
+            assert got.exit_layers.tolist() == expected.exit_layers.tolist(), spec
             torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
 
 
@@ -82,12 +84,12 @@ def test_export_leaves_the_model_unchanged(tmp_path, minilm_tokenizer):
 
 def test_batched_equals_one_by_one_on_onnx_runtime(exports):
     _, folder = exports["bert"]
-    onnx = OnnxPabeeModel(folder, threads=1)
+    onnx = load_runtime(folder, threads=1)
     batch = _batch("bert")
-    out = onnx(**batch, patience=1)
+    out = infer(onnx, batch, ExitSpec(patience=1))
     for row in range(len(out.exit_layers)):
         length = int(batch["attention_mask"][row].sum())
-        single = onnx(**{k: v[row : row + 1, :length] for k, v in batch.items()}, patience=1)
+        single = infer(onnx, {k: v[row : row + 1, :length] for k, v in batch.items()}, ExitSpec(patience=1))
         assert int(single.exit_layers[0]) == int(out.exit_layers[row])
         torch.testing.assert_close(single.logits[0], out.logits[row], atol=1e-5, rtol=1e-4)
 
@@ -110,7 +112,8 @@ def test_int8_export_quantizes_the_weight_products_and_stays_close(tmp_path, mod
         node.op_type for node in onnx.load(tmp_path / "int8" / "embeddings.onnx").graph.node
     }
     examples = [(s, None) for s in sst2_dev_sentences]
-    exact, quantized = fp32.run(examples, patience=0)[0], int8.run(examples, patience=0)[0]
+    full = ExitSpec(patience=0)
+    exact, quantized = fp32.run(examples, exit_spec=full)[0], int8.run(examples, exit_spec=full)[0]
     assert (quantized.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
     assert float((quantized - exact).abs().max()) < 0.5
 

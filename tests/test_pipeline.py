@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from helpers import save_tiny_text_model
@@ -132,29 +134,30 @@ def test_multi_label_answers_list_the_labels_above_one_half(model_dir):
     assert [a["exit_layer"] for a in answers] == [1, 2, 4]
 
 
-def test_exit_options_reach_forward_as_one_exit_spec(model_dir, monkeypatch):
-    """Forward gets one `ExitSpec`: the model's own unless an option was set, for the pipeline or for one call."""
+def test_exit_options_reach_the_engine_as_one_exit_spec(model_dir, monkeypatch):
+    """The engine gets one `ExitSpec`: the model's own unless an option was set, for the pipeline or for one call."""
+    pipeline_module = importlib.import_module("pabee.pipeline")  # `pabee.pipeline` is also the function
     pipe = pipeline(model_dir)
     calls = []
-    original = pipe.model.forward
+    original = pipeline_module.infer
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
+    def spy(runtime, inputs, setting=None, **kwargs):
+        calls.append(setting)
+        return original(runtime, inputs, setting, **kwargs)
 
-    monkeypatch.setattr(pipe.model, "forward", spy)
+    monkeypatch.setattr(pipeline_module, "infer", spy)
     pipe(["a film"])
-    assert not {"patience", "exit_criterion", "exit_threshold", "max_exit_layer"} & set(calls[-1])
-    assert calls[-1]["exit_spec"] == pipe.model.config.exit_spec
+    assert isinstance(calls[-1], ExitSpec)
+    assert calls[-1] == pipe.model.config.exit_spec
     pipe(["a film"], patience=3)
-    assert calls[-1]["exit_spec"].patience == 3
+    assert calls[-1].patience == 3
     fixed = pipeline(pipe.model, pipe.tokenizer, patience=2)
     fixed(["a film"])
-    assert calls[-1]["exit_spec"].patience == 2
+    assert calls[-1].patience == 2
     fixed(["a film"], patience=0)
-    assert calls[-1]["exit_spec"].patience == 0
+    assert calls[-1].patience == 0
     fixed(["a film"], exit_spec=ExitSpec("static", threshold=2))
-    assert calls[-1]["exit_spec"] == ExitSpec("static", threshold=2)
+    assert calls[-1] == ExitSpec("static", threshold=2)
 
 
 def test_exit_criteria_and_the_layer_cap_reach_the_model(model_dir, sst2_dev_sentences):

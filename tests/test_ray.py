@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from pabee.cli import main
 from pabee.pipeline import pipeline
 from pabee.ray.batch_predict import _encode, _ShardWriter, input_files, run_ray_predict
-from pabee.serve import create_app
+from pabee.server import create_app
 
 SHARD = ".predictions.jsonl"
 

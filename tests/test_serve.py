@@ -25,7 +25,8 @@ from pabee.batching import BatchFailed, MicroBatcher, ShuttingDown
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import PabeePipeline, pipeline
-from pabee.serve import app_from_args, create_app
+from pabee.serve import app_from_args
+from pabee.server import create_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,7 +13,8 @@ from helpers import metric_samples
 from pabee.arguments import ServeArguments
 from pabee.cli import main
 from pabee.pipeline import pipeline
-from pabee.serve import create_app, run_server
+from pabee.serve import run_server
+from pabee.server import create_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,21 +7,27 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
+from pabee.arguments import RunGlueArguments
 from pabee.data import load_glue, tokenize
 from pabee.errors import PabeeError
 from pabee.evaluate import sweep_results
-from pabee.exits import confidence, entropy
+from pabee.exits import ExitSpec, ExitSweep, confidence, entropy
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
-from pabee.sweeps import exit_specs, parse_criteria, parse_patience_list, parse_thresholds
+from pabee.sweeps import parse_criteria, parse_patiences, parse_thresholds
 
 
-def test_parse_patience_list():
-    assert parse_patience_list("3,4,5,6,7,8") == [0, 3, 4, 5, 6, 7, 8]
-    assert parse_patience_list(" 2, 0 ,2") == [0, 2]
+def test_parse_patiences():
+    assert parse_patiences("3,4,5,6,7,8") == [3, 4, 5, 6, 7, 8]
+    assert parse_patiences(" 2, 0 ,2") == [2, 0]
     for bad in ("3,x", "-1", "1.5", "", "3,,4"):
         with pytest.raises(PabeeError, match="--patience .* is invalid"):
-            parse_patience_list(bad)
+            parse_patiences(bad)
+
+
+def test_run_glue_always_evaluates_the_full_model_first():
+    assert RunGlueArguments(task_name="MRPC", patience="3,4,5,6,7,8").patiences == [0, 3, 4, 5, 6, 7, 8]
+    assert RunGlueArguments(task_name="MRPC", patience=" 2, 0 ,2").patiences == [0, 2]
 
 
 def test_parse_exit_settings():
@@ -30,7 +36,8 @@ def test_parse_exit_settings():
     thresholds = parse_thresholds(["confidence=0.8,0.95", "static=2"], criteria)
     assert thresholds == {"confidence": [0.8, 0.95], "static": [2.0]}
     assert parse_thresholds("0.7", ["patience", "entropy"]) == {"entropy": [0.7]}
-    settings = exit_specs(["patience+confidence", "static", "entropy"], [0, 1, 3], {}, num_layers=4, max_exit_layer=2)
+    sweep = ExitSweep(("patience+confidence", "static", "entropy"), (0, 1, 3), {}, cap=2)
+    settings = sweep.specs(num_layers=4)
     assert [s.label for s in settings["patience+confidence"]] == ["p1, 0.9", "p3, 0.9"]
     assert [s.label for s in settings["static"]] == ["k=1", "k=2", "k=3", "k=4"]
     assert settings["entropy"][0].options() == {
@@ -68,8 +75,9 @@ def test_sweep_equals_real_early_exit_on_sst2_dev(trained_minilm, minilm_tokeniz
         "patience+confidence": [float(conf.quantile(0.4))],
         "static": [3],
     }
-    settings = exit_specs(criteria, [0, 1, 2], thresholds, num_layers=6)
-    summary = sweep_results(trained_minilm, all_logits, output.label_ids, task, patiences, settings)
+    settings = ExitSweep(tuple(criteria), (0, 1, 2), thresholds).specs(num_layers=6)
+    patience_specs = [ExitSpec("patience", patience=p) for p in patiences]
+    summary = sweep_results(trained_minilm, all_logits, output.label_ids, task, patience_specs, settings)
 
     features = dev.remove_columns(
         [c for c in dev.column_names if c not in ("input_ids", "attention_mask", "token_type_ids")]

@@ -28,8 +28,7 @@ from .hf_pipeline import register as _register_pipeline_task
 from .modeling import PabeeForSequenceClassification, PabeeOutput, PabeePreTrainedModel
 from .pipeline import PabeePipeline, pipeline
 from .pretrained import bundled_model_path
-
-__version__ = "0.1.0"
+from .version import __version__
 
 AutoConfig.register(PabeeConfig.model_type, PabeeConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(PabeeConfig, PabeeForSequenceClassification, exist_ok=True)

@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backbones import ADAPTERS
+from .configuration import PabeeConfig
 from .errors import PabeeError, require_extra
-from .exits import EXIT_OPTIONS, ExitSpec, check_max_exit_layer, check_patience, check_regression_threshold
+from .exits import ExitSpec, ExitSweep, check_max_exit_layer, check_patience, check_regression_threshold
+from .folders import ATTENTION_KERNELS, BACKENDS, DTYPES, load_config
 from .losses import check_distillation
-from .onnx_export import require_onnx
-from .pipeline import ATTENTION_KERNELS, BACKENDS, DEFAULT_MAX_LENGTH, DTYPES
-from .sweeps import parse_criteria, parse_int_list, parse_patience_list, parse_thresholds
+from .onnx_model import require_onnx
+from .pipeline import DEFAULT_MAX_LENGTH
+from .sweeps import checked_specs, parse_criteria, parse_int_list, parse_patiences, parse_thresholds
 
 __all__ = [
     "API_KEY_VARIABLE",
@@ -83,6 +85,17 @@ class ExitSweepArguments:
         self.criteria: list[str] = parse_criteria(self.exit_criterion)
         self.thresholds: dict[str, list[float]] = parse_thresholds(self.exit_threshold, self.criteria)
         _checked(check_max_exit_layer, self.max_exit_layer)
+
+    @property
+    def sweep(self) -> ExitSweep:
+        """The settings these flags select, as one value (a command without `--patience` sweeps none)."""
+        thresholds = {name: tuple(values) for name, values in self.thresholds.items()}
+        patiences = tuple(getattr(self, "patiences", ()))
+        return ExitSweep(tuple(self.criteria), patiences, thresholds, self.max_exit_layer)
+
+    def sweep_specs(self, config: PabeeConfig, sweep: ExitSweep | None = None) -> dict[str, list[ExitSpec]]:
+        """Every setting of `sweep` (default: the flags') for the model `config` describes, checked against it."""
+        return checked_specs(sweep or self.sweep, config)
 
 
 @dataclass
@@ -172,7 +185,8 @@ class RunGlueArguments(ExitSweepArguments):
             raise PabeeError("Give --task_name (a GLUE task) or --train_file / --validation_file (your own data).")
         if self.task_name is not None:
             get_task(self.task_name)  # an unknown task fails before any folder is touched
-        self.patiences: list[int] = parse_patience_list(self.patience)
+        # The full model (patience 0) is always evaluated, first: every table compares with it.
+        self.patiences: list[int] = [0, *(p for p in parse_patiences(self.patience) if p != 0)]
         super().__post_init__()
         try:
             check_regression_threshold(self.regression_threshold)
@@ -248,7 +262,7 @@ class BenchArguments(ExitSweepArguments):
                 raise PabeeError("--backend onnxruntime needs --model: a folder made by `pabee export`.")
             if self.training_cost or self.attn_implementation:
                 raise PabeeError("--training_cost and --attn_implementation apply to the torch backend only.")
-        self.patiences: list[int] = parse_int_list(self.patience, "--patience", 0)
+        self.patiences: list[int] = parse_patiences(self.patience)
         super().__post_init__()
         self.batch_size_list: list[int] = parse_int_list(self.batch_sizes, "--batch_sizes", 1)
         if self.repeats < 1 or self.warmup < 0:
@@ -299,19 +313,30 @@ class InferenceArguments:
         if self.patience is not None:
             _checked(check_patience, self.patience)
         _checked(check_max_exit_layer, self.max_exit_layer)
-        _checked(ExitSpec.from_options, self.exit_options())  # an unknown criterion
+        _checked(ExitSpec().with_keywords, self._exit_flags())  # an unknown criterion
         _at_least(self, "threads", 1)
         _at_least(self, "max_seq_length", 2)
 
-    def exit_options(self) -> dict[str, Any]:
-        """The exit settings given on the command line (the model's own apply to the rest)."""
-        return {name: getattr(self, name) for name in EXIT_OPTIONS if getattr(self, name) is not None}
+    def _exit_flags(self) -> dict[str, Any]:
+        return {
+            "patience": self.patience,
+            "exit_criterion": self.exit_criterion,
+            "exit_threshold": self.exit_threshold,
+            "max_exit_layer": self.max_exit_layer,
+        }
+
+    def exit_spec(self) -> ExitSpec:
+        """The model's own exit setting (from its folder's `config.json`) with the flags given applied."""
+        try:
+            return load_config(self.model).exit_spec.with_keywords(self._exit_flags())
+        except ValueError as error:
+            raise PabeeError(str(error)) from None
 
     def pipeline_options(self) -> dict[str, Any]:
         """`PabeePipeline.from_pretrained` keywords these flags set; the batch size is each command's own."""
         return {
             "max_length": self.max_seq_length,
-            "exit_options": self.exit_options(),
+            "exit_spec": self.exit_spec(),
             "dtype": self.dtype,
             "attn_implementation": self.attn_implementation,
             "backend": self.backend,

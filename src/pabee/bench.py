@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from .arguments import BenchArguments
 from .errors import PabeeError
-from .exits import ExitCriterion, ExitSpec, ExitTracker
-from .modeling import PabeeForSequenceClassification
+from .exits import ExitCriterion, ExitSpec, ExitSweep, ExitTracker
+from .modeling import PabeeForSequenceClassification, Runtime, infer
 
 __all__ = ["NEVER_EXIT", "NeverExit", "full_forward", "make_batches", "profile_early_exit", "run_bench"]
 
@@ -99,22 +99,20 @@ def make_batches(features: list[Batch], batch_size: int, pad_id: int, sort_by_le
     return batches
 
 
-def full_forward(model: PabeeForSequenceClassification, batch: Batch) -> torch.Tensor:
+def full_forward(model: Runtime, batch: Batch) -> torch.Tensor:
     """The baseline: the encoder's own forward, then the last layer's classifier (on ONNX Runtime: every layer
     session, the full model of that backend)."""
     if not isinstance(model, PabeeForSequenceClassification):
-        return model(**batch, patience=0).logits
+        return infer(model, batch, ExitSpec("patience", patience=0)).logits
     out = model.encoder(**batch)
     if model.config.pooling == "pooler":
         return model.classifiers[-1](out.pooler_output)
     return model.classify(model.num_layers - 1, out.last_hidden_state, batch["attention_mask"])
 
 
-def _engine(model: PabeeForSequenceClassification, setting: ExitSpec | ExitCriterion) -> Callable[[Batch], Any]:
+def _engine(model: Runtime, setting: ExitSpec | ExitCriterion) -> Callable[[Batch], Any]:
     """Our forward with one exit setting: a spec, or a ready criterion (`NEVER_EXIT`) used as it is."""
-    if isinstance(setting, ExitCriterion):
-        return lambda batch: model(**batch, exit_criterion=setting)
-    return lambda batch: model(**batch, exit_spec=setting)
+    return lambda batch: infer(model, batch, setting)
 
 
 # --- timing ------------------------------------------------------------------------------------------------------
@@ -190,9 +188,7 @@ def _one_by_one(forward: Callable[[Batch], Any], singles: list[Batch]) -> Varian
     return run
 
 
-def profile_early_exit(
-    model: PabeeForSequenceClassification, batches: list[Batch], spec: ExitSpec, passes: int = 3
-) -> dict[str, float]:
+def profile_early_exit(model: Runtime, batches: list[Batch], spec: ExitSpec, passes: int = 3) -> dict[str, float]:
     """Seconds per pass in each labelled part of the early-exit forward, and the unattributed rest.
 
     The parts are the engine's own `pabee.*` labels read from torch's profiler (they do not nest, so each label's
@@ -204,7 +200,7 @@ def profile_early_exit(
         start = time.perf_counter()
         for _ in range(passes):
             for batch in batches:
-                model(**batch, exit_spec=spec)
+                infer(model, batch, spec)
         total = (time.perf_counter() - start) / passes
     parts = dict.fromkeys(PROFILE_PARTS.values(), 0.0)
     for event in profiler.key_averages():
@@ -222,14 +218,14 @@ def profile_early_exit(
 class Workload:
     """What every variant runs on: the model, the tokenized examples in batches, and the exit settings to time."""
 
-    model: PabeeForSequenceClassification
+    model: Runtime
     model_label: str
     source: str
     features: list[Batch]
     batches: dict[int, list[Batch]]
     singles: list[Batch]
     specs: list[ExitSpec]
-    cap: int | None
+    sweep: ExitSweep
 
     @property
     def no_exit(self) -> ExitSpec:
@@ -268,17 +264,16 @@ def _load_texts(args: BenchArguments) -> tuple[list[tuple[str, str | None]], str
     return examples[: args.max_examples], source
 
 
-def _load_model(args: BenchArguments) -> tuple[PabeeForSequenceClassification, Any, str]:
+def _load_model(args: BenchArguments) -> tuple[Runtime, Any, str]:
     """The model in eval mode, its tokenizer, and how the report names it."""
     from transformers import AutoTokenizer
 
+    from .folders import load_runtime, load_tokenizer
     from .pretrained import bundled_model_path
 
     if args.backend == "onnxruntime":
-        from .onnx_model import OnnxPabeeModel
-
-        model = OnnxPabeeModel(args.model, threads=args.threads)
-        return model, AutoTokenizer.from_pretrained(args.model), f"{args.model} (ONNX Runtime, {model.precision})"
+        model = load_runtime(args.model, "onnxruntime", threads=args.threads)
+        return model, load_tokenizer(args.model), f"{args.model} (ONNX Runtime, {model.precision})"
     if args.model is None:
         torch.manual_seed(args.seed)
         path = str(bundled_model_path())
@@ -296,21 +291,18 @@ def _load_model(args: BenchArguments) -> tuple[PabeeForSequenceClassification, A
     return model.eval(), AutoTokenizer.from_pretrained(path), label
 
 
-def _exit_specs(args: BenchArguments, model: PabeeForSequenceClassification) -> tuple[list[ExitSpec], int | None]:
-    """Every setting to time, checked against the model, with the cap (the flag's, else the model's own)."""
-    from .sweeps import check_specs, exit_specs
-
-    cap = args.max_exit_layer if args.max_exit_layer is not None else model.config.max_exit_layer
-    by_criterion = exit_specs(args.criteria, args.patiences, args.thresholds, model.num_layers, cap)
-    check_specs(model.config, by_criterion)
-    return [spec for specs in by_criterion.values() for spec in specs], cap
+def _exit_specs(args: BenchArguments, model: Runtime) -> tuple[list[ExitSpec], ExitSweep]:
+    """Every setting to time, checked against the model, under the cap (the flag's, else the model's own)."""
+    sweep = args.sweep.or_cap_of(model.config.exit_spec)
+    by_criterion = args.sweep_specs(model.config, sweep)
+    return [spec for specs in by_criterion.values() for spec in specs], sweep
 
 
 def load_workload(args: BenchArguments) -> Workload:
     """Texts (cheap, so a bad file fails first), then the model, its checked settings and the padded batches."""
     texts, source = _load_texts(args)
     model, tokenizer, model_label = _load_model(args)
-    specs, cap = _exit_specs(args, model)
+    specs, sweep = _exit_specs(args, model)
     features = []
     for text, pair in texts:
         encoded = tokenizer(text, pair, truncation=True, max_length=args.max_seq_length, return_tensors="pt")
@@ -318,7 +310,7 @@ def load_workload(args: BenchArguments) -> Workload:
     pad_id = tokenizer.pad_token_id or 0
     batches = {b: make_batches(features, b, pad_id, args.sort_by_length) for b in args.batch_size_list}
     singles = make_batches(features[: args.bs1_examples], 1, pad_id, sort_by_length=False)
-    return Workload(model, model_label, source, features, batches, singles, specs, cap)
+    return Workload(model, model_label, source, features, batches, singles, specs, sweep)
 
 
 def build_variants(work: Workload, batch_sizes: list[int]) -> dict[str, Variant]:
@@ -396,9 +388,7 @@ def _settings(args: BenchArguments, work: Workload) -> dict[str, Any]:
         "examples": len(work.features),
         "bs1_examples": len(work.singles),
         "layers": work.model.num_layers,
-        "patiences": args.patiences,
-        "criteria": args.criteria,
-        "max_exit_layer": work.cap,
+        **work.sweep.describe(),
         "batch_sizes": args.batch_size_list,
         "sort_by_length": args.sort_by_length,
         "max_seq_length": args.max_seq_length,

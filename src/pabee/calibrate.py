@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,12 @@ import torch
 from .arguments import CalibrateArguments
 from .errors import PabeeError
 from .evaluate import setting_row
-from .exits import ExitSpec
+from .exits import ExitSpec, ExitSweep
 from .glue import TaskSpec, get_task
-from .modeling import PabeeForSequenceClassification
+from .modeling import Runtime
 from .pipeline import PabeePipeline
 from .provenance import provenance, write_atomic, write_json
-from .sweeps import check_specs, exit_specs
+from .sweeps import checked_specs
 
 __all__ = [
     "Calibration",
@@ -49,7 +49,7 @@ def task_score(row: dict[str, Any], metrics: tuple[str, ...]) -> float:
 
 
 def score_setting(
-    model: PabeeForSequenceClassification, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
+    model: Runtime, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
 ) -> dict[str, Any]:
     """One setting read off every layer's logits: its score (`task_score`), metrics and layers on average."""
     row = setting_row(model, all_logits, labels, task, spec)
@@ -74,7 +74,7 @@ def fastest_within(rows: list[dict[str, Any]], floor: float) -> dict[str, Any] |
 
 
 def choose_setting(
-    model: PabeeForSequenceClassification,
+    model: Runtime,
     all_logits: np.ndarray,
     labels: np.ndarray,
     task: TaskSpec,
@@ -89,7 +89,7 @@ def choose_setting(
     full = ExitSpec("patience", patience=0)
     rows = []
     for spec in [full, *(s for s in specs if s != full)]:
-        row = {**spec.describe(), "max_exit_layer": spec.max_exit_layer, "spec": spec}
+        row = {**spec.describe(with_cap=True), "spec": spec}
         for name, index in halves.items():
             row[name] = score_setting(model, logits[index], labels[index], task, spec)
         rows.append(row)
@@ -105,7 +105,7 @@ def _dominates(a: dict[str, float], b: dict[str, float]) -> bool:
     return better_or_equal and (a["score"] > b["score"] or a["avg_exit_layer"] < b["avg_exit_layer"])
 
 
-def _examples(args: CalibrateArguments, model: PabeeForSequenceClassification) -> tuple[TaskSpec, Any]:
+def _examples(args: CalibrateArguments, model: Runtime) -> tuple[TaskSpec, Any]:
     """The calibration split: a GLUE task's dev set, or `--validation_file`."""
     from .data import load_glue, load_user_files
 
@@ -134,17 +134,16 @@ def run_calibrate(args: CalibrateArguments, command: str) -> dict[str, Any]:
         folder, backend="torch", batch_size=args.batch_size, max_length=args.max_seq_length
     )
     task, split = _examples(args, pipe.model)
-    settings = Calibration(args.criteria, args.thresholds, args.max_exit_layer, args.max_drop, args.seed)
+    settings = Calibration(args.sweep, args.max_drop, args.seed)
     return calibrate(pipe, task, split, settings, folder, command, dry_run=args.dry_run)
 
 
 @dataclass
 class Calibration:
-    """What to choose among and how much quality the choice may cost."""
+    """What to choose among (the sweep's criteria, thresholds and cap; every patience) and how much quality the
+    choice may cost."""
 
-    criteria: list[str]
-    thresholds: dict[str, list[float]]
-    max_exit_layer: int | None
+    sweep: ExitSweep
     max_drop: float
     seed: int = 0
 
@@ -162,8 +161,7 @@ def calibrate(
     `config.json` (unless `dry_run`) and `calibration.json` / `calibration.md` in it. Returns the report."""
     model = pipe.model
     layers = model.num_layers
-    specs = exit_specs(settings.criteria, list(range(layers)), settings.thresholds, layers, settings.max_exit_layer)
-    check_specs(model.config, specs)
+    specs = checked_specs(replace(settings.sweep, patiences=tuple(range(layers))), model.config)
     examples = [(row["text"], row.get("text_pair")) for row in split]
     all_logits = pipe.all_layer_logits(examples, progress=True)
     labels = np.asarray(split["label"])
@@ -192,12 +190,11 @@ def summary_line(report: dict[str, Any], folder: str | Path) -> str:
     )
 
 
-def _write_exit_setting(path: Path, model: PabeeForSequenceClassification, spec: ExitSpec) -> None:
+def _write_exit_setting(path: Path, model: Runtime, spec: ExitSpec) -> None:
     """Change only the exit fields of `config.json` (atomically); everything else in it stays as it was."""
     model.config.exit_spec = spec
     saved = json.loads(path.read_text(encoding="utf-8"))
-    for name in ("exit_criterion", "patience", "exit_threshold", "max_exit_layer"):
-        saved[name] = getattr(model.config, name)
+    saved.update(model.config.exit_fields())
     write_json(path, saved)
 
 

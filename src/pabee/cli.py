@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.print_help()
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
+        from .version import __version__
 
         print(f"pabee {__version__}")
         return 0

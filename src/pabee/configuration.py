@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -92,6 +94,15 @@ class PabeeConfig(PreTrainedConfig):
         )
         if spec.patience is not None:  # a threshold rule keeps the stored patience for later switches
             self.patience = spec.patience
+
+    def exit_fields(self) -> dict[str, Any]:
+        """The flat exit fields as `config.json` stores them (to change only those in a saved file)."""
+        return {
+            "exit_criterion": self.exit_criterion,
+            "patience": self.patience,
+            "exit_threshold": self.exit_threshold,
+            "max_exit_layer": self.max_exit_layer,
+        }
 
     def build_criterion(self, spec: ExitSpec) -> ExitCriterion:
         """`spec` as a criterion for this model's problem type and depth (a `ValueError` if it does not fit)."""

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import datasets
 
-from . import __version__
 from .errors import DataError, PabeeError
 from .glue import GlueTask, TaskSpec, read_glue_tsv, task_dir
 from .provenance import file_digest
+from .version import __version__
 
 __all__ = [
     "HUB_DATASET",

@@ -15,19 +15,19 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from .exits import ExitSpec, logits_at_exit, sweep_exit_layers
+from .exits import ExitSpec, ExitSweep, logits_at_exit, sweep_exit_layers
 from .glue import TaskSpec
 from .metrics import compute_metrics, exit_statistics, predictions_from_logits
-from .modeling import PabeeForSequenceClassification
+from .modeling import Runtime
 
 __all__ = ["layer_metrics", "metrics_during_training", "setting_row", "sweep_results"]
 
 
 def setting_row(
-    model: PabeeForSequenceClassification, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
+    model: Runtime, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
 ) -> dict[str, Any]:
     """One results row: the setting, the task metrics of the answers it gives, and where examples exit."""
-    exit_layers = sweep_exit_layers(model.get_exit_criterion(spec), all_logits)
+    exit_layers = sweep_exit_layers(model.config.build_criterion(spec), all_logits)
     chosen = logits_at_exit(all_logits, exit_layers).numpy()
     predictions = predictions_from_logits(chosen, model.config.is_regression)
     return {
@@ -46,24 +46,20 @@ def layer_metrics(all_logits: np.ndarray, labels: np.ndarray, task: TaskSpec, re
 
 
 def sweep_results(
-    model: PabeeForSequenceClassification,
+    model: Runtime,
     all_logits: np.ndarray,
     labels: np.ndarray,
     task: TaskSpec,
-    patiences: Sequence[int],
+    patience_specs: Sequence[ExitSpec],
     specs: Mapping[str, Sequence[ExitSpec]] | None = None,
-    max_exit_layer: int | None = None,
 ) -> dict[str, Any]:
-    """Rows for every patience (capped at `max_exit_layer`) and for every other criterion's settings in `specs`
-    (which carry their own cap), plus each layer's own metrics; the shape of one split in `eval_results.json`."""
+    """Rows for every patience setting (the full model first) and for every other criterion's settings in `specs`,
+    plus each layer's own metrics; the shape of one split in `eval_results.json`."""
     logits = torch.as_tensor(all_logits)
     result: dict[str, Any] = {
         "num_examples": int(len(labels)),
         "num_layers": logits.shape[1],
-        "patiences": [
-            setting_row(model, logits, labels, task, ExitSpec("patience", patience=p, max_exit_layer=max_exit_layer))
-            for p in patiences
-        ],
+        "patiences": [setting_row(model, logits, labels, task, spec) for spec in patience_specs],
         "per_layer": layer_metrics(all_logits, labels, task, model.config.is_regression),
     }
     others = {name: items for name, items in (specs or {}).items() if name != "patience"}
@@ -75,15 +71,13 @@ def sweep_results(
 
 
 def metrics_during_training(
-    model: PabeeForSequenceClassification, task: TaskSpec, patiences: Sequence[int], max_exit_layer: int | None
+    model: Runtime, task: TaskSpec, sweep: ExitSweep
 ) -> Callable[[EvalPrediction], dict[str, float]]:
     """Trainer's `compute_metrics`: the task metrics and speed-up of every patience, flattened for the log
     (`full_accuracy`, `p2_speed_up`, ...)."""
 
     def compute(prediction: EvalPrediction) -> dict[str, float]:
-        summary = sweep_results(
-            model, prediction.predictions, prediction.label_ids, task, patiences, max_exit_layer=max_exit_layer
-        )
+        summary = sweep_results(model, prediction.predictions, prediction.label_ids, task, sweep.patience_specs())
         flat: dict[str, float] = {}
         for row in summary["patiences"]:
             prefix = "full" if row["patience"] == 0 else f"p{row['patience']}"

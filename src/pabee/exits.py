@@ -32,11 +32,13 @@ import torch
 __all__ = [
     "CRITERIA",
     "ConfidenceCriterion",
+    "DEFAULT_SWEEPS",
     "DEFAULT_THRESHOLDS",
-    "EXIT_OPTIONS",
+    "EXIT_KEYWORDS",
     "EntropyCriterion",
     "ExitCriterion",
     "ExitSpec",
+    "ExitSweep",
     "ExitTracker",
     "MULTI_LABEL",
     "PROBLEM_TYPES",
@@ -411,8 +413,20 @@ CRITERIA: dict[str, type[ExitCriterion]] = {
 }
 # Used when a criterion that needs a threshold gets none.
 DEFAULT_THRESHOLDS: dict[str, float] = {n: c.default_threshold for n, c in CRITERIA.items() if c.default_threshold}
-# The keyword names of an exit setting in `forward`, the pipelines, the config and the command line.
-EXIT_OPTIONS = ("patience", "exit_criterion", "exit_threshold", "max_exit_layer")
+# What a sweep compares for a criterion given no thresholds (static: every layer).
+DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
+    "entropy": (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+    "confidence": (0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+    "patience+confidence": (DEFAULT_THRESHOLDS["patience+confidence"],),
+}
+# Where users type a setting as keywords (`forward`, the pipelines, `config.json`, the flags): each keyword and the
+# `ExitSpec` field it sets. Above those edges a setting travels as one `ExitSpec`.
+EXIT_KEYWORDS: dict[str, str] = {
+    "patience": "patience",
+    "exit_criterion": "criterion",
+    "exit_threshold": "threshold",
+    "max_exit_layer": "max_exit_layer",
+}
 
 
 # --- exit settings -------------------------------------------------------------------------------------------
@@ -441,14 +455,17 @@ class ExitSpec:
         if self.criterion not in CRITERIA:
             raise ValueError(f"exit_criterion={self.criterion!r} is unknown; choose one of {', '.join(CRITERIA)}.")
 
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> ExitSpec:
-        """A spec from keyword options (`exit_criterion`, `patience`, `exit_threshold`, `max_exit_layer`)."""
-        return cls().with_options(options)
+    def with_keywords(self, keywords: Mapping[str, Any]) -> ExitSpec:
+        """This spec with a setting typed as keywords (`patience=2`, `exit_criterion="confidence"`, ...) applied:
+        what the user-facing edges call. `None` values are unset; an unknown keyword is a `ValueError`."""
+        unknown = [name for name in keywords if name not in EXIT_KEYWORDS]
+        if unknown:
+            raise ValueError(f"Unknown exit option {unknown[0]!r}; use {', '.join(EXIT_KEYWORDS)}.")
+        return self.merged(**{EXIT_KEYWORDS[name]: value for name, value in keywords.items()})
 
-    def with_options(self, options: Mapping[str, Any]) -> ExitSpec:
-        """`merged` with keyword options by their `forward` names; an unknown name is a `ValueError`."""
-        return self.merged(**_spec_fields(options)) if options else self
+    def capped(self, layer: int | None) -> ExitSpec:
+        """This spec with the layer cap `layer` (`None`: as it is)."""
+        return self if layer is None else replace(self, max_exit_layer=layer)
 
     def merged(
         self,
@@ -478,9 +495,14 @@ class ExitSpec:
         return criterion
 
     def options(self) -> dict[str, Any]:
-        """The keyword options that are set, by the names `forward`, the config and the flags use."""
-        values = (self.patience, self.criterion, self.threshold, self.max_exit_layer)
-        return {name: v for name, v in zip(EXIT_OPTIONS, values, strict=True) if v is not None}
+        """The keywords that are set, by the names `forward`, the config and the flags use."""
+        values = {name: getattr(self, field_name) for name, field_name in EXIT_KEYWORDS.items()}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def changes_from(self, base: ExitSpec) -> dict[str, Any]:
+        """The keywords by which this spec differs from `base` (e.g. a model's own setting), for messages."""
+        before = base.options()
+        return {name: value for name, value in self.options().items() if before.get(name) != value}
 
     @property
     def label(self) -> str:
@@ -506,27 +528,58 @@ class ExitSpec:
     def is_full_model(self) -> bool:
         return self.criterion == "patience" and self.patience == 0
 
-    def describe(self) -> dict[str, Any]:
-        """The setting's fields for a results row."""
-        return {
-            "criterion": self.criterion,
-            "setting": self.label,
-            "patience": self.patience,
-            "threshold": self.threshold,
-        }
+    def describe(self, with_cap: bool = False) -> dict[str, Any]:
+        """The setting's fields for a results row (`with_cap`: the layer cap too)."""
+        fields = {"criterion": self.criterion, "setting": self.label, "patience": self.patience}
+        fields["threshold"] = self.threshold
+        return {**fields, "max_exit_layer": self.max_exit_layer} if with_cap else fields
 
 
 def _number(value: float | None) -> str:
     return "?" if value is None else f"{value:g}"
 
 
-def _spec_fields(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword options → `ExitSpec` field names; an unknown option is an error."""
-    unknown = [name for name in options if name not in EXIT_OPTIONS]
-    if unknown:
-        raise ValueError(f"Unknown exit option {unknown[0]!r}; use {', '.join(EXIT_OPTIONS)}.")
-    renames = {"exit_criterion": "criterion", "exit_threshold": "threshold"}
-    return {renames.get(name, name): value for name, value in options.items()}
+@dataclass(frozen=True)
+class ExitSweep:
+    """The exit settings one run compares on the same model: each criterion over its patiences or thresholds, all
+    under one layer cap. `run-glue` reads them all off one full pass, `bench` times them, `calibrate` chooses.
+
+    `thresholds` holds a criterion's thresholds (for `static`, the layers k); a criterion without an entry sweeps
+    `DEFAULT_SWEEPS` (static: every layer). `patiences` serve `patience` and `patience+confidence`.
+    """
+
+    criteria: tuple[str, ...] = ("patience",)
+    patiences: tuple[int, ...] = (0,)
+    thresholds: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    cap: int | None = None
+
+    def specs(self, num_layers: int) -> dict[str, list[ExitSpec]]:
+        """Every setting, per criterion in sweep order, each with the cap."""
+        specs: dict[str, list[ExitSpec]] = {}
+        for name in self.criteria:
+            given = self.thresholds.get(name)
+            if name == "patience":
+                specs[name] = [ExitSpec(name, patience=p) for p in self.patiences]
+            elif name == "static":
+                layers = given if given is not None else [float(k) for k in range(1, num_layers + 1)]
+                specs[name] = [ExitSpec(name, threshold=k) for k in layers]
+            else:
+                values = given if given is not None else DEFAULT_SWEEPS[name]
+                patiences = [p for p in self.patiences if p > 0] if name == "patience+confidence" else [None]
+                specs[name] = [ExitSpec(name, patience=p, threshold=t) for p in patiences for t in values]
+        return {name: [spec.capped(self.cap) for spec in items] for name, items in specs.items()}
+
+    def or_cap_of(self, spec: ExitSpec) -> ExitSweep:
+        """This sweep, under `spec`'s layer cap when it has none of its own (a model's stored cap, say)."""
+        return self if self.cap is not None else replace(self, cap=spec.max_exit_layer)
+
+    def patience_specs(self) -> list[ExitSpec]:
+        """Each patience of the sweep as a `patience` setting with the cap (run-glue's main table)."""
+        return [ExitSpec("patience", patience=p).capped(self.cap) for p in self.patiences]
+
+    def describe(self) -> dict[str, Any]:
+        """What was swept, for a results file."""
+        return {"patiences": list(self.patiences), "criteria": list(self.criteria), "max_exit_layer": self.cap}
 
 
 def make_criterion(

@@ -21,7 +21,7 @@ from typing import Any
 from transformers import AutoModelForSequenceClassification, TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .exits import EXIT_OPTIONS
+from .exits import EXIT_KEYWORDS
 from .pipeline import DEFAULT_MAX_LENGTH, supported_length
 
 __all__ = ["EarlyExitClassificationPipeline", "TASK", "register"]
@@ -33,7 +33,7 @@ class EarlyExitClassificationPipeline(TextClassificationPipeline):
     """Text classification whose answers carry `exit_layer`; exit settings pass through to the model."""
 
     def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        exit_options = {name: kwargs.pop(name) for name in EXIT_OPTIONS if name in kwargs}
+        exit_options = {name: kwargs.pop(name) for name in EXIT_KEYWORDS if name in kwargs}
         exit_options = {name: value for name, value in exit_options.items() if value is not None}
         if "truncation" not in kwargs:
             max_length = kwargs.pop("max_length", DEFAULT_MAX_LENGTH)

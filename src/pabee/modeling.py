@@ -1,7 +1,14 @@
-"""The generic early-exit engine: any encoder with an adapter, one classifier per layer, batched per-example exit."""
+"""The generic early-exit engine: any encoder with an adapter, one classifier per layer, batched per-example exit.
+
+Whatever runs the layers (this torch model, or ONNX Runtime sessions in `pabee.onnx_model`) is a `Runtime`: it
+embeds, builds the layers' attention mask and runs one layer with its exit head. `infer` is the one function that
+turns a batch and an exit setting into answers for any runtime (every layer, the plain forward to a fixed layer,
+or the early-exit loop `early_exit`); the torch `forward` and the pipeline both call it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +28,12 @@ from .losses import layer_weighted_loss
 from .pretrained import bundled_model_path, sentence_transformers_pooling
 
 __all__ = [
-    "ExitSettings",
-    "LayerStepper",
     "PabeeForSequenceClassification",
     "PabeeOutput",
     "PabeePreTrainedModel",
+    "Runtime",
     "early_exit",
+    "infer",
 ]
 
 
@@ -48,31 +55,7 @@ class PabeeOutput(ModelOutput):
     exit_layers: torch.Tensor | None = None
 
 
-class ExitSettings:
-    """The exit rule of a call from the config's `exit_spec`; shared by the torch model and `pabee.onnx_model`."""
-
-    config: PabeeConfig
-
-    def get_exit_criterion(
-        self,
-        exit_spec: ExitSpec | None = None,
-        *,
-        patience: int | None = None,
-        exit_criterion: str | ExitCriterion | None = None,
-        exit_threshold: float | None = None,
-        max_exit_layer: int | None = None,
-    ) -> ExitCriterion:
-        """The exit rule for a call: `exit_spec` (default: the config's) with the keyword overrides that are set.
-
-        A ready `ExitCriterion` passed as `exit_criterion` is used as it is (e.g. a benchmark's never-exit rule).
-        """
-        if isinstance(exit_criterion, ExitCriterion):
-            return exit_criterion
-        spec = (exit_spec or self.config.exit_spec).merged(exit_criterion, patience, exit_threshold, max_exit_layer)
-        return self.config.build_criterion(spec)
-
-
-class PabeePreTrainedModel(ExitSettings, PreTrainedModel):
+class PabeePreTrainedModel(PreTrainedModel):
     config_class = PabeeConfig
     config: PabeeConfig
     base_model_prefix = "encoder"
@@ -94,6 +77,24 @@ class PabeePreTrainedModel(ExitSettings, PreTrainedModel):
                 init.zeros_(module.bias)
         else:
             super()._init_weights(module)
+
+    def get_exit_criterion(
+        self,
+        exit_spec: ExitSpec | None = None,
+        *,
+        patience: int | None = None,
+        exit_criterion: str | ExitCriterion | None = None,
+        exit_threshold: float | None = None,
+        max_exit_layer: int | None = None,
+    ) -> ExitCriterion:
+        """The exit rule for a call: `exit_spec` (default: the config's) with the keyword overrides that are set.
+
+        A ready `ExitCriterion` passed as `exit_criterion` is used as it is (e.g. a benchmark's never-exit rule).
+        """
+        if isinstance(exit_criterion, ExitCriterion):
+            return exit_criterion
+        spec = (exit_spec or self.config.exit_spec).merged(exit_criterion, patience, exit_threshold, max_exit_layer)
+        return self.config.build_criterion(spec)
 
 
 class PabeeForSequenceClassification(PabeePreTrainedModel):
@@ -224,27 +225,31 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        reference = input_ids if input_ids is not None else inputs_embeds
-        if attention_mask is None:
-            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        with profiler_label("pabee.embeddings"):
-            hidden = self.adapter.embed(
-                self.encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask
-            )  # (B, T, H)
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "inputs_embeds": inputs_embeds,
+        }
+        all_layers = self.training or labels is not None or bool(output_all_logits)
+        out = infer(self, inputs, criterion, all_layers=all_layers)
+        if labels is not None:
+            out = PabeeOutput(self._weighted_loss(out.all_logits, labels), out.logits, out.all_logits, out.exit_layers)
+        return out
 
-        all_logits, loss = None, None
-        if self.training or labels is not None or output_all_logits:
-            all_logits = self._all_layers(hidden, attention_mask)  # (B, L, C)
-            exit_layers = sweep_exit_layers(criterion, all_logits.detach())
-            logits = logits_at_exit(all_logits, exit_layers)
-            loss = self._weighted_loss(all_logits, labels) if labels is not None else None
-        elif not criterion.can_exit_early(self.num_layers):  # e.g. patience 0 or static: no early heads needed
-            limit = criterion.exit_limit(self.num_layers)
-            logits = self._run_to(limit, hidden, attention_mask)
-            exit_layers = torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device)
-        else:
-            logits, exit_layers = early_exit(self, hidden, attention_mask, criterion)
-        return PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
+    # --- the Runtime interface the engine drives -------------------------------------------------------------
+
+    def embed(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+        """Token ids (or `inputs_embeds`) → the hidden states `(B, T, H)` that enter layer 1."""
+        return self.adapter.embed(
+            self.encoder,
+            inputs.get("input_ids"),
+            inputs.get("token_type_ids"),
+            inputs.get("position_ids"),
+            inputs.get("inputs_embeds"),
+            inputs["attention_mask"],
+        )
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """What every classifier reads from hidden states `(B, T, H)`: `(B, H)` by the config's pooling."""
@@ -261,32 +266,20 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         return self.classifiers[layer](self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
 
     def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        """The attention mask every layer of this batch takes (the exit loop's `LayerStepper` interface)."""
+        """The attention mask every layer of this batch takes."""
         return self.adapter.layer_mask(self.encoder, hidden, attention_mask)
 
     def step(
-        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer` (0-based) and its classifier: `(B, T, H)` in → `(B, T, H)` and logits `(B, C)` out."""
+        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor, head: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer `layer` (0-based) and, with `head`, its classifier: `(B, T, H)` in → `(B, T, H)` and logits
+        `(B, C)` out (None without `head`: the plain forward skips the heads it does not answer from)."""
         with profiler_label("pabee.layers"):
             hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
+        if not head:
+            return hidden, None
         with profiler_label("pabee.classifiers"):
             return hidden, self.classify(layer, hidden, attention_mask)
-
-    def _all_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
-        per_layer = []
-        for layer in range(self.num_layers):
-            hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
-            per_layer.append(self.classify(layer, hidden, attention_mask))
-        return torch.stack(per_layer, dim=1)
-
-    def _run_to(self, num_layers: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The plain forward through the first `num_layers` layers and that layer's classifier only."""
-        mask = self.adapter.layer_mask(self.encoder, hidden, attention_mask)
-        for layer in range(num_layers):
-            hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
-        return self.classify(num_layers - 1, hidden, attention_mask)
 
     def _weighted_loss(self, all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         config = self.config
@@ -295,20 +288,84 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         )
 
 
-class LayerStepper(Protocol):
-    """What the exit loop needs from a runtime: the torch model, or ONNX Runtime sessions (`pabee.onnx_model`)."""
+class Runtime(Protocol):
+    """What the engine needs from whatever runs the layers: this torch model, or ONNX Runtime sessions
+    (`pabee.onnx_model`). Tensors cross this boundary as torch tensors; a runtime converts inside."""
 
-    num_layers: int
+    config: PabeeConfig
 
-    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any: ...
+    @property
+    def num_layers(self) -> int: ...
+
+    def embed(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+        """Model inputs (`input_ids`, `attention_mask`, optionally `token_type_ids`, ...) → hidden `(B, T, H)`."""
+
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """The attention mask the layers take, built once per batch shape; passed back to `step` as it is."""
 
     def step(
-        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor, head: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer `layer` (0-based) and its exit head: new hidden states and logits `(B, C)`; with `head=False` a
+        runtime may skip the head and return None for the logits."""
+
+
+def infer(
+    runtime: Runtime,
+    inputs: Mapping[str, torch.Tensor | None],
+    setting: ExitSpec | ExitCriterion | None = None,
+    *,
+    all_layers: bool = False,
+) -> PabeeOutput:
+    """Classify a batch on any runtime with an exit setting (default: the runtime config's own).
+
+    The one dispatch: with `all_layers`, every layer runs and `all_logits` `(B, L, C)` comes back, `logits` and
+    `exit_layers` read off them with the exit rule (training, the one-pass sweep); a rule under which no example
+    can leave early (patience 0, `static`) runs the plain forward to its layer, without the early heads; every
+    other rule climbs with `early_exit`.
+    """
+    criterion = (
+        setting
+        if isinstance(setting, ExitCriterion)
+        else runtime.config.build_criterion(setting or runtime.config.exit_spec)
+    )
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+        attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+    with profiler_label("pabee.embeddings"):
+        hidden = runtime.embed({**inputs, "attention_mask": attention_mask})  # (B, T, H)
+    num_layers = runtime.num_layers
+    if all_layers:
+        all_logits = torch.stack(_layer_logits(runtime, hidden, attention_mask, num_layers), dim=1)  # (B, L, C)
+        exit_layers = sweep_exit_layers(criterion, all_logits.detach())
+        return PabeeOutput(
+            logits=logits_at_exit(all_logits, exit_layers), all_logits=all_logits, exit_layers=exit_layers
+        )
+    if not criterion.can_exit_early(num_layers):
+        limit = criterion.exit_limit(num_layers)
+        logits = _layer_logits(runtime, hidden, attention_mask, limit, heads=False)[-1]
+        exit_layers = torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device)
+        return PabeeOutput(logits=logits, exit_layers=exit_layers)
+    logits, exit_layers = early_exit(runtime, hidden, attention_mask, criterion)
+    return PabeeOutput(logits=logits, exit_layers=exit_layers)
+
+
+def _layer_logits(
+    runtime: Runtime, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int, heads: bool = True
+) -> list[torch.Tensor]:
+    """Every example through the first `layers` layers: each layer's logits `(B, C)` (without `heads`, only the
+    last layer's head runs and the list holds its logits alone)."""
+    mask, per_layer = runtime.layer_mask(hidden, attention_mask), []
+    for layer in range(layers):
+        hidden, logits = runtime.step(layer, hidden, mask, attention_mask, head=heads or layer == layers - 1)
+        if logits is not None:
+            per_layer.append(logits)
+    return per_layer
 
 
 def early_exit(
-    stepper: LayerStepper, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: ExitCriterion
+    stepper: Runtime, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: ExitCriterion
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Climb layer by layer; rows that exit are written out and removed from the batch.
 

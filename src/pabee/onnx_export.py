@@ -5,7 +5,7 @@ hidden states), `mask.onnx` (padding mask → the attention mask(s) the layers t
 the torch model does, not again in every layer's graph) and one `layer_<k>.onnx` per distinct encoder layer,
 holding the layer and the exit heads of the layers that run it (ALBERT shares one layer across a group: one graph
 per group, its heads chosen by the `head` input). `pabee.onnx_model` drives them with the same exit loop as the
-torch layers (`modeling.early_exit`).
+torch layers (`modeling.infer`).
 
 The folder also holds the tokenizer, `config.json` (the model's config with its exit settings) and
 `pabee_onnx.json`, the manifest: versions, opset, precision, which graph and head serve each layer, and the
@@ -26,41 +26,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PabeeError, require_extra
+from .errors import PabeeError
+from .folders import FORMAT_VERSION, MANIFEST, load_model_folder, load_tokenizer
 from .modeling import PabeeForSequenceClassification
+from .onnx_model import require_onnx
 from .provenance import file_digest
+from .version import __version__
 
-__all__ = [
-    "FORMAT_VERSION",
-    "MANIFEST",
-    "OPSET",
-    "export_full_model",
-    "export_onnx",
-    "is_onnx_folder",
-    "layer_graphs",
-    "require_onnx",
-]
+__all__ = ["OPSET", "export_full_model", "export_onnx", "layer_graphs"]
 
-MANIFEST = "pabee_onnx.json"
-FORMAT_VERSION = 2  # bumped when the folder layout or a graph's inputs change
 OPSET = 17
 PRECISIONS = ("fp32", "int8")
-
-
-def require_onnx() -> None:
-    """One line naming the extra when ONNX Runtime or the exporter's packages are missing."""
-    require_extra("onnx", ("onnx", "onnxruntime"), "the ONNX backend")
 
 
 def layer_graphs(model: PabeeForSequenceClassification) -> list[int]:
     """For each layer, the index of the graph that runs it: one graph per distinct set of layer weights."""
     config = model.config.encoder_config
     return [model.adapter.weights_of_layer(config, i) for i in range(model.num_layers)]
-
-
-def is_onnx_folder(folder: str | Path) -> bool:
-    """True for a folder written by `pabee export` (it holds the manifest)."""
-    return (Path(folder) / MANIFEST).is_file()
 
 
 class _Embeddings(nn.Module):
@@ -253,8 +235,6 @@ def _quantize(folder: Path, graphs: list[str]) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     return {
         "pabee": __version__,
         "torch": torch.__version__,
@@ -271,13 +251,8 @@ def _check_target(output: Path, overwrite: bool) -> None:
 
 
 def _load(model_dir: str | Path) -> tuple[PabeeForSequenceClassification, Any]:
-    from transformers import AutoTokenizer
-
-    from .pipeline import load_model_folder
-
-    folder = Path(model_dir)
     # Eager attention: the layer graphs then hold plain MatMul/Softmax, which int8 quantization understands.
-    return load_model_folder(folder, attn_implementation="eager"), AutoTokenizer.from_pretrained(folder)
+    return load_model_folder(model_dir, attn_implementation="eager"), load_tokenizer(model_dir)
 
 
 def export_onnx(

@@ -22,26 +22,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .errors import PabeeError
-from .exits import EXIT_OPTIONS, ExitSpec
-from .modeling import PabeeForSequenceClassification
+from .exits import EXIT_KEYWORDS, ExitSpec
+from .folders import load_runtime, load_tokenizer
+from .modeling import Runtime, infer
 
-__all__ = [
-    "BACKENDS",
-    "PabeePipeline",
-    "load_model_folder",
-    "as_example",
-    "pipeline",
-    "plan_batches",
-    "supported_length",
-]
+__all__ = ["PabeePipeline", "as_example", "pipeline", "plan_batches", "supported_length"]
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_MAX_LENGTH = 128  # run-glue's default --max_seq_length: what the models here were trained with
 DEFAULT_BATCH_OVERHEAD = 32.0  # a forward's fixed cost in padded tokens; fit on MiniLM + SST-2, 2 CPU threads
-
-DTYPES = ("float32", "bfloat16", "float16")  # what `--dtype` offers; the model is saved in float32
-ATTENTION_KERNELS = ("sdpa", "eager")
 Example = tuple[str, str | None]  # (text, text_pair or None)
 Prediction = dict[str, Any]
 
@@ -65,7 +54,7 @@ def as_example(item: Any, position: int | None = None) -> Example:
     raise ValueError(f"An input must be a string or a (text, text_pair) pair of strings{where}; got {item!r:.80}.")
 
 
-def supported_length(model: PabeeForSequenceClassification, tokenizer: Any, max_length: int) -> int:
+def supported_length(model: Runtime, tokenizer: Any, max_length: int) -> int:
     """`max_length`, capped at what the encoder's positions and the tokenizer support."""
     limits = [max_length, getattr(model.config.encoder_config, "max_position_embeddings", None)]
     limits.append(getattr(tokenizer, "model_max_length", None))
@@ -107,17 +96,15 @@ class PabeePipeline:
     little padding (`plan_batches`), run with batched early exit, and returned in input order.
 
     Args:
-        model: a PABEE model (put in eval mode here).
+        model: a PABEE runtime: the torch model (put in eval mode here) or an export on ONNX Runtime.
         tokenizer: its tokenizer.
         batch_size: most examples per forward pass.
         batch_overhead: the fixed cost of one forward pass in padded-token equivalents, for splitting a call's
             examples into batches (see `plan_batches`); a huge value gives plain batches of `batch_size`.
         max_length: tokens per example; longer inputs are truncated (pairs: the longer part first). Capped at
             what the model and tokenizer support.
-        device: where to run (default: where the model is).
-        exit_spec: the exit setting for every call (default: the model config's).
-        exit_options: keyword overrides of it (`patience`, `exit_criterion`, `exit_threshold`, `max_exit_layer`);
-            `None` values are ignored. The merged setting is `self.exit_spec`, checked here.
+        device: where to run a torch model (default: where it is).
+        exit_spec: the exit setting for every call (default: the model config's), checked here.
 
     Example:
         >>> classify = pabee.pipeline("runs/sst2")
@@ -127,7 +114,7 @@ class PabeePipeline:
 
     def __init__(
         self,
-        model: PabeeForSequenceClassification,
+        model: Runtime,
         tokenizer: Any,
         *,
         batch_size: int = 32,
@@ -135,18 +122,16 @@ class PabeePipeline:
         max_length: int = DEFAULT_MAX_LENGTH,
         device: str | torch.device | None = None,
         exit_spec: ExitSpec | None = None,
-        exit_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: use a whole number >= 1.")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length={max_length!r} is invalid: use a whole number >= 2.")
-        self.model = model.eval() if device is None else model.to(device).eval()
+        self.model, self.device = _placed(model, device)
         self.tokenizer = tokenizer
         self.batch_size, self.batch_overhead = batch_size, batch_overhead
         self.max_length = supported_length(model, tokenizer, max_length)
-        self.exit_options = {name: value for name, value in (exit_options or {}).items() if value is not None}
-        self.exit_spec = (exit_spec or model.config.exit_spec).with_options(self.exit_options)
+        self.exit_spec = exit_spec or model.config.exit_spec
         model.config.build_criterion(self.exit_spec)  # bad values fail now, not on first use
 
     @classmethod
@@ -160,7 +145,7 @@ class PabeePipeline:
         threads: int | None = None,
         **kwargs: Any,
     ) -> PabeePipeline:
-        """Load a saved PABEE model and its tokenizer from a folder (`PabeeError` if it is not one).
+        """Load a saved PABEE model (or an export) and its tokenizer from a folder (`PabeeError` if it is neither).
 
         `backend` is `"torch"` or `"onnxruntime"` (a folder written by `pabee export`); `None` picks by the folder.
         `threads` sets ONNX Runtime's threads per session (torch's are process-wide: `torch.set_num_threads`).
@@ -168,17 +153,10 @@ class PabeePipeline:
         instructions (AVX512-BF16, AMX), `dtype="bfloat16"` roughly doubles throughput for a small change in the
         numbers (see `benchmarks/results/bf16_sst2.md`).
         """
-        folder = Path(model_dir)
-        backend = _backend(folder, backend)
-        if backend == "onnxruntime":
-            if dtype is not None or attn_implementation is not None:
-                raise PabeeError("dtype and attn_implementation apply to the torch backend; export with --quantize.")
-            from .onnx_model import OnnxPabeeModel
-
-            model = OnnxPabeeModel(folder, threads=threads)
-        else:
-            model = load_model_folder(folder, dtype, attn_implementation)
-        return cls(model, _load_tokenizer(folder), **kwargs)
+        runtime = load_runtime(
+            model_dir, backend, threads=threads, dtype=dtype, attn_implementation=attn_implementation
+        )
+        return cls(runtime, load_tokenizer(model_dir), **kwargs)
 
     @property
     def num_layers(self) -> int:
@@ -198,19 +176,21 @@ class PabeePipeline:
         *,
         batch_size: int | None = None,
         progress: bool = False,
-        **exit_options: Any,
+        exit_spec: ExitSpec | None = None,
+        **exit_keywords: Any,
     ) -> Prediction | list[Prediction]:
         """Classify one input (returns one answer) or a list of inputs (returns a list, in input order).
 
         An input is a string, a `(text, text_pair)` pair or a `{"text", "text_pair"}` mapping; singles and pairs
-        may be mixed. `exit_options` (`patience=...`, `exit_spec=...`) override the pipeline's for this call.
+        may be mixed. `exit_spec`, and exit keywords over it (`patience=3`), set this call's exit setting.
         """
         single = isinstance(inputs, (str, Mapping)) or (
             isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
         )
         items = [inputs] if single else list(inputs)
         examples = [as_example(item, i) for i, item in enumerate(items)]
-        logits, exit_layers = self.run(examples, batch_size=batch_size, progress=progress, **exit_options)
+        spec = self.call_spec(exit_spec, **exit_keywords)
+        logits, exit_layers = self.run(examples, batch_size=batch_size, progress=progress, exit_spec=spec)
         answers = self.format(logits, exit_layers)
         return answers[0] if single else answers
 
@@ -237,32 +217,31 @@ class PabeePipeline:
         for name in features[0]:
             fill = pad_id if name == "input_ids" else 0
             rows = [f[name] + [fill] * (width - len(f[name])) for f in features]
-            batch[name] = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+            batch[name] = torch.tensor(rows, dtype=torch.long, device=self.device)
         return batch
 
     def _forwards(
-        self, examples: Sequence[Example], batch_size: int | None, **model_kwargs: Any
+        self, examples: Sequence[Example], batch_size: int | None, spec: ExitSpec, all_layers: bool = False
     ) -> Iterator[tuple[list[int], Any]]:
         """Tokenize, sort by length, plan padding-aware batches and run them one by one: `(positions in
-        examples, the model's output)` per forward pass, shortest inputs first."""
+        examples, the engine's output)` per forward pass, shortest inputs first."""
         features = self.tokenize(examples)
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         lengths = [len(features[i]["input_ids"]) for i in order]
-        if self.model.training:  # e.g. a model trained further after the pipeline was made
+        if getattr(self.model, "training", False):  # a torch model trained further after the pipeline was made
             self.model.eval()
         for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
             rows = order[start:end]
             with torch.inference_mode():
-                out = self.model(**self._pad([features[i] for i in rows]), **model_kwargs)
+                out = infer(self.model, self._pad([features[i] for i in rows]), spec, all_layers=all_layers)
             yield rows, out
 
     def run_batches(
-        self, examples: Sequence[Example], *, batch_size: int | None = None, **exit_options: Any
+        self, examples: Sequence[Example], *, batch_size: int | None = None, exit_spec: ExitSpec | None = None
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Run the forward passes one by one, shortest inputs first, yielding each pass's results as it ends:
         `(positions in examples, logits [n, num_labels], exit_layers [n])`. A server answers from these early."""
-        spec = self.call_spec(**exit_options)
-        for rows, out in self._forwards(examples, batch_size, exit_spec=spec):
+        for rows, out in self._forwards(examples, batch_size, exit_spec or self.exit_spec):
             yield rows, out.logits.float().cpu(), out.exit_layers.cpu()
 
     def all_layer_logits(
@@ -272,15 +251,14 @@ class PabeePipeline:
         first): any exit setting's answers can be read off them (`pabee calibrate` compares them all)."""
         out = torch.empty(len(examples), self.num_layers, self.model.config.num_labels)
         with tqdm(total=len(examples), unit="ex", desc="All layers", disable=not progress) as bar:
-            for rows, result in self._forwards(examples, batch_size, output_all_logits=True):
+            for rows, result in self._forwards(examples, batch_size, self.exit_spec, all_layers=True):
                 out[torch.tensor(rows)] = result.all_logits.float().cpu()
                 bar.update(len(rows))
         return out
 
-    def call_spec(self, exit_spec: ExitSpec | None = None, **exit_options: Any) -> ExitSpec:
-        """The exit setting of one call: `exit_spec` (default: the pipeline's) with the options that are set."""
-        options = {name: value for name, value in exit_options.items() if value is not None}
-        return (exit_spec or self.exit_spec).with_options(options)
+    def call_spec(self, exit_spec: ExitSpec | None = None, **exit_keywords: Any) -> ExitSpec:
+        """The exit setting of one call: `exit_spec` (default: the pipeline's) with the keywords that are set."""
+        return (exit_spec or self.exit_spec).with_keywords(exit_keywords)
 
     def run(
         self,
@@ -288,13 +266,15 @@ class PabeePipeline:
         *,
         batch_size: int | None = None,
         progress: bool = False,
-        **exit_options: Any,
+        exit_spec: ExitSpec | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw outputs in input order: `logits` `[N, num_labels]` at each example's exit layer, `exit_layers` `[N]`."""
         logits = torch.empty(len(examples), self.model.config.num_labels)
         exit_layers = torch.empty(len(examples), dtype=torch.long)
         with tqdm(total=len(examples), unit="ex", desc="Predicting", disable=not progress) as bar:
-            for rows, batch_logits, batch_exits in self.run_batches(examples, batch_size=batch_size, **exit_options):
+            for rows, batch_logits, batch_exits in self.run_batches(
+                examples, batch_size=batch_size, exit_spec=exit_spec
+            ):
                 index = torch.tensor(rows)
                 logits[index], exit_layers[index] = batch_logits, batch_exits
                 bar.update(len(rows))
@@ -323,62 +303,19 @@ class PabeePipeline:
         ]
 
 
-BACKENDS = ("torch", "onnxruntime")
-
-
-def _backend(folder: Path, backend: str | None) -> str:
-    """The backend asked for, or the one the folder is for; a folder that is neither model nor export fails."""
-    from .onnx_export import MANIFEST, is_onnx_folder
-
-    exported = is_onnx_folder(folder)
-    if backend not in (None, *BACKENDS):
-        raise PabeeError(f"backend {backend!r} is unknown; use {' or '.join(BACKENDS)}.")
-    if backend == "onnxruntime" and not exported:
-        raise PabeeError(f"{folder} is not an ONNX export (no {MANIFEST}); make one with: pabee export --model DIR.")
-    if backend == "torch" and exported:
-        raise PabeeError(f"{folder} holds ONNX graphs; use the onnxruntime backend, or the original model folder.")
-    return backend or ("onnxruntime" if exported else "torch")
-
-
-def _load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise PabeeError(f"Cannot load a tokenizer from {folder}: {error}") from None
-
-
-def load_model_folder(
-    folder: Path, dtype: str | torch.dtype | None = None, attn_implementation: str | None = None
-) -> PabeeForSequenceClassification:
-    """A saved PABEE model in eval mode, quietly; a folder that is not one is a `PabeeError`."""
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
-    if not (folder / "config.json").is_file():
-        raise PabeeError(f"{folder} is not a model folder (no config.json); give a folder saved by run-glue.")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise PabeeError(f"Cannot read the model config in {folder}: {error}") from None
-    if config.model_type != "pabee":
-        raise PabeeError(f"{folder} holds a {config.model_type!r} model, not a PABEE model.")
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a command's or server's output
-    try:
-        extra = {"dtype": dtype, "attn_implementation": attn_implementation}
-        extra = {name: value for name, value in extra.items() if value is not None}
-        return PabeeForSequenceClassification.from_pretrained(folder, **extra).eval()
-    except (OSError, ValueError) as error:
-        raise PabeeError(f"Cannot load the model in {folder}: {error}") from None
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+def _placed(model: Runtime, device: str | torch.device | None) -> tuple[Runtime, torch.device]:
+    """A torch model moved to `device` (if given) in eval mode, and where its inputs go; other runtimes take CPU
+    tensors."""
+    if isinstance(model, torch.nn.Module):
+        model = model.eval() if device is None else model.to(device).eval()
+        return model, next(model.parameters()).device
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError("The ONNX Runtime backend runs on the CPU here; use the torch backend for a GPU.")
+    return model, torch.device("cpu")
 
 
 def pipeline(
-    model: str | Path | PabeeForSequenceClassification, tokenizer: Any = None, **kwargs: Any
+    model: str | Path | Runtime, tokenizer: Any = None, *, exit_spec: ExitSpec | None = None, **kwargs: Any
 ) -> PabeePipeline:
     """A `PabeePipeline` from a saved model folder (tokenizer loaded from it) or from a model and tokenizer.
 
@@ -388,17 +325,18 @@ def pipeline(
         [{'label': 'equivalent', 'score': 0.81, 'exit_layer': 3}, ...]
 
     Keyword arguments are `PabeePipeline`'s, plus `backend`, `threads`, `dtype` and `attn_implementation` when
-    loading from a folder (an export from `pabee export` runs on ONNX Runtime); exit settings (`patience`, ...)
-    may also be given directly.
+    loading from a folder (an export from `pabee export` runs on ONNX Runtime); the exit setting is `exit_spec`,
+    or its fields as keywords (`patience=2`, `exit_criterion="confidence"`, ...) over the model's own.
     """
-    options = dict(kwargs.pop("exit_options", None) or {})
-    options.update({name: kwargs.pop(name) for name in EXIT_OPTIONS if name in kwargs})
+    keywords = {name: kwargs.pop(name) for name in EXIT_KEYWORDS if name in kwargs}
+    loading = {name: kwargs.pop(name, None) for name in ("backend", "threads", "dtype", "attn_implementation")}
     if isinstance(model, (str, Path)):
-        return PabeePipeline.from_pretrained(model, exit_options=options, **kwargs)
-    if tokenizer is None:
+        model, tokenizer = load_runtime(model, **loading), load_tokenizer(model)
+    elif tokenizer is None:
         raise ValueError("Give the tokenizer with a model object (or pass a model folder).")
-    for name in ("dtype", "attn_implementation", "backend", "threads"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{name}= applies when loading from a folder; set it on the model object instead.")
-        kwargs.pop(name, None)
-    return PabeePipeline(model, tokenizer, exit_options=options, **kwargs)
+    else:
+        for name, value in loading.items():
+            if value is not None:
+                raise ValueError(f"{name}= applies when loading from a folder; set it on the model object instead.")
+    spec = (exit_spec or model.config.exit_spec).with_keywords(keywords)
+    return PabeePipeline(model, tokenizer, exit_spec=spec, **kwargs)

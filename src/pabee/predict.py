@@ -19,6 +19,7 @@ from typing import Any
 from .arguments import PredictArguments
 from .data import read_text_file
 from .errors import PabeeError
+from .exits import ExitSpec
 from .pipeline import Example, PabeePipeline
 
 __all__ = ["run_predict"]
@@ -35,16 +36,16 @@ def _check_output(args: PredictArguments) -> Path | None:
     return out
 
 
-def _model_setting(config) -> str:
-    criterion = getattr(config, "exit_criterion", "patience")
-    return f"patience {config.patience}" if criterion == "patience" else f"exit criterion {criterion}"
+def _model_setting(spec: ExitSpec) -> str:
+    return f"patience {spec.patience}" if spec.criterion == "patience" else f"exit criterion {spec.criterion}"
 
 
 def _summary(answers: list[dict], seconds: float, pipe: PabeePipeline) -> str:
     count, num_layers = len(answers), pipe.num_layers
     average = sum(a["exit_layer"] for a in answers) / count
-    setting = ", ".join(f"{k} {v}" for k, v in pipe.exit_options.items())
-    setting = setting or f"{_model_setting(pipe.model.config)}, the model's default"
+    own = pipe.model.config.exit_spec
+    setting = ", ".join(f"{k} {v}" for k, v in pipe.exit_spec.changes_from(own).items())
+    setting = setting or f"{_model_setting(own)}, the model's default"
     line = (
         f"{count} examples in {seconds:.1f} s ({count / seconds:.1f} examples/s); "
         f"average exit layer {average:.2f} of {num_layers} ({num_layers / average:.2f}x fewer layers; {setting})"

@@ -7,35 +7,20 @@ compares criteria on the same fine-tuned model. The flags:
     --patience 1,2,3                                # patience and patience+confidence
     --exit_threshold confidence=0.8,0.9 static=2,4  # per criterion; a bare list serves the only one that needs it
 
-A criterion given no thresholds sweeps `DEFAULT_THRESHOLDS` (static: every layer).
+A criterion given no thresholds sweeps `exits.DEFAULT_SWEEPS` (static: every layer). The parsed flags make an
+`exits.ExitSweep`; `checked_specs` builds its settings against a model, so a bad one stops the command first.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import replace
 
 from .configuration import PabeeConfig
 from .errors import PabeeError
-from .exits import CRITERIA, DEFAULT_THRESHOLDS, ExitSpec
+from .exits import CRITERIA, ExitSpec, ExitSweep
 
-__all__ = [
-    "DEFAULT_SWEEPS",
-    "check_specs",
-    "exit_specs",
-    "parse_criteria",
-    "parse_int_list",
-    "parse_patience_list",
-    "parse_thresholds",
-]
-
-# What a criterion sweeps when --exit_threshold says nothing about it.
-DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
-    "entropy": (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-    "confidence": (0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
-    "patience+confidence": (DEFAULT_THRESHOLDS["patience+confidence"],),
-}
+__all__ = ["checked_specs", "parse_criteria", "parse_int_list", "parse_patiences", "parse_thresholds"]
 
 
 def parse_int_list(value: str, flag: str, minimum: int) -> list[int]:
@@ -52,9 +37,9 @@ def parse_int_list(value: str, flag: str, minimum: int) -> list[int]:
     return list(dict.fromkeys(numbers))
 
 
-def parse_patience_list(value: str) -> list[int]:
-    """`"3,4,5"` → `[0, 3, 4, 5]`: the patiences to evaluate, the full model (0) first."""
-    return [0, *(p for p in parse_int_list(value, "--patience", 0) if p != 0)]
+def parse_patiences(value: str) -> list[int]:
+    """`--patience "3,4,5"` → `[3, 4, 5]`: whole numbers >= 0 (0 is the full model)."""
+    return parse_int_list(value, "--patience", 0)
 
 
 def parse_criteria(value: str) -> list[str]:
@@ -103,33 +88,10 @@ def parse_thresholds(values: Sequence[str] | str | None, criteria: Sequence[str]
     return out
 
 
-def exit_specs(
-    criteria: Sequence[str],
-    patiences: Sequence[int],
-    thresholds: dict[str, list[float]],
-    num_layers: int,
-    max_exit_layer: int | None = None,
-) -> dict[str, list[ExitSpec]]:
-    """Every setting to evaluate, per criterion, in sweep order, each with the layer cap."""
-    specs: dict[str, list[ExitSpec]] = {}
-    for name in criteria:
-        values = thresholds.get(name)
-        if name == "patience":
-            specs[name] = [ExitSpec(name, patience=p) for p in patiences]
-        elif name == "static":
-            layers = values if values is not None else [float(k) for k in range(1, num_layers + 1)]
-            specs[name] = [ExitSpec(name, threshold=k) for k in layers]
-        elif name == "patience+confidence":
-            values = values if values is not None else list(DEFAULT_SWEEPS[name])
-            specs[name] = [ExitSpec(name, patience=p, threshold=t) for p in patiences if p > 0 for t in values]
-        else:
-            values = values if values is not None else list(DEFAULT_SWEEPS[name])
-            specs[name] = [ExitSpec(name, threshold=t) for t in values]
-    return {name: [replace(s, max_exit_layer=max_exit_layer) for s in items] for name, items in specs.items()}
-
-
-def check_specs(config: PabeeConfig, specs: dict[str, list[ExitSpec]]) -> None:
-    """Build every setting's criterion once, so a bad value stops the command before any work is done."""
+def checked_specs(sweep: ExitSweep, config: PabeeConfig) -> dict[str, list[ExitSpec]]:
+    """The sweep's settings for a model, each built into its criterion once, so a bad value stops the command
+    before any work is done."""
+    specs = sweep.specs(config.num_hidden_layers)
     for name, items in specs.items():
         if not items:
             raise PabeeError(f"--exit_criterion {name}: nothing to evaluate (give it a non-zero --patience).")
@@ -138,3 +100,4 @@ def check_specs(config: PabeeConfig, specs: dict[str, list[ExitSpec]]) -> None:
                 config.build_criterion(spec)
             except ValueError as error:
                 raise PabeeError(f"--exit_criterion {name}: {error}") from None
+    return specs

@@ -37,7 +37,6 @@ from .modeling import PabeeForSequenceClassification
 from .pretrained import bundled_model_path
 from .provenance import provenance, write_atomic, write_json
 from .report import criteria_tables, run_glue_markdown, run_glue_plots
-from .sweeps import check_specs, exit_specs
 
 __all__ = [
     "RESULT_FILES",
@@ -281,8 +280,7 @@ def load(args: RunGlueArguments, training_args: TrainingArguments, name_or_path:
     data = load_task_data(args, training_args, labels=_labels_of_finetuned(args, name_or_path))
     set_seed(training_args.seed)  # before the fresh classifiers are initialised, so a run is reproducible
     model = load_model(args, data.task, name_or_path)
-    specs = exit_specs(args.criteria, args.patiences, args.thresholds, model.num_layers, args.max_exit_layer)
-    check_specs(model.config, specs)
+    specs = args.sweep_specs(model.config)
     model.config.patience = args.patiences[1] if len(args.patiences) > 1 else 0
     model.config.exit_spec = _default_exit(specs[args.criteria[0]])
     if training_args.do_train:  # the loss this run trains with, recorded in the saved config
@@ -308,7 +306,7 @@ def make_trainer(args: RunGlueArguments, training_args: TrainingArguments, setup
         eval_dataset=(next(iter(eval_sets.values())) if len(eval_sets) == 1 else eval_sets) or None,
         data_collator=DataCollatorWithPadding(setup.tokenizer),
         processing_class=setup.tokenizer,
-        compute_metrics=metrics_during_training(setup.model, setup.task, args.patiences, args.max_exit_layer),
+        compute_metrics=metrics_during_training(setup.model, setup.task, args.sweep),
         callbacks=[CheckpointMarker()],
     )
 
@@ -346,9 +344,8 @@ def _split_results(args: RunGlueArguments, evaluator: Trainer, setup: Setup) -> 
             output.predictions,
             output.label_ids,
             setup.task,
-            args.patiences,
+            args.sweep.patience_specs(),
             setup.specs,
-            args.max_exit_layer,
         )
     return splits
 
@@ -384,9 +381,7 @@ def new_report(args: RunGlueArguments, setup: Setup, command: str | None, world_
         "task": task.name,
         "metrics": list(task.metrics),
         "main_metric": task.main_metric,
-        "patiences": args.patiences,
-        "criteria": args.criteria,
-        "max_exit_layer": args.max_exit_layer,
+        **args.sweep.describe(),
         "provenance": provenance(command, **sources),
         "training": None,
         "evaluations": [],
@@ -412,7 +407,7 @@ def calibrate_saved_model(args: RunGlueArguments, setup: Setup, output_dir: Path
     from .pipeline import PabeePipeline
 
     pipe = PabeePipeline(setup.model, setup.tokenizer, max_length=args.max_seq_length)
-    settings = Calibration(args.criteria, args.thresholds, args.max_exit_layer, args.calibrate_max_drop)
+    settings = Calibration(args.sweep, args.calibrate_max_drop)
     report = calibrate(pipe, setup.task, setup.data.calibration, settings, output_dir, command)
     print(
         f"Calibrated on {len(setup.data.calibration)} held-out training examples: {summary_line(report, output_dir)}"

@@ -30,6 +30,7 @@ import ray
 from ..arguments import PredictArguments
 from ..errors import PabeeError
 from ..exits import ExitSpec
+from ..folders import load_config
 from ..pipeline import DEFAULT_MAX_LENGTH, Example, PabeePipeline
 from ..provenance import write_atomic, write_json
 
@@ -97,7 +98,7 @@ def predict_dataset(
     max_length: int = DEFAULT_MAX_LENGTH,
     backend: str | None = None,
     keep_columns: Sequence[str] | None = None,
-    **exit_options: Any,
+    exit_spec: ExitSpec | None = None,
 ) -> ray.data.Dataset:
     """`dataset` with `label`, `score` and `exit_layer` columns added (lazily, as Ray Data does).
 
@@ -110,18 +111,22 @@ def predict_dataset(
         threads: torch (or ONNX Runtime) threads per actor; Ray reserves as many CPUs for it.
         keep_columns: the input columns the output keeps (default: all). Chosen here rather than with
             `select_columns`, which would be a step of its own that needs a CPU the actors may all hold.
-        exit_options: `patience`, `exit_criterion`, `exit_threshold`, `max_exit_layer` (default: the model's).
+        exit_spec: the exit setting (default: the model's own).
     """
     if not Path(model).is_dir():
         raise PabeeError(f"model {model} is not a folder.")
     for name, value in (("batch_size", batch_size), ("rows_per_call", rows_per_call), ("threads", threads)):
         if value < 1:
             raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
-    ExitSpec.from_options({name: value for name, value in exit_options.items() if value is not None})
+    if exit_spec is not None:
+        try:
+            load_config(model).build_criterion(exit_spec)
+        except ValueError as error:
+            raise PabeeError(f"exit_spec {exit_spec}: {error}") from None
     _check_columns(dataset, [text_column, text_pair_column, *(keep_columns or ())], keep_columns)
     if concurrency is None:
         concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
-    options = {"batch_size": batch_size, "max_length": max_length, "backend": backend, "exit_options": exit_options}
+    options = {"batch_size": batch_size, "max_length": max_length, "backend": backend, "exit_spec": exit_spec}
     return dataset.map_batches(
         _Predictor,
         fn_constructor_kwargs={
@@ -290,7 +295,7 @@ def _job(args: PredictArguments, root: Path) -> dict[str, Any]:
         "text_column": args.text_column,
         "text_pair_column": args.text_pair_column,
         "max_seq_length": args.max_seq_length,
-        "exit_options": args.exit_options(),
+        "exit_spec": args.exit_spec().describe(with_cap=True),
         "backend": args.backend,
         "dtype": args.dtype,
     }
@@ -356,7 +361,7 @@ def run_ray_predict(args: PredictArguments) -> dict[str, Any]:
             max_length=args.max_seq_length,
             backend=args.backend,
             keep_columns=[*columns, "path"],
-            **args.exit_options(),
+            exit_spec=args.exit_spec(),
         )
         # the text columns are called `text` and `text_pair` in the output, as `pabee predict` writes them
         writer = _ShardWriter(pending, args.output_format, dict(zip(columns, ("text", "text_pair"), strict=False)))

@@ -1,0 +1,375 @@
+"""The HTTP app `pabee serve` runs (FastAPI): dynamic micro-batching and batched early exit behind `/predict`.
+
+Concurrent requests are gathered for up to `max_wait_ms` (or until `max_batch_size` texts are waiting) and run
+together with batched early exit in a single worker thread, so the event loop keeps accepting requests meanwhile.
+The pipeline splits a micro-batch into length-sorted forward passes, and each request is answered as soon as the
+passes holding its texts end; each caller gets exactly its own answers, in its order.
+
+Endpoints:
+
+- `POST /predict` with `{"texts": ["a text", ["a premise", "a hypothesis"], ...]}` (strings, or
+  `[text, text_pair]` pairs, mixed freely) → `{"predictions": [{"label", "score", "exit_layer"}, ...]}`;
+- `GET /health` → `{"status": "ok", ...}` (503 while shutting down);
+- `GET /metrics`: Prometheus text format.
+
+Bad requests get a JSON `{"detail": ...}` and a 4xx status: 400 body is not valid JSON; 422 wrong shape or
+types, an empty list, a pair that is not two strings, an unknown field; 413 more than `max_texts_per_request`
+texts, a text longer than `max_text_chars` characters, or an oversized body. Texts within the limit are
+truncated to `max_seq_length` tokens (pairs: longer part first), as in training. If a forward fails, the
+requests of that batch get a 500 and the server carries on.
+
+Holding up under load and strangers: a request that would make more than `max_queue` texts wait gets 503 with
+`Retry-After` at once (waiting in a long line helps nobody); one not answered within `request_timeout` seconds
+gets 504 and its texts leave the queue unrun. With an API key, /predict and /metrics answer 401 unless the
+request has `Authorization: Bearer <key>`; /health stays open for load balancers. `/metrics` counts layers
+computed and exit layers, so a shift of the mean exit layer (a slowdown attack, drifting inputs) shows.
+
+The server keeps no state between requests, so it scales out as several uvicorn workers (`--workers`) or as
+replicas behind any load balancer. `create_app` takes a ready pipeline; `pabee.serve` builds one from the
+command line's flags and runs the app under uvicorn (or Ray Serve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown, forward_thread
+from .pipeline import Example, PabeePipeline
+
+__all__ = ["RequestError", "create_app", "parse_predict_body"]
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DRAIN_LIMIT = 64 * 2**20  # bytes of an oversized body read (and dropped) so its client gets the 413
+
+_TEXT = {"type": "string"}
+# The body /predict takes, for the OpenAPI schema (the handler parses it itself, to answer in its own words).
+PREDICT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["texts"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "texts": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "oneOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 2, "maxItems": 2}]
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` and `{"detail": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[Example]:
+    """Validate a `/predict` body; `RequestError` (400/413/422) says what is wrong and where."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, f"The body is not valid JSON: {error}.") from None
+    except RecursionError:  # thousands of nested brackets: the parser gives up, and so do we
+        raise RequestError(400, "The body is not valid JSON for this API: it is nested too deeply.") from None
+    if not isinstance(payload, dict):
+        raise RequestError(422, 'The body must be a JSON object like {"texts": ["a text", ...]}.')
+    unknown = sorted(set(payload) - {"texts"})
+    if unknown:
+        raise RequestError(422, f"Unknown field(s) {', '.join(map(repr, unknown))}; the only field is 'texts'.")
+    texts = payload.get("texts")
+    if not isinstance(texts, list):
+        raise RequestError(422, "'texts' must be a list of strings or [text, text_pair] pairs.")
+    if not texts:
+        raise RequestError(422, "'texts' is empty; send at least one text.")
+    if len(texts) > max_texts:
+        raise RequestError(413, f"{len(texts)} texts in one request; the limit is {max_texts}.")
+    examples: list[Example] = []
+    for i, item in enumerate(texts):
+        if isinstance(item, str):
+            parts = [item]
+        elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            parts = item
+        else:
+            raise RequestError(422, f"texts[{i}] must be a string or a [text, text_pair] pair of two strings.")
+        for part in parts:
+            if len(part) > max_chars:
+                raise RequestError(413, f"texts[{i}] has {len(part)} characters; the limit is {max_chars}.")
+        examples.append((parts[0], parts[1] if len(parts) == 2 else None))
+    return examples
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of their own, so several apps in one process never clash."""
+
+    def __init__(self, num_layers: int, queued: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pabee_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "pabee_request_duration_seconds", "Time to answer a /predict request.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.texts = Counter("pabee_texts", "Texts classified.", registry=r)
+        self.batch_size = Histogram("pabee_batch_size", "Texts per forward pass.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram(
+            "pabee_batch_requests", "Requests gathered into one forward pass.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "pabee_batch_duration_seconds", "Time of one batched forward.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_failures = Counter("pabee_batch_failures", "Forward passes that raised.", registry=r)
+        self.exit_layer = Histogram(
+            "pabee_exit_layer", "Layer each text exited at.", buckets=tuple(range(1, num_layers + 1)), registry=r
+        )
+        self.layers = Counter(
+            "pabee_layers_computed", "Encoder layers run, summed over texts (a text exiting at k adds k).", registry=r
+        )
+        self.rejected = Counter("pabee_rejected", "/predict requests refused (503): queue full.", registry=r)
+        self.timeouts = Counter("pabee_timeouts", "/predict requests past --request_timeout (504).", registry=r)
+        self.dropped = Counter("pabee_dropped_texts", "Texts taken out of the queue unrun (timeout).", registry=r)
+        Gauge("pabee_queued_texts", "Texts waiting for a batch.", registry=r).set_function(queued)
+
+    def batch_done(self, num_requests: int, answers: list[dict], seconds: float) -> None:
+        self.batch_size.observe(len(answers))
+        self.batch_requests.observe(num_requests)
+        self.batch_seconds.observe(seconds)
+        self.texts.inc(len(answers))
+        for answer in answers:
+            self.exit_layer.observe(answer["exit_layer"])
+        self.layers.inc(sum(answer["exit_layer"] for answer in answers))
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def _lifespan(batcher: MicroBatcher, run: Callable[[list[Example]], Iterator]) -> Callable:
+    """Start the micro-batcher (and warm the model up: the first request should not pay) with the app; stop it
+    after uvicorn has finished the requests in flight."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        await batcher.call_in_worker(lambda: list(run([("warm up", None)])))
+        yield
+        await batcher.stop()
+
+    return lifespan
+
+
+def _check_limits(max_texts: int, max_chars: int, threads: int | None, request_timeout: float | None) -> None:
+    for name, value in (("max_texts_per_request", max_texts), ("max_text_chars", max_chars)):
+        if value < 1:
+            raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} is invalid; use a whole number >= 1.")
+    if request_timeout is not None and request_timeout <= 0:
+        raise ValueError(f"request_timeout={request_timeout} is invalid; use a number of seconds > 0.")
+
+
+def create_app(
+    pipeline: PabeePipeline,
+    *,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    max_texts_per_request: int = 64,
+    max_text_chars: int = 5000,
+    max_queue: int | None = None,
+    request_timeout: float | None = None,
+    api_key: str | None = None,
+    threads: int | None = None,
+    model_name: str | None = None,
+    executor: ThreadPoolExecutor | None = None,
+    batcher_class: type[MicroBatcher] = MicroBatcher,
+) -> FastAPI:
+    """The FastAPI app serving `pipeline` (its exit options apply to every request).
+
+    `max_queue` (texts) and `request_timeout` (seconds) bound the waiting (503 / 504 beyond them; None: no
+    bound); with `api_key`, /predict and /metrics need `Authorization: Bearer <api_key>`.
+    The micro-batcher starts and stops with the app's lifespan: run it under uvicorn, or in tests inside
+    `with TestClient(app)`. `executor` is the thread the pipeline was loaded in (`forward_thread`); without
+    one, a new thread with `threads` torch threads runs the batches. `batcher_class` gathers them (Ray Serve's:
+    `pabee.ray.serving.ServeBatcher`)."""
+    _check_limits(max_texts_per_request, max_text_chars, threads, request_timeout)
+
+    def run(examples: list[Example]) -> Iterator[tuple[list[int], list[dict]]]:
+        for rows, logits, exit_layers in pipeline.run_batches(examples, batch_size=max_batch_size):
+            yield rows, pipeline.format(logits, exit_layers)
+
+    metrics = _Metrics(pipeline.num_layers, queued=lambda: batcher.queued)
+    batcher = batcher_class(
+        run,
+        max_batch_size,
+        max_wait_ms / 1000,
+        on_batch=metrics.batch_done,
+        on_failure=lambda error: metrics.batch_failures.inc(),
+        on_withdraw=metrics.dropped.inc,
+        executor=executor or forward_thread(threads),
+        max_queue=max_queue,
+    )
+    info = {  # what /health shows (never the API key)
+        "model": model_name or str(getattr(pipeline.model.config, "name_or_path", "")),
+        "labels": pipeline.labels,
+        "num_layers": pipeline.num_layers,
+        "exit_options": pipeline.exit_spec.changes_from(pipeline.model.config.exit_spec),
+        "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms,
+        "max_texts_per_request": max_texts_per_request,
+        "max_text_chars": max_text_chars,
+        "max_queue": max_queue,
+        "request_timeout": request_timeout,
+        "max_seq_length": pipeline.max_length,
+    }
+
+    app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=_lifespan(batcher, run))
+    app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
+    key = api_key.encode() if api_key else None
+    _add_routes(app, batcher, metrics, info, key)
+    app.add_middleware(_RefuseWhenFull, batcher=batcher, metrics=metrics, api_key=key)
+    return app
+
+
+async def _read_body(request: Request, max_body: int) -> bytes:
+    """The body, or 413 when it is larger than `max_body` bytes (declared or streamed).
+
+    An oversized body is still read to its end (and dropped), up to `DRAIN_LIMIT` bytes: a server that answers
+    and closes while the client is still sending makes the client see a connection reset, not the 413.
+    """
+    declared = request.headers.get("content-length")
+    too_large = declared is not None and declared.isdigit() and int(declared) > max_body
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        too_large = too_large or size > max_body
+        if too_large and size > DRAIN_LIMIT:
+            break
+        if not too_large:
+            chunks.append(chunk)
+    if too_large:
+        raise RequestError(413, f"The body has {declared or f'over {max_body}'} bytes; the limit is {max_body}.")
+    return b"".join(chunks)
+
+
+def _authorized(authorization: str | None, api_key: bytes | None) -> bool:
+    """Whether an `Authorization` header value is `Bearer <api_key>` (always true without a key)."""
+    if api_key is None:
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    # compare_digest takes as long for a near miss as for a far one, so timing tells nothing about the key.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
+
+
+def _refusal(error: Overloaded, metrics: _Metrics) -> JSONResponse:
+    """The 503 with `Retry-After` for a request the queue cannot take, counted wherever it is refused."""
+    metrics.rejected.inc()
+    return _error(503, str(error), {"Retry-After": str(error.retry_after)})
+
+
+def _unauthorized() -> JSONResponse:
+    return _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", {"WWW-Authenticate": "Bearer"})
+
+
+async def _answer_predict(
+    request: Request, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], max_body: int
+) -> Response:
+    """Parse, queue and answer one /predict request (every failure as its JSON status)."""
+    try:
+        examples = parse_predict_body(
+            await _read_body(request, max_body), info["max_texts_per_request"], info["max_text_chars"]
+        )
+        return JSONResponse({"predictions": await batcher.submit(examples)})
+    except RequestError as error:
+        return _error(error.status, error.message)
+    except Overloaded as error:
+        return _refusal(error, metrics)
+    except BatchFailed as error:
+        return _error(500, f"Inference failed for the batch holding this request ({error}).")
+    except ShuttingDown as error:
+        return _error(503, str(error))
+
+
+class _RefuseWhenFull:
+    """ASGI middleware: a /predict arriving while the queue is full gets its 503 before FastAPI parses anything.
+
+    Under a flood most requests are refused, and on a small machine the CPU that refusing takes is the model's:
+    the cheaper a refusal, the more of the capacity is left for the requests that were admitted.
+    """
+
+    def __init__(self, app: Any, batcher: MicroBatcher, metrics: _Metrics, api_key: bytes | None) -> None:
+        self.app, self.batcher, self.metrics, self.key = app, batcher, metrics, api_key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or not self.batcher.full:
+            return await self.app(scope, receive, send)
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if not _authorized(authorization, self.key):
+            return await self.app(scope, receive, send)  # a stranger hears 401, not how busy we are
+        await _refusal(self.batcher.overloaded(), self.metrics)(scope, receive, send)
+        self.metrics.requests.labels("/predict", "503").inc()
+
+
+def _add_routes(
+    app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], key: bytes | None
+) -> None:
+    """`POST /predict`, `GET /health` and `GET /metrics`, as the module docstring describes."""
+    timeout = info["request_timeout"]
+    # Each JSON-escaped character takes at most 6 bytes; beyond that the body cannot be a valid request.
+    max_body = 6 * info["max_texts_per_request"] * (2 * info["max_text_chars"] + 8) + 4096
+
+    @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
+    async def predict(request: Request) -> Response:
+        start = time.perf_counter()
+        if not _authorized(request.headers.get("authorization"), key):
+            response = _unauthorized()
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await _answer_predict(request, batcher, metrics, info, max_body)
+            except TimeoutError:
+                metrics.timeouts.inc()
+                response = _error(504, f"No answer within --request_timeout {timeout} s; the request was dropped.")
+        metrics.requests.labels("/predict", str(response.status_code)).inc()
+        metrics.latency.observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/health")
+    async def health() -> Response:
+        if batcher.closing:
+            metrics.requests.labels("/health", "503").inc()
+            return JSONResponse({"status": "shutting down", **info}, status_code=503)
+        metrics.requests.labels("/health", "200").inc()
+        return JSONResponse({"status": "ok", **info})
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        if not _authorized(request.headers.get("authorization"), key):
+            metrics.requests.labels("/metrics", "401").inc()
+            return _unauthorized()
+        metrics.requests.labels("/metrics", "200").inc()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
