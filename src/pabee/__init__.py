@@ -15,6 +15,7 @@ from .exits import (
     EntropyCriterion,
     ExitCriterion,
     ExitSpec,
+    ExitSweep,
     ExitTracker,
     PatienceConfidenceCriterion,
     PatienceCriterion,
@@ -23,9 +24,10 @@ from .exits import (
     make_criterion,
     sweep_exit_layers,
 )
+from .folders import load_runtime
 from .hf_pipeline import EarlyExitClassificationPipeline
 from .hf_pipeline import register as _register_pipeline_task
-from .modeling import PabeeForSequenceClassification, PabeeOutput, PabeePreTrainedModel
+from .modeling import PabeeForSequenceClassification, PabeeOutput, PabeePreTrainedModel, Runtime, infer
 from .pipeline import PabeePipeline, pipeline
 from .pretrained import bundled_model_path
 from .version import __version__
@@ -43,6 +45,7 @@ __all__ = [
     "EntropyCriterion",
     "ExitCriterion",
     "ExitSpec",
+    "ExitSweep",
     "ExitTracker",
     "PabeeConfig",
     "PabeeForSequenceClassification",
@@ -51,10 +54,13 @@ __all__ = [
     "PabeePreTrainedModel",
     "PatienceConfidenceCriterion",
     "PatienceCriterion",
+    "Runtime",
     "StaticCriterion",
     "__version__",
     "adapter_for",
     "bundled_model_path",
+    "infer",
+    "load_runtime",
     "logits_at_exit",
     "make_criterion",
     "pipeline",

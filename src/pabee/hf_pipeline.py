@@ -8,8 +8,8 @@
 
 It is transformers' text-classification pipeline (same inputs, `top_k`, `function_to_apply`, `batch_size`,
 `device`) with each answer's exit layer added, inputs truncated to `max_length` tokens (128, as in training) unless
-`truncation` is given, and the exit settings (`patience`, `exit_criterion`,
-`exit_threshold`, `max_exit_layer`) accepted at creation or per call. Plain `"text-classification"` works too,
+`truncation` is given, and the exit settings accepted as keywords (`patience=2`; every name in
+`pabee.exits.EXIT_KEYWORDS`) at creation or per call. Plain `"text-classification"` works too,
 without exit layers. `pabee.pipeline` is the faster choice for large inputs: it sorts texts by length before
 batching.
 """

@@ -326,7 +326,7 @@ def pipeline(
 
     Keyword arguments are `PabeePipeline`'s, plus `backend`, `threads`, `dtype` and `attn_implementation` when
     loading from a folder (an export from `pabee export` runs on ONNX Runtime); the exit setting is `exit_spec`,
-    or its fields as keywords (`patience=2`, `exit_criterion="confidence"`, ...) over the model's own.
+    or its fields as keywords (`patience=2`, any name in `pabee.exits.EXIT_KEYWORDS`) over the model's own.
     """
     keywords = {name: kwargs.pop(name) for name in EXIT_KEYWORDS if name in kwargs}
     loading = {name: kwargs.pop(name, None) for name in ("backend", "threads", "dtype", "attn_implementation")}
