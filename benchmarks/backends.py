@@ -16,84 +16,67 @@ each backend's own metric at that setting is reported). Timing uses the first `-
     python benchmarks/backends.py --model MRPC=runs/mrpc --model SST-2=runs/sst2
 """
 
-from __future__ import annotations
-
-import argparse
 import json
-import os
-import random
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+import common
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pabee import sweep_exit_layers  # noqa: E402
-from pabee.bench import make_batches  # noqa: E402
-from pabee.data import load_glue  # noqa: E402
-from pabee.exits import ExitSpec, logits_at_exit  # noqa: E402
-from pabee.glue import get_task  # noqa: E402
-from pabee.metrics import compute_metrics  # noqa: E402
-from pabee.onnx_export import export_full_model, export_onnx  # noqa: E402
-from pabee.onnx_model import OnnxPabeeModel, session_options  # noqa: E402
-from pabee.pipeline import load_model_folder  # noqa: E402
-from pabee.provenance import provenance, write_atomic, write_json  # noqa: E402
+from pabee import infer, load_runtime
+from pabee.bench import make_batches
+from pabee.exits import ExitSpec, logits_at_exit, sweep_exit_layers
+from pabee.glue import get_task
+from pabee.metrics import compute_metrics
 
 CONFIDENCES = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+FULL = ExitSpec("patience", patience=0)
 
 
-def dev_set(task_name: str, glue_dir: Path, tokenizer, max_length: int = 128):
-    task = get_task(task_name)
-    data = load_glue(task, glue_dir, train=False, evaluate=True, test=False)
-    dev = data.eval[task.eval_splits[0].name]
-    pairs = dev["text_pair"] if "text_pair" in dev.column_names else [None] * len(dev)
-    features = []
-    for text, pair in zip(dev["text"], pairs, strict=True):
-        encoded = tokenizer(text, pair, truncation=True, max_length=max_length, return_tensors="pt")
-        features.append({k: v[0] for k, v in encoded.items()})
-    return task, features, np.asarray(dev["label"])
+class DevSet:
+    """A task's dev set, tokenized: features (unpadded), labels, and batches of 32 in length order."""
+
+    def __init__(self, task_name: str, glue_dir: str, tokenizer) -> None:
+        self.task = get_task(task_name)
+        examples, self.labels = common.glue_split(task_name, glue_dir)
+        self.features = common.features(tokenizer, examples)
+        self.pad = tokenizer.pad_token_id or 0
+        self.order = common.length_order(self.features)
+        self.batches = make_batches(self.features, 32, self.pad, True)
+
+    def in_dev_order(self, sorted_rows: torch.Tensor) -> torch.Tensor:
+        """Rows of a pass over the length-sorted batches put back in the dev file's order, the labels' order."""
+        rows = torch.empty_like(sorted_rows)
+        rows[torch.tensor(self.order)] = sorted_rows
+        return rows
+
+    def score(self, logits: torch.Tensor) -> float:
+        """The task's main metric of logits in dev order."""
+        return compute_metrics(self.task.metrics, logits.argmax(-1).numpy(), self.labels)[self.task.main_metric]
+
+    def timing_batches(self, batch_examples: int, single_examples: int) -> dict[str, list[dict]]:
+        """What a speed is measured on: the first `batch_examples` in length-sorted batches of 32, the first
+        `single_examples` one at a time."""
+        return {
+            "batch 32": make_batches(self.features[:batch_examples], 32, self.pad, True),
+            "batch 1": make_batches(self.features[:single_examples], 1, self.pad, False),
+        }
 
 
-def length_order(features: list) -> list[int]:
-    """The dev indices in the order `make_batches(..., sort=True)` puts them: shortest first."""
-    return sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-
-
-def in_dev_order(sorted_rows: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """Rows of a pass over length-sorted batches put back in the dev file's order, the labels' order."""
-    rows = torch.empty_like(sorted_rows)
-    rows[torch.tensor(order)] = sorted_rows
-    return rows
-
-
-def timing_batches(features: list, pad: int, batch_examples: int, single_examples: int) -> dict[str, list[dict]]:
-    """What a speed is measured on: the first `batch_examples` in length-sorted batches of 32, the first
-    `single_examples` one at a time."""
-    return {
-        "batch 32": make_batches(features[:batch_examples], 32, pad, True),
-        "batch 1": make_batches(features[:single_examples], 1, pad, False),
-    }
-
-
-def choose_settings(model, batches, order, labels, task) -> tuple[dict[str, ExitSpec], float]:
+def choose_settings(model, dev: DevSet) -> tuple[dict[str, ExitSpec], float]:
     """The fastest patience and confidence setting within one point of the full model (torch fp32, one pass)."""
     with torch.inference_mode():
-        all_logits = in_dev_order(torch.cat([model(**b, output_all_logits=True).all_logits for b in batches]), order)
-    metric = task.main_metric
+        layers = [infer(model, b, FULL, all_layers=True).all_logits for b in dev.batches]
+    all_logits = dev.in_dev_order(torch.cat(layers))
 
     def score(spec: ExitSpec) -> tuple[float, float]:
-        exits = sweep_exit_layers(model.get_exit_criterion(spec), all_logits)
-        chosen = logits_at_exit(all_logits, exits).argmax(-1).numpy()
-        return compute_metrics(task.metrics, chosen, labels)[metric], float(exits.float().mean())
+        exits = sweep_exit_layers(model.config.build_criterion(spec), all_logits)
+        return dev.score(logits_at_exit(all_logits, exits)), float(exits.float().mean())
 
-    full, _ = score(ExitSpec("patience", patience=0))
+    full, _ = score(FULL)
     candidates = {
         "patience": [ExitSpec("patience", patience=p) for p in range(1, model.num_layers - 1)],
         "confidence": [ExitSpec("confidence", threshold=t) for t in CONFIDENCES],
@@ -107,10 +90,12 @@ def choose_settings(model, batches, order, labels, task) -> tuple[dict[str, Exit
 
 
 class WholeGraph:
-    """ONNX Runtime with the full model in one graph."""
+    """ONNX Runtime with the full model in one graph; a forward returns (logits, None: no exit layers)."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
+
+        from pabee.onnx_model import session_options
 
         options = session_options(threads)  # the process-wide pool when the pabee sessions made one
         if options.use_per_session_threads:
@@ -119,130 +104,104 @@ class WholeGraph:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, **batch):
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, None]:
         feed = {name: np.ascontiguousarray(batch[name].numpy(), dtype=np.int64) for name in self.inputs}
         return torch.from_numpy(self.session.run(None, feed)[0]), None
 
 
-def variants_for(folder: Path, work: Path, threads: int, specs: dict[str, ExitSpec]) -> dict:
+def export(folder: str, work: Path, precisions: tuple[str, ...] = ("fp32", "int8")) -> None:
+    """Per precision: pabee's per-layer export in `work/<precision>`, the whole graph in `work/whole_<precision>`."""
+    from pabee.onnx_export import export_full_model, export_onnx
+
+    for precision in precisions:
+        quantize = None if precision == "fp32" else precision
+        export_onnx(folder, work / precision, quantize=quantize)
+        export_full_model(folder, work / f"whole_{precision}.onnx", quantize)
+
+
+def engine(model, spec: ExitSpec):
+    """A forward of any runtime at one exit setting: batch → (logits, exit layers)."""
+
+    def run(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = infer(model, batch, spec)
+        return out.logits.float(), out.exit_layers
+
+    return run
+
+
+def variants_for(folder: str, work: Path, threads: int, specs: dict[str, ExitSpec]) -> dict:
     """name → forward(batch) → (logits, exit_layers or None)."""
-    torch_fp32 = load_model_folder(folder)
-    torch_bf16 = load_model_folder(folder, dtype="bfloat16")
-    ort_models = {p: OnnxPabeeModel(work / p, threads=threads) for p in ("fp32", "int8")}
-
-    def engine(model, spec):
-        def run(**batch):
-            out = model(**batch, exit_spec=spec)
-            return out.logits.float(), out.exit_layers
-
-        return run
-
-    full = ExitSpec("patience", patience=0)
-    out = {"torch fp32 full": engine(torch_fp32, full)}
+    torch_fp32, torch_bf16 = load_runtime(folder), load_runtime(folder, dtype="bfloat16")
+    out = {"torch fp32 full": engine(torch_fp32, FULL)}
     out.update({f"torch fp32 {n}": engine(torch_fp32, s) for n, s in specs.items()})
-    out["torch bf16 full"] = engine(torch_bf16, full)
+    out["torch bf16 full"] = engine(torch_bf16, FULL)
     out["torch bf16 patience"] = engine(torch_bf16, specs["patience"])
-    for precision, model in ort_models.items():
+    for precision in ("fp32", "int8"):
+        model = load_runtime(work / precision, threads=threads)
         out[f"ORT {precision} whole graph"] = WholeGraph(work / f"whole_{precision}.onnx", threads)
-        out[f"pabee ORT {precision} patience 0"] = engine(model, full)
+        out[f"pabee ORT {precision} patience 0"] = engine(model, FULL)
         out.update({f"pabee ORT {precision} {n}": engine(model, s) for n, s in specs.items()})
     return out
 
 
-def exit_agreement(exits_of: dict) -> dict[str, float]:
-    """Share of examples whose exit layer on ONNX Runtime equals torch fp32's at the same setting."""
-    out = {}
+def quality(variants: dict, dev: DevSet) -> tuple[dict[str, tuple], dict[str, float]]:
+    """Each variant's metric and mean exit layer on the whole dev set; the share of examples whose exit layer on
+    ONNX Runtime equals torch fp32's at the same setting."""
+    scores, exits_of = {}, {}
+    for name, forward in variants.items():
+        with torch.inference_mode():
+            outs = [forward(b) for b in dev.batches]
+        exits = exits_of[name] = None if outs[0][1] is None else torch.cat([o[1] for o in outs])
+        metric = dev.score(dev.in_dev_order(torch.cat([o[0] for o in outs])))
+        scores[name] = (metric, None if exits is None else exits.float().mean().item())
+    agreement = {}
     for name, exits in exits_of.items():
         if name.startswith("pabee ORT") and exits is not None:
             setting = name.split(" ", 3)[3].replace("patience 0", "full")
-            out[name] = float((exits == exits_of[f"torch fp32 {setting}"]).float().mean())
-    return out
+            agreement[name] = float((exits == exits_of[f"torch fp32 {setting}"]).float().mean())
+    return scores, agreement
 
 
-def layer_logits_difference(folder: Path, work: Path, features: list, pad: int) -> float:
+def layer_logits_difference(folder: str, work: Path, dev: DevSet) -> float:
     """Largest difference between torch fp32 and ONNX Runtime fp32 logits over every layer and example."""
-    model, onnx = load_model_folder(folder), OnnxPabeeModel(work / "fp32")
-    worst = 0.0
+    models, worst = (load_runtime(folder), load_runtime(work / "fp32")), 0.0
     with torch.inference_mode():
-        for batch in make_batches(features, 32, pad, True):
-            expected = model(**batch, output_all_logits=True).all_logits
-            worst = max(worst, float((onnx(**batch, output_all_logits=True).all_logits - expected).abs().max()))
+        for batch in dev.batches:
+            expected, got = (infer(m, batch, FULL, all_layers=True).all_logits for m in models)
+            worst = max(worst, float((got - expected).abs().max()))
     return worst
 
 
-def time_round(variants: dict, data: list, rng: random.Random, timings: dict) -> None:
-    order = list(variants)
-    rng.shuffle(order)
-    for name in order:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for batch in data:
-                variants[name](**batch)
-        timings.setdefault(name, []).append(time.perf_counter() - start)
-
-
-def time_modes(variants: dict, features: list, pad: int, args) -> Iterator[tuple[str, dict[str, list[float]], int]]:
-    """For length-sorted batches of 32 and for one example at a time: (mode, seconds of each round by variant,
-    examples per round), the variants interleaved in a shuffled order every round after a warm-up."""
-    for mode, data in timing_batches(features, pad, args.timed_examples, args.bs1_examples).items():
-        timings: dict[str, list[float]] = {}
-        rng = random.Random(0)
-        time_round(variants, data[:2], rng, {})  # warm-up
-        for _ in range(args.repeats):
-            time_round(variants, data, rng, timings)
-        yield mode, timings, sum(len(b["input_ids"]) for b in data)
-
-
-def measure(args, name: str, folder: Path, work: Path) -> list[dict]:
+def measure_task(args, name: str, folder: str, work: Path) -> list[dict]:
+    """Every row of one task: each thread count, mode and variant."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    task, features, labels = dev_set(name, Path(args.glue_dir), tokenizer)
-    pad = tokenizer.pad_token_id or 0
+    dev = DevSet(name, args.glue_dir, AutoTokenizer.from_pretrained(folder))
     torch.set_num_threads(2)
-    order = length_order(features)
-    batches = make_batches(features, 32, pad, True)
-    specs, full_metric = choose_settings(load_model_folder(folder), batches, order, labels, task)
-    difference = layer_logits_difference(folder, work, features, pad)
+    specs, full_metric = choose_settings(load_runtime(folder), dev)
+    difference = layer_logits_difference(folder, work, dev)
     print(
         f"{name}: every layer's logits, torch fp32 vs ONNX Runtime fp32: max |diff| {difference:.2e}", file=sys.stderr
     )
-    rows, quality, exits_of, agreement = [], {}, {}, {}
+    fixed = {"task": name, "metric": dev.task.main_metric, "full_metric": full_metric}
+    fixed |= {"setting": {n: s.label for n, s in specs.items()}, "layer_logits_max_diff": difference}
+    rows, scores, agreement = [], None, {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         variants = variants_for(folder, work, threads, specs)
-        for vname, forward in variants.items() if not quality else ():  # metrics once: the whole dev set
-            with torch.inference_mode():
-                outs = [forward(**b) for b in batches]
-            predictions = in_dev_order(torch.cat([o[0] for o in outs]), order).argmax(-1).numpy()
-            exits = torch.cat([o[1] for o in outs]) if outs[0][1] is not None else None
-            exits_of[vname] = exits
-            average = None if exits is None else exits.float().mean().item()
-            quality[vname] = (compute_metrics(task.metrics, predictions, labels)[task.main_metric], average)
-        agreement = agreement or exit_agreement(exits_of)
-        for mode, timings, count in time_modes(variants, features, pad, args):
+        if scores is None:  # metrics once: the whole dev set
+            scores, agreement = quality(variants, dev)
+        for mode, data in dev.timing_batches(args.timed_examples, args.bs1_examples).items():
+            timings, count = common.time_passes(variants, data, args.repeats), sum(len(b["input_ids"]) for b in data)
             base = count / statistics.median(timings["torch fp32 full"])
-            for vname in variants:
-                seconds = timings[vname]
+            for vname, seconds in timings.items():
                 speed = count / statistics.median(seconds)
-                metric, exit_layer = quality[vname]
                 rows.append(
-                    {
-                        "task": name,
-                        "threads": threads,
-                        "mode": mode,
-                        "variant": vname,
-                        "metric": task.main_metric,
-                        "value": metric,
-                        "full_metric": full_metric,
-                        "avg_exit_layer": exit_layer,
-                        "examples_per_s": speed,
-                        "over_torch_full": speed / base,
-                        "spread_pct": 100 * (max(seconds) - min(seconds)) / statistics.median(seconds),
-                        "setting": {n: s.label for n, s in specs.items()},
-                        "exits_equal_torch": agreement.get(vname),
-                        "layer_logits_max_diff": difference,
-                    }
+                    fixed
+                    | {"threads": threads, "mode": mode, "variant": vname, "value": scores[vname][0]}
+                    | {"avg_exit_layer": scores[vname][1], "examples_per_s": speed, "over_torch_full": speed / base}
+                    | {"spread_pct": 100 * (max(seconds) - min(seconds)) / statistics.median(seconds)}
+                    | {"exits_equal_torch": agreement.get(vname)}
                 )
             print(f"{name} {threads} threads {mode}: done", file=sys.stderr)
     return rows
@@ -254,7 +213,7 @@ def render(report: dict) -> str:
         "# Early exit on ONNX Runtime: torch vs ONNX Runtime fp32 / int8",
         "",
         f"`{p['command']}`  ",
-        f"{p['date']}; {p['hardware']['cpu']} ({', '.join(p['hardware']['cpu_flags'])}); torch "
+        f"{p['date']}; {common.cpu(p)}; torch "
         f"{p['versions']['torch']}, onnxruntime {report['onnxruntime']}; median of {report['repeats']} interleaved "
         f"rounds after a warm-up. Metric on the whole dev set; speed on the first {report['timed_examples']} "
         f"examples (length-sorted batches of 32) and the first {report['bs1_examples']} (one at a time). "
@@ -271,73 +230,60 @@ def render(report: dict) -> str:
     for (task, threads, mode), rows in groups.items():
         settings = ", ".join(f"{k} {v}" for k, v in rows[0]["setting"].items())
         lines += [f"## {task}, {threads} thread(s), {mode} (settings: {settings})", ""]
-        head = (
-            f"| Variant | {rows[0]['metric']} | Avg. exit layer | Exits = torch | ex/s | × torch fp32 full | Spread |"
-        )
-        lines += [head, "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            layer = "—" if r["avg_exit_layer"] is None else f"{r['avg_exit_layer']:.2f}"
-            same = "—" if r["exits_equal_torch"] is None else f"{100 * r['exits_equal_torch']:.1f}%"
-            lines.append(
-                f"| {r['variant']} | {100 * r['value']:.1f} | {layer} | {same} | {r['examples_per_s']:.1f} | "
-                f"{r['over_torch_full']:.2f} | {r['spread_pct']:.0f}% |"
-            )
+        head = ["Variant", rows[0]["metric"], "Avg. exit layer", "Exits = torch", "ex/s", "× torch fp32 full"]
+        lines += common.table([*head, "Spread"], [_cells(r) for r in rows])
         lines += [
             "",
             f"Every layer's logits, torch fp32 vs ONNX Runtime fp32: max diff {rows[0]['layer_logits_max_diff']:.1e}",
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
+
+
+def _cells(r: dict) -> list:
+    layer = "—" if r["avg_exit_layer"] is None else f"{r['avg_exit_layer']:.2f}"
+    same = "—" if r["exits_equal_torch"] is None else f"{100 * r['exits_equal_torch']:.1f}%"
+    speed = [f"{r['examples_per_s']:.1f}", f"{r['over_torch_full']:.2f}", f"{r['spread_pct']:.0f}%"]
+    return [r["variant"], f"{100 * r['value']:.1f}", layer, same, *speed]
+
+
+def measure(args) -> dict:
+    from importlib.metadata import version
+
+    rows = []
+    for name, folder in common.task_models(args).items():
+        with tempfile.TemporaryDirectory() as tmp:
+            export(folder, Path(tmp))
+            rows += measure_task(args, name, folder, Path(tmp))
+    path, runs = Path(args.output).with_suffix(".json"), [None]
+    if args.keep_other_threads and path.is_file():
+        earlier = json.loads(path.read_text())
+        kept = [r for r in earlier["rows"] if r["threads"] not in args.threads]
+        rows = sorted(kept + rows, key=lambda r: (r["task"] != "MRPC", -r["threads"]))
+        runs = [*earlier.get("runs", [earlier["provenance"]]), None]
+    report = common.report(
+        **{k: getattr(args, k) for k in ("repeats", "timed_examples", "bs1_examples")},
+        onnxruntime=version("onnxruntime"),
+        rows=rows,
+        provenance={"model": common.task_models(args)},
+    )
+    report["runs"] = [r or report["provenance"] for r in runs]  # one provenance per process that made rows
+    return report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, help="TASK=FOLDER, e.g. MRPC=runs/mrpc")
-    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue")))
+    parser = common.parser(__doc__, "backends", threads=None)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--timed_examples", type=int, default=256)
     parser.add_argument("--bs1_examples", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "backends"))
     parser.add_argument(
         "--keep_other_threads",
         action="store_true",
         help="Keep the rows of other thread counts already in --output.json (ONNX Runtime's shared thread pool is "
         "sized once per process, so each thread count runs in a process of its own).",
     )
-    args = parser.parse_args()
-    rows = []
-    for item in args.model:
-        name, _, folder = item.partition("=")
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            export_onnx(folder, work / "fp32")
-            export_onnx(folder, work / "int8", quantize="int8")
-            for precision in ("fp32", "int8"):
-                export_full_model(folder, work / f"whole_{precision}.onnx", None if precision == "fp32" else "int8")
-            rows += measure(args, name, Path(folder), work)
-    from importlib.metadata import version
-
-    out = Path(args.output)
-    if args.keep_other_threads and out.with_suffix(".json").is_file():
-        earlier = json.loads(out.with_suffix(".json").read_text())
-        kept = [r for r in earlier["rows"] if r["threads"] not in args.threads]
-        rows = sorted(kept + rows, key=lambda r: (r["task"] != "MRPC", -r["threads"]))
-        runs = [*earlier.get("runs", [earlier["provenance"]]), None]
-    else:
-        runs = [None]
-    report = {
-        "provenance": provenance(model={m.partition("=")[0]: m.partition("=")[2] for m in args.model}),
-        "onnxruntime": version("onnxruntime"),
-        "repeats": args.repeats,
-        "timed_examples": args.timed_examples,
-        "bs1_examples": args.bs1_examples,
-        "rows": rows,
-    }
-    report["runs"] = [r or report["provenance"] for r in runs]  # one provenance per process that made rows
-    write_json(out.with_suffix(".json"), report)
-    write_atomic(out.with_suffix(".md"), render(report) + "\n")
-    print(render(report))
+    common.write_report(parser.parse_args(), measure, render)
 
 
 if __name__ == "__main__":

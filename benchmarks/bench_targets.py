@@ -8,8 +8,6 @@ here rather than in `pabee.bench`:
 Prints one Markdown table per file; with `--strict` the exit code is 1 when a measured target is missed.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys

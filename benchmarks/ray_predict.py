@@ -1,65 +1,37 @@
-"""Ray Data vs single-process `pabee predict` on all SST-2 training sentences (67k), on this machine.
+"""Ray Data vs single-process `pabee predict` on the SST-2 training sentences (67k), on this machine (ray.md).
 
 Each variant is the real command in its own process, timed from start to exit (model load, Ray start, reading
-and writing included), interleaved over `--rounds` rounds so that noise hits them alike:
-
-- `single`: `pabee predict --threads T` (one process, T torch threads);
-- `ray AxB`: `pabee predict --ray --concurrency A --threads B` (A actors of B threads; A x B = T), on a local
-  Ray the command starts itself.
-
-A run on 16 sentences measures each variant's fixed cost (start-up), so the steady throughput can be told from
-it. Predictions of every Ray variant are compared with the single-process ones (labels and exit layers equal,
-largest score difference). Target (issue #15): Ray Data within 15% of single-process throughput.
+and writing included), interleaved over `--rounds`: `single` (`pabee predict --threads T`) and `ray AxB`
+(`--ray --concurrency A --threads B`, A x B = T, on a local Ray the command starts). A run on 16 sentences measures
+each variant's start-up, so the steady throughput can be told from it; Ray's predictions are compared with
+single-process ones. Target (issue #15): within 15% of single-process throughput. The .md ends with the
+hand-written plan for N machines, `--output`_plan.md.
 
     python benchmarks/ray_predict.py --model runs/sst2 --threads 2 --rounds 2    # ~25 min on 2 cores
-
-Results: `--output`.json (every run, provenance) and .md (rendered with the plan for N machines).
 """
-
-from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+import common
 
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="runs/sst2", help="A fine-tuned PABEE model folder.")
-    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", "../shared/glue"))
-    parser.add_argument("--threads", type=int, default=2, help="Threads in total for every variant.")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max_examples", type=int, default=None, help="Use only the first N training sentences.")
-    parser.add_argument("--output", default=str(RESULTS / "ray"), help="Results path without suffix.")
-    parser.add_argument("--render_only", action="store_true", help="Re-render the .md from the .json.")
-    return parser.parse_args()
+APPENDIX = "_plan.md"  # the hand-written plan for N machines, after the rendered part
 
 
 def variants(threads: int) -> dict[str, list[str]]:
     out = {"single": ["--threads", str(threads)]}
-    for actors in (threads, 1):
-        out[f"ray {actors}x{threads // actors}"] = [
-            "--ray",
-            "--concurrency",
-            str(actors),
-            "--threads",
-            str(threads // actors),
-        ]
-        if threads == 1:
-            break
+    for actors in sorted({threads, 1}, reverse=True):
+        each = str(threads // actors)
+        out[f"ray {actors}x{each}"] = ["--ray", "--concurrency", str(actors), "--threads", each]
     return out
 
 
@@ -108,9 +80,6 @@ def write_inputs(glue_dir: Path, folder: Path, limit: int | None) -> tuple[Path,
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "src"))
-    from pabee.provenance import provenance
-
     runs, comparisons = [], []
     with tempfile.TemporaryDirectory(prefix="pabee-ray-bench-") as tmp:
         folder = Path(tmp)
@@ -135,18 +104,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.rmtree(sub)
     from importlib.metadata import version
 
-    return {
-        "provenance": provenance(
-            model=args.model,
-            data=str(Path(args.glue_dir) / "SST-2" / "train.tsv"),
-            ray=version("ray"),
-            examples=count,
-            threads=args.threads,
-        ),  # fmt: skip
-        "runs": runs,
-        "comparisons": comparisons,
-        "summary": summarise(runs, count),
-    }
+    source = {"model": args.model, "data": str(Path(args.glue_dir) / "SST-2" / "train.tsv"), "ray": version("ray")}
+    return common.report(
+        runs=runs,
+        comparisons=comparisons,
+        summary=summarise(runs, count),
+        provenance={**source, "examples": count, "threads": args.threads},
+    )
 
 
 def summarise(runs: list[dict], count: int) -> dict[str, Any]:
@@ -212,17 +176,9 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    args = parse_args()
-    output = Path(args.output)
-    if args.render_only:
-        results = json.loads(output.with_suffix(".json").read_text())
-    else:
-        results = measure(args)
-        output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    plan = output.with_name(output.name + "_plan.md")
-    text = render(results) + (("\n" + plan.read_text()) if plan.is_file() else "")
-    output.with_suffix(".md").write_text(text)
-    print(text)
+    parser = common.parser(__doc__, "ray", model="runs/sst2", rounds=2)
+    parser.add_argument("--max_examples", type=int, default=None, help="Use only the first N training sentences.")
+    common.write_report(parser.parse_args(), measure, render, APPENDIX)
 
 
 if __name__ == "__main__":

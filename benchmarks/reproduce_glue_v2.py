@@ -1,7 +1,7 @@
 """Reproduction v2: do better early layers (self-distillation) buy speed at equal quality, and does adaptive exit
 beat simply truncating the model? The bundled 6-layer MiniLM on SST-2 (8k training subset), MRPC, RTE, CoLA, STS-B.
 
-Per task, with `reproduce_glue.HYPER` (3 epochs, batch 32, lr 1e-4, seed 42):
+Per task, with HYPER (3 epochs, batch 32, lr 1e-4, seed 42):
   - baseline: plain fine-tuning (no internal classifiers), its dev predictions kept;
   - pabee: PABEE's loss as in the paper;
   - pabee_distill: PABEE's loss plus self-distillation (DISTILLATION);
@@ -16,29 +16,28 @@ Every finished step is kept under --work_dir and skipped when the script runs ag
     python benchmarks/reproduce_glue_v2.py                      # train what is missing, analyse, time, report
     python benchmarks/reproduce_glue_v2.py --phase train        # only the training runs
     python benchmarks/reproduce_glue_v2.py --pooling_runs       # also PABEE with the other pooling (cls / mean)
-    python benchmarks/reproduce_glue_v2.py --phase report       # re-render glue_minilm_v2.{md,json,png}
+    python benchmarks/reproduce_glue_v2.py --phase report       # glue_minilm_v2.{json,md,png} from --work_dir
+    python benchmarks/reproduce_glue_v2.py --render_only        # glue_minilm_v2.md from glue_minilm_v2.json
 """
 
-from __future__ import annotations
-
-import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+import common
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pabee.calibrate import fastest_within, split_halves, task_score
+from pabee.glue import get_task
+from pabee.metrics import compute_metrics
+from pabee.provenance import write_json
 
-from reproduce_glue import HYPER, RESULTS, ROOT, parse_limits, run, run_glue_command, train_baseline  # noqa: E402
-
-from pabee.calibrate import fastest_within, split_halves, task_score  # noqa: E402
-from pabee.glue import get_task  # noqa: E402
-from pabee.metrics import compute_metrics  # noqa: E402
-from pabee.provenance import write_json  # noqa: E402
-
+HYPER = {"epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "max_seq_length": 128, "seed": 42}
+PATIENCES = "1,2,3,4,5"
 TASKS = "MRPC,SST-2,RTE,CoLA,STS-B"
 DISTILLATION = {"weight": 0.5, "temperature": 2.0}
 # Pair regression needs the [CLS] state (mean pooling: STS-B 73.6 vs 85.0 at full depth, glue_minilm.md).
@@ -55,6 +54,83 @@ CRITERIA = ("patience", "confidence", "entropy", "static")
 MAX_DROP = 1.0  # points below plain fine-tuning
 SPLIT_SEED = 0
 REGRESSION_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)  # STS-B's scores run 0-5
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+
+def train_baseline(
+    task_name: str, glue_dir: str, out: Path, max_train_samples: int | None, num_layers: int | None = None
+) -> dict:
+    """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row. With `num_layers` = k, only
+    the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
+    The dev predictions are returned too, in dev order, so the metric can be read on any subset."""
+    import torch
+    import transformers as hf
+
+    from pabee import bundled_model_path
+    from pabee.data import load_glue, tokenize
+    from pabee.metrics import predictions_from_logits
+
+    task = get_task(task_name)
+    path = str(bundled_model_path())
+    tokenizer = hf.AutoTokenizer.from_pretrained(path)
+    data = load_glue(task, glue_dir, train=True, evaluate=True, test=False)
+    train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))
+    train = tokenize(train, tokenizer, HYPER["max_seq_length"], split="train", cache_key=None)
+    dev = tokenize(data.eval["dev"], tokenizer, HYPER["max_seq_length"], split="dev", cache_key=None)
+    hf.set_seed(HYPER["seed"])
+    depth = {} if num_layers is None else {"num_hidden_layers": num_layers}
+    model = hf.AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None, **depth
+    )
+    args = hf.TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=HYPER["epochs"],
+        per_device_train_batch_size=HYPER["batch_size"],
+        per_device_eval_batch_size=64,
+        learning_rate=HYPER["learning_rate"],
+        seed=HYPER["seed"],
+        save_strategy="no",
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = hf.Trainer(
+        model=model, args=args, train_dataset=train, data_collator=hf.DataCollatorWithPadding(tokenizer)
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    output = trainer.predict(dev)
+    preds = predictions_from_logits(output.predictions, task.is_regression)
+    return {
+        "task": task.name,
+        "metrics": compute_metrics(task.metrics, preds, output.label_ids),
+        "train_seconds": seconds,
+        "train_examples": len(train),
+        "num_layers": model.config.num_hidden_layers,
+        "predictions": preds.tolist(),
+    }
+
+
+def run_glue_command(task_name: str, glue_dir: str, out: Path, extra: list[str]) -> list[str]:
+    """`pabee run-glue` training and evaluating one task with HYPER, patiences 1-5, the final model kept in `out`."""
+    return [
+        *(sys.executable, "-m", "pabee", "run-glue", "--task_name", task_name, "--data_dir", glue_dir),
+        *("--do_train", "--do_eval", "--patience", PATIENCES, "--seed", str(HYPER["seed"])),
+        *("--num_train_epochs", str(HYPER["epochs"]), "--per_device_train_batch_size", str(HYPER["batch_size"])),
+        *("--learning_rate", str(HYPER["learning_rate"]), "--max_seq_length", str(HYPER["max_seq_length"])),
+        *("--save_strategy", "no", "--overwrite_output_dir", "--output_dir", str(out), *extra),
+    ]
+
+
+def parse_limits(text: str) -> dict[str, int]:
+    """Parse "SST-2=20000,QNLI=20000" into {"SST-2": 20000, ...}; a bare number applies to every task ("*")."""
+    limits = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        task, _, number = item.rpartition("=")
+        limits[task or "*"] = int(number)
+    return limits
 
 
 def other_pooling(task_name: str) -> str:
@@ -89,23 +165,12 @@ def train(
         if (out / "eval_results.json").exists():
             continue
         print(f"[{task.name}] {name}", flush=True)
-        run(run_glue_command(task.name, glue_dir, out, [*flags, *limit]), folder / f"{name}.log")
+        with open(folder / f"{name}.log", "w") as log:
+            cmd = run_glue_command(task.name, glue_dir, out, [*flags, *limit])
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 # --- reading every setting off one pass, choosing on one half, reporting on the other --------------------------
-
-
-def dev_split(task_name: str, glue_dir: str):
-    """The task's dev rows (`text`, `text_pair`, `label`), in file order: the order of the baseline's predictions."""
-    from pabee.data import load_glue
-
-    data = load_glue(get_task(task_name), glue_dir, train=False, evaluate=True, test=False)
-    return next(iter(data.eval.values()))
-
-
-def examples_of(split, index=None) -> list[tuple[str, str | None]]:
-    rows = split if index is None else split.select(index)
-    return [(row["text"], row.get("text_pair")) for row in rows]
 
 
 def score_of(task, predictions: np.ndarray, labels: np.ndarray, index: np.ndarray) -> float:
@@ -113,14 +178,14 @@ def score_of(task, predictions: np.ndarray, labels: np.ndarray, index: np.ndarra
     return task_score(compute_metrics(task.metrics, predictions[index], labels[index]), task.metrics)
 
 
-def dev_logits(run_dir: Path, split) -> np.ndarray:
+def dev_logits(run_dir: Path, examples: list) -> np.ndarray:
     """Every layer's dev logits `[N, layers, labels]`, computed once and kept beside the model."""
     from pabee.pipeline import PabeePipeline
 
     path = run_dir / "dev_all_logits.npy"
     if not path.exists():
         pipe = PabeePipeline.from_pretrained(run_dir, backend="torch", max_length=HYPER["max_seq_length"])
-        logits = pipe.all_layer_logits(examples_of(split)).numpy()
+        logits = pipe.all_layer_logits(examples).numpy()
         with open(path.with_suffix(".tmp"), "wb") as f:
             np.save(f, logits)
         os.replace(path.with_suffix(".tmp"), path)
@@ -133,14 +198,14 @@ def analyse(model, logits: np.ndarray, labels: np.ndarray, task, baseline: np.nd
     import torch
 
     from pabee.calibrate import score_setting
-    from pabee.sweeps import exit_specs
+    from pabee.exits import ExitSweep
 
     base = {half: score_of(task, baseline, labels, index) for half, index in halves.items()}
     layers = model.num_layers
     logits = torch.as_tensor(logits)
     out = {}
     criteria = [c for c in CRITERIA if not task.is_regression or c in ("patience", "static")]
-    for name, specs in exit_specs(criteria, list(range(layers)), {}, layers).items():
+    for name, specs in ExitSweep(tuple(criteria), tuple(range(layers))).specs(layers).items():
         rows = []
         for spec in specs:
             # For regression, "agree" means closer than a threshold: patience is swept over both.
@@ -167,8 +232,7 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
     folder = work / task.folder
     if not (folder / "baseline.json").exists():
         return None
-    split = dev_split(task.name, glue_dir)
-    labels = np.asarray(split["label"])
+    examples, labels = common.glue_split(task.name, glue_dir)  # in file order, as the baseline's predictions
     baseline = json.loads((folder / "baseline.json").read_text())
     predictions = np.asarray(baseline["predictions"])
     # The predictions are in dev order: their metrics must be the ones the baseline run computed.
@@ -189,7 +253,7 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
         if not (run_dir / "eval_results.json").exists():
             continue
         model = PabeeForSequenceClassification.from_pretrained(run_dir).eval()
-        logits = dev_logits(run_dir, split)
+        logits = dev_logits(run_dir, examples)
         analysis = analyse(model, logits, labels, task, predictions, halves)
         evaluated = json.loads((run_dir / "eval_results.json").read_text())
         analysis["train_seconds"] = evaluated["training"]["train_runtime"]
@@ -244,52 +308,50 @@ def train_truncated(task_name: str, analysis: dict, glue_dir: str, work: Path, m
 
 def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: int) -> None:
     """`timing.json`: each run's chosen settings against its full model, real early exit on the reporting half
-    (length-sorted batches of 32, `threads` threads, variants interleaved); their exit layers are checked against
-    the ones read off the one-pass logits."""
+    (length-sorted batches of 32, `threads` threads, variants interleaved)."""
     import torch
 
-    from pabee.bench import time_variants
-    from pabee.exits import ExitSpec, sweep_exit_layers
     from pabee.pipeline import PabeePipeline
-    from pabee.provenance import provenance
 
-    task = get_task(task_name)
-    folder = work / task.folder
+    folder = work / get_task(task_name).folder
     analysis = json.loads((folder / "analysis.json").read_text())
     torch.set_num_threads(threads)
-    split = dev_split(task.name, glue_dir)
-    index = split_halves(len(split), SPLIT_SEED)["report"]
-    examples = examples_of(split, index)
-    timing = {"provenance": provenance(), "threads": threads, "repeats": repeats, "runs": {}}
+    examples, _ = common.glue_split(task_name, glue_dir)
+    index = split_halves(len(examples), SPLIT_SEED)["report"]
+    timing = common.report(threads=threads, repeats=repeats, runs={})
     for name, analysed in analysis["runs"].items():
         pipe = PabeePipeline.from_pretrained(folder / name, backend="torch", batch_size=32)
         logits = torch.as_tensor(np.load(folder / name / "dev_all_logits.npy")[index])
-        threshold = pipe.model.config.regression_threshold
-        specs = {"full": (ExitSpec("patience", patience=0), threshold)}
-        for criterion, result in analysed["criteria"].items():
-            if result["chosen"] is not None:
-                row = result["rows"][result["chosen"]]
-                specs[criterion] = (ExitSpec(**row["spec"]), row.get("regression_threshold") or threshold)
-
-        def run_setting(spec: ExitSpec, threshold: float, pipe=pipe) -> tuple:
-            pipe.model.config.regression_threshold = threshold
-            return pipe.run(examples, exit_spec=spec)
-
-        variants = {label: (lambda _, setting=setting: run_setting(*setting)) for label, setting in specs.items()}
-        timings = time_variants(variants, repeats=repeats, warmup=1, seed=0)
-        full = float(np.median(timings["full"].passes))
-        rows = {}
-        for label, (spec, cut) in specs.items():
-            _, exits = run_setting(spec, cut)
-            swept = sweep_exit_layers(pipe.model.get_exit_criterion(spec), logits)
-            seconds = float(np.median(timings[label].passes))
-            rows[label] = {
-                "seconds_median": seconds,
-                "measured_speed_up": full / seconds,
-                "exit_layer_mismatches": int((exits != swept).sum()),
-            }
-        timing["runs"][name] = rows
+        timing["runs"][name] = time_run(pipe, analysed, [examples[i] for i in index], logits, repeats)
     write_json(folder / "timing.json", timing)
+
+
+def time_run(pipe, analysed: dict, examples: list, logits, repeats: int) -> dict:
+    """One run's full model and chosen settings, timed interleaved; their exit layers are checked against the ones
+    read off the one-pass `logits`."""
+    from pabee.bench import time_variants
+    from pabee.exits import ExitSpec, sweep_exit_layers
+
+    threshold = pipe.model.config.regression_threshold
+    specs = {"full": (ExitSpec("patience", patience=0), threshold)}
+    for criterion, result in analysed["criteria"].items():
+        if result["chosen"] is not None:
+            row = result["rows"][result["chosen"]]
+            specs[criterion] = (ExitSpec(**row["spec"]), row.get("regression_threshold") or threshold)
+
+    def run_setting(spec: ExitSpec, cut: float) -> tuple:
+        pipe.model.config.regression_threshold = cut
+        return pipe.run(examples, exit_spec=spec)
+
+    variants = {label: (lambda _, setting=setting: run_setting(*setting)) for label, setting in specs.items()}
+    seconds = {label: float(np.median(t.passes)) for label, t in time_variants(variants, repeats, 1, 0).items()}
+    rows = {}
+    for label, (spec, cut) in specs.items():
+        _, exits = run_setting(spec, cut)
+        swept = sweep_exit_layers(pipe.model.config.build_criterion(spec), logits)
+        rows[label] = {"seconds_median": seconds[label], "measured_speed_up": seconds["full"] / seconds[label]}
+        rows[label]["exit_layer_mismatches"] = int((exits != swept).sum())
+    return rows
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -434,15 +496,8 @@ def pooling_section(analyses: dict) -> list[str]:
     ]
 
 
-def render(work: Path, tasks: list[str], results: Path) -> None:
-    """`glue_minilm_v2.{md,json,png}` from the analysed tasks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pabee.provenance import provenance, write_atomic
-
+def collect(work: Path, tasks: list[str]) -> dict:
+    """The report: every analysed task's `analysis.json` and `timing.json` under `work`."""
     analyses, timings = {}, {}
     for task in tasks:
         folder = work / get_task(task).folder
@@ -450,28 +505,36 @@ def render(work: Path, tasks: list[str], results: Path) -> None:
             analyses[task] = json.loads((folder / "analysis.json").read_text())
             timing = folder / "timing.json"
             timings[task] = json.loads(timing.read_text()) if timing.exists() else {}
-    fig, axes = plt.subplots(1, max(len(analyses), 1), figsize=(4 * max(len(analyses), 1), 3.6), dpi=110)
-    for ax, analysis in zip(np.atleast_1d(axes), analyses.values(), strict=False):
-        plot_task(ax, analysis)
-    fig.tight_layout()
-    fig.savefig(results / "glue_minilm_v2.png")
-    plt.close(fig)
-    write_json(
-        results / "glue_minilm_v2.json",
-        {"provenance": provenance(), "hyper": HYPER, "distillation": DISTILLATION, "tasks": analyses,
-         "timing": timings},
-    )  # fmt: skip
-    lines = HEADER.format(hyper=HYPER, distillation=DISTILLATION, drop=MAX_DROP).splitlines()
-    lines += [
-        "",
-        "| Task | Target | Best adaptive criterion | Patience | Static truncation | Adaptive beats static |",
-        "|---|---|---|---|---|---|",
-    ]
+    return common.report(hyper=HYPER, distillation=DISTILLATION, task_names=tasks, tasks=analyses, timing=timings)
+
+
+def render(report: dict) -> str:
+    """`glue_minilm_v2.md` from the report."""
+    analyses, tasks = report["tasks"], report.get("task_names", list(report["tasks"]))
+    lines = HEADER.format(hyper=report["hyper"], distillation=report["distillation"], drop=MAX_DROP).splitlines()
+    head = ["Task", "Target", "Best adaptive criterion", "Patience", "Static truncation", "Adaptive beats static"]
+    lines += ["", *common.table(head, [])]
     lines += [target_row(analyses[t]) if t in analyses else f"| {t} | not trained yet | | | | |" for t in tasks]
     lines += pooling_section(analyses)
     for task, analysis in analyses.items():
-        lines += task_section(analysis, timings[task])
-    write_atomic(results / "glue_minilm_v2.md", "\n".join(lines) + "\n")
+        lines += task_section(analysis, report["timing"][task])
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """`glue_minilm_v2.png`: a panel per analysed task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = max(len(report["tasks"]), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.6), dpi=110)
+    for ax, analysis in zip(np.atleast_1d(axes), report["tasks"].values(), strict=False):
+        plot_task(ax, analysis)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_task(ax, analysis: dict) -> None:
@@ -513,23 +576,10 @@ fine-tuning, first k layers" trains a k-layer model on its own.
 ## Targets (PABEE + distillation, reporting half)"""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=TASKS)
-    parser.add_argument("--glue_dir", default=os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue")))
-    parser.add_argument("--work_dir", default=str(ROOT / "runs" / "reproduce_v2"))
-    parser.add_argument("--max_train_samples", default="SST-2=8000", help="TASK=N pairs, as in reproduce_glue.py.")
-    parser.add_argument("--results_dir", default=str(RESULTS))
-    parser.add_argument("--threads", type=int, default=2, help="Torch threads while timing.")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed passes per variant.")
-    parser.add_argument(
-        "--pooling_runs", action="store_true", help="Also train PABEE with the other pooling (cls / mean)."
-    )
-    parser.add_argument("--phase", choices=("all", "train", "analyse", "time", "report"), default="all")
-    args = parser.parse_args()
-    work, results = Path(args.work_dir), Path(args.results_dir)
+def measure(args) -> dict:
+    """The phases asked for, then the report of every analysed task (and its plot)."""
+    work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
     tasks = [t.strip() for t in args.tasks.split(",")]
     limits = parse_limits(args.max_train_samples)
     if args.phase in ("all", "train"):
@@ -537,15 +587,29 @@ def main() -> None:
             train(task, args.glue_dir, work, limits.get(task, limits.get("*")), args.pooling_runs)
     if args.phase in ("all", "analyse"):
         for task in tasks:
-            analysis = analyse_task(task, args.glue_dir, work)
-            limit = limits.get(task, limits.get("*"))
+            analysis, limit = analyse_task(task, args.glue_dir, work), limits.get(task, limits.get("*"))
             if analysis and task in TRUNCATION_TASKS and train_truncated(task, analysis, args.glue_dir, work, limit):
                 analyse_task(task, args.glue_dir, work)
     if args.phase in ("all", "time"):
         for task in tasks:
             if (work / get_task(task).folder / "analysis.json").exists():
                 time_task(task, args.glue_dir, work, args.threads, args.repeats)
-    render(work, tasks, results)
+    report = collect(work, tasks)
+    plot(report, Path(args.output).with_suffix(".png"))
+    return report
+
+
+def main() -> None:
+    parser = common.parser(__doc__, "glue_minilm_v2", threads=2)
+    parser.add_argument("--tasks", default=TASKS)
+    parser.add_argument("--work_dir", default=str(common.ROOT / "runs" / "reproduce_v2"))
+    parser.add_argument("--max_train_samples", default="SST-2=8000", help="Training subsets: TASK=N pairs (N: all).")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed passes per variant.")
+    parser.add_argument(
+        "--pooling_runs", action="store_true", help="Also train PABEE with the other pooling (cls / mean)."
+    )
+    parser.add_argument("--phase", choices=("all", "train", "analyse", "time", "report"), default="all")
+    common.write_report(parser.parse_args(), measure, render)
 
 
 if __name__ == "__main__":

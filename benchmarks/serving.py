@@ -1,0 +1,181 @@
+"""What the server benchmarks share: `pabee serve` started and stopped on 127.0.0.1, a minimal keep-alive HTTP/1.1
+client on asyncio streams (little CPU taken from a server on the same cores), closed-loop clients, /metrics.
+
+Every load is bounded in time and count and stops by itself.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOGS = Path(os.environ.get("TMPDIR", "/tmp"))
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
+
+
+def bodies(examples: list) -> list[bytes]:
+    """/predict request bodies, one text (a sentence, or a `(text, pair)` with the pair set) each."""
+    items = [e if isinstance(e, str) else e[0] if e[1] is None else list(e) for e in examples]
+    return [json.dumps({"texts": [item]}).encode() for item in items]
+
+
+def flags(**options: Any) -> list[str]:
+    """`pabee serve` flags: `--name value` for each option (floats as `%g`), `--name` alone for True, None left out."""
+    out = []
+    for name, value in options.items():
+        if value is True:
+            out.append(f"--{name}")
+        elif value is not None and value is not False:
+            out += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return out
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; `request` returns (status, body)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        if body:
+            head += "Content-Type: application/json\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        await self.writer.drain()
+        status_line = await self.reader.readuntil(b"\r\n")
+        length = 0
+        while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        """Close, quietly if the server already dropped the connection."""
+        if self.writer is not None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                self.writer.close()
+                await self.writer.wait_closed()
+
+
+async def get(port: int, path: str) -> tuple[int, bytes]:
+    connection = Connection(port)
+    try:
+        return await connection.request("GET", path)
+    finally:
+        await connection.close()
+
+
+def metrics(port: int) -> dict[str, float]:
+    """Every `pabee_*` sample of the server's /metrics page, by name (labels included)."""
+    values = {}
+    for line in asyncio.run(get(port, "/metrics"))[1].decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("pabee_"):
+            values[name] = float(value)
+    return values
+
+
+async def closed_loop(port: int, requests: list[bytes], clients: int, until: float, **options: Any) -> list[tuple]:
+    """`clients` clients, each sending a random body of `requests` when its previous answer arrived, until the loop
+    time `until`: rows `(sent, answered, status, body)`. Options: `seed` (client i draws from seed * 1000 + i),
+    `max_requests` in all, `retry_after` (a client waits 1 s after a 503, as the server asks)."""
+    loop, rows = asyncio.get_running_loop(), []
+    seed, limit, patient = options.get("seed", 0), options.get("max_requests"), options.get("retry_after", False)
+
+    async def client(index: int) -> None:
+        rng, connection = random.Random(seed * 1000 + index), Connection(port)
+        try:
+            while loop.time() < until and (limit is None or len(rows) < limit):
+                sent = loop.time()
+                status, answer = await connection.request("POST", "/predict", rng.choice(requests))
+                rows.append((sent, loop.time(), status, answer))
+                if status == 503 and patient:
+                    await asyncio.sleep(min(1.0, until - loop.time()))
+        finally:
+            await connection.close()
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return rows
+
+
+def answered(rows: list[tuple], start: float = float("-inf"), stop: float = float("inf")) -> list[tuple]:
+    """The 200 answers sent from `start` and answered by `stop`; other statuses are an error."""
+    errors = [r for r in rows if r[2] != 200]
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0][2]}: {errors[0][3][:200]!r}")
+    return [r for r in rows if r[0] >= start and r[1] <= stop]
+
+
+def timed_load(port: int, requests: list[bytes], clients: int, warmup: float, duration: float, max_requests: int):
+    """Closed-loop clients through a warm-up and a timed window: the window's 200 answers `(sent, answered,
+    status, body)`, and its seconds (shorter if `max_requests` ended it early)."""
+
+    async def run() -> tuple[float, list[tuple], float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + warmup
+        rows = await closed_loop(port, requests, clients, start + duration, max_requests=max_requests)
+        return start, rows, loop.time()
+
+    start, rows, ended = asyncio.run(run())
+    return answered(rows, start, start + duration), min(start + duration, ended) - start
+
+
+def exit_layers(rows: list[tuple]) -> list[int]:
+    """The exit layer of each answer (one text per request)."""
+    return [json.loads(row[3])["predictions"][0]["exit_layer"] for row in rows]
+
+
+@contextlib.contextmanager
+def serving(model: str, options: list[str], log_name: str, cpus: set[int] | None = None):
+    """`pabee serve --model model *options` on a free port for the `with` block, once /health answers: yields
+    (port, process); its output goes to $TMPDIR/`log_name`; `cpus`: the cores it may run on. Stopped with SIGTERM
+    (a graceful shutdown), then SIGKILL if that takes over a minute."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "pabee", "serve", "--model", model, "--port", str(port), *options]
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # before any thread exists, so all inherit it
+    log = LOGS / log_name
+    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin)  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 180
+        while not asyncio.run(healthy(port)):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start; see {log}")
+            time.sleep(0.3)
+        yield port, server
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+async def healthy(port: int) -> bool:
+    try:
+        return (await get(port, "/health"))[0] == 200
+    except OSError:
+        return False
