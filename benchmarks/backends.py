@@ -1,17 +1,11 @@
-"""Early exit on the runtimes CPU users deploy: torch vs ONNX Runtime fp32 / int8, full model vs early exit.
+"""Early exit on the runtimes CPU users deploy (backends.md): torch vs ONNX Runtime fp32 / int8, full model vs
+early exit, per model (GLUE dev set) and thread count, the variants interleaved in ONE process (median of
+`--repeats`), at length-sorted batches of 32 (`--timed_examples`) and one example at a time (`--bs1_examples`):
+torch fp32 and bf16, full and early exit; ONNX Runtime fp32 and int8 with the whole model in one graph (the
+baseline a CPU user picks); pabee on ONNX Runtime fp32 and int8 per-layer sessions, patience 0 and early exit.
 
-For each fine-tuned model (GLUE dev set) and thread count, in ONE process with the variants interleaved in a
-shuffled order every round (median of `--repeats` after a warm-up), for length-sorted batches of 32 and for one
-example at a time:
-
-- torch fp32 full model, torch fp32 early exit; torch bf16 full and early exit;
-- ONNX Runtime fp32 and int8 with the whole model in one graph (the baseline a CPU user picks);
-- pabee on ONNX Runtime fp32 and int8 per-layer sessions: patience 0 (full depth) and early exit.
-
-Early-exit settings are the fastest patience and the fastest confidence threshold whose metric is within one
-point of the torch fp32 full model, read off one torch pass over the dev set (the same rule for every backend;
-each backend's own metric at that setting is reported). Timing uses the first `--timed_examples` of the dev set
-(batch 32) and the first `--bs1_examples` (batch 1); metrics use the whole dev set.
+Early-exit settings are the fastest patience and confidence threshold within one point of torch fp32's full-model
+metric, read off one torch pass over the dev set; each backend's own metric at them is reported (whole dev set).
 
     python benchmarks/backends.py --model MRPC=runs/mrpc --model SST-2=runs/sst2
 """
@@ -180,9 +174,8 @@ def measure_task(args, name: str, folder: str, work: Path) -> list[dict]:
     torch.set_num_threads(2)
     specs, full_metric = choose_settings(load_runtime(folder), dev)
     difference = layer_logits_difference(folder, work, dev)
-    print(
-        f"{name}: every layer's logits, torch fp32 vs ONNX Runtime fp32: max |diff| {difference:.2e}", file=sys.stderr
-    )
+    note = f"{name}: every layer's logits, torch fp32 vs ONNX Runtime fp32: max |diff| {difference:.2e}"
+    print(note, file=sys.stderr)
     fixed = {"task": name, "metric": dev.task.main_metric, "full_metric": full_metric}
     fixed |= {"setting": {n: s.label for n, s in specs.items()}, "layer_logits_max_diff": difference}
     rows, scores, agreement = [], None, {}
@@ -209,17 +202,12 @@ def measure_task(args, name: str, folder: str, work: Path) -> list[dict]:
 
 def render(report: dict) -> str:
     p = report["provenance"]
-    lines = [
-        "# Early exit on ONNX Runtime: torch vs ONNX Runtime fp32 / int8",
-        "",
-        f"`{p['command']}`  ",
-        f"{p['date']}; {common.cpu(p)}; torch "
-        f"{p['versions']['torch']}, onnxruntime {report['onnxruntime']}; median of {report['repeats']} interleaved "
-        f"rounds after a warm-up. Metric on the whole dev set; speed on the first {report['timed_examples']} "
-        f"examples (length-sorted batches of 32) and the first {report['bs1_examples']} (one at a time). "
-        "Exits = torch: the share of dev examples whose exit layer equals torch fp32's at the same setting.",
-        "",
-    ]
+    setup = f"torch {p['versions']['torch']}, onnxruntime {report['onnxruntime']}; median of {report['repeats']} "
+    setup += "interleaved rounds after a warm-up. Metric on the whole dev set; speed on the first "
+    setup += f"{report['timed_examples']} examples (length-sorted batches of 32) and the first "
+    setup += f"{report['bs1_examples']} (one at a time). Exits = torch: the share of dev examples whose exit layer "
+    setup += "equals torch fp32's at the same setting."
+    lines = common.heading("Early exit on ONNX Runtime: torch vs ONNX Runtime fp32 / int8", p, setup)
     if len(report.get("runs", [])) > 1:  # each thread count ran in a process of its own
         lines += ["Runs (a process each; later runs replaced the rows of their thread counts):", ""]
         lines += [f"- {run['date']}: `{run['command']}`" for run in report["runs"]]
@@ -232,11 +220,8 @@ def render(report: dict) -> str:
         lines += [f"## {task}, {threads} thread(s), {mode} (settings: {settings})", ""]
         head = ["Variant", rows[0]["metric"], "Avg. exit layer", "Exits = torch", "ex/s", "× torch fp32 full"]
         lines += common.table([*head, "Spread"], [_cells(r) for r in rows])
-        lines += [
-            "",
-            f"Every layer's logits, torch fp32 vs ONNX Runtime fp32: max diff {rows[0]['layer_logits_max_diff']:.1e}",
-            "",
-        ]
+        diff = rows[0]["layer_logits_max_diff"]
+        lines += ["", f"Every layer's logits, torch fp32 vs ONNX Runtime fp32: max diff {diff:.1e}", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -20,10 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GLUE_DIR = os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue"))
 
-Batch = dict[str, Any]
-Forward = Callable[[Batch], Any]
-
-
 # --- flags and reports ---------------------------------------------------------------------------------------------
 
 
@@ -60,14 +56,7 @@ def report(**fields: Any) -> dict[str, Any]:
     return {**fields, "provenance": provenance(**extra)}
 
 
-def markdown(render: Callable[[dict], str], data: dict, stem: Path, appendix: str | None = None) -> str:
-    """`render(data)`, followed by the hand-written `<stem><appendix>` file when there is one."""
-    text = render(data)
-    notes = stem.with_name(stem.name + appendix) if appendix else None
-    return text + ("\n" + notes.read_text()) if notes and notes.is_file() else text
-
-
-def write_report(args, measure: Callable[[Any], dict], render: Callable[[dict], str], appendix=None) -> dict:
+def write_report(args, measure: Callable[[Any], dict], render: Callable[[dict], str]) -> dict:
     """Measure (or, with --render_only, read --output.json), write the JSON and its rendered Markdown, print it."""
     from pabee.provenance import write_atomic, write_json
 
@@ -77,16 +66,17 @@ def write_report(args, measure: Callable[[Any], dict], render: Callable[[dict], 
     else:
         data = measure(args)
         write_json(stem.with_suffix(".json"), data)
-    text = markdown(render, data, stem, appendix)
+    text = render(data)
     write_atomic(stem.with_suffix(".md"), text)
     print(text)
     return data
 
 
-def cpu(provenance: dict) -> str:
-    """`CPU (flags)` as the reports name the machine."""
+def heading(title: str, provenance: dict, setup: str) -> list[str]:
+    """A report's first lines: its title, the command that made it, then date, `CPU (flags)` and `setup`."""
     hw = provenance["hardware"]
-    return f"{hw.get('cpu')} ({', '.join(hw.get('cpu_flags', []))})"
+    machine = f"{provenance['date']}; {hw.get('cpu')} ({', '.join(hw.get('cpu_flags', []))}); "
+    return [f"# {title}", "", f"`{provenance['command']}`  ", machine + setup, ""]
 
 
 def table(head: list[str], rows: list[list[Any]]) -> list[str]:
@@ -120,7 +110,7 @@ def sst2_sentences(glue_dir: str) -> list[str]:
     return [text for text, _ in glue_split("SST-2", glue_dir)[0]]
 
 
-def features(tokenizer: Any, examples: list[tuple[str, str | None]], max_length: int = 128) -> list[Batch]:
+def features(tokenizer: Any, examples: list[tuple[str, str | None]], max_length: int = 128) -> list[dict]:
     """Unpadded single examples `{name: LongTensor[len]}`, as `pabee.bench.make_batches` takes them."""
     import torch
 
@@ -128,7 +118,7 @@ def features(tokenizer: Any, examples: list[tuple[str, str | None]], max_length:
     return [{name: torch.tensor(values) for name, values in e.items()} for e in encoded]
 
 
-def pad(rows: list[Batch], pad_id: int) -> Batch:
+def pad(rows: list[dict], pad_id: int) -> dict:
     """One right-padded batch of unpadded examples (token lists or tensors), in their order."""
     import torch
 
@@ -138,7 +128,7 @@ def pad(rows: list[Batch], pad_id: int) -> Batch:
     return make_batches(tensors, len(rows), pad_id, sort_by_length=False)[0]
 
 
-def length_order(rows: list[Batch]) -> list[int]:
+def length_order(rows: list[dict]) -> list[int]:
     """Indices shortest first, the order `make_batches(..., sort_by_length=True)` puts examples in."""
     return sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
 
@@ -146,14 +136,14 @@ def length_order(rows: list[Batch]) -> list[int]:
 # --- timing --------------------------------------------------------------------------------------------------------
 
 
-def time_passes(variants: dict[str, Forward], data: list[Batch], rounds: int, seed: int = 0) -> dict[str, list[float]]:
+def time_passes(variants: dict[str, Callable], data: list[dict], rounds: int, seed: int = 0) -> dict[str, list[float]]:
     """Seconds of one pass over `data` by variant and round, through `pabee.bench.time_variants` (a shuffled order
     every round, after one warm-up round)."""
     import torch
 
     from pabee.bench import time_variants
 
-    def over(forward: Forward) -> Callable[[Any], None]:
+    def over(forward: Callable) -> Callable[[Any], None]:
         def run(_: Any) -> None:
             with torch.inference_mode():
                 for batch in data:
@@ -177,13 +167,12 @@ def ratios(seconds: dict[str, list[float]], base: str, variant: str) -> list[flo
 
 # --- the re-render check -------------------------------------------------------------------------------------------
 
-RENDERED = {  # results stems (glob) → the script that renders their .md from their .json (`render`, `APPENDIX`)
+RENDERED = {  # results stems (glob) → the script whose `render` makes their .md from their .json
     "backends": "backends",
     "paired_speedups": "paired_speedups",
     "serve_sst2*": "load_test",
     "overload*": "overload",
     "soak_15min": "overload",
-    "ray": "ray_predict",
     "slowdown": "slowdown_report",
     "glue_minilm_v2": "reproduce_glue_v2",
 }
@@ -197,7 +186,7 @@ def check(results: Path = RESULTS) -> int:
         if not scripts:
             continue
         module, stem = importlib.import_module(scripts[0]), path.with_suffix("")
-        text = markdown(module.render, json.loads(path.read_text()), stem, getattr(module, "APPENDIX", None))
+        text = module.render(json.loads(path.read_text()))
         same = text == stem.with_suffix(".md").read_text()
         failed += not same
         print(f"{'identical' if same else 'DIFFERENT'}  {stem.name}.md  ({scripts[0]}.render)")

@@ -119,9 +119,8 @@ def _runtime(report: dict) -> str:
     if report.get("onnx_precision"):
         return f"ONNX Runtime, {report['onnx_precision']} (a `pabee export` folder)"
     torch = "torch, " if "onnx_precision" in report else ""  # reports before ONNX Runtime did not say
-    return (
-        f"{torch}weights {report.get('dtype') or 'float32'}, attention {report.get('attn_implementation') or 'sdpa'}"
-    )
+    dtype, attention = report.get("dtype") or "float32", report.get("attn_implementation") or "sdpa"
+    return f"{torch}weights {dtype}, attention {attention}"
 
 
 def render(report: dict) -> str:
@@ -143,14 +142,9 @@ def render(report: dict) -> str:
     rows = []
     for name, r in s.items():
         c, ms = report["configs"][name], [f"{r[k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")]
-        rows.append(
-            [name, c["patience"], c["max_batch_size"], f"{r['throughput']:.1f}", *ms, f"{r['p99_over_p50']:.2f}"]
-        )
-        rows[-1] += [
-            f"{r['avg_batch_size']:.1f}",
-            f"{r['avg_exit_layer']:.2f}",
-            f"{r.get('forward_busy', float('nan')):.0%}",
-        ]
+        rows.append([name, c["patience"], c["max_batch_size"], f"{r['throughput']:.1f}", *ms])
+        rows[-1] += [f"{r['p99_over_p50']:.2f}", f"{r['avg_batch_size']:.1f}", f"{r['avg_exit_layer']:.2f}"]
+        rows[-1].append(f"{r.get('forward_busy', float('nan')):.0%}")
     head = ["Setting", "Patience", "Max batch", "Throughput (req/s)", "p50 ms", "p95 ms", "p99 ms", "p99/p50"]
     lines += common.table([*head, "Avg. batch", "Avg. exit layer", "Forward busy"], rows)
     return "\n".join(lines + _findings(report)) + "\n"

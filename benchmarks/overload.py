@@ -29,9 +29,8 @@ import serving
 
 def server_options(args, max_batch_size: int, max_queue: int) -> list[str]:
     options = serving.flags(no_access_log=True, threads=args.threads, request_timeout=args.request_timeout)
-    return options + serving.flags(
-        max_batch_size=max_batch_size, max_queue=max_queue, max_texts_per_request=min(64, max_queue)
-    )
+    queue = serving.flags(max_batch_size=max_batch_size, max_queue=max_queue, max_texts_per_request=min(64, max_queue))
+    return options + queue
 
 
 def rss_mb(pid: int) -> float:
@@ -127,13 +126,10 @@ async def soak_run(args, port: int, requests: list[bytes], capacity: float, pid:
             await asyncio.sleep(start + 60 * minute - loop.time())
             rss.append(rss_mb(pid))
 
-    bursts = [
-        open_loop(port, requests, rate, start + t, start + t + 10) for t in range(30, int(args.soak_seconds) - 10, 60)
-    ]
-    end = start + args.soak_seconds
-    clients, _, *burst_rows = await asyncio.gather(
-        closed_loop(port, requests, args.soak_clients, end), sample_memory(), *bursts
-    )
+    starts = range(30, int(args.soak_seconds) - 10, 60)
+    bursts = [open_loop(port, requests, rate, start + t, start + t + 10) for t in starts]
+    clients = closed_loop(port, requests, args.soak_clients, start + args.soak_seconds)
+    clients, _, *burst_rows = await asyncio.gather(clients, sample_memory(), *bursts)
     minutes = [summary(clients, start + 60 * m, start + 60 * (m + 1)) for m in range(int(args.soak_seconds // 60))]
     for minute, memory in zip(minutes, rss[1:], strict=False):
         minute["rss_mb"] = memory
@@ -269,9 +265,7 @@ def measure(args) -> dict:
 
 def main() -> None:
     parser = common.parser(__doc__, "overload", model="runs/sst2", rounds=2)
-    parser.add_argument(
-        "--settings", default="32:128,32:32,8:8", help="Comma-separated max_batch_size:max_queue pairs to compare."
-    )
+    parser.add_argument("--settings", default="32:128,32:32,8:8", help="Pairs max_batch_size:max_queue.")
     parser.add_argument("--request_timeout", type=float, default=10.0)
     parser.add_argument("--capacity_clients", type=int, default=32)
     parser.add_argument("--light_load", type=float, default=0.5, help="Light load, as a share of the capacity.")
@@ -280,13 +274,10 @@ def main() -> None:
     parser.add_argument("--soak_seconds", type=float, default=300.0)
     parser.add_argument("--soak_clients", type=int, default=64)
     parser.add_argument("--soak_burst", type=float, default=2.0, help="Soak bursts, as a multiple of the capacity.")
-    parser.add_argument("--server_cpus", type=_cpus, help="Cores the server may use, e.g. 0 (default: all).")
-    parser.add_argument("--client_cpus", type=_cpus, help="Cores the load clients may use, e.g. 1 (default: all).")
+    cpus = lambda text: {int(cpu) for cpu in text.split(",")}  # noqa: E731
+    parser.add_argument("--server_cpus", type=cpus, help="Cores the server may use, e.g. 0 (default: all).")
+    parser.add_argument("--client_cpus", type=cpus, help="Cores the load clients may use, e.g. 1 (default: all).")
     common.write_report(parser.parse_args(), measure, render)
-
-
-def _cpus(text: str) -> set[int]:
-    return {int(cpu) for cpu in text.split(",")}
 
 
 if __name__ == "__main__":

@@ -54,17 +54,14 @@ def measure_task(name: str, folder: str, args) -> list[dict]:
 
 def render(report: dict) -> str:
     p = report["provenance"]
-    lines = [
-        "# pabee on ONNX Runtime int8 vs the baselines, paired per round",
-        "",
-        f"`{p['command']}`  ",
-        f"{p['date']}; {common.cpu(p)}; onnxruntime {report['onnxruntime']}, "
-        f"torch {p['versions'].get('torch')}; {report['threads']} thread(s); {report['rounds']} rounds of short "
-        f"passes in {report.get('order', 'a rotating order')} (the first {report['batch_examples']} dev examples "
-        f"in length-sorted batches of 32, or the first {report['single_examples']} one at a time); a ratio is the "
-        "baseline's seconds over the variant's in the same round.",
-        "",
-    ]
+    setup = (
+        f"onnxruntime {report['onnxruntime']}, torch {p['versions'].get('torch')}; {report['threads']} thread(s); "
+        f"{report['rounds']} rounds of short passes in {report.get('order', 'a rotating order')} (the first "
+        f"{report['batch_examples']} dev examples in length-sorted batches of 32, or the first "
+        f"{report['single_examples']} one at a time); a ratio is the baseline's seconds over the variant's in the "
+        "same round."
+    )
+    lines = common.heading("pabee on ONNX Runtime int8 vs the baselines, paired per round", p, setup)
     rows = []
     for r in report["rows"]:
         verdict = "met" if r["median"] >= r["target"] else f"missed by {100 * (1 - r['median'] / r['target']):.0f}%"

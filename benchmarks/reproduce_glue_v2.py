@@ -42,13 +42,7 @@ TASKS = "MRPC,SST-2,RTE,CoLA,STS-B"
 DISTILLATION = {"weight": 0.5, "temperature": 2.0}
 # Pair regression needs the [CLS] state (mean pooling: STS-B 73.6 vs 85.0 at full depth, glue_minilm.md).
 POOLING = {"STS-B": "cls"}
-RUNS = {
-    "pabee": [],
-    "pabee_distill": [
-        *("--distillation_weight", str(DISTILLATION["weight"])),
-        *("--distillation_temperature", str(DISTILLATION["temperature"])),
-    ],
-}
+RUNS = {"pabee": [], "pabee_distill": [f for k, v in DISTILLATION.items() for f in (f"--distillation_{k}", str(v))]}
 TRUNCATION_TASKS = ("MRPC", "SST-2")
 CRITERIA = ("patience", "confidence", "entropy", "static")
 MAX_DROP = 1.0  # points below plain fine-tuning
@@ -95,9 +89,8 @@ def train_baseline(
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    trainer = hf.Trainer(
-        model=model, args=args, train_dataset=train, data_collator=hf.DataCollatorWithPadding(tokenizer)
-    )
+    collator = hf.DataCollatorWithPadding(tokenizer)
+    trainer = hf.Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -152,9 +145,8 @@ def train(
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "baseline.json").exists():
         print(f"[{task.name}] baseline", flush=True)
-        write_json(
-            folder / "baseline.json", train_baseline(task.name, glue_dir, folder / "baseline", max_train_samples)
-        )
+        baseline = train_baseline(task.name, glue_dir, folder / "baseline", max_train_samples)
+        write_json(folder / "baseline.json", baseline)
     limit = [] if max_train_samples is None else ["--max_train_samples", str(max_train_samples)]
     pooling = ["--pooling", POOLING.get(task.name, "mean")]
     runs = {name: [*pooling, *extra] for name, extra in RUNS.items()}
@@ -259,9 +251,8 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
         analysis["train_seconds"] = evaluated["training"]["train_runtime"]
         analysis["command"] = evaluated["provenance"]["command"]
         result["baseline"]["halves"] = analysis.pop("baseline")
-        analysis["layers"] = [
-            task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
-        ]
+        layers = layer_metrics(logits, labels, task, task.is_regression)
+        analysis["layers"] = [task_score(row, task.metrics) for row in layers]
         result["runs"][name] = analysis
     for path in sorted(folder.glob("baseline_k*.json")):
         truncated = json.loads(path.read_text())
@@ -357,12 +348,8 @@ def time_run(pipe, analysed: dict, examples: list, logits, repeats: int) -> dict
 # --- the report ---------------------------------------------------------------------------------------------------
 
 ADAPTIVE = ("patience", "confidence", "entropy")
-LABELS = {
-    "pabee": "PABEE",
-    "pabee_distill": "PABEE + distillation",
-    "pabee_cls": "PABEE, cls pooling",
-    "pabee_mean": "PABEE, mean pooling",
-}
+LABELS = {"pabee": "PABEE", "pabee_distill": "PABEE + distillation"}
+LABELS |= {f"pabee_{pooling}": f"PABEE, {pooling} pooling" for pooling in ("cls", "mean")}
 
 
 def chosen_row(analysed: dict, criterion: str) -> dict | None:
@@ -605,9 +592,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=str(common.ROOT / "runs" / "reproduce_v2"))
     parser.add_argument("--max_train_samples", default="SST-2=8000", help="Training subsets: TASK=N pairs (N: all).")
     parser.add_argument("--repeats", type=int, default=5, help="Timed passes per variant.")
-    parser.add_argument(
-        "--pooling_runs", action="store_true", help="Also train PABEE with the other pooling (cls / mean)."
-    )
+    parser.add_argument("--pooling_runs", action="store_true", help="Also PABEE with the other pooling (cls / mean).")
     parser.add_argument("--phase", choices=("all", "train", "analyse", "time", "report"), default="all")
     common.write_report(parser.parse_args(), measure, render)
 

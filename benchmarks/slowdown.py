@@ -1,23 +1,14 @@
-"""Slowdown attack, measured: a universal trigger that delays PABEE's exits, and what `max_exit_layer` bounds.
+"""Slowdown attack, measured (slowdown.md): a universal trigger that delays PABEE's exits, and what
+`max_exit_layer` bounds. Inputs on which consecutive layers never agree push every example to the last layer
+(WAFFLE, NeurIPS 2023; SAME, ACL 2023); the cap bounds the worst case. On the fine-tuned SST-2 and MRPC models,
+by stage:
 
-Early exit has an attack of its own: inputs on which consecutive layers never agree push every example to the
-last layer (WAFFLE, NeurIPS 2023, attacks PABEE; SAME, ACL 2023). `max_exit_layer` caps the worst case. This
-script measures both on the fine-tuned SST-2 and MRPC models, in stages:
-
-1. **search** (`slowdown_search.py`) — a universal trigger: `--trigger_length` whole-word tokens chosen greedily
-   on a sample of TRAINING sentences to maximise the mean exit layer under the exit rule (patience `--patience`,
-   no cap), read off one full-depth pass per candidate with `pabee.exits.sweep_exit_layers`. Candidates: the
-   `--frequent` most frequent whole-word tokens (screened as the trigger repeated) and a whole-vocabulary
-   surrogate screen, then coordinate rounds where each position tries the HotFlip top-k tokens (gradient of the
-   expected agreement of consecutive layers' softmaxes w.r.t. the trigger embeddings) and the best screened
-   tokens. Triggers are cached in `--triggers`, keyed by model digest and search settings.
-2. **measure** (`slowdown_measure.py`) — the model alone (`pabee.pipeline`, real early exit) on the DEV set, clean
-   vs triggered (the trigger prepended; MRPC: to the first sentence): mean exit layer, accuracy (MRPC also F1)
-   for patience P, patience P with `max_exit_layer` k, and the model truncated at k (`static` k), real exits
-   compared with the one-pass sweep; then `pabee serve` for the same settings, clean and attacked inputs,
-   `--clients` closed-loop clients sending one example per request; examples/s, p50/p99 latency, mean exit layer
-   from /metrics. Settings are interleaved over `--rounds` rounds; medians and per-round ratios.
-3. **report** (`slowdown_report.py`) — `--output`.md from `--output`.json (`--render_only` re-renders it).
+1. search (`slowdown_search.py`): `--trigger_length` whole-word tokens chosen greedily on TRAINING sentences to
+   maximise the mean exit layer under patience `--patience`; cached in `--triggers` by model digest and settings.
+2. measure (`slowdown_measure.py`): the model alone (real early exit) on the DEV set, clean vs triggered, for
+   patience P, P capped at k (`--max_exit_layer`), the model truncated at k and a simulated perfect attack; then
+   `pabee serve` under `--clients` closed-loop clients, the settings interleaved over `--rounds`.
+3. report (`slowdown_report.py`): `--output`.md from `--output`.json (`--render_only`).
 
 Target: with `max_exit_layer` k, attacked inputs' p99 latency <= 1.05x the p99 of the model truncated at k.
 
@@ -49,9 +40,7 @@ def parse_args(argv: list[str] | None = None):
     search.add_argument("--screen_examples", type=int, default=16, help="Of those, the ones screening tokens.")
     search.add_argument("--frequent", type=int, default=100, help="Frequent whole-word tokens screened.")
     search.add_argument("--vocab_screen", type=int, default=40, help="Best vocabulary tokens by surrogate screened.")
-    search.add_argument(
-        "--screened_per_position", type=int, default=4, help="Best screened tokens tried per position."
-    )
+    search.add_argument("--screened_per_position", type=int, default=4, help="Screened tokens tried per position.")
     search.add_argument("--hotflip_k", type=int, default=8, help="HotFlip (and surrogate) tokens tried per position.")
     search.add_argument("--search_rounds", type=int, default=2, help="Coordinate rounds (stops early if stuck).")
     search.add_argument("--search_batch", type=int, default=64, help="Rows per forward in the search.")
@@ -69,14 +58,9 @@ def parse_args(argv: list[str] | None = None):
     measure.add_argument("--overwrite", action="store_true", help="Replace existing results.")
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if any(t not in TASKS for t in args.tasks):
-        parser.error(f"unknown task in {args.tasks}; use {', '.join(TASKS)}")
-    args.models = dict(DEFAULT_MODELS)
-    for item in args.model:
-        task, _, folder = item.partition("=")
-        if task not in TASKS or not folder:
-            parser.error(f"--model {item!r}: use TASK=FOLDER with TASK in {', '.join(TASKS)}")
-        args.models[task] = folder
+    args.models = DEFAULT_MODELS | (common.task_models(args) if args.model else {})
+    if not set(args.tasks) | set(args.models) <= set(TASKS):
+        parser.error(f"tasks and --model TASK=FOLDER: TASK is one of {', '.join(TASKS)}")
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.max_exit_layer < 1 or args.patience < 1 or args.rounds < 1 or min(args.clients) < 1:
         parser.error("--patience, --max_exit_layer, --rounds and --clients must be >= 1")

@@ -74,9 +74,8 @@ def model_alone(task: str, pipe: Any, entry: dict[str, Any], args: Any) -> dict[
     dev, labels = (dev[: args.dev_examples], labels[: args.dev_examples]) if args.dev_examples else (dev, labels)
     inputs = {"clean": dev, "attacked": attacked(dev, entry["trigger"])}
     out: dict[str, Any] = {"num_examples": len(dev), "sweep": {}, "per_layer": {}, "settings": {}}
-    out["mean_tokens"] = {
-        name: statistics.fmean(len(f["input_ids"]) for f in pipe.tokenize(x)) for name, x in inputs.items()
-    }
+    tokens = {name: [len(f["input_ids"]) for f in pipe.tokenize(x)] for name, x in inputs.items()}
+    out["mean_tokens"] = {name: statistics.fmean(lengths) for name, lengths in tokens.items()}
     # What the search computed on its training sample (one pass, the exit rule) against real early exit.
     train, _ = common.glue_split(task, args.glue_dir, "train")
     sample, spec = [train[i] for i in entry["train_sample_rows"]], ExitSpec("patience", patience=args.patience)
@@ -283,6 +282,7 @@ def stage_measure(args: Any) -> dict[str, Any]:
         trigger = {k: v for k, v in entries[task].items() if k != "provenance"}
         tasks[task] = {"model": args.models[task], "model_config_patience": patience, "trigger": trigger}
         tasks[task] |= {"model_alone": alone[task], "server": summarise(runs[task], args), "server_runs": runs[task]}
+    argv = sys.argv
     return common.report(
         **{k: getattr(args, k) for k in ("patience", "max_exit_layer")},
         target_ratio=args.target,
@@ -298,10 +298,5 @@ def stage_measure(args: Any) -> dict[str, Any]:
         },
         load_average_start=load_start,
         load_average_end=serving.load_average(),
-        provenance={
-            "models": args.models,
-            "data": args.glue_dir,
-            "triggers": str(args.triggers),
-            "stage_command": sys.argv,
-        },
+        provenance={"models": args.models, "data": args.glue_dir, "triggers": args.triggers, "stage_command": argv},
     )
