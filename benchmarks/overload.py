@@ -67,15 +67,12 @@ async def open_loop(port: int, requests: list[bytes], rate: float, start: float,
     rows, tasks = [], []
 
     async def one(due: float) -> None:
-        body, status = rng.choice(requests), 0
-        for attempt in range(2):  # the server may have closed an idle keep-alive connection: one retry, fresh
-            connection = idle.pop() if idle and attempt == 0 else serving.Connection(port)
-            try:
-                status, _ = await connection.request("POST", "/predict", body)
-                idle.append(connection)
-                break
-            except (OSError, asyncio.IncompleteReadError):
-                await connection.close()
+        connection, status = idle.pop() if idle else serving.Connection(port), 0
+        try:  # `request` opens again, once, a kept-alive connection the server closed while it was idle
+            status, _ = await connection.request("POST", "/predict", rng.choice(requests))
+            idle.append(connection)
+        except (OSError, asyncio.IncompleteReadError):
+            await connection.close()
         rows.append((due, loop.time(), status))
 
     due = start
