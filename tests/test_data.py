@@ -27,6 +27,15 @@ def test_csv_tsv_and_jsonl_files(tmp_path):
     assert [e["_line"] for e in read_examples_file(tmp_path / "a.jsonl")] == [1, 3]
 
 
+def test_training_lines_that_are_not_text_are_named(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "fine", "label": 0}\n{"text": "ok \\ud800", "label": 1}\n')
+    with pytest.raises(DataError, match=r"a.jsonl, line 2: character 3 is a lone surrogate U\+D800"):
+        read_examples_file(tmp_path / "a.jsonl")
+    (tmp_path / "b.csv").write_bytes(b"text,label\nfine,0\nbad \xff byte,1\n")
+    with pytest.raises(DataError, match=r"b.csv, line 3: character 4 is not valid UTF-8 text \(byte 0xFF"):
+        read_examples_file(tmp_path / "b.csv")
+
+
 def test_bad_user_files_name_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok", "label": 1}\n{"text": broken}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl, line 2: not valid JSON"):

@@ -92,6 +92,19 @@ def test_batch_size_and_order_do_not_change_answers(classify, sst2_dev_sentences
         assert [a["score"] for a in other] == pytest.approx([a["score"] for a in big], abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (["fine", "ok \ud800 text"], r"Input 1: character 3 is a lone surrogate U\+D800"),
+        ([("a premise", "\udfff")], r"Input 0: text_pair: character 0 is a lone surrogate U\+DFFF"),
+    ],
+)
+def test_a_text_that_is_not_unicode_is_named_not_a_tokenizer_type_error(classify, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        classify(inputs)
+    assert classify(["fine", "ok \ufffe\x00 text"])[1]["exit_layer"] >= 1  # odd but valid code points are text
+
+
 def test_batches_are_planned_to_waste_little_padding():
     assert plan_batches([5, 5, 5, 5, 50], max_batch_size=8, overhead=10) == [(0, 4), (4, 5)]
     assert plan_batches([5, 5, 5, 5, 6], max_batch_size=8, overhead=10) == [(0, 5)]

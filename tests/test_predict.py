@@ -169,6 +169,27 @@ def test_bad_input_is_one_line_and_exit_code_2(case, message, model_dir, tmp_pat
         assert predict(*argv, "--overwrite") == 0 and read_jsonl(tmp_path / "taken.jsonl")[0]["text"] == "fine"
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("in.jsonl", b'{"text": "fine"}\n{"text": "ok \\ud800 text"}\n{"text": "dull"}\n', "lone surrogate U+D800"),
+        ("in.txt", b"fine\nok \xff text\ndull\n", "not valid UTF-8 text (byte 0xFF"),
+    ],
+)
+def test_a_line_that_is_not_text_costs_only_that_line(model_dir, tmp_path, capsys, name, content, problem):
+    (tmp_path / name).write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    assert predict("--model", model_dir, "--input", tmp_path / name, "--output", out) == 0
+    rows = read_jsonl(out)
+    assert [r["line"] for r in rows] == [1, 2, 3]
+    assert f"character 3 is {'a ' if 'surrogate' in problem else ''}{problem}" in rows[1]["error"]
+    assert rows[1]["label"] is None and rows[1]["exit_layer"] is None
+    expected = pipeline(model_dir)(["fine", "dull"])
+    assert [{k: r[k] for k in ("label", "score", "exit_layer")} for r in (rows[0], rows[2])] == expected
+    err = capsys.readouterr().err
+    assert "2 examples in" in err and '1 line(s) not classified, marked "error" in the output (first: line 2' in err
+
+
 def test_read_text_file_keeps_line_numbers_and_pairs(tmp_path):
     path = tmp_path / "x.txt"
     path.write_text("one\n\ntwo\tthree\r\n", encoding="utf-8")

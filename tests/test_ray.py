@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from pabee.cli import main
 from pabee.pipeline import pipeline
-from pabee.ray.batch_predict import _encode, _ShardWriter, input_files, run_ray_predict
+from pabee.ray.batch_predict import _encode, _Predictor, _ShardWriter, input_files, run_ray_predict
 from pabee.server import create_app
 
 SHARD = ".predictions.jsonl"
@@ -101,6 +101,24 @@ def test_shard_writer_writes_each_file_whole_and_refuses_rows_out_of_order(tmp_p
     writer.close()
     assert [r["row"] for r in read_jsonl(shards["/in/b.jsonl"])] == [0, 1, 2]
     assert shards["/in/empty.jsonl"].read_text() == ""  # an input without rows is done too
+
+
+def test_a_row_that_is_not_text_costs_only_that_row(model_dir):
+    """What each Ray actor does with a batch: rows it cannot classify get an error, the others their answers."""
+    predictor = _Predictor(str(model_dir), "text", None, 1, {}, None)
+    texts = pd.Series(["fine", "ok \ud800 text", None, "dull"], dtype=object)  # pandas' str dtype refuses \ud800
+    batch = pd.DataFrame({"id": [0, 1, 2, 3], "text": texts})
+    out = predictor(batch)
+    expected = pipeline(model_dir)(["fine", "dull"])
+    good = out.iloc[[0, 3]]
+    assert list(good["label"]) == [a["label"] for a in expected] and good["error"].isna().all()
+    assert list(good["exit_layer"]) == [a["exit_layer"] for a in expected]
+    assert "character 3 is a lone surrogate U+D800" in out["error"][1] and "None" in out["error"][2]
+    assert pd.isna(out["label"][1]) and out["exit_layer"].isna().tolist() == [False, True, True, False]
+    lines = [json.loads(line) for line in _encode(out, "jsonl").decode().splitlines()]
+    assert lines[1]["text"] == "ok \ud800 text" and lines[1]["exit_layer"] is None and "error" in lines[1]
+    assert "error" not in lines[0] and lines[0]["exit_layer"] == expected[0]["exit_layer"]
+    assert _encode(out, "parquet")  # the lone surrogate is stored as U+FFFD
 
 
 def test_parquet_shards_keep_the_columns():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -154,7 +155,7 @@ def test_an_oversized_streamed_body_gets_413_after_being_read(model_dir):
             yield b"x" * 10_000
 
     with TestClient(app) as client:
-        response = client.post("/predict", content=chunks())
+        response = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and "the limit is" in response.json()["detail"]
 
 
@@ -188,3 +189,165 @@ def test_serving_a_non_local_address_without_a_key_warns(monkeypatch, capsys, ho
 
 def test_the_default_host_is_local_only():
     assert ServeArguments(model="m").host == "127.0.0.1"
+
+
+# --- clients that hang up, floods, strangers and browsers (issue 27) ---------------------------------------------
+
+
+async def _post_then_hang_up(app, texts: list[str], hang_up: asyncio.Event) -> list[dict]:
+    """POST /predict straight over ASGI; the client disconnects once `hang_up` is set. The messages sent back."""
+    messages = [{"type": "http.request", "body": json.dumps({"texts": texts}).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"test"), (b"content-type", b"application/json")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http"}
+    scope |= {"path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "", "headers": headers}
+    await app(scope | {"client": ("127.0.0.1", 1), "server": ("test", 80)}, receive, send)
+    return sent
+
+
+def test_a_client_that_hangs_up_takes_its_queued_texts_with_it(blocked_pipe):
+    app = create_app(blocked_pipe, max_batch_size=2, max_wait_ms=0, threads=1)
+    ran = []
+    working = blocked_pipe.run_batches
+    blocked_pipe.run_batches = lambda examples, **kw: (ran.extend(t for t, _ in examples), working(examples, **kw))[1]
+
+    async def scenario(client, batcher):
+        running = asyncio.ensure_future(client.post("/predict", json={"texts": ["a", "b"]}))
+        await _until(blocked_pipe.started.is_set)
+        hang_up = asyncio.Event()
+        leaving = asyncio.ensure_future(_post_then_hang_up(app, ["gone 1", "gone 2", "gone 3"], hang_up))
+        await _until(lambda: batcher.queued == 3)
+        hang_up.set()
+        try:
+            await asyncio.wait_for(leaving, 5)
+        finally:
+            queued_after = batcher.queued
+            blocked_pipe.release.set()
+        await running
+        after = await client.post("/predict", json={"texts": ["after"]})
+        return queued_after, after, (await client.get("/metrics")).text
+
+    queued_after, after, metrics = asyncio.run(_serve(app, scenario))
+    assert queued_after == 0 and after.status_code == 200
+    assert not [text for text in ran if text.startswith("gone")]  # never computed for nobody
+    samples = metric_samples(metrics)
+    assert samples[("pabee_dropped_texts_total", ())] == 3
+    assert samples[("pabee_client_disconnects_total", ())] == 1
+    assert samples[("pabee_requests_total", (("endpoint", "/predict"), ("status", "499")))] == 1
+
+
+def test_connections_are_capped_and_shutdown_waits_as_long_as_a_request_may_take(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: seen.update(options))
+    run_server(ServeArguments(model="m"), app_factory=lambda args: object())
+    assert seen["limit_concurrency"] == 256 and seen["timeout_graceful_shutdown"] == 60.0
+    run_server(ServeArguments(model="m", max_connections=8, graceful_timeout=10), app_factory=lambda args: object())
+    assert seen["limit_concurrency"] == 8 and seen["timeout_graceful_shutdown"] == 10
+    assert "--graceful_timeout 10 s is shorter than --request_timeout 60 s" in capsys.readouterr().err
+
+
+def test_a_body_of_a_million_empty_objects_is_refused_without_being_parsed():
+    """3.7 MB that json.loads turns into a million dicts: 150 ms of the event loop and 90 MiB, before the 413."""
+    import time
+    import tracemalloc
+
+    from pabee.server import RequestError, parse_predict_body
+
+    body = b'{"texts": [' + b",".join([b"{}"] * 1_000_000) + b"]}"
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(RequestError) as refused:
+        parse_predict_body(body, 64, 5000)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert refused.value.status == 413 and "the limit is 64 texts" in refused.value.message
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB"
+    assert seconds < 0.1, f"{seconds * 1000:.0f} ms"  # ~5 ms here; parsing took 150 ms
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"texts": ["\u00e9a, b" * 800] * 64}).encode(),  # many commas and escapes inside the strings
+        json.dumps({"texts": [['x\\", y' * 700, "z, " * 1600]] * 64}).encode(),
+        b'{"texts": ["a", "b"], "options": ["x", "y", "z"]}',
+    ],
+)
+def test_cheap_refusals_do_not_refuse_valid_bodies_with_many_commas_in_their_texts(body):
+    from pabee.server import RequestError, parse_predict_body
+
+    try:
+        parse_predict_body(body, 64, 5000)
+    except RequestError as error:
+        assert error.status == 422 and "Unknown field" in error.message
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        (None, 415),
+        ("text/plain", 415),  # what a web page may send cross-site without a preflight
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        ("application/json", 200),
+        ("Application/JSON; charset=utf-8", 200),
+    ],
+)
+def test_predict_takes_only_json_so_a_web_page_cannot_post_without_a_preflight(model_dir, content_type, status):
+    headers = {"content-type": content_type} if content_type else {}
+    with TestClient(create_app(pipeline(model_dir), threads=1)) as client:
+        response = client.post("/predict", content=b'{"texts": ["a text"]}', headers=headers)
+    assert response.status_code == status
+    if status == 415:
+        assert "Content-Type: application/json" in response.json()["detail"]
+
+
+def test_allowed_hosts_refuse_other_host_headers(model_dir):
+    app = create_app(pipeline(model_dir), allowed_hosts=["localhost", "127.0.0.1"], threads=1)
+    with TestClient(app, base_url="http://localhost") as client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/predict", json={"texts": ["a"]}).status_code == 200
+        rebound = {"host": "attacker.example"}  # a DNS name pointed at 127.0.0.1 after the page loaded
+        assert client.post("/predict", json={"texts": ["a"]}, headers=rebound).status_code == 400
+        assert client.get("/health", headers=rebound).status_code == 400
+    assert ServeArguments(model="m", allowed_hosts="localhost, 127.0.0.1").host_list == ["localhost", "127.0.0.1"]
+
+
+def test_with_an_api_key_the_api_description_needs_it_too(model_dir):
+    with TestClient(create_app(pipeline(model_dir), api_key="k3y", threads=1)) as client:
+        assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+        assert client.get("/openapi.json").status_code == 401
+        schema = client.get("/openapi.json", headers={"Authorization": "Bearer k3y"})
+        assert schema.status_code == 200 and "/predict" in schema.json()["paths"]
+    with TestClient(create_app(pipeline(model_dir), threads=1)) as client:  # without a key, all open as before
+        assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
+
+
+def test_health_shows_no_file_paths(model_dir):
+    with TestClient(create_app(pipeline(model_dir), model_name=str(model_dir), threads=1)) as client:
+        health = client.get("/health")
+    assert health.json()["model"] == model_dir.name and str(model_dir.parent) not in health.text
+    with TestClient(create_app(pipeline(model_dir), threads=1)) as client:  # the name from the config
+        assert str(model_dir.parent) not in client.get("/health").text
+
+
+@pytest.mark.parametrize("key", ["clé-secrète", "two words", "tab\tkey"])
+def test_a_key_no_http_client_can_send_is_refused_at_start(key, model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda *args, **options: pytest.fail("the server started with that key"))
+    assert main(["serve", "--model", str(model_dir), "--api_key", key]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--api_key must be visible ASCII characters without spaces" in err and "\n" not in err
+    with pytest.raises(ValueError, match="visible ASCII"):
+        create_app(pipeline(model_dir), api_key=key, threads=1)

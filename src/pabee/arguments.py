@@ -423,15 +423,41 @@ class ServeArguments(RayArguments, InferenceArguments):
     api_key: str | None = field(
         default=None,
         metadata={
-            "help": "Require 'Authorization: Bearer <key>' on /predict and /metrics (default: $PABEE_API_KEY; "
-            "none: anyone who can reach the port may use it)."
+            "help": "Require 'Authorization: Bearer <key>' on /predict, /metrics and /openapi.json, and turn /docs "
+            "and /redoc off; visible ASCII, no spaces (default: $PABEE_API_KEY; none: anyone who can reach the "
+            "port may use it)."
         },
     )
     workers: int = field(default=1, metadata={"help": "uvicorn worker processes, each with its own model copy."})
     replicas: int = field(default=1, metadata={"help": "With --ray: Ray Serve replicas, each with its own model."})
     access_log: bool = field(default=True, metadata={"help": "Log every request (--no_access_log to turn off)."})
-    graceful_timeout: float = field(
-        default=30.0, metadata={"help": "Seconds shutdown waits for in-flight requests before closing."}
+    graceful_timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Seconds shutdown waits for in-flight requests before closing (default: --request_timeout, so "
+            "every admitted request can finish)."
+        },
+    )
+    drain_seconds: float = field(
+        default=0.0,
+        metadata={
+            "help": "On SIGTERM, /health turns 503 at once; keep serving this many seconds more, so load balancers "
+            "polling /health stop sending before the server stops accepting."
+        },
+    )
+    max_connections: int = field(
+        default=256,
+        metadata={
+            "help": "Most concurrent connections (and requests); beyond them uvicorn answers 503 at once, so a "
+            "flood of slow uploads cannot hold unbounded memory."
+        },
+    )
+    allowed_hosts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated Host header values to answer (e.g. localhost,127.0.0.1,api.example.com); other "
+            "Hosts get 400, which defeats DNS rebinding. Default: any."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -451,6 +477,8 @@ class ServeArguments(RayArguments, InferenceArguments):
             ("workers", 1),
             ("port", 0),
             ("graceful_timeout", 0.0),
+            ("drain_seconds", 0.0),
+            ("max_connections", 1),
         ):
             _at_least(self, name, minimum)
         if self.request_timeout <= 0:
@@ -460,10 +488,29 @@ class ServeArguments(RayArguments, InferenceArguments):
                 f"--max_queue={self.max_queue} is smaller than --max_texts_per_request={self.max_texts_per_request}: "
                 "a request that large could only be served when nothing else waits; raise --max_queue."
             )
+        if self.graceful_timeout is None:
+            self.graceful_timeout = self.request_timeout
+        self._check_access()
+
+    def _check_access(self) -> None:
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_VARIABLE) or None
         if self.api_key is not None and not self.api_key.strip():
             raise PabeeError("--api_key is empty; give a secret, or leave it out to serve without one.")
+        if self.api_key is not None and not all("!" <= char <= "~" for char in self.api_key):
+            raise PabeeError(
+                "--api_key must be visible ASCII characters without spaces (HTTP clients send header values as "
+                "ASCII); choose another key, e.g. from `openssl rand -hex 24`."
+            )
+        if self.allowed_hosts is not None and not self.host_list:
+            raise PabeeError("--allowed_hosts is empty; list host names, or leave it out to answer any Host.")
+
+    @property
+    def host_list(self) -> list[str] | None:
+        """`--allowed_hosts` as a list (None: any Host)."""
+        if self.allowed_hosts is None:
+            return None
+        return [host.strip() for host in self.allowed_hosts.split(",") if host.strip()]
 
 
 @dataclass

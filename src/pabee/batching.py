@@ -1,10 +1,11 @@
 """Dynamic micro-batching: concurrent requests gathered into one early-exit forward, run in one model thread.
 
-Kept apart from the HTTP layer (`serve.py`), so the same app can run with another batcher. Admission control
-(`admit`, `withdraw`), running a batch of whole requests (`run_requests`: answers delivered per request, failures
-contained) and the lifecycle are the batcher's own; *gathering* requests into batches is the extension point:
-a subclass overrides `start_gathering`, `stop_gathering` and `gather` (on Ray Serve,
-`pabee.ray.serving.ServeBatcher` lets `@serve.batch` gather and calls `run_requests`).
+Kept apart from the HTTP layer (`server.py`), so the same app can run with another batcher. Admission control
+(`admit`, `withdraw`), running a batch of whole requests (`run_requests`: answers delivered per request; a failed
+batch run again request by request, so a failure costs only the request that causes it) and the lifecycle are
+the batcher's own; *gathering* requests into batches is the extension point: a subclass overrides
+`start_gathering`, `stop_gathering` and `gather` (on Ray Serve, `pabee.ray.serving.ServeBatcher` lets
+`@serve.batch` gather and calls `run_requests`).
 """
 
 from __future__ import annotations
@@ -272,13 +273,25 @@ class MicroBatcher:
 
     async def run_requests(self, requests: list[Request]) -> None:
         """Run whole admitted requests as one batch in the forward thread. Each request's `future` gets its answers
-        as soon as all of its texts are done (shortest texts first), or `BatchFailed` if the batch function
-        raises; nothing is raised here, so one bad batch never takes the server down."""
+        as soon as all of its texts are done (shortest texts first). If the batch function raises, the requests
+        still unanswered are run again one by one, so only a request that fails alone gets `BatchFailed`: one bad
+        request cannot fail its neighbours. Nothing is raised here, so one bad batch never takes the server down."""
         for request in requests:
             self._begin(request)
         batch = [request for request in requests if not request.future.done()]
-        if not batch:
+        error = await self._run_together(batch) if batch else None
+        if error is None:
             return
+        for request in [request for request in batch if not request.future.done()]:
+            alone = error if len(batch) == 1 else await self._run_together([request])
+            if alone is not None and not request.future.done():
+                failed = BatchFailed(f"{type(alone).__name__}: {alone}")
+                failed.__cause__ = alone
+                request.future.set_exception(failed)
+
+    async def _run_together(self, batch: list[Request]) -> Exception | None:
+        """Run `batch`'s texts as one call of the batch function, answering each request as its texts are done;
+        the error the call raised (reported to `on_failure`), or None."""
         loop = asyncio.get_running_loop()
         owners = []  # position in the batch → (request, index among its texts)
         for request in batch:
@@ -316,6 +329,5 @@ class MicroBatcher:
         except Exception as error:  # one bad batch must not take the server down
             if self.on_failure is not None:
                 self.on_failure(error)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(BatchFailed(f"{type(error).__name__}: {error}"))
+            return error
+        return None

@@ -19,6 +19,7 @@ import datasets
 from .errors import DataError, PabeeError
 from .glue import GlueTask, TaskSpec, read_glue_tsv, task_dir
 from .provenance import file_digest
+from .texts import example_problem
 from .version import __version__
 
 __all__ = [
@@ -110,7 +111,7 @@ def _load_glue_from_hub(data: TaskData, task: GlueTask, *, train: bool, evaluate
 def read_jsonl_records(path: Path, expected: str = "a JSON object") -> list[tuple[int, dict]]:
     """`(line number, object)` for each non-blank line of a JSON-lines file; a bad line names file and line."""
     records = []
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -139,7 +140,7 @@ TEXT_FORMATS = (".txt", ".tsv", ".csv", ".jsonl")
 
 def _read_plain_lines(path: Path) -> list[InputRow]:
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -155,7 +156,7 @@ def _read_table(path: Path, text_column: str) -> list[tuple[int, dict]]:
     """A csv (standard quoting) or tsv (no quoting, as the GLUE files) with a header row."""
     tsv = path.suffix.lower() == ".tsv"
     records = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(
             f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
         )
@@ -181,6 +182,8 @@ def read_text_file(
 
     By suffix: `.txt` (or none) one example per line, a tab splitting a pair, blank lines skipped; `.tsv` and
     `.csv` a header naming the columns; `.jsonl` one object per line. A `DataError` names the file and line.
+    Bytes that are not UTF-8 are kept as lone surrogates (`surrogateescape`) rather than failing the whole file:
+    `pabee.texts.example_problem` names such a line, and each caller decides (predict skips it, training refuses).
     """
     path = Path(path)
     if not path.is_file():
@@ -211,6 +214,8 @@ def read_examples_file(path: str | Path) -> list[dict]:
     rows = read_text_file(path, formats=(".csv", ".tsv", ".jsonl", ".json"))
     examples = []
     for row in rows:
+        if problem := example_problem(row.text, row.text_pair):
+            raise DataError(f"{path}, line {row.line}: {problem}; fix or remove the line.")
         example = {"text": row.text, "label": row.record.get("label"), "_line": row.line}
         if "text_pair" in row.record:
             example["text_pair"] = row.text_pair

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .exits import EXIT_KEYWORDS, ExitSpec
 from .folders import load_runtime, load_tokenizer
 from .modeling import Runtime, infer
+from .texts import example_problem
 
 __all__ = ["PabeePipeline", "as_example", "pipeline", "plan_batches", "supported_length"]
 
@@ -195,7 +196,15 @@ class PabeePipeline:
         return answers[0] if single else answers
 
     def tokenize(self, examples: Sequence[Example]) -> list[dict[str, list[int]]]:
-        """Unpadded features per example; singles and pairs are tokenized in two calls, then put back in order."""
+        """Unpadded features per example; singles and pairs are tokenized in two calls, then put back in order.
+
+        Raises:
+            ValueError: naming the first input that is not Unicode text (a lone surrogate), which the tokenizer
+                would refuse with an error that names no input, for all of them.
+        """
+        for i, (text, pair) in enumerate(examples):
+            if problem := example_problem(text, pair):
+                raise ValueError(f"Input {i}: {problem}; the tokenizer cannot take it.")
         features: list[dict[str, list[int]] | None] = [None] * len(examples)
         for is_pair in (False, True):
             rows = [i for i, (_, pair) in enumerate(examples) if (pair is not None) == is_pair]

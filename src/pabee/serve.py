@@ -1,6 +1,9 @@
 """`pabee serve`: the command line's flags → a pipeline loaded in the forward thread → the HTTP app
 (`pabee.server.create_app`) under uvicorn, with `--workers` processes; `--ray` serves the same app on Ray Serve
 (`pabee.ray.serving`).
+
+Shutdown drains: on SIGTERM, /health turns 503 at once (load balancers stop sending), the server keeps serving for
+`--drain_seconds`, then stops accepting and finishes the requests in flight (up to `--graceful_timeout`).
 """
 
 from __future__ import annotations
@@ -8,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -21,7 +26,7 @@ from .errors import PabeeError
 from .pipeline import PabeePipeline
 from .server import create_app
 
-__all__ = ["app_from_args", "run_server", "warn_if_open"]
+__all__ = ["app_from_args", "drain_on_sigterm", "run_server", "warn_if_open"]
 
 ENV_CONFIG = "PABEE_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
 
@@ -44,6 +49,7 @@ def app_from_args(args: ServeArguments, batcher_class: type[MicroBatcher] = Micr
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         api_key=args.api_key,
+        allowed_hosts=args.host_list,
         threads=threads,
         model_name=args.model,
         executor=executor,
@@ -53,7 +59,36 @@ def app_from_args(args: ServeArguments, batcher_class: type[MicroBatcher] = Micr
 
 def app_from_environment() -> FastAPI:
     """uvicorn's app factory for `--workers N`: each worker reads the settings from `PABEE_SERVE_CONFIG`."""
-    return app_from_args(ServeArguments(**json.loads(os.environ[ENV_CONFIG])))
+    args = ServeArguments(**json.loads(os.environ[ENV_CONFIG]))
+    return drain_on_sigterm(app_from_args(args), args.drain_seconds)
+
+
+def drain_on_sigterm(app: FastAPI, seconds: float) -> FastAPI:
+    """Put a drain in front of the SIGTERM and SIGINT handlers in place (uvicorn's, when called from its app
+    factory): /health turns 503 at once (`app.state.draining`); after `seconds` (SIGTERM only; a second signal
+    does not wait) the previous handler runs, and uvicorn stops accepting and finishes the requests in flight."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return app
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if callable(previous):
+            signal.signal(sig, _draining_handler(app, previous, seconds if sig == signal.SIGTERM else 0.0))
+    return app
+
+
+def _draining_handler(app: FastAPI, previous: Callable, seconds: float) -> Callable:
+    def handle(sig: int, frame: object) -> None:
+        if app.state.draining.is_set() or seconds <= 0:  # a second signal: stop waiting
+            app.state.draining.set()
+            previous(sig, frame)
+            return
+        app.state.draining.set()
+        print(f"pabee serve: draining: /health answers 503; shutting down in {seconds:g} s.", file=sys.stderr)
+        timer = threading.Timer(seconds, previous, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+    return handle
 
 
 def _is_loopback(host: str) -> bool:
@@ -76,8 +111,19 @@ def warn_if_open(args: ServeArguments) -> None:
         )
 
 
+def note_timeouts(args: ServeArguments) -> None:
+    """Say which wins when shutdown would cut off requests the request timeout still allows."""
+    if args.graceful_timeout < args.request_timeout:
+        print(
+            f"note: --graceful_timeout {args.graceful_timeout:g} s is shorter than --request_timeout "
+            f"{args.request_timeout:g} s: at shutdown, requests still running after {args.graceful_timeout:g} s are "
+            "cut off (the graceful timeout wins).",
+            file=sys.stderr,
+        )
+
+
 def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], FastAPI] = app_from_args) -> None:
-    """Serve until SIGINT/SIGTERM; shutdown stops accepting, finishes in-flight requests, then exits."""
+    """Serve until SIGINT/SIGTERM; shutdown drains (see the module docstring), then exits."""
     import uvicorn
 
     options = {
@@ -85,15 +131,18 @@ def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], Fas
         "port": args.port,
         "access_log": args.access_log,
         "timeout_graceful_shutdown": args.graceful_timeout,
+        "limit_concurrency": args.max_connections,
         "log_level": "info",
     }
     warn_if_open(args)
+    note_timeouts(args)
     try:
         app = app_factory(args)  # with several workers too: a bad model or option fails here, once
     except ValueError as error:
         raise PabeeError(str(error)) from None
     if args.workers == 1:
-        uvicorn.run(app, **options)
+        # A factory: uvicorn calls it once its signal handlers are in place, so the drain goes in front of them.
+        uvicorn.run(lambda: drain_on_sigterm(app, args.drain_seconds), factory=True, **options)
     else:
         del app
         os.environ[ENV_CONFIG] = json.dumps(asdict(args))

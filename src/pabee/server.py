@@ -13,15 +13,21 @@ Endpoints:
 - `GET /metrics`: Prometheus text format.
 
 Bad requests get a JSON `{"detail": ...}` and a 4xx status: 400 body is not valid JSON; 422 wrong shape or
-types, an empty list, a pair that is not two strings, an unknown field; 413 more than `max_texts_per_request`
-texts, a text longer than `max_text_chars` characters, or an oversized body. Texts within the limit are
-truncated to `max_seq_length` tokens (pairs: longer part first), as in training. If a forward fails, the
-requests of that batch get a 500 and the server carries on.
+types, an empty list, a pair that is not two strings, an unknown field, a text that is not Unicode (a lone
+surrogate escape, which the tokenizer would refuse for a whole micro-batch); 413 more than
+`max_texts_per_request` texts, a text longer than `max_text_chars` characters, or an oversized body. Texts within
+the limit are truncated to `max_seq_length` tokens (pairs: longer part first), as in training. If a forward
+fails, the requests of its micro-batch are run again one by one, so only a request that fails alone gets a 500;
+its body never holds the error, which goes to the server's log.
 
 Holding up under load and strangers: a request that would make more than `max_queue` texts wait gets 503 with
 `Retry-After` at once (waiting in a long line helps nobody); one not answered within `request_timeout` seconds
-gets 504 and its texts leave the queue unrun. With an API key, /predict and /metrics answer 401 unless the
-request has `Authorization: Bearer <key>`; /health stays open for load balancers. `/metrics` counts layers
+gets 504 and its texts leave the queue unrun, as do those of a client that hangs up while waiting. A body that
+holds more JSON values than its texts could is refused (413) before it is parsed. /predict takes only
+`Content-Type: application/json` (415), which a web page cannot send cross-site without a preflight; with
+`allowed_hosts`, other `Host` headers get 400. With an API key, /predict, /metrics and /openapi.json answer 401
+unless the request has `Authorization: Bearer <key>` (/docs and /redoc are off); /health stays open for load
+balancers, shows no file paths, and answers 503 once `app.state.draining` is set. `/metrics` counts layers
 computed and exit layers, so a shift of the mean exit layer (a slowdown attack, drifting inputs) shows.
 
 The server keeps no state between requests, so it scales out as several uvicorn workers (`--workers`) or as
@@ -34,20 +40,30 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import re
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from .batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown, forward_thread
 from .pipeline import Example, PabeePipeline
+from .texts import text_problem
 
-__all__ = ["RequestError", "create_app", "parse_predict_body"]
+__all__ = ["RequestError", "check_api_key", "create_app", "parse_predict_body", "public_model_name"]
+
+logger = logging.getLogger(__name__)
+CLIENT_GONE = 499  # the status nginx logs for a client that hung up first; counted in the metrics, never sent
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -88,8 +104,30 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal
+
+
+def _check_item_count(body: bytes, max_texts: int) -> None:
+    """413 for a body holding more JSON values than `max_texts` texts could, found without parsing it.
+
+    Parsing builds every value: a million `{}` (3.7 MB) took 150 ms of the event loop and 90 MiB. A valid body
+    has at most 2 separators per text outside its strings (between items, inside a pair) and at most 2 strings per
+    text; byte counts (memchr speed) clear most bodies, and only a body with few strings is scanned string by
+    string (many strings would make that scan the slow part).
+    """
+    bound = 2 * max_texts
+    if body.count(b",") <= bound:
+        return
+    message = f"The body holds more JSON values than {max_texts} texts could; the limit is {max_texts} texts."
+    if body.count(b'"') - body.count(b'\\"') > 2 * (2 * bound + 1):  # escaped quotes are not string ends
+        raise RequestError(413, message)
+    if _STRING.sub(b'""', body).count(b",") > bound:
+        raise RequestError(413, message)
+
+
 def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[Example]:
     """Validate a `/predict` body; `RequestError` (400/413/422) says what is wrong and where."""
+    _check_item_count(body, max_texts)
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -108,19 +146,34 @@ def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[Exam
         raise RequestError(422, "'texts' is empty; send at least one text.")
     if len(texts) > max_texts:
         raise RequestError(413, f"{len(texts)} texts in one request; the limit is {max_texts}.")
-    examples: list[Example] = []
-    for i, item in enumerate(texts):
-        if isinstance(item, str):
-            parts = [item]
-        elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            parts = item
-        else:
-            raise RequestError(422, f"texts[{i}] must be a string or a [text, text_pair] pair of two strings.")
-        for part in parts:
-            if len(part) > max_chars:
-                raise RequestError(413, f"texts[{i}] has {len(part)} characters; the limit is {max_chars}.")
-        examples.append((parts[0], parts[1] if len(parts) == 2 else None))
+    examples = [_example(i, item, max_chars) for i, item in enumerate(texts)]
+    for i, example in enumerate(examples):  # after every size check: a 413 wherever the long text is
+        _check_text(i, example)
     return examples
+
+
+def _example(i: int, item: Any, max_chars: int) -> Example:
+    """One item of 'texts' checked for its shape (422) and each part's length (413)."""
+    if isinstance(item, str):
+        parts = [item]
+    elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        parts = item
+    else:
+        raise RequestError(422, f"texts[{i}] must be a string or a [text, text_pair] pair of two strings.")
+    for j, part in enumerate(parts):
+        if len(part) > max_chars:
+            field = f"texts[{i}]" if len(parts) == 1 else f"texts[{i}][{j}]"
+            raise RequestError(413, f"{field} has {len(part)} characters; the limit is {max_chars}.")
+    return parts[0], parts[1] if len(parts) == 2 else None
+
+
+def _check_text(i: int, example: Example) -> None:
+    """422 naming a part that is not Unicode text: a lone surrogate escape is legal JSON, but the tokenizer would
+    refuse it for the whole micro-batch, failing every request batched with this one."""
+    for j, part in enumerate(example):
+        if part is not None and (problem := text_problem(part)):
+            field = f"texts[{i}]" if example[1] is None else f"texts[{i}][{j}]"
+            raise RequestError(422, f"{field}: {problem}; send Unicode text (escapes \\ud800-\\udfff only in pairs).")
 
 
 class _Metrics:
@@ -152,7 +205,12 @@ class _Metrics:
         )
         self.rejected = Counter("pabee_rejected", "/predict requests refused (503): queue full.", registry=r)
         self.timeouts = Counter("pabee_timeouts", "/predict requests past --request_timeout (504).", registry=r)
-        self.dropped = Counter("pabee_dropped_texts", "Texts taken out of the queue unrun (timeout).", registry=r)
+        self.dropped = Counter(
+            "pabee_dropped_texts", "Texts taken out of the queue unrun (timeout, client gone).", registry=r
+        )
+        self.gone = Counter(
+            "pabee_client_disconnects", "/predict clients that hung up before their answer.", registry=r
+        )
         Gauge("pabee_queued_texts", "Texts waiting for a batch.", registry=r).set_function(queued)
 
     def batch_done(self, num_requests: int, answers: list[dict], seconds: float) -> None:
@@ -183,6 +241,22 @@ def _lifespan(batcher: MicroBatcher, run: Callable[[list[Example]], Iterator]) -
     return lifespan
 
 
+def check_api_key(api_key: str) -> None:
+    """A key every HTTP client can send: visible ASCII, no spaces (header values are ASCII in practice; a key
+    with other characters would be refused on every request, so it is refused at start instead)."""
+    if not api_key or not all("!" <= char <= "~" for char in api_key):
+        raise ValueError(
+            "the API key must be visible ASCII characters without spaces (HTTP clients send header values as "
+            "ASCII); choose another key, e.g. from `openssl rand -hex 24`."
+        )
+
+
+def public_model_name(name: str) -> str:
+    """What /health shows of the model: a hub name as it is, a local folder by its last part (no file paths)."""
+    path = Path(name)
+    return path.name if path.is_absolute() or path.exists() else name
+
+
 def _check_limits(max_texts: int, max_chars: int, threads: int | None, request_timeout: float | None) -> None:
     for name, value in (("max_texts_per_request", max_texts), ("max_text_chars", max_chars)):
         if value < 1:
@@ -191,6 +265,16 @@ def _check_limits(max_texts: int, max_chars: int, threads: int | None, request_t
         raise ValueError(f"threads={threads} is invalid; use a whole number >= 1.")
     if request_timeout is not None and request_timeout <= 0:
         raise ValueError(f"request_timeout={request_timeout} is invalid; use a number of seconds > 0.")
+
+
+def _batch_failed(metrics: _Metrics) -> Callable[[BaseException], None]:
+    """Count a failed forward and log its error here, on the server: the client only hears that it failed."""
+
+    def on_failure(error: BaseException) -> None:
+        metrics.batch_failures.inc()
+        logger.error("A forward failed: %s: %s", type(error).__name__, error, exc_info=error)
+
+    return on_failure
 
 
 def create_app(
@@ -203,6 +287,7 @@ def create_app(
     max_queue: int | None = None,
     request_timeout: float | None = None,
     api_key: str | None = None,
+    allowed_hosts: Sequence[str] | None = None,
     threads: int | None = None,
     model_name: str | None = None,
     executor: ThreadPoolExecutor | None = None,
@@ -211,12 +296,16 @@ def create_app(
     """The FastAPI app serving `pipeline` (its exit options apply to every request).
 
     `max_queue` (texts) and `request_timeout` (seconds) bound the waiting (503 / 504 beyond them; None: no
-    bound); with `api_key`, /predict and /metrics need `Authorization: Bearer <api_key>`.
+    bound); with `api_key`, /predict, /metrics and /openapi.json need `Authorization: Bearer <api_key>` (and
+    /docs, /redoc are off); with `allowed_hosts`, a request whose `Host` is not listed gets 400 (DNS rebinding).
     The micro-batcher starts and stops with the app's lifespan: run it under uvicorn, or in tests inside
     `with TestClient(app)`. `executor` is the thread the pipeline was loaded in (`forward_thread`); without
     one, a new thread with `threads` torch threads runs the batches. `batcher_class` gathers them (Ray Serve's:
-    `pabee.ray.serving.ServeBatcher`)."""
+    `pabee.ray.serving.ServeBatcher`). Setting `app.state.draining` (a `threading.Event`, safe from a signal
+    handler) turns /health to 503 while requests are still served, so load balancers stop sending."""
     _check_limits(max_texts_per_request, max_text_chars, threads, request_timeout)
+    if api_key is not None:
+        check_api_key(api_key)
 
     def run(examples: list[Example]) -> Iterator[tuple[list[int], list[dict]]]:
         for rows, logits, exit_layers in pipeline.run_batches(examples, batch_size=max_batch_size):
@@ -228,13 +317,13 @@ def create_app(
         max_batch_size,
         max_wait_ms / 1000,
         on_batch=metrics.batch_done,
-        on_failure=lambda error: metrics.batch_failures.inc(),
+        on_failure=_batch_failed(metrics),
         on_withdraw=metrics.dropped.inc,
         executor=executor or forward_thread(threads),
         max_queue=max_queue,
     )
-    info = {  # what /health shows (never the API key)
-        "model": model_name or str(getattr(pipeline.model.config, "name_or_path", "")),
+    info = {  # what /health shows (never the API key, nor a file path)
+        "model": public_model_name(model_name or str(getattr(pipeline.model.config, "name_or_path", ""))),
         "labels": pipeline.labels,
         "num_layers": pipeline.num_layers,
         "exit_options": pipeline.exit_spec.changes_from(pipeline.model.config.exit_spec),
@@ -246,12 +335,30 @@ def create_app(
         "request_timeout": request_timeout,
         "max_seq_length": pipeline.max_length,
     }
+    return _build_app(pipeline, batcher, run, metrics, info, api_key, allowed_hosts)
 
-    app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=_lifespan(batcher, run))
-    app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
+
+def _build_app(
+    pipeline: PabeePipeline,
+    batcher: MicroBatcher,
+    run: Callable[[list[Example]], Iterator],
+    metrics: _Metrics,
+    info: dict[str, Any],
+    api_key: str | None,
+    allowed_hosts: Sequence[str] | None,
+) -> FastAPI:
+    """The app around the batcher: routes, then the middleware (the host check outermost)."""
     key = api_key.encode() if api_key else None
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if key else {}  # behind the key below
+    app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=_lifespan(batcher, run), **hidden)
+    app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
+    app.state.draining = threading.Event()
     _add_routes(app, batcher, metrics, info, key)
+    if key:
+        _add_keyed_schema(app, metrics, key)
     app.add_middleware(_RefuseWhenFull, batcher=batcher, metrics=metrics, api_key=key)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     return app
 
 
@@ -282,7 +389,15 @@ def _authorized(authorization: str | None, api_key: bytes | None) -> bool:
         return True
     scheme, _, token = (authorization or "").partition(" ")
     # compare_digest takes as long for a near miss as for a far one, so timing tells nothing about the key.
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key)
+    # Headers arrive decoded as latin-1: encoding back gives the bytes the client sent.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1", "replace"), api_key)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """`application/json`, any parameters (`; charset=utf-8`) allowed. Browsers may send a cross-site POST
+    without asking first only as form or text types; requiring JSON makes them ask (a CORS preflight), and this
+    server answers no preflight, so a web page cannot make a visitor's browser use a server on their machine."""
+    return (content_type or "").split(";", 1)[0].strip().lower() == "application/json"
 
 
 def _refusal(error: Overloaded, metrics: _Metrics) -> JSONResponse:
@@ -295,23 +410,53 @@ def _unauthorized() -> JSONResponse:
     return _error(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", {"WWW-Authenticate": "Bearer"})
 
 
+class _ClientGone(Exception):
+    """The client hung up before its answer."""
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[list[dict]]) -> list[dict]:
+    """`work`'s result, or `_ClientGone` as soon as the client disconnects; `work` is then cancelled, which takes
+    the request's texts out of the queue if their batch has not started (they would be computed for nobody)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((answer, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not answer.done():
+            answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)  # withdrawn before we go on
+    if answer.cancelled():
+        raise _ClientGone
+    return answer.result()
+
+
 async def _answer_predict(
     request: Request, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], max_body: int
 ) -> Response:
     """Parse, queue and answer one /predict request (every failure as its JSON status)."""
     try:
+        if not _is_json(request.headers.get("content-type")):
+            raise RequestError(415, "Send the body as JSON with 'Content-Type: application/json'.")
         examples = parse_predict_body(
             await _read_body(request, max_body), info["max_texts_per_request"], info["max_text_chars"]
         )
-        return JSONResponse({"predictions": await batcher.submit(examples)})
+        return JSONResponse({"predictions": await _unless_client_leaves(request, batcher.submit(examples))})
     except RequestError as error:
         return _error(error.status, error.message)
     except Overloaded as error:
         return _refusal(error, metrics)
-    except BatchFailed as error:
-        return _error(500, f"Inference failed for the batch holding this request ({error}).")
+    except BatchFailed:  # the error itself is in the server's log, never in a response
+        return _error(500, "Inference failed for this request; the server's log has the error.")
     except ShuttingDown as error:
         return _error(503, str(error))
+    except (_ClientGone, ClientDisconnect):
+        metrics.gone.inc()
+        return Response(status_code=CLIENT_GONE)  # for the metrics: nobody is there to receive it
 
 
 class _RefuseWhenFull:
@@ -360,11 +505,10 @@ def _add_routes(
 
     @app.get("/health")
     async def health() -> Response:
-        if batcher.closing:
-            metrics.requests.labels("/health", "503").inc()
-            return JSONResponse({"status": "shutting down", **info}, status_code=503)
-        metrics.requests.labels("/health", "200").inc()
-        return JSONResponse({"status": "ok", **info})
+        status = "shutting down" if batcher.closing else "draining" if app.state.draining.is_set() else "ok"
+        code = 200 if status == "ok" else 503
+        metrics.requests.labels("/health", str(code)).inc()
+        return JSONResponse({"status": status, **info}, status_code=code)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
@@ -373,3 +517,15 @@ def _add_routes(
             return _unauthorized()
         metrics.requests.labels("/metrics", "200").inc()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_keyed_schema(app: FastAPI, metrics: _Metrics, key: bytes) -> None:
+    """With an API key, the OpenAPI schema is for key holders only (it maps the API for a stranger), and the
+    browser pages /docs and /redoc, which cannot send the key, are off."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        if not _authorized(request.headers.get("authorization"), key):
+            metrics.requests.labels("/openapi.json", "401").inc()
+            return _unauthorized()
+        return JSONResponse(app.openapi())

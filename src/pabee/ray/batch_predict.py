@@ -1,6 +1,7 @@
 """Batch prediction on Ray Data: a corpus of texts in, labels, scores and exit layers out, one model per actor.
 
-`predict_dataset` adds `label`, `score` and `exit_layer` columns to any Ray Dataset. Each actor of the pool loads
+`predict_dataset` adds `label`, `score`, `exit_layer` and `error` columns to any Ray Dataset (a row that cannot be
+classified gets null answers and an `error`, the other rows their answers). Each actor of the pool loads
 the model once and hands every batch of rows to `PabeePipeline.run`, which sorts them by length and plans
 padding-aware forwards, exactly as `pabee predict` does in one process.
 
@@ -33,27 +34,34 @@ from ..exits import ExitSpec
 from ..folders import load_config
 from ..pipeline import DEFAULT_MAX_LENGTH, Example, PabeePipeline
 from ..provenance import write_atomic, write_json
+from ..texts import example_problem, replace_surrogates
 
 __all__ = ["FORMATS", "PREDICTION_COLUMNS", "predict_dataset", "run_ray_predict"]
 
-PREDICTION_COLUMNS = ("label", "score", "exit_layer")
+PREDICTION_COLUMNS = ("label", "score", "exit_layer", "error")  # error: None, or why a row was not classified
 ROWS_PER_CALL = 1024  # rows an actor gets per call: enough for length-sorted batches with little padding
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text"}
 JOB_FILE = "pabee_predict.json"  # in the output folder: which job its shards belong to
 
 
-def _examples(batch: pd.DataFrame, text_column: str, text_pair_column: str | None) -> list[Example]:
+def _examples(
+    batch: pd.DataFrame, text_column: str, text_pair_column: str | None
+) -> tuple[list[Example], list[str | None]]:
+    """The rows' examples, and per row why the model cannot take it (None when it can): a value that is not a
+    string, or text that is not Unicode. Such a row costs only itself, never the other rows of its batch."""
     for name in (text_column, text_pair_column):
         if name is not None and name not in batch.columns:
             raise ValueError(f"The dataset has no column {name!r}; its columns are {', '.join(batch.columns)}.")
     texts = batch[text_column].tolist()
     pairs = batch[text_pair_column].tolist() if text_pair_column else [None] * len(texts)
-    for i, (text, pair) in enumerate(zip(texts, pairs, strict=True)):
+    problems: list[str | None] = []
+    for text, pair in zip(texts, pairs, strict=True):
         if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
             bad = text if not isinstance(text, str) else pair
-            where = f"{batch['path'].iloc[i]}: " if "path" in batch.columns else ""
-            raise ValueError(f"{where}a row holds {bad!r:.80} where a text (a string) belongs.")
-    return list(zip(texts, pairs, strict=True))
+            problems.append(f"the row holds {bad!r:.80} where a text (a string) belongs")
+        else:
+            problems.append(example_problem(text, pair))
+    return list(zip(texts, pairs, strict=True)), problems
 
 
 class _Predictor:
@@ -76,12 +84,18 @@ class _Predictor:
         self.text_column, self.text_pair_column, self.keep_columns = text_column, text_pair_column, keep_columns
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        examples = _examples(batch, self.text_column, self.text_pair_column)
+        examples, problems = _examples(batch, self.text_column, self.text_pair_column)
         if self.keep_columns is not None:
             batch = batch[self.keep_columns].copy()
-        answers = self.pipe.format(*self.pipe.run(examples))
-        for name in PREDICTION_COLUMNS:
-            batch[name] = [answer[name] for answer in answers]
+        good = [i for i, problem in enumerate(problems) if problem is None]
+        answers = iter(self.pipe.format(*self.pipe.run([examples[i] for i in good]))) if good else iter(())
+        failed = {"label": None, "score": None, "exit_layer": None}
+        rows = [next(answers) if problem is None else failed for problem in problems]
+        for name in ("label", "score"):
+            batch[name] = [row[name] for row in rows]
+        layers = [row["exit_layer"] for row in rows]
+        batch["exit_layer"] = pd.array(layers, dtype="Int64") if len(good) < len(rows) else layers
+        batch["error"] = problems
         return batch
 
 
@@ -100,7 +114,7 @@ def predict_dataset(
     keep_columns: Sequence[str] | None = None,
     exit_spec: ExitSpec | None = None,
 ) -> ray.data.Dataset:
-    """`dataset` with `label`, `score` and `exit_layer` columns added (lazily, as Ray Data does).
+    """`dataset` with `label`, `score`, `exit_layer` and `error` columns added (lazily, as Ray Data does).
 
     Args:
         model: a saved PABEE model folder or a `pabee export` folder; every node must see it at this path.
@@ -268,20 +282,35 @@ def _encode(frame: pd.DataFrame, output_format: str) -> bytes:
         import pyarrow.parquet as pq
 
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+        pq.write_table(pa.Table.from_pandas(_storable(frame), preserve_index=False), buffer)
         return buffer.getvalue()
-    records = frame.to_dict(orient="records")
-    return "".join(json.dumps(_plain(record), ensure_ascii=False) + "\n" for record in records).encode()
+    records = [_plain(record) for record in frame.to_dict(orient="records")]
+    # A row that failed may hold text that is not Unicode: it is written with \\u escapes, which JSON allows.
+    return "".join(json.dumps(r, ensure_ascii="error" in r) + "\n" for r in records).encode()
+
+
+def _storable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Parquet strings are UTF-8: a lone surrogate (in a row that failed for it) becomes U+FFFD there."""
+    if "error" not in frame.columns or frame["error"].isna().all():
+        return frame
+    frame = frame.copy()
+    for name in frame.columns:
+        if any(isinstance(value, str) for value in frame[name]):
+            frame[name] = [replace_surrogates(v) if isinstance(v, str) else v for v in frame[name]]
+    return frame
 
 
 def _plain(record: dict[str, Any]) -> dict[str, Any]:
-    """numpy scalars and arrays as JSON's own types (a multi-label answer's names and scores are arrays)."""
+    """numpy scalars and arrays as JSON's own types (a multi-label answer's names and scores are arrays); a row
+    that was classified has no `error` key, as `pabee predict` writes it."""
     out = {}
     for name, value in record.items():
         if hasattr(value, "tolist"):
             value = value.tolist()
-        elif isinstance(value, float) and math.isnan(value):
+        elif value is pd.NA or (isinstance(value, float) and math.isnan(value)):
             value = None
+        if name == "error" and value is None:
+            continue
         out[name] = value
     return out
 
@@ -344,7 +373,7 @@ def run_ray_predict(args: PredictArguments) -> dict[str, Any]:
     out, shards = _shards(args, files)
     pending = {path: shard for path, shard in shards.items() if args.overwrite or not shard.is_file()}
     start = time.perf_counter()
-    counts = {"examples": 0, "layers": 0}
+    counts = {"examples": 0, "layers": 0, "errors": 0}
     if pending:
         connect(args.ray_address)
         context = ray.data.DataContext.get_current()
@@ -367,7 +396,8 @@ def run_ray_predict(args: PredictArguments) -> dict[str, Any]:
         writer = _ShardWriter(pending, args.output_format, dict(zip(columns, ("text", "text_pair"), strict=False)))
         try:
             for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
-                counts["examples"] += len(batch)
+                counts["errors"] += int(batch["error"].notna().sum())
+                counts["examples"] += len(batch) - int(batch["error"].notna().sum())
                 counts["layers"] += int(batch["exit_layer"].sum())
                 writer.add(batch)
         except ray.exceptions.RayTaskError as error:
@@ -389,11 +419,14 @@ def _summary(counts: dict[str, int], seconds: float, skipped: int, total: int, o
     line = f"{n} examples in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} examples/s)"
     if n:
         line += f"; average exit layer {counts['layers'] / n:.2f}"
+    if counts["errors"]:
+        line += f'; {counts["errors"]} row(s) not classified, marked "error" in the shards'
     line += f"; {total - skipped} of {total} input files written"
     if skipped:
         line += f" ({skipped} done before, skipped)"
     return {
         "examples": n,
+        "errors": counts["errors"],
         "seconds": seconds,
         "examples_per_s": n / max(seconds, 1e-9),
         "avg_exit_layer": counts["layers"] / n if n else None,
