@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import pabee
 from pabee.cli import main
 from pabee.errors import PabeeError
 from pabee.exits import ExitSpec
-from pabee.folders import FORMAT_VERSION, MANIFEST, load_runtime
+from pabee.folders import FORMAT_VERSION, MANIFEST, load_runtime, read_manifest
 from pabee.modeling import infer
 from pabee.onnx_export import export_onnx
 
@@ -244,3 +245,59 @@ def test_minilm_on_onnx_runtime_exits_like_torch_on_sst2(trained_minilm, minilm_
         assert differ == ties, (patience, differ)
         assert len({a["exit_layer"] for a in got}) > 1
     shutil.rmtree(tmp_path / "onnx")
+
+
+# --- a manifest confines the export to its folder (issue 27, item 6) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory, model_dir):
+    return export_onnx(model_dir, tmp_path_factory.mktemp("export") / "onnx")
+
+
+def _edited_copy(tiny_export, tmp_path, edit) -> Path:
+    """A copy of the export whose manifest `edit(manifest, folder)` changed."""
+    folder = Path(shutil.copytree(tiny_export, tmp_path / "copy"))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    edit(manifest, folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def _outside(manifest, folder):
+    """The embeddings graph pointed at a file outside the folder, hash and all: a valid graph, someone else's."""
+    outside = folder.parent / "elsewhere.onnx"
+    shutil.copy(folder / "embeddings.onnx", outside)
+    manifest["embeddings"] = "../elsewhere.onnx"
+    manifest["files"]["../elsewhere.onnx"] = manifest["files"]["embeddings.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("case", "edit", "message"),
+    [
+        ("parent", _outside, "names '../elsewhere.onnx', which is not a plain file name"),
+        (
+            "absolute",
+            lambda m, f: m["layers"][0].update(graph=str(f / "layer_0.onnx")),
+            "which is not a plain file name in the folder",
+        ),
+        ("unlisted reference", lambda m, f: m["files"].pop("mask.onnx"), "references mask.onnx but lists no hash"),
+        ("no hashes", lambda m, f: m.pop("files"), "lists no file hashes, so nothing can be verified"),
+        ("empty hashes", lambda m, f: m.update(files={}), "lists no file hashes"),
+        ("a hash missing", lambda m, f: m["files"].update({"config.json": None}), "has no SHA-256 for config.json"),
+        (
+            "extra graph",
+            lambda m, f: shutil.copy(f / "layer_0.onnx", f / "layer_9.onnx"),
+            "holds graph file(s) its manifest does not list (layer_9.onnx)",
+        ),
+    ],
+)
+def test_a_manifest_must_list_and_confine_every_file_it_uses(tiny_export, tmp_path, case, edit, message):
+    folder = _edited_copy(tiny_export, tmp_path, edit)
+    for verify in (True, False):  # checked even when hashes are not (benchmarks read manifests unverified)
+        with pytest.raises(PabeeError) as error:
+            read_manifest(folder, verify=verify)
+        assert message in str(error.value), case
+    with pytest.raises(PabeeError, match="not a plain file name|lists no|has no SHA-256|does not list|references"):
+        pabee.pipeline(folder)
+    assert read_manifest(tiny_export)["precision"] == "fp32"  # the original export still loads

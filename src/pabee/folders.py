@@ -12,6 +12,7 @@ Everything that loads a model from a folder (the pipeline, `pabee export`, the b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,25 +52,76 @@ def is_onnx_folder(folder: str | Path) -> bool:
 
 
 def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest of an export, after checking its format and (with `verify`) every file's SHA-256."""
+    """The manifest of an export, after checking its format, that it confines the export to the folder (always)
+    and (with `verify`) every file's SHA-256.
+
+    Confined: every file the manifest references (graphs, `config.json`) is listed with its hash, each name is a
+    plain file name inside the folder (no `..`, no path, nothing absolute), and no graph in the folder is
+    unlisted. A folder someone else wrote cannot make ONNX Runtime open a file elsewhere, nor slip a graph in.
+    """
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PabeeError(f"{folder / MANIFEST} cannot be read: {error}") from None
+    if not isinstance(manifest, dict):
+        raise PabeeError(f"{folder / MANIFEST} is not a pabee manifest (not a JSON object); export the model again.")
     if manifest.get("format") != FORMAT_VERSION:
         made_by = manifest.get("versions", {}).get("pabee", "an unknown version")
         raise PabeeError(
             f"{folder} was exported by pabee {made_by} in format {manifest.get('format')!r}; this pabee reads format "
             f"{FORMAT_VERSION}. Export the model again with this version (pabee export)."
         )
-    for name, digest in manifest.get("files", {}).items() if verify else ():
+    files = _listed_files(folder, manifest)
+    for name, digest in files.items() if verify else ():
         path = folder / name
         if not path.is_file():
             raise PabeeError(f"{folder} is incomplete: {name} is missing; export the model again.")
         if file_digest(path) != digest:
             raise PabeeError(f"{path} differs from the file that was exported (SHA-256 mismatch); export again.")
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+GRAPH_SUFFIXES = (".onnx", ".ort", ".data")  # what ONNX Runtime loads: graphs and their external weights
+
+
+def _listed_files(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """The manifest's `files` (name → SHA-256), checked to confine the export to `folder` (see `read_manifest`)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise PabeeError(f"{folder / MANIFEST} lists no file hashes, so nothing can be verified; export again.")
+    for name, digest in files.items():
+        _check_plain_name(folder, name)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise PabeeError(f"{folder / MANIFEST} has no SHA-256 for {name}; export the model again.")
+    for name in _referenced_files(folder, manifest):
+        _check_plain_name(folder, name)
+        if name not in files:
+            raise PabeeError(f"{folder / MANIFEST} references {name} but lists no hash for it; export again.")
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name.endswith(GRAPH_SUFFIXES) and p.name not in files)
+    if unlisted:
+        raise PabeeError(
+            f"{folder} holds graph file(s) its manifest does not list ({', '.join(unlisted)}); remove them or export "
+            "again."
+        )
+    return files
+
+
+def _referenced_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Every file name the runtime will open: `config.json`, the embeddings, mask and layer graphs."""
+    try:
+        names = [manifest["embeddings"], manifest["mask"]["graph"], *(layer["graph"] for layer in manifest["layers"])]
+    except (KeyError, TypeError) as error:
+        raise PabeeError(f"{folder / MANIFEST} is malformed (no {error}); export the model again.") from None
+    return ["config.json", *names]
+
+
+def _check_plain_name(folder: Path, name: Any) -> None:
+    """A name the manifest gives must be a file name in `folder` itself, never a path out of it."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+    if not plain or "\0" in name or Path(name).is_absolute():
+        raise PabeeError(f"{folder / MANIFEST} names {name!r}, which is not a plain file name in the folder.")
 
 
 def resolve_backend(folder: str | Path, backend: str | None) -> str:
