@@ -4,7 +4,9 @@ same exit loop gives the same exits, int8 runs, and a broken export folder is a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -301,3 +303,10 @@ def test_a_manifest_must_list_and_confine_every_file_it_uses(tiny_export, tmp_pa
     with pytest.raises(PabeeError, match="not a plain file name|lists no|has no SHA-256|does not list|references"):
         pabee.pipeline(folder)
     assert read_manifest(tiny_export)["precision"] == "fp32"  # the original export still loads
+
+
+def test_an_export_and_its_files_get_the_umasks_mode_not_0700(tiny_export):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(tiny_export.stat().st_mode) == 0o777 & ~umask  # mkdtemp's 0700 stayed after the rename
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tiny_export.iterdir()} == {0o666 & ~umask}

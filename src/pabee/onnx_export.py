@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -30,7 +29,7 @@ from .errors import PabeeError
 from .folders import FORMAT_VERSION, MANIFEST, load_model_folder, load_tokenizer
 from .modeling import PabeeForSequenceClassification
 from .onnx_model import require_onnx
-from .provenance import file_digest
+from .provenance import file_digest, make_temp_folder
 from .version import __version__
 
 __all__ = ["OPSET", "export_full_model", "export_onnx", "layer_graphs"]
@@ -270,7 +269,7 @@ def export_onnx(
     _check_target(output, overwrite)
     model, tokenizer = _load(model_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    work = make_temp_folder(output.parent, f".{output.name}.")  # the umask's mode, which the export keeps
     try:
         try:
             layout = _export_graphs(model, work, opset)

@@ -10,14 +10,24 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import shlex
+import stat
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_digest", "hardware", "provenance", "versions", "write_atomic", "write_json"]
+__all__ = [
+    "file_digest",
+    "fsync_folder",
+    "hardware",
+    "make_temp_folder",
+    "provenance",
+    "versions",
+    "write_atomic",
+    "write_json",
+]
 
 
 def _cpu_name() -> str:
@@ -92,12 +102,23 @@ def file_digest(path: str | Path) -> str:
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write a file through a temporary sibling and `os.replace`, so readers see the old or the new file whole."""
+    """Write a file through a temporary sibling and `os.replace`, so readers see the old or the new file whole.
+
+    The file keeps the mode an existing file had, and a new one gets the mode the umask gives (not the 0600 of
+    `tempfile`), so a results file or shard stays readable by whoever could read it before. The folder is fsynced
+    after the rename, so the new name survives a power cut along with the contents.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    fd, tmp = _new_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
@@ -105,6 +126,47 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def _new_temp_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new file opened for writing, created with mode 0666 so the kernel applies the umask (`mkstemp` uses 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(candidate, flags, 0o666), candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
+def make_temp_folder(parent: str | Path, prefix: str) -> Path:
+    """A new folder to build something in before renaming it into place, with the mode the umask gives (0755 for
+    the usual 022), not `mkdtemp`'s 0700, which the folder would keep after the rename."""
+    parent = Path(parent)
+    for _ in range(100):
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            candidate.mkdir(mode=0o777)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {parent}")
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

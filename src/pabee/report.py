@@ -6,14 +6,14 @@ from a results file.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .exits import ExitSpec
 from .metrics import METRIC_LABELS
+from .provenance import write_atomic
 
 __all__ = [
     "bench_markdown",
@@ -168,11 +168,10 @@ def _save_figure(fig, path: str | Path) -> None:
     """Save through a temporary sibling so a reader never sees half a PNG."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp.name, path)
+    write_atomic(path, buffer.getvalue())  # the mode an existing plot had, not a temporary file's 0600
 
 
 # --- run-glue -------------------------------------------------------------------------------------------------
