@@ -310,3 +310,28 @@ def test_an_export_and_its_files_get_the_umasks_mode_not_0700(tiny_export):
     os.umask(umask)
     assert stat.S_IMODE(tiny_export.stat().st_mode) == 0o777 & ~umask  # mkdtemp's 0700 stayed after the rename
     assert {stat.S_IMODE(p.stat().st_mode) for p in tiny_export.iterdir()} == {0o666 & ~umask}
+
+
+@pytest.mark.parametrize("target", ["a model folder", "a folder of notes"])
+def test_export_overwrite_never_deletes_a_folder_that_is_not_an_export(tmp_path, model_dir, target, capsys):
+    folder = tmp_path / "taken"
+    if target == "a model folder":
+        shutil.copytree(model_dir, folder)
+    else:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["export", "--model", str(model_dir), "--output", str(folder), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not an earlier export (no pabee_onnx.json); --overwrite replaces only an export" in err
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing deleted
+
+
+def test_export_overwrite_replaces_an_earlier_export_or_an_empty_folder(tmp_path, model_dir, tiny_export):
+    earlier = Path(shutil.copytree(tiny_export, tmp_path / "earlier"))
+    (earlier / "stale.txt").write_text("from the old export")
+    (tmp_path / "empty").mkdir()
+    for folder in (earlier, tmp_path / "empty"):
+        assert main(["export", "--model", str(model_dir), "--output", str(folder), "--overwrite"]) == 0
+        assert read_manifest(folder)["precision"] == "fp32" and not (folder / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "empty"]  # nothing left aside

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from pabee.arguments import PredictArguments
 from pabee.cli import main
 from pabee.pipeline import pipeline
 from pabee.ray.batch_predict import _encode, _Predictor, _ShardWriter, input_files, run_ray_predict
@@ -265,3 +266,67 @@ def test_ray_serve_answers_as_pabee_serve_does(ray_cluster, model_dir, sst2_dev_
             assert "pabee_texts_total" in ray.get("/metrics", headers=key).text
     finally:
         serve.shutdown()
+
+
+# --- outputs belong to one job (issue 27, item 7) ----------------------------------------------------------------
+
+
+def _done_job(tmp_path, model_dir, out) -> PredictArguments:
+    """A job whose inputs all have their shards already (so it needs no Ray), and its arguments."""
+    inputs = tmp_path / "in"
+    inputs.mkdir(exist_ok=True)
+    for name in ("a", "b"):
+        (inputs / f"{name}.jsonl").write_text('{"text": "x"}\n')
+        (out / f"{name}.jsonl{SHARD}").parent.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.jsonl{SHARD}").write_text('{"row": 0}\n')
+    return PredictArguments(model=str(model_dir), input=str(inputs), output=str(out), ray=True)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """These jobs have nothing to run: starting Ray would be a failure (and slow)."""
+    monkeypatch.setattr("pabee.ray.batch_predict.connect", lambda address: pytest.fail("Ray was started"))
+
+
+def test_a_second_job_on_the_same_output_folder_gets_a_clear_error(tmp_path, model_dir, no_ray):
+    from pabee.errors import PabeeError
+    from pabee.ray.batch_predict import _OutputLock
+
+    out = tmp_path / "out"
+    args = _done_job(tmp_path, model_dir, out)
+    with _OutputLock(out), pytest.raises(PabeeError, match=r"is in use by another pabee predict --ray job \(process"):
+        run_ray_predict(args)
+    assert "0 of 2 input files written (2 done before, skipped)" in run_ray_predict(args)["summary"]  # released
+
+
+def test_a_job_removes_its_own_temporary_files_only(tmp_path, model_dir, no_ray):
+    out = tmp_path / "out"
+    args = _done_job(tmp_path, model_dir, out)
+    (out / f".a.jsonl{SHARD}.1234.tmp").write_text('{"half": ')  # a killed run of this job left it
+    (out / ".someone-else.tmp").write_text("theirs")
+    (out / "notes.tmp").write_text("theirs")
+    run_ray_predict(args)
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == [".someone-else.tmp", "notes.tmp"]
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path, model_dir, no_ray):
+    out = tmp_path / "in" / "predictions"
+    args = _done_job(tmp_path, model_dir, out)
+    result = run_ray_predict(args)  # before: the shards in in/predictions were inputs too, with no shard yet
+    assert "0 of 2 input files written" in result["summary"]
+    assert input_files(str(tmp_path / "in"), exclude=out) == sorted((tmp_path / "in").glob("*.jsonl"))
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_old_jobs_shards_before_writing(ray_cluster, model_dir, tmp_path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        (inputs / f"{name}.jsonl").write_text('{"text": "a fine film"}\n')
+    base = ["predict", "--model", str(model_dir), "--ray", "--output", str(out), "--threads", "1"]
+    assert main([*base, "--input", str(inputs)]) == 0
+    assert sorted(p.name for p in out.glob(f"*{SHARD}")) == [f"a.jsonl{SHARD}", f"b.jsonl{SHARD}"]
+    (inputs / "b.jsonl").unlink()
+    assert main([*base, "--input", str(inputs / "a.jsonl"), "--overwrite", "--patience", "3"]) == 0
+    assert [p.name for p in out.glob(f"*{SHARD}")] == [f"a.jsonl{SHARD}"]  # b's shard was the old job's
+    assert json.loads((out / "pabee_predict.json").read_text())["shards"] == [f"a.jsonl{SHARD}"]

@@ -375,7 +375,10 @@ class PredictArguments(RayArguments, InferenceArguments):
         metadata={"help": "JSON-lines output file (default: standard output); with --ray, a folder of shards."},
     )
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace an existing output file (--ray: redo inputs already done)."}
+        default=False,
+        metadata={
+            "help": "Replace an existing output file (--ray: remove the folder's earlier shards, redo every input)."
+        },
     )
     text_column: str = field(default="text", metadata={"help": "Column/field holding the text (tsv, csv, jsonl)."})
     text_pair_column: str = field(
@@ -562,7 +565,13 @@ class ExportArguments:
         default=None, metadata={"help": "int8: dynamic int8 quantization of the weights.", "choices": ["int8"]}
     )
     opset: int = field(default=17, metadata={"help": "ONNX opset version."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty --output folder."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace an earlier export in --output (a folder holding pabee_onnx.json); other folders "
+            "are refused."
+        },
+    )
 
     def __post_init__(self) -> None:
         require_onnx()

@@ -29,7 +29,7 @@ from .errors import PabeeError
 from .folders import FORMAT_VERSION, MANIFEST, load_model_folder, load_tokenizer
 from .modeling import PabeeForSequenceClassification
 from .onnx_model import require_onnx
-from .provenance import file_digest, make_temp_folder
+from .provenance import file_digest, fsync_folder, make_temp_folder
 from .version import __version__
 
 __all__ = ["OPSET", "export_full_model", "export_onnx", "layer_graphs"]
@@ -243,10 +243,18 @@ def _versions() -> dict[str, str]:
 
 
 def _check_target(output: Path, overwrite: bool) -> None:
+    """`--output` must be new, empty, or (with `--overwrite`) an earlier export: `--overwrite` must never delete a
+    folder of something else (a model, a home directory) that `--output` named by mistake."""
     if output.exists() and not output.is_dir():
         raise PabeeError(f"--output {output} exists and is not a folder.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise PabeeError(f"--output {output} exists and is not empty; pass --overwrite to replace it.")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise PabeeError(f"--output {output} exists and is not empty; pass --overwrite to replace it.")
+        if not (output / MANIFEST).is_file():
+            raise PabeeError(
+                f"--output {output} is not an earlier export (no {MANIFEST}); --overwrite replaces only an export "
+                "or an empty folder, so choose another folder."
+            )
 
 
 def _load(model_dir: str | Path) -> tuple[PabeeForSequenceClassification, Any]:
@@ -288,9 +296,21 @@ def export_onnx(
             manifest["quantization"] = INT8_SCHEME
         manifest.update({**layout, "versions": _versions(), "files": files})
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(work, output)
+        _replace(output, work, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+def _replace(output: Path, work: Path, overwrite: bool) -> None:
+    """Move the finished export into place; an earlier export there is checked again (the folder may have changed
+    during the export), renamed aside, and removed only once the new one is in place."""
+    old = None
+    if output.exists():
+        _check_target(output, overwrite)
+        old = make_temp_folder(output.parent, f".{output.name}.old.")
+        os.replace(output, old)  # onto the empty folder just made
+    os.replace(work, output)
+    fsync_folder(output.parent)
+    if old is not None:
+        shutil.rmtree(old)

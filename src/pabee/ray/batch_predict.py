@@ -19,6 +19,7 @@ import glob
 import io
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ __all__ = ["FORMATS", "PREDICTION_COLUMNS", "predict_dataset", "run_ray_predict"
 PREDICTION_COLUMNS = ("label", "score", "exit_layer", "error")  # error: None, or why a row was not classified
 ROWS_PER_CALL = 1024  # rows an actor gets per call: enough for length-sorted batches with little padding
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text"}
-JOB_FILE = "pabee_predict.json"  # in the output folder: which job its shards belong to
+JOB_FILE = "pabee_predict.json"  # in the output folder: which job its shards belong to, and their names
+LOCK_FILE = ".pabee_predict.lock"  # in the output folder: held by the job writing there
 
 
 def _examples(
@@ -171,13 +173,16 @@ def _check_columns(dataset: ray.data.Dataset, needed: list[str | None], keep: Se
         raise PabeeError(f"The dataset already has column(s) {', '.join(taken)}; drop or rename them first.")
 
 
-def input_files(pattern: str) -> list[Path]:
-    """The files `--input` names: one file, a folder's files, or a glob; sorted, all of one format."""
+def input_files(pattern: str, exclude: Path | None = None) -> list[Path]:
+    """The files `--input` names: one file, a folder's files, or a glob; sorted, all of one format. Files inside
+    `exclude` (the job's own output folder, when it lies inside the input) are not inputs."""
     path = Path(pattern)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS)
     else:
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if exclude is not None:
+        files = [p for p in files if not p.resolve().is_relative_to(exclude.resolve())]
     if not files:
         raise PabeeError(f"--input {pattern} matches no files.")
     kinds = {FORMATS.get(p.suffix) for p in files}
@@ -330,26 +335,80 @@ def _job(args: PredictArguments, root: Path) -> dict[str, Any]:
     }
 
 
-def _shards(args: PredictArguments, files: Sequence[Path]) -> tuple[Path, dict[str, Path]]:
-    """The output folder (checked against the job that made it) and every input's shard path."""
-    root = _common_parent(files)
-    out = Path(args.output or "")
+def _output_folder(args: PredictArguments) -> Path:
     if not args.output:
         raise PabeeError("--ray writes shards to a folder: give it as --output DIR.")
+    out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise PabeeError(f"--output {out} is a file; with --ray, --output is a folder of shards.")
+    return out
+
+
+class _OutputLock:
+    """An exclusive lock on the output folder for one job's lifetime (`flock`: the kernel drops it when the job
+    dies, so a killed job never leaves the folder locked). A second job on the folder gets a clear error instead of
+    the two writing, and deleting, each other's files."""
+
+    def __init__(self, out: Path) -> None:
+        self.path, self.file = out / LOCK_FILE, None
+
+    def __enter__(self) -> _OutputLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise PabeeError(
+                f"--output {self.path.parent} is in use by another pabee predict --ray job (process {holder}); "
+                "wait for it to finish, or use another folder."
+            ) from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()  # releases the lock
+
+
+def _shards(args: PredictArguments, out: Path, files: Sequence[Path]) -> dict[str, Path]:
+    """Every input's shard path in `out`, after checking the folder's job and tidying what this job's earlier
+    runs left: their temporary files, and with `--overwrite` the old job's shards. Run under `_OutputLock`."""
+    root = _common_parent(files)
     job, recorded = _job(args, root), out / JOB_FILE
-    if recorded.is_file() and not args.overwrite and json.loads(recorded.read_text())["job"] != job:
+    previous = json.loads(recorded.read_text()) if recorded.is_file() else None
+    if previous is not None and not args.overwrite and previous.get("job") != job:
         raise PabeeError(
             f"--output {out} holds shards of a different job (model, options or inputs); "
             "use another folder, or --overwrite to redo every input."
         )
-    for stale in out.rglob(".*.tmp") if out.is_dir() else ():  # left by a killed run
-        stale.unlink()
     suffix = ".predictions." + args.output_format
     shards = {str(p): out / p.relative_to(root).with_name(p.name + suffix) for p in files}
-    write_json(recorded, {"job": job, "command": "pabee predict --ray"})
-    return out, shards
+    if previous is not None and args.overwrite:
+        _remove_shards(out, previous)
+    for shard in [*shards.values(), recorded]:  # left by a killed run of this job: ours alone to remove
+        for stale in shard.parent.glob(f".{glob.escape(shard.name)}.*.tmp") if shard.parent.is_dir() else ():
+            stale.unlink()
+    written = [str(shard.relative_to(out)) for shard in shards.values()]
+    write_json(recorded, {"job": job, "command": "pabee predict --ray", "shards": written})
+    return shards
+
+
+def _remove_shards(out: Path, previous: dict[str, Any]) -> None:
+    """The shards an earlier job recorded in `out` (a job file without the list: files named as shards are)."""
+    names = previous.get("shards")
+    if names is None:
+        found = [*out.rglob("*.predictions.jsonl"), *out.rglob("*.predictions.parquet")]
+        names = [str(p.relative_to(out)) for p in found]
+    for name in names:
+        shard = (out / name).resolve()
+        if shard.is_relative_to(out.resolve()) and shard.is_file():
+            shard.unlink()
 
 
 def _common_parent(files: Sequence[Path]) -> Path:
@@ -369,8 +428,15 @@ def connect(address: str | None) -> None:
 
 def run_ray_predict(args: PredictArguments) -> dict[str, Any]:
     """`pabee predict --ray`: classify every row of the inputs into one shard per input file (see module doc)."""
-    files = input_files(args.input)
-    out, shards = _shards(args, files)
+    out = _output_folder(args)
+    files = input_files(args.input, exclude=out)
+    with _OutputLock(out):
+        return _run_locked(args, out, files)
+
+
+def _run_locked(args: PredictArguments, out: Path, files: list[Path]) -> dict[str, Any]:
+    """`run_ray_predict` once the output folder is this job's."""
+    shards = _shards(args, out, files)
     pending = {path: shard for path, shard in shards.items() if args.overwrite or not shard.is_file()}
     start = time.perf_counter()
     counts = {"examples": 0, "layers": 0, "errors": 0}
