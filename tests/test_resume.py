@@ -25,7 +25,7 @@ from pabee.checkpoints import (
     mark_checkpoint_complete,
 )
 from pabee.errors import PabeeError
-from pabee.train import RUN_FILE, _run_identity, prepare_output_dir
+from pabee.train import RUN_FILE, prepare_output_dir, run_identity
 
 MODEL = "some/model"
 
@@ -45,16 +45,18 @@ def _checkpoint(out: Path, step: int, complete: bool = True) -> Path:
     return folder
 
 
-def _prepare(out: Path, task: str = "SST-2") -> str | None:
-    args = RunGlueArguments(task_name=task, model_name_or_path=MODEL)
-    training_args = TrainingArguments(output_dir=str(out), do_train=True, report_to="none")
-    return prepare_output_dir(args, training_args, MODEL)
+def _arguments(out: Path, task: str = "SST-2", **training) -> tuple[RunGlueArguments, TrainingArguments]:
+    training = {"output_dir": str(out), "do_train": True, "report_to": "none", **training}
+    return RunGlueArguments(task_name=task, model_name_or_path=MODEL), TrainingArguments(**training)
 
 
-def _this_run(out: Path, task: str = "SST-2") -> None:
+def _prepare(out: Path, task: str = "SST-2", **training) -> str | None:
+    return prepare_output_dir(*_arguments(out, task, **training), MODEL)
+
+
+def _this_run(out: Path, task: str = "SST-2", **training) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    identity = _run_identity(RunGlueArguments(task_name=task), MODEL)
-    (out / RUN_FILE).write_text(json.dumps(identity))
+    (out / RUN_FILE).write_text(json.dumps(run_identity(*_arguments(out, task, **training), MODEL)))
 
 
 def test_marker_is_written_on_save_by_rank_zero_and_checks_sizes(tmp_path):
@@ -135,6 +137,79 @@ def test_evaluation_lists_only_complete_checkpoints_and_removes_nothing(tmp_path
         capsys.readouterr().out
         == f"{tmp_path / 'checkpoint-3'} is incomplete (interrupted while saving): skipping it.\n"
     )
+
+
+# --- the same run: data content, starting model, result-changing flags (issue 27, item 8) --------------------
+
+
+def _glue_and_model(tmp_path: Path) -> tuple[Path, Path]:
+    data = tmp_path / "glue" / "SST-2"
+    data.mkdir(parents=True)
+    (data / "train.tsv").write_text("sentence\tlabel\na fine film\t1\na dull film\t0\n")
+    (data / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    model = tmp_path / "start"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    (model / "model.safetensors").write_bytes(b"w" * 64)
+    return data, model
+
+
+def _identity_prepare(out: Path, data: Path, model: Path, **training) -> str | None:
+    args = RunGlueArguments(task_name="SST-2", data_dir=str(data), model_name_or_path=str(model))
+    training_args = TrainingArguments(output_dir=str(out), do_train=True, report_to="none", **training)
+    return prepare_output_dir(args, training_args, str(model))
+
+
+def _record(out: Path, data: Path, model: Path, **training) -> None:
+    args = RunGlueArguments(task_name="SST-2", data_dir=str(data), model_name_or_path=str(model))
+    training_args = TrainingArguments(output_dir=str(out), do_train=True, report_to="none", **training)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_FILE).write_text(json.dumps(run_identity(args, training_args, str(model))))
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("data edited in place, same size", "data"),
+        ("starting weights edited in place", "model"),
+        ("learning rate", "learning_rate"),
+        ("batch size", "per_device_train_batch_size"),
+        ("seed", "seed"),
+    ],
+)
+def test_a_run_with_other_data_content_model_or_hyperparameters_is_another_run(tmp_path, change, named):
+    data, model = _glue_and_model(tmp_path)
+    out = tmp_path / "out"
+    _record(out, data, model)
+    _checkpoint(out, 2)
+    assert _identity_prepare(out, data, model) == str(out / "checkpoint-2")  # the same run resumes
+    training = {}
+    if change.startswith("data"):
+        (data / "train.tsv").write_text("sentence\tlabel\na fine film\t0\na dull film\t1\n")  # labels swapped
+    elif change.startswith("starting"):
+        (model / "model.safetensors").write_bytes(b"v" * 64)
+    else:
+        training = {"learning rate": {"learning_rate": 1e-3}, "batch size": {"per_device_train_batch_size": 4}}.get(
+            change, {"seed": 7}
+        )
+    with pytest.raises(PabeeError, match=f"holds checkpoints of another run \\(it differs in: {named}\\)"):
+        _identity_prepare(out, data, model, **training)
+    assert (out / "checkpoint-2").is_dir()
+
+
+def test_resume_from_checkpoint_obeys_the_marker_and_the_run(tmp_path):
+    data, model = _glue_and_model(tmp_path)
+    out = tmp_path / "out"
+    _record(out, data, model)
+    good, cut = _checkpoint(out, 2), _checkpoint(out, 4, complete=False)
+    assert _identity_prepare(tmp_path / "new", data, model, resume_from_checkpoint=str(good)) == str(good)
+    with pytest.raises(PabeeError, match="checkpoint-4 is not a complete checkpoint"):
+        _identity_prepare(tmp_path / "new", data, model, resume_from_checkpoint=str(cut))
+    with pytest.raises(PabeeError, match=r"--resume_from_checkpoint .*checkpoint-2 holds checkpoints of another run"):
+        _identity_prepare(tmp_path / "new", data, model, resume_from_checkpoint=str(good), learning_rate=1e-3)
+    (out / RUN_FILE).unlink()  # a checkpoint nobody recorded a run for
+    with pytest.raises(PabeeError, match="another run \\(no record of what it was\\)"):
+        _identity_prepare(tmp_path / "new", data, model, resume_from_checkpoint=str(good))
 
 
 # --- a real `pabee run-glue`, killed with SIGKILL -------------------------------------------------------------

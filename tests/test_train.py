@@ -110,3 +110,27 @@ def test_sweep_equals_real_early_exit_on_sst2_dev(trained_minilm, minilm_tokeniz
     assert spread[1] < spread[2] < spread[3] < spread[4] < 6.0, "exits must vary with patience for this to mean much"
     assert spread[0] == spread[5] == 6.0  # patience 0, and patience 5 on 6 layers, are the full model
     assert len(summary["per_layer"]) == 6
+
+
+def test_run_glue_refuses_to_resume_across_changed_data_or_flags(tmp_path, minilm_tokenizer, capsys):
+    """End to end: a tiny run with checkpoints, then the same command with the data file edited in place, another
+    learning rate, and --resume_from_checkpoint at a half-saved checkpoint."""
+    from helpers import tiny_run_glue_argv
+
+    from pabee.checkpoints import CHECKPOINT_MARKER
+    from pabee.cli import main
+
+    argv, out = tiny_run_glue_argv(tmp_path, minilm_tokenizer, num_rows=8)
+    argv += ["--save_strategy", "steps", "--save_steps", "1"]
+    assert main(argv) == 0 and (out / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    train = tmp_path / "train.jsonl"
+    original = train.read_text()
+    train.write_text(original.replace('"label": 0', '"label": 9').replace('"label": 1', '"label": 0')
+                     .replace('"label": 9', '"label": 1'))  # fmt: skip
+    assert main(argv) == 2 and "another run (it differs in: data)" in capsys.readouterr().err
+    train.write_text(original)
+    assert main([*argv, "--learning_rate", "1e-3"]) == 2 and "learning_rate" in capsys.readouterr().err
+    (out / "checkpoint-1" / CHECKPOINT_MARKER).unlink()
+    resume = ["--resume_from_checkpoint", str(out / "checkpoint-1"), "--output_dir", str(tmp_path / "other")]
+    assert main([*argv, *resume]) == 2 and "is not a complete checkpoint" in capsys.readouterr().err

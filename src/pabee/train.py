@@ -27,15 +27,21 @@ from transformers import (
 )
 
 from .arguments import RunGlueArguments
-from .checkpoints import CheckpointMarker, checkpoint_folders, complete_checkpoints
-from .data import TaskData, load_glue, load_user_files, tokenize
+from .checkpoints import (
+    CHECKPOINT_MARKER,
+    CheckpointMarker,
+    checkpoint_folders,
+    complete_checkpoints,
+    is_complete_checkpoint,
+)
+from .data import HUB_DATASET, TaskData, load_glue, load_user_files, tokenize
 from .errors import PabeeError
 from .evaluate import metrics_during_training, sweep_results
 from .exits import ExitSpec
-from .glue import TaskSpec, get_task
+from .glue import TaskSpec, get_task, task_dir
 from .modeling import PabeeForSequenceClassification
 from .pretrained import bundled_model_path
-from .provenance import provenance, write_atomic, write_json
+from .provenance import file_digest, provenance, write_atomic, write_json
 from .report import criteria_tables, run_glue_markdown, run_glue_plots
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "load_task_data",
     "prepare_output_dir",
     "run_glue",
+    "run_identity",
 ]
 
 RESULT_FILES = ("eval_results.json", "eval_results.md", "patience_curve.png", "exit_histograms.png")
@@ -82,33 +89,120 @@ def _non_empty(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
-def _run_identity(args: RunGlueArguments, name_or_path: str) -> dict[str, Any]:
+# TrainingArguments that change what training computes (not where or how often it saves, logs or evaluates).
+RESULT_HYPERPARAMETERS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "weight_decay",
+    "warmup_ratio",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "seed",
+    "data_seed",
+    "bf16",
+    "fp16",
+    "world_size",
+)
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin")  # what decides a local starting model
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    """A file by content: a file changed in place (same path) is a different file."""
+    if not path.is_file():
+        return {"path": str(path.resolve()), "missing": True}
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def _data_identity(args: RunGlueArguments) -> dict[str, Any]:
+    if args.task_name is None:
+        return {"train_file": _file_identity(Path(args.train_file)) if args.train_file else None}
+    task = get_task(args.task_name)
+    if args.data_dir is None:
+        return {"hub": f"{HUB_DATASET}/{task.hub_config}"}
+    return {"train_file": _file_identity(task_dir(task, args.data_dir) / "train.tsv")}
+
+
+def _model_identity(name_or_path: str) -> dict[str, Any]:
+    """A hub name as it is; a local folder by its config's and weights' content."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return {"name": name_or_path}
+    files = sorted({p for pattern in WEIGHT_FILES for p in folder.glob(pattern) if p.is_file()})
+    return {"name": name_or_path, "files": {p.name: _file_identity(p) for p in files}}
+
+
+def _plain(value: Any) -> Any:
+    """A value as JSON keeps it, so a recorded identity compares equal to a computed one (enums as their text)."""
+    return value if isinstance(value, (int, float, bool, str, type(None))) else str(value)
+
+
+def run_identity(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> dict[str, Any]:
+    """What makes two training runs the same run, so that one may resume the other's checkpoints: the task, the
+    training data's content, the starting model's content, and every flag that changes the result."""
+    hyperparameters = {name: _plain(getattr(training_args, name, None)) for name in RESULT_HYPERPARAMETERS}
+    calibration = args.calibration_fraction if args.calibrate_max_drop is not None else None
+    hyperparameters |= {
+        "max_seq_length": args.max_seq_length,
+        "max_train_samples": args.max_train_samples,
+        "calibration_fraction": calibration,  # it takes its share out of the training data
+        "pooling": args.pooling,
+        "task_type": args.task_type,
+        "distillation_weight": args.distillation_weight,
+        "distillation_temperature": args.distillation_temperature,
+    }
     return {
         "task": get_task(args.task_name).name if args.task_name else None,
-        "train_file": str(Path(args.train_file).resolve()) if args.train_file else None,
-        "model_name_or_path": name_or_path,
+        "data": _data_identity(args),
+        "model": _model_identity(name_or_path),
+        "hyperparameters": hyperparameters,
     }
 
 
-def _same_run_checkpoint(out: Path, args: RunGlueArguments, name_or_path: str, main_process: bool) -> str | None:
+def _differences(previous: Any, current: dict[str, Any]) -> str:
+    """Which parts of two run identities differ, in a few words for an error message."""
+    if not isinstance(previous, dict):
+        return "no record of what it was"
+    names = [key for key in current if key != "hyperparameters" and previous.get(key) != current[key]]
+    before = previous.get("hyperparameters") or {}
+    names += [name for name, value in current["hyperparameters"].items() if before.get(name) != value]
+    return "it differs in: " + ", ".join(names) if names else "a record this version does not read"
+
+
+def _check_same_run(where: str, recorded: Path, identity: dict[str, Any]) -> None:
+    """`where` (a folder of checkpoints, or a checkpoint) must belong to the run `identity` describes."""
+    try:
+        previous = json.loads(recorded.read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    if previous != identity:
+        raise PabeeError(
+            f"{where} holds checkpoints of another run ({_differences(previous, identity)}); pass "
+            "--overwrite_output_dir to start afresh there, or choose another folder."
+        )
+
+
+def _same_run_checkpoint(out: Path, identity: dict[str, Any], main_process: bool) -> str | None:
     """The last complete checkpoint in `out` when it belongs to this run, or None when this run was killed before
     it completed one (it starts afresh); checkpoints of another run are an error."""
     try:
-        previous = json.loads((out / RUN_FILE).read_text())
+        same_run = json.loads((out / RUN_FILE).read_text()) == identity
     except (OSError, json.JSONDecodeError):
-        previous = None
-    same_run = previous == _run_identity(args, name_or_path)
+        same_run = False
     unfinished = same_run and not (out / "trainer_state.json").exists()  # a finished run saves its state there
     if not checkpoint_folders(out) and not unfinished:
         raise PabeeError(
             f"--output_dir {out} exists and is not empty. Pass --overwrite_output_dir to replace its contents, "
             "or choose another folder."
         )
-    if not same_run:
-        raise PabeeError(
-            f"--output_dir {out} holds checkpoints of another run ({previous or 'unknown'}); pass "
-            "--overwrite_output_dir to start afresh there, or choose another folder."
-        )
+    _check_same_run(f"--output_dir {out}", out / RUN_FILE, identity)
     complete = complete_checkpoints(out, remove_incomplete=main_process, verbose=main_process)
     if complete:
         return str(complete[-1])
@@ -117,12 +211,29 @@ def _same_run_checkpoint(out: Path, args: RunGlueArguments, name_or_path: str, m
     return None
 
 
-def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> str | None:
+def _checked_resume(resume: str, identity: dict[str, Any]) -> str:
+    """`--resume_from_checkpoint`, held to what the automatic resume is: complete, and of this run."""
+    checkpoint = Path(resume)
+    if not checkpoint.is_dir():
+        raise PabeeError(f"--resume_from_checkpoint {resume} is not a folder.")
+    if not is_complete_checkpoint(checkpoint):
+        raise PabeeError(
+            f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {CHECKPOINT_MARKER}, or files "
+            "changed since it was saved: a save cut short); resume from an earlier one."
+        )
+    _check_same_run(f"--resume_from_checkpoint {resume}", checkpoint.parent / RUN_FILE, identity)
+    return resume
+
+
+def prepare_output_dir(
+    args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str, identity: dict | None = None
+) -> str | None:
     """Refuse to overwrite silently; return the checkpoint to resume from, if any.
 
-    A folder holding checkpoints of the same run (same task, data and starting model) is resumed from its
-    last complete checkpoint (one a kill cut short is removed first); checkpoints of any other run are an error,
-    never silently continued.
+    A folder holding checkpoints of the same run (same task, data content, starting model and result-changing
+    flags: `run_identity`) is resumed from its last complete checkpoint (one a kill cut short is removed first);
+    checkpoints of any other run are an error, never silently continued. `--resume_from_checkpoint` is held to
+    the same two tests.
     """
     out = Path(training_args.output_dir)
     if out.exists() and not out.is_dir():
@@ -135,14 +246,13 @@ def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments,
                 f"--output_dir {out} already holds {', '.join(taken)}; pass --overwrite_output_dir to replace them."
             )
         return None
+    identity = identity or run_identity(args, training_args, name_or_path)
     if resume is not None:
-        if not Path(resume).is_dir():
-            raise PabeeError(f"--resume_from_checkpoint {resume} is not a folder.")
-        return resume
+        return _checked_resume(resume, identity)
     if not _non_empty(out):
         return None
     if not args.overwrite_output_dir:
-        return _same_run_checkpoint(out, args, name_or_path, training_args.should_save)
+        return _same_run_checkpoint(out, identity, training_args.should_save)
     if not training_args.should_save:  # the saving process has already emptied the folder (`_prepare_in_turn`)
         return None
     # Only what a previous run wrote: stale checkpoints would be resumed or evaluated as this run's.
@@ -153,12 +263,14 @@ def prepare_output_dir(args: RunGlueArguments, training_args: TrainingArguments,
     return None
 
 
-def _prepare_in_turn(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> str | None:
+def _prepare_in_turn(
+    args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str, identity: dict | None
+) -> str | None:
     """`prepare_output_dir` under torchrun: the saving process first (only it removes stale files), the others
     after it, so they see the folder it left and reach the same checkpoint to resume from, or the same error."""
     local = training_args.save_on_each_node  # the processes that save: one per node, or rank 0 alone
     with training_args.main_process_first(local=local, desc="preparing the output folder"):
-        return prepare_output_dir(args, training_args, name_or_path)
+        return prepare_output_dir(args, training_args, name_or_path, identity)
 
 
 # --- load ----------------------------------------------------------------------------------------------------
@@ -311,12 +423,13 @@ def make_trainer(args: RunGlueArguments, training_args: TrainingArguments, setup
     )
 
 
-def train(args: RunGlueArguments, trainer: Trainer, setup: Setup, resume: str | None) -> dict[str, Any]:
-    """Fine-tune (resuming from `resume` if given) and save the model; returns the training summary."""
+def train(trainer: Trainer, setup: Setup, resume: str | None, identity: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune (resuming from `resume` if given) and save the model; returns the training summary. The run's
+    `identity` is recorded first, so a resume after a kill can tell it is the same run."""
     if trainer.is_world_process_zero():
         if resume is not None:
             print(f"Resuming training from {resume}")
-        write_json(Path(trainer.args.output_dir) / RUN_FILE, _run_identity(args, setup.name_or_path))
+        write_json(Path(trainer.args.output_dir) / RUN_FILE, identity)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()
@@ -424,12 +537,13 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
     join_cpu_processes(training_args)
     check(args, training_args)
     name_or_path = args.model_name_or_path or str(bundled_model_path())
-    resume = _prepare_in_turn(args, training_args, name_or_path)
+    identity = run_identity(args, training_args, name_or_path) if training_args.do_train else None
+    resume = _prepare_in_turn(args, training_args, name_or_path, identity)
     setup = load(args, training_args, name_or_path)
     trainer = make_trainer(args, training_args, setup)
     report = new_report(args, setup, command, training_args.world_size)
     if training_args.do_train:
-        report["training"] = train(args, trainer, setup, resume)
+        report["training"] = train(trainer, setup, resume, identity)
         trainer.accelerator.wait_for_everyone()  # the final save and marker written: all list the same checkpoints
     if training_args.do_eval:
         report["evaluations"] = evaluate(args, trainer, setup)
