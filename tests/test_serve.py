@@ -532,3 +532,16 @@ def test_health_answers_within_50_ms_while_bodies_of_a_million_values_arrive(mod
     p95 = sorted(latencies)[int(0.95 * len(latencies))]
     assert len(statuses) >= 10 and set(statuses) == {413}
     assert p95 < 0.05, f"p95 {p95 * 1000:.0f} ms"
+
+
+def test_free_heap_memory_goes_back_to_the_system_between_batches(model_dir, monkeypatch):
+    """The soak's growth was free memory glibc kept (fragmentation), not objects: the server trims it regularly."""
+    from pabee import server
+
+    assert server.release_free_memory() is True  # glibc here
+    trimmed = []
+    monkeypatch.setattr(server, "release_free_memory", lambda: trimmed.append(threading.current_thread().name))
+    with TestClient(create_app(pipeline(model_dir), threads=1, trim_memory_every=0.05)) as client:
+        time.sleep(0.4)
+        assert client.post("/predict", json={"texts": ["still answered"]}).status_code == 200
+    assert len(trimmed) >= 3 and all(name.startswith("pabee-forward") for name in trimmed)  # in the forward thread
