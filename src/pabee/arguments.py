@@ -19,7 +19,7 @@ from typing import Any
 from .backbones import ADAPTERS
 from .configuration import PabeeConfig
 from .errors import PabeeError, require_extra
-from .exits import ExitSpec, ExitSweep, check_max_exit_layer, check_patience, check_regression_threshold
+from .exits import ExitSpec, ExitSweep, check_max_exit_layer, check_patience, check_regression_threshold, keywords_of
 from .folders import ATTENTION_KERNELS, BACKENDS, DTYPES, load_config
 from .losses import check_distillation
 from .onnx_model import require_onnx
@@ -313,22 +313,14 @@ class InferenceArguments:
         if self.patience is not None:
             _checked(check_patience, self.patience)
         _checked(check_max_exit_layer, self.max_exit_layer)
-        _checked(ExitSpec().with_keywords, self._exit_flags())  # an unknown criterion
+        _checked(ExitSpec().with_keywords, keywords_of(self))  # an unknown criterion
         _at_least(self, "threads", 1)
         _at_least(self, "max_seq_length", 2)
-
-    def _exit_flags(self) -> dict[str, Any]:
-        return {
-            "patience": self.patience,
-            "exit_criterion": self.exit_criterion,
-            "exit_threshold": self.exit_threshold,
-            "max_exit_layer": self.max_exit_layer,
-        }
 
     def exit_spec(self) -> ExitSpec:
         """The model's own exit setting (from its folder's `config.json`) with the flags given applied."""
         try:
-            return load_config(self.model).exit_spec.with_keywords(self._exit_flags())
+            return load_config(self.model).exit_spec.with_keywords(keywords_of(self))
         except ValueError as error:
             raise PabeeError(str(error)) from None
 

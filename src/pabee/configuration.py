@@ -7,7 +7,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, ExitSpec
+from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, ExitSpec, keywords_of
 from .losses import check_distillation
 
 __all__ = ["POOLINGS", "PabeeConfig"]
@@ -97,12 +97,7 @@ class PabeeConfig(PreTrainedConfig):
 
     def exit_fields(self) -> dict[str, Any]:
         """The flat exit fields as `config.json` stores them (to change only those in a saved file)."""
-        return {
-            "exit_criterion": self.exit_criterion,
-            "patience": self.patience,
-            "exit_threshold": self.exit_threshold,
-            "max_exit_layer": self.max_exit_layer,
-        }
+        return keywords_of(self)
 
     def build_criterion(self, spec: ExitSpec) -> ExitCriterion:
         """`spec` as a criterion for this model's problem type and depth (a `ValueError` if it does not fit)."""

@@ -52,6 +52,7 @@ __all__ = [
     "check_regression_threshold",
     "confidence",
     "entropy",
+    "keywords_of",
     "logits_at_exit",
     "make_criterion",
     "predictions",
@@ -580,6 +581,11 @@ class ExitSweep:
     def describe(self) -> dict[str, Any]:
         """What was swept, for a results file."""
         return {"patiences": list(self.patiences), "criteria": list(self.criteria), "max_exit_layer": self.cap}
+
+
+def keywords_of(holder: Any) -> dict[str, Any]:
+    """The exit keywords an object holds as attributes of those names (a config, parsed flags), by keyword."""
+    return {name: getattr(holder, name) for name in EXIT_KEYWORDS}
 
 
 def make_criterion(

@@ -89,13 +89,13 @@ def _non_empty(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
-# TrainingArguments that change what training computes (not where or how often it saves, logs or evaluates).
+# TrainingArguments that change what training computes (not where or how often it saves, logs or evaluates). The
+# length of training (--max_steps, --num_train_epochs) is left out: continuing a run for more steps from its last
+# checkpoint is what a user who asks for more steps wants.
 RESULT_HYPERPARAMETERS = (
     "learning_rate",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
-    "num_train_epochs",
-    "max_steps",
     "weight_decay",
     "warmup_ratio",
     "warmup_steps",
