@@ -62,15 +62,18 @@ def test_every_layer_and_every_exit_equals_torch(exports, model_type):
             torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
 
 
-def test_albert_shares_one_graph_per_layer_group(exports):
-    manifest = json.loads((exports["albert"][1] / MANIFEST).read_text())
-    assert [(layer["graph"], layer["head"]) for layer in manifest["layers"]] == [
-        ("layer_0.onnx", 0),
-        ("layer_0.onnx", 1),
-        ("layer_1.onnx", 0),
-        ("layer_1.onnx", 1),
-    ]
-    assert not (exports["albert"][1] / "layer_2.onnx").exists()
+def test_albert_stores_its_shared_layers_once(exports, tmp_path):
+    """ALBERT runs one layer per group several times; the plain exported graph holds each group's weights once
+    (the optimizer then gives each fused attention its own query/key/value matrix, as it would a user's graph)."""
+    import onnx
+
+    plain = export_onnx(exports["albert"][1].parent / "model", tmp_path / "plain", optimize=False)
+    graph = onnx.load(plain / "model.onnx").graph
+    square = [t for t in graph.initializer if t.dims == [32, 32] and "pooler" not in t.name]
+    model = exports["albert"][0]
+    assert model.config.encoder_config.num_hidden_groups == 2 and model.num_layers == 4
+    assert len(square) == 4 * 2, [t.name for t in square]  # query, key, value, output: per group, not per layer
+    assert json.loads((plain / MANIFEST).read_text())["optimization"] == {"applied": False, "reason": "--no_optimize"}
 
 
 def test_export_leaves_the_model_unchanged(tmp_path, minilm_tokenizer):
@@ -82,7 +85,7 @@ def test_export_leaves_the_model_unchanged(tmp_path, minilm_tokenizer):
     assert all(torch.equal(before[k], v) for k, v in reloaded.state_dict().items())
     manifest = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
     assert manifest["precision"] == "fp32" and manifest["versions"]["onnxruntime"]
-    assert {"embeddings.onnx", "config.json", "tokenizer.json"} <= set(manifest["files"])
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= set(manifest["files"])
 
 
 def test_batched_equals_one_by_one_on_onnx_runtime(exports):
@@ -103,17 +106,19 @@ def test_int8_export_quantizes_the_weight_products_and_stays_close(tmp_path, mod
     assert json.loads((tmp_path / "int8" / MANIFEST).read_text())["precision"] == "int8"
     import onnx
 
-    for graph in (tmp_path / "int8").glob("layer_*.onnx"):
-        loaded = onnx.load(graph).graph
-        ops = [node.op_type for node in loaded.node]
-        assert ops.count("MatMulInteger") == 6, ops  # query, key, value, attention output, both feed-forward
-        shapes = {t.name: list(t.dims) for t in loaded.initializer}
-        for node in loaded.node:  # a weight zero point per output column: per-channel quantization
-            if node.op_type == "MatMulInteger":
-                assert shapes[node.input[3]] == shapes[node.input[1]][-1:], node.name
-    assert "MatMulInteger" not in {
-        node.op_type for node in onnx.load(tmp_path / "int8" / "embeddings.onnx").graph.node
-    }
+    graph = onnx.load(tmp_path / "int8" / "model.onnx").graph
+    ops = [node.op_type for node in graph.node]
+    # per layer (4): the fused attention's query/key/value product, then attention output and both feed-forward
+    assert ops.count("QAttention") == 4 and ops.count("MatMulInteger") >= 3 * 4, ops
+    assert "MatMul" not in ops and "Attention" not in ops  # no float weight product is left
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:  # a weight zero point per output column: per-channel quantization
+        if node.op_type == "MatMulInteger" and node.input[1] in shapes:
+            assert shapes[node.input[3]] == shapes[node.input[1]][-1:], node.name
+        if node.op_type == "QAttention":
+            assert shapes[node.input[7]] == shapes[node.input[1]][-1:], node.name
+    word_embeddings = next(t for t in graph.initializer if t.name.endswith("word_embeddings.weight"))
+    assert word_embeddings.data_type == onnx.TensorProto.FLOAT  # a lookup stays float
     examples = [(s, None) for s in sst2_dev_sentences]
     full = ExitSpec(patience=0)
     exact, quantized = fp32.run(examples, exit_spec=full)[0], int8.run(examples, exit_spec=full)[0]
@@ -185,8 +190,8 @@ def test_bad_export_folders_and_options_are_one_line_and_exit_2(case, tmp_path, 
     argv = ["predict", "--model", str(folder), "--input", str(tmp_path / "in.txt")]
     (tmp_path / "in.txt").write_text("a fine film\n", encoding="utf-8")
     message = {
-        "missing": "is incomplete: layer_2.onnx is missing",
-        "altered": "layer_1.onnx differs from the file that was exported",
+        "missing": "is incomplete: model.onnx is missing",
+        "altered": "model.onnx differs from the file that was exported",
         "format": f"in format {FORMAT_VERSION - 1}; this pabee reads format {FORMAT_VERSION}",
         "taken": "exists and is not empty; pass --overwrite",
         "backend": "is not an ONNX export",
@@ -194,9 +199,9 @@ def test_bad_export_folders_and_options_are_one_line_and_exit_2(case, tmp_path, 
         "no_extra": 'pip install "pabee[onnx]"',
     }[case]
     if case == "missing":
-        (folder / "layer_2.onnx").unlink()
+        (folder / "model.onnx").unlink()
     elif case == "altered":
-        with open(folder / "layer_1.onnx", "ab") as f:
+        with open(folder / "model.onnx", "ab") as f:
             f.write(b"\0")
     elif case == "format":
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -226,7 +231,7 @@ def test_a_failing_exporter_names_the_backbone_and_leaves_nothing(tmp_path, mode
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operator")
 
-    monkeypatch.setattr(onnx_export, "_export_graphs", broken)
+    monkeypatch.setattr(onnx_export, "_export_boundaries", broken)
     with pytest.raises(PabeeError, match="cannot export the 'bert' backbone to ONNX yet: RuntimeError"):
         export_onnx(model_dir, tmp_path / "onnx")
     assert list(tmp_path.iterdir()) == []
@@ -267,11 +272,11 @@ def _edited_copy(tiny_export, tmp_path, edit) -> Path:
 
 
 def _outside(manifest, folder):
-    """The embeddings graph pointed at a file outside the folder, hash and all: a valid graph, someone else's."""
+    """The graph pointed at a file outside the folder, hash and all: a valid graph, someone else's."""
     outside = folder.parent / "elsewhere.onnx"
-    shutil.copy(folder / "embeddings.onnx", outside)
-    manifest["embeddings"] = "../elsewhere.onnx"
-    manifest["files"]["../elsewhere.onnx"] = manifest["files"]["embeddings.onnx"]
+    shutil.copy(folder / "model.onnx", outside)
+    manifest["graph"] = "../elsewhere.onnx"
+    manifest["files"]["../elsewhere.onnx"] = manifest["files"]["model.onnx"]
 
 
 @pytest.mark.parametrize(
@@ -280,16 +285,16 @@ def _outside(manifest, folder):
         ("parent", _outside, "names '../elsewhere.onnx', which is not a plain file name"),
         (
             "absolute",
-            lambda m, f: m["layers"][0].update(graph=str(f / "layer_0.onnx")),
+            lambda m, f: m.update(graph=str(f / "model.onnx")),
             "which is not a plain file name in the folder",
         ),
-        ("unlisted reference", lambda m, f: m["files"].pop("mask.onnx"), "references mask.onnx but lists no hash"),
+        ("unlisted reference", lambda m, f: m["files"].pop("model.onnx"), "references model.onnx but lists no hash"),
         ("no hashes", lambda m, f: m.pop("files"), "lists no file hashes, so nothing can be verified"),
         ("empty hashes", lambda m, f: m.update(files={}), "lists no file hashes"),
         ("a hash missing", lambda m, f: m["files"].update({"config.json": None}), "has no SHA-256 for config.json"),
         (
             "extra graph",
-            lambda m, f: shutil.copy(f / "layer_0.onnx", f / "layer_9.onnx"),
+            lambda m, f: shutil.copy(f / "model.onnx", f / "layer_9.onnx"),
             "holds graph file(s) its manifest does not list (layer_9.onnx)",
         ),
     ],

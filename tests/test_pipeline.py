@@ -147,10 +147,12 @@ def test_multi_label_answers_list_the_labels_above_one_half(model_dir):
     assert [a["exit_layer"] for a in answers] == [1, 2, 4]
 
 
-def test_exit_options_reach_the_engine_as_one_exit_spec(model_dir, monkeypatch):
-    """The engine gets one `ExitSpec`: the model's own unless an option was set, for the pipeline or for one call."""
+def test_exit_options_reach_the_engine_as_one_setting(model_dir, monkeypatch):
+    """The engine gets one setting, built once per call from one `ExitSpec`: the model's own unless an option was
+    set, for the pipeline or for one call."""
     pipeline_module = importlib.import_module("pabee.pipeline")  # `pabee.pipeline` is also the function
     pipe = pipeline(model_dir)
+    own = pipe.model.config.exit_spec
     calls = []
     original = pipeline_module.infer
 
@@ -158,19 +160,21 @@ def test_exit_options_reach_the_engine_as_one_exit_spec(model_dir, monkeypatch):
         calls.append(setting)
         return original(runtime, inputs, setting, **kwargs)
 
+    def built(spec: ExitSpec):
+        return pipe.model.config.build_criterion(spec)
+
     monkeypatch.setattr(pipeline_module, "infer", spy)
     pipe(["a film"])
-    assert isinstance(calls[-1], ExitSpec)
-    assert calls[-1] == pipe.model.config.exit_spec
+    assert calls[-1] == built(own)
     pipe(["a film"], patience=3)
-    assert calls[-1].patience == 3
+    assert calls[-1] == built(own.merged(patience=3))
     fixed = pipeline(pipe.model, pipe.tokenizer, patience=2)
     fixed(["a film"])
-    assert calls[-1].patience == 2
+    assert calls[-1] == built(own.merged(patience=2))
     fixed(["a film"], patience=0)
-    assert calls[-1].patience == 0
+    assert calls[-1] == built(own.merged(patience=0))
     fixed(["a film"], exit_spec=ExitSpec("static", threshold=2))
-    assert calls[-1] == ExitSpec("static", threshold=2)
+    assert calls[-1] == built(ExitSpec("static", threshold=2))
 
 
 def test_exit_criteria_and_the_layer_cap_reach_the_model(model_dir, sst2_dev_sentences):

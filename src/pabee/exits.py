@@ -178,19 +178,20 @@ class _AgreementTracker(ExitTracker):
         self.previous: torch.Tensor | None = None
 
     def update(self, logits: torch.Tensor) -> torch.Tensor:
+        # Few tensor operations: at batch size 1 each costs microseconds, comparable with a small layer's share.
         prediction = predictions(logits, self.problem_type)
-        if self.previous is None:
-            agree = torch.zeros_like(self.counter, dtype=torch.bool)
-        elif self.problem_type == REGRESSION:
-            agree = (prediction - self.previous).abs() < self.regression_threshold
+        previous, self.previous = self.previous, prediction
+        if previous is None:  # the first layer agrees with nothing: the counter stays 0
+            return torch.zeros_like(self.counter, dtype=torch.bool)
+        if self.problem_type == REGRESSION:
+            agree = (prediction - previous).abs() < self.regression_threshold
         elif self.problem_type == MULTI_LABEL:
-            agree = (prediction == self.previous).all(dim=-1)
+            agree = (prediction == previous).all(dim=-1)
         else:
-            agree = prediction == self.previous
+            agree = prediction == previous
         if self.min_confidence is not None:
             agree &= confidence(logits, self.problem_type) >= self.min_confidence
-        self.counter = torch.where(agree, self.counter + 1, torch.zeros_like(self.counter))
-        self.previous = prediction
+        self.counter = (self.counter + 1) * agree  # +1 where the layer agrees, back to 0 where it does not
         if self.patience == 0:
             return torch.zeros_like(agree)
         return self.counter >= self.patience
@@ -248,6 +249,11 @@ class ExitCriterion(ABC):
         """False when no example can leave before `exit_limit`, so the model may skip the early heads."""
         return self.exit_limit(num_layers) > 1
 
+    def earliest_exit(self, num_layers: int) -> int:
+        """The first layer (1-based) at which any example may leave: the layers before it run for every example,
+        so a runtime may run them in one go. The rule still sees their logits (a patience counter needs them)."""
+        return 1
+
 
 def _need(value, criterion: str, what: str):
     if value is None:
@@ -268,6 +274,9 @@ class _AgreementCriterion(ExitCriterion):
     def can_exit_early(self, num_layers: int) -> bool:
         # The counter reaches `patience` at layer `patience + 1` at the earliest.
         return 0 < self.patience < self.exit_limit(num_layers) - 1
+
+    def earliest_exit(self, num_layers: int) -> int:
+        return min(self.patience + 1, self.exit_limit(num_layers))
 
     def _tracker(self, batch_size, device, regression_threshold: float, min_confidence: float | None) -> ExitTracker:
         counter = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -403,6 +412,9 @@ class StaticCriterion(ExitCriterion):
 
     def can_exit_early(self, num_layers: int) -> bool:
         return False
+
+    def earliest_exit(self, num_layers: int) -> int:
+        return self.exit_limit(num_layers)
 
     def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
         return _StatelessTracker(lambda logits: torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 MANIFEST = "pabee_onnx.json"
-FORMAT_VERSION = 2  # bumped when the export's layout or a graph's inputs change
+FORMAT_VERSION = 3  # bumped when the export's layout or its graph's names change
 BACKENDS = ("torch", "onnxruntime")
 DTYPES = ("float32", "bfloat16", "float16")  # what a saved model may be loaded as; it is saved in float32
 ATTENTION_KERNELS = ("sdpa", "eager")
@@ -109,9 +109,9 @@ def _listed_files(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def _referenced_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
-    """Every file name the runtime will open: `config.json`, the embeddings, mask and layer graphs."""
+    """Every file name the runtime will open: `config.json` and the graph."""
     try:
-        names = [manifest["embeddings"], manifest["mask"]["graph"], *(layer["graph"] for layer in manifest["layers"])]
+        names = [manifest["graph"]]
     except (KeyError, TypeError) as error:
         raise PabeeError(f"{folder / MANIFEST} is malformed (no {error}); export the model again.") from None
     return ["config.json", *names]

@@ -30,6 +30,7 @@ from .pretrained import bundled_model_path, sentence_transformers_pooling
 __all__ = [
     "PabeeForSequenceClassification",
     "PabeeOutput",
+    "InferOutput",
     "PabeePreTrainedModel",
     "Runtime",
     "early_exit",
@@ -53,6 +54,15 @@ class PabeeOutput(ModelOutput):
     logits: torch.Tensor | None = None
     all_logits: torch.Tensor | None = None
     exit_layers: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class InferOutput:
+    """What `infer` returns: `PabeeOutput`'s fields without the loss, as a plain (cheap) dataclass."""
+
+    logits: torch.Tensor
+    exit_layers: torch.Tensor
+    all_logits: torch.Tensor | None = None
 
 
 class PabeePreTrainedModel(PreTrainedModel):
@@ -189,7 +199,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
 
     @property
     def num_layers(self) -> int:
-        return self.config.encoder_config.num_hidden_layers
+        return len(self.classifiers)  # one per layer; the config's attribute access costs more on the hot path
 
     @can_return_tuple
     def forward(
@@ -234,11 +244,27 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         }
         all_layers = self.training or labels is not None or bool(output_all_logits)
         out = infer(self, inputs, criterion, all_layers=all_layers)
-        if labels is not None:
-            out = PabeeOutput(self._weighted_loss(out.all_logits, labels), out.logits, out.all_logits, out.exit_layers)
-        return out
+        loss = self._weighted_loss(out.all_logits, labels) if labels is not None else None
+        return PabeeOutput(loss=loss, logits=out.logits, all_logits=out.all_logits, exit_layers=out.exit_layers)
 
     # --- the Runtime interface the engine drives -------------------------------------------------------------
+
+    def prefix(
+        self, inputs: Mapping[str, torch.Tensor | None], layers: int, heads: bool = True
+    ) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+        """Embed and run the first `layers` layers (see `Runtime.prefix`); without `heads`, only the last layer's
+        classifier runs."""
+        attention_mask = inputs["attention_mask"]
+        with profiler_label("pabee.embeddings"):
+            hidden = self.embed(inputs)  # (B, T, H)
+        with profiler_label("pabee.attention_masks"):
+            mask = self.layer_mask(hidden, attention_mask)
+        per_layer = []
+        for layer in range(layers):
+            hidden, logits = self.step(layer, hidden, mask, attention_mask, head=heads or layer == layers - 1)
+            if logits is not None:
+                per_layer.append(logits)
+        return hidden, mask, per_layer
 
     def embed(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
         """Token ids (or `inputs_embeds`) → the hidden states `(B, T, H)` that enter layer 1."""
@@ -297,17 +323,21 @@ class Runtime(Protocol):
     @property
     def num_layers(self) -> int: ...
 
-    def embed(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
-        """Model inputs (`input_ids`, `attention_mask`, optionally `token_type_ids`, ...) → hidden `(B, T, H)`."""
+    def prefix(
+        self, inputs: Mapping[str, torch.Tensor | None], layers: int, heads: bool = True
+    ) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+        """Embed the batch (`input_ids`, `attention_mask`, ...) and run the first `layers` layers for every row:
+        the hidden states `(B, T, H)` after them, the layer mask the later layers take, and each of those layers'
+        logits `(B, C)` (with `heads=False`, the last layer's alone). Every row runs these layers, so a runtime
+        may run them in one call."""
 
     def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        """The attention mask the layers take, built once per batch shape; passed back to `step` as it is."""
+        """The layer mask for a batch whose rows or columns changed (after compaction); passed to `step` as is."""
 
     def step(
-        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor, head: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Layer `layer` (0-based) and its exit head: new hidden states and logits `(B, C)`; with `head=False` a
-        runtime may skip the head and return None for the logits."""
+        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer` (0-based) and its exit head: new hidden states and logits `(B, C)`."""
 
 
 def infer(
@@ -316,80 +346,63 @@ def infer(
     setting: ExitSpec | ExitCriterion | None = None,
     *,
     all_layers: bool = False,
-) -> PabeeOutput:
+) -> InferOutput:
     """Classify a batch on any runtime with an exit setting (default: the runtime config's own).
 
     The one dispatch: with `all_layers`, every layer runs and `all_logits` `(B, L, C)` comes back, `logits` and
     `exit_layers` read off them with the exit rule (training, the one-pass sweep); a rule under which no example
-    can leave early (patience 0, `static`) runs the plain forward to its layer, without the early heads; every
-    other rule climbs with `early_exit`.
+    can leave early (patience 0, `static`) runs the plain forward to its layer in one `prefix`, without the early
+    heads; every other rule climbs with `early_exit`. Right padding no row needs is cut first.
     """
     criterion = (
         setting
         if isinstance(setting, ExitCriterion)
         else runtime.config.build_criterion(setting or runtime.config.exit_spec)
     )
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is None:
-        reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-        attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-    with profiler_label("pabee.embeddings"):
-        hidden = runtime.embed({**inputs, "attention_mask": attention_mask})  # (B, T, H)
+    inputs = _with_attention_mask(inputs)
     num_layers = runtime.num_layers
     if all_layers:
-        all_logits = torch.stack(_layer_logits(runtime, hidden, attention_mask, num_layers), dim=1)  # (B, L, C)
+        all_logits = torch.stack(runtime.prefix(inputs, num_layers)[2], dim=1)  # (B, L, C)
         exit_layers = sweep_exit_layers(criterion, all_logits.detach())
-        return PabeeOutput(
-            logits=logits_at_exit(all_logits, exit_layers), all_logits=all_logits, exit_layers=exit_layers
-        )
+        return InferOutput(logits_at_exit(all_logits, exit_layers), exit_layers, all_logits)
+    right_padded = _is_right_padded(inputs["attention_mask"])
+    if right_padded:
+        inputs = _trim_inputs(inputs)
     if not criterion.can_exit_early(num_layers):
         limit = criterion.exit_limit(num_layers)
-        logits = _layer_logits(runtime, hidden, attention_mask, limit, heads=False)[-1]
-        exit_layers = torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device)
-        return PabeeOutput(logits=logits, exit_layers=exit_layers)
-    logits, exit_layers = early_exit(runtime, hidden, attention_mask, criterion)
-    return PabeeOutput(logits=logits, exit_layers=exit_layers)
-
-
-def _layer_logits(
-    runtime: Runtime, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: int, heads: bool = True
-) -> list[torch.Tensor]:
-    """Every example through the first `layers` layers: each layer's logits `(B, C)` (without `heads`, only the
-    last layer's head runs and the list holds its logits alone)."""
-    mask, per_layer = runtime.layer_mask(hidden, attention_mask), []
-    for layer in range(layers):
-        hidden, logits = runtime.step(layer, hidden, mask, attention_mask, head=heads or layer == layers - 1)
-        if logits is not None:
-            per_layer.append(logits)
-    return per_layer
+        logits = runtime.prefix(inputs, limit, heads=False)[2][-1]
+        return InferOutput(logits, torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device))
+    return InferOutput(*early_exit(runtime, inputs, criterion, right_padded))
 
 
 def early_exit(
-    stepper: Runtime, hidden: torch.Tensor, attention_mask: torch.Tensor, criterion: ExitCriterion
+    runtime: Runtime, inputs: Mapping[str, torch.Tensor], criterion: ExitCriterion, right_padded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Climb layer by layer; rows that exit are written out and removed from the batch.
 
-    The one exit loop, whatever runs the layers. Its parts carry `torch.profiler.record_function` labels
-    (`pabee.*`), which `pabee bench --profile` reads.
+    The one exit loop, whatever runs the layers. The layers before the rule's `earliest_exit` run for every row in
+    one `prefix` (their logits still feed the rule); then one `step` per layer. Its parts carry
+    `torch.profiler.record_function` labels (`pabee.*`), which `pabee bench --profile` reads.
 
     Returns:
         logits `(B, C)` at each row's exit layer and the 1-based exit layers `(B,)`.
     """
-    batch_size, device = hidden.shape[0], hidden.device
-    logits_out: torch.Tensor | None = None  # (B, C), allocated once the first layer tells C and the dtype
-    limit = criterion.exit_limit(stepper.num_layers)
+    attention_mask = inputs["attention_mask"]
+    batch_size, device = attention_mask.shape[0], attention_mask.device
+    limit = criterion.exit_limit(runtime.num_layers)
+    first = criterion.earliest_exit(runtime.num_layers)
     exit_layers = torch.full((batch_size,), limit, dtype=torch.long, device=device)  # (B,)
     rows = torch.arange(batch_size, device=device)  # (b,) original index of each row still running
     tracker = criterion.tracker(batch_size, device)
-    right_padded = _is_right_padded(attention_mask)
-    if right_padded:
-        hidden, attention_mask = _trim_padding(hidden, attention_mask)  # (b, t, H), (b, t)
-    with profiler_label("pabee.attention_masks"):
-        mask = stepper.layer_mask(hidden, attention_mask)
-    for layer in range(limit):
-        hidden, logits = stepper.step(layer, hidden, mask, attention_mask)  # (b, t, H), (b, C)
-        if logits_out is None:
-            logits_out = logits.new_empty(batch_size, logits.shape[-1])
+    hidden, mask, prefix_logits = runtime.prefix(inputs, first)  # (B, T, H), per layer (B, C)
+    with profiler_label("pabee.exit_bookkeeping"):
+        for logits in prefix_logits[:-1]:
+            tracker.update(logits)  # no row can leave before `first`; the rule still counts these layers
+    logits = prefix_logits[-1]
+    logits_out = logits.new_empty(batch_size, logits.shape[-1])
+    for layer in range(first - 1, limit):
+        if layer >= first:
+            hidden, logits = runtime.step(layer, hidden, mask, attention_mask)  # (b, t, H), (b, C)
         with profiler_label("pabee.exit_bookkeeping"):
             leaving = tracker.update(logits) if layer < limit - 1 else torch.ones_like(rows, dtype=torch.bool)
             if not leaving.any():
@@ -404,8 +417,27 @@ def early_exit(
         with profiler_label("pabee.exit_bookkeeping"):
             tracker.keep(staying)
         with profiler_label("pabee.attention_masks"):
-            mask = stepper.layer_mask(hidden, attention_mask)
+            mask = runtime.layer_mask(hidden, attention_mask)
     return logits_out, exit_layers
+
+
+def _with_attention_mask(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The model inputs that are set, with an all-ones attention mask where none was given."""
+    inputs = {name: value for name, value in inputs.items() if value is not None}
+    if "attention_mask" not in inputs:
+        reference = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+        inputs["attention_mask"] = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+    return inputs
+
+
+def _trim_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded inputs cut to the longest row: padding columns nobody needs are never computed."""
+    if inputs["attention_mask"][:, -1].any():  # some row fills the width: nothing to cut
+        return inputs
+    length = int(inputs["attention_mask"].sum(dim=1).max())
+    if length >= inputs["attention_mask"].shape[1]:
+        return inputs
+    return {name: value[:, :length] for name, value in inputs.items()}
 
 
 def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel, regression: bool) -> str:
@@ -439,6 +471,8 @@ def _drop_rows(
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:
     """True when every row is ones followed by zeros, so trailing columns can be cut safely."""
+    if attention_mask.all():  # no padding at all (one example, or equal lengths): one cheap check
+        return True
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 

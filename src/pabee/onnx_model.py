@@ -1,9 +1,10 @@
 """An exported PABEE model (`pabee export`) on ONNX Runtime: a `Runtime` the engine drives like the torch model.
 
 `pabee.folders.load_runtime(folder)` verifies the export and builds an `OnnxPabeeModel`; `pabee.modeling.infer`
-then runs it with any exit setting, so exit rules, compaction and padding trimming are the torch model's code. The
-embeddings are one session, the attention mask another (run once per batch shape, as torch builds it once), and
-each distinct layer a session holding the layer and its exit heads. Tensors cross into ONNX Runtime as numpy
+then runs it with any exit setting, so exit rules, compaction and padding trimming are the torch model's code.
+Each step is a session over a segment of the one exported graph (`pabee.onnx_segments`), cut when first needed:
+`prefix(k)` is the embeddings and the first k layers in ONE call (the whole optimized graph when k is the last
+layer and only its logits are wanted), `step(k)` one layer with its head. Tensors cross into ONNX Runtime as numpy
 views, without copies where they are contiguous.
 """
 
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from .configuration import PabeeConfig
-from .errors import require_extra
+from .errors import PabeeError, require_extra
 from .modeling import profiler_label
+from .onnx_segments import Segments
 
 __all__ = ["OnnxPabeeModel", "require_onnx", "session_options"]
 
@@ -66,7 +68,7 @@ def _make_shared_pool(threads: int) -> bool:
 
 
 class OnnxPabeeModel:
-    """The sessions of an exported folder as a `Runtime` (`pabee.modeling.Runtime`).
+    """The segments of an exported folder's graph as a `Runtime` (`pabee.modeling.Runtime`).
 
     Args:
         folder: a folder written by `pabee export`.
@@ -76,73 +78,112 @@ class OnnxPabeeModel:
 
     def __init__(self, folder: str | Path, manifest: Mapping[str, Any], threads: int | None = None) -> None:
         require_onnx()
-        import onnxruntime as ort
+        import onnx
 
         folder = Path(folder)
         self.manifest = manifest
         self.config = PabeeConfig.from_pretrained(folder)
         self.precision = manifest["precision"]
-        options = session_options(threads, shared_pool=True)
-
-        def session(name: str) -> Any:
-            return ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-
-        self.embeddings = session(manifest["embeddings"])
-        self.mask = session(manifest["mask"]["graph"])
-        graphs = {name: session(name) for name in dict.fromkeys(layer["graph"] for layer in manifest["layers"])}
-        self.layers = [
-            (graphs[layer["graph"]], np.array(layer["head"], dtype=np.int64)) for layer in manifest["layers"]
+        names = manifest["boundaries"]
+        self.hidden, self.mask_names, self.logits = names["hidden"], names["mask"], names["logits"]
+        self.segments = Segments(onnx.load(str(folder / manifest["graph"])))
+        self.options = session_options(threads, shared_pool=True)
+        self._sessions: dict[tuple, _Session] = {}
+        # Layer 1 always runs inside a prefix (with the embeddings, which the optimizer may have fused into it),
+        # so only the later layers are cut on their own.
+        boundary = ["attention_mask", *self.mask_names]
+        self.layer_inputs = [[]] + [
+            self.segments.inputs_for(self._layer_outputs(k), [self.hidden[k], *boundary])
+            for k in range(1, self.num_layers)
         ]
-        # The exporter may drop an input a graph does not use (DeBERTa's layers ignore the padding part): feed each
-        # session only the names it declares.
-        self.inputs = {id(s): [i.name for i in s.get_inputs()] for s in (self.embeddings, self.mask, *graphs.values())}
+        needed = {name for inputs in self.layer_inputs for name in inputs}
+        self.mask_needed = [name for name in self.mask_names if name in needed]  # by the layers after compaction
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return len(self.logits)
 
     # --- the Runtime interface --------------------------------------------------------------------------------
 
-    def embed(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
-        """Token ids → hidden states `(B, T, H)`; `position_ids` and `inputs_embeds` are the torch model's only."""
+    def prefix(
+        self, inputs: Mapping[str, torch.Tensor | None], layers: int, heads: bool = True
+    ) -> tuple[torch.Tensor | None, dict[str, np.ndarray] | None, list[torch.Tensor]]:
+        """Embeddings and the first `layers` layers in one session. Without `heads` only the last layer's logits
+        come back (hidden states and mask None): with `layers` the last layer, that is the whole optimized graph."""
         if inputs.get("position_ids") is not None or inputs.get("inputs_embeds") is not None:
             raise ValueError("The ONNX Runtime backend takes input_ids; position_ids and inputs_embeds are torch's.")
-        input_ids = inputs["input_ids"]
-        token_type_ids = inputs.get("token_type_ids")
-        feed = {
-            "input_ids": input_ids,
-            "attention_mask": inputs["attention_mask"],
-            "token_type_ids": torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids,
-        }
-        return torch.from_numpy(self._run(self.embeddings, {name: _int64(value) for name, value in feed.items()})[0])
+        feed = _model_inputs(inputs)
+        carry = heads and layers < self.num_layers  # what the later layers need from this call
+        outputs = [*(self.logits[:layers] if heads else [self.logits[layers - 1]])]
+        outputs += [self.hidden[layers], *self.mask_needed] if carry else []
+        session = self._session(("prefix", layers, heads), outputs, ["input_ids", "attention_mask", "token_type_ids"])
+        with profiler_label("pabee.layers"):
+            results = dict(zip(outputs, session.run(feed), strict=True))
+        logits = [torch.from_numpy(results[name]) for name in outputs if name in self.logits]
+        if not carry:
+            return None, None, logits
+        mask = {"attention_mask": feed["attention_mask"], **{name: results[name] for name in self.mask_needed}}
+        return torch.from_numpy(results[self.hidden[layers]]), mask, logits
 
     def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
-        """The padding mask and the layers' attention mask parts, by input name."""
-        feed = {"hidden": np.ascontiguousarray(hidden.numpy()), "attention_mask": _int64(attention_mask)}
-        parts = self._run(self.mask, feed)
-        return {
-            "attention_mask": feed["attention_mask"],
-            **dict(zip(self.manifest["mask"]["outputs"], parts, strict=True)),
-        }
+        """The padding mask, and the mask parts the layer segments read (recomputed by the mask segment; none
+        where the optimizer's fused attention reads the padding mask itself)."""
+        mask = {"attention_mask": _int64(attention_mask)}
+        if self.mask_needed:
+            session = self._session(("mask",), self.mask_needed, [self.hidden[0], "attention_mask"])
+            feed = {self.hidden[0]: np.ascontiguousarray(hidden.numpy()), **mask}
+            mask.update(zip(self.mask_needed, session.run(feed), strict=True))
+        return mask
 
     def step(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        mask: dict[str, np.ndarray],
-        attention_mask: torch.Tensor,
-        head: bool = True,
+        self, layer: int, hidden: torch.Tensor, mask: dict[str, np.ndarray], attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer session: the layer and its head are one call, so the logits come back with or without `head`."""
-        session, head_index = self.layers[layer]
+        """One layer and its exit head: one session call."""
+        session = self._session(("layer", layer), self._layer_outputs(layer), self.layer_inputs[layer])
         with profiler_label("pabee.layers"):
-            hidden_out, logits = self._run(
-                session, {"hidden": np.ascontiguousarray(hidden.numpy()), "head": head_index, **mask}
-            )
+            hidden_out, logits = session.run({self.hidden[layer]: np.ascontiguousarray(hidden.numpy()), **mask})
         return torch.from_numpy(hidden_out), torch.from_numpy(logits)
 
-    def _run(self, session: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return session.run(None, {name: feed[name] for name in self.inputs[id(session)]})
+    # --- segments -------------------------------------------------------------------------------------------
+
+    def _layer_outputs(self, layer: int) -> list[str]:
+        return [self.hidden[layer + 1], self.logits[layer]]
+
+    def _session(self, key: tuple, outputs: list[str], available: list[str]) -> _Session:
+        """The session of a segment, cut and made the first time it is needed."""
+        if key not in self._sessions:
+            import onnxruntime as ort
+
+            inputs = self.segments.inputs_for(outputs, available)
+            model = self.segments.cut(inputs, outputs)
+            try:
+                session = ort.InferenceSession(
+                    model.SerializeToString(), self.options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as error:
+                raise PabeeError(f"ONNX Runtime cannot run the segment {key} of the export: {error}") from None
+            self._sessions[key] = _Session(session, inputs, outputs)
+        return self._sessions[key]
+
+
+class _Session:
+    """A segment's session with the names it reads and returns."""
+
+    def __init__(self, session: Any, inputs: list[str], outputs: list[str]) -> None:
+        self.session, self.inputs, self.outputs = session, inputs, outputs
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.outputs, {name: feed[name] for name in self.inputs})
+
+
+def _model_inputs(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
+    input_ids = inputs["input_ids"]
+    token_type_ids = inputs.get("token_type_ids")
+    return {
+        "input_ids": _int64(input_ids),
+        "attention_mask": _int64(inputs["attention_mask"]),
+        "token_type_ids": _int64(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids),
+    }
 
 
 def _int64(tensor: torch.Tensor) -> np.ndarray:

@@ -239,10 +239,11 @@ class PabeePipeline:
         lengths = [len(features[i]["input_ids"]) for i in order]
         if getattr(self.model, "training", False):  # a torch model trained further after the pipeline was made
             self.model.eval()
+        criterion = self.model.config.build_criterion(spec)  # once per call, not per forward pass
         for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
             rows = order[start:end]
             with torch.inference_mode():
-                out = infer(self.model, self._pad([features[i] for i in rows]), spec, all_layers=all_layers)
+                out = infer(self.model, self._pad([features[i] for i in rows]), criterion, all_layers=all_layers)
             yield rows, out
 
     def run_batches(
