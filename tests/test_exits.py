@@ -88,3 +88,19 @@ def test_can_exit_early_only_when_the_counter_can_fire_before_the_last_layer():
         False,
         False,
     ]
+
+
+def test_earliest_exit_is_where_the_rule_can_first_fire():
+    """The layers before it run for every example (one prefix call on ONNX Runtime); it must never be later than
+    the first layer at which the one-pass sweep lets any example leave."""
+    from pabee import ConfidenceCriterion, PatienceConfidenceCriterion, StaticCriterion
+
+    assert [PatienceCriterion(p).earliest_exit(6) for p in (1, 2, 5)] == [2, 3, 6]
+    assert PatienceCriterion(3, max_exit_layer=2).earliest_exit(6) == 2  # the cap comes first
+    assert PatienceConfidenceCriterion(2, threshold=0.9).earliest_exit(6) == 3
+    assert ConfidenceCriterion(0.9).earliest_exit(6) == 1
+    assert StaticCriterion(4).earliest_exit(6) == 4
+    agreeing = _one_hot_logits([[0] * 6] * 3)
+    for patience in (1, 2, 3, 4):
+        criterion = PatienceCriterion(patience)
+        assert int(sweep_exit_layers(criterion, agreeing).min()) == criterion.earliest_exit(6)

@@ -340,3 +340,31 @@ def test_export_overwrite_replaces_an_earlier_export_or_an_empty_folder(tmp_path
         assert main(["export", "--model", str(model_dir), "--output", str(folder), "--overwrite"]) == 0
         assert read_manifest(folder)["precision"] == "fp32" and not (folder / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "empty"]  # nothing left aside
+
+
+def test_the_optimizer_fuses_the_export_and_early_exit_makes_few_calls(exports, monkeypatch):
+    """BERT's export gets onnxruntime's fusions; the layers before a rule's earliest exit are one session call, and
+    a rule under which nobody leaves early is one call of the whole optimized graph."""
+    model, folder = exports["bert"]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["optimization"]["applied"] and manifest["optimization"]["fused"]["Attention"] == 4
+    onnx = load_runtime(folder, threads=1)
+    calls, wrapped = [], set()
+    original = onnx._session
+
+    def counting(key, outputs, available):
+        session = original(key, outputs, available)
+        if key not in wrapped:  # sessions are cached: count each one's calls once
+            wrapped.add(key)
+            run = session.run
+            session.run = lambda feed: calls.append(key) or run(feed)
+        return session
+
+    monkeypatch.setattr(onnx, "_session", counting)
+    batch = _batch("bert")
+    infer(onnx, batch, ExitSpec(patience=0))
+    assert calls == [("prefix", 4, False)]  # the whole graph, last head only
+    calls.clear()
+    out = infer(onnx, batch, ExitSpec(patience=2))
+    assert calls[0] == ("prefix", 3, True) and len(calls) == 1 + int(out.exit_layers.max()) - 3
+    assert all(key[0] == "layer" for key in calls[1:])
