@@ -168,8 +168,7 @@ def ratios(seconds: dict[str, list[float]], base: str, variant: str) -> list[flo
 # --- the re-render check -------------------------------------------------------------------------------------------
 
 RENDERED = {  # results stems (glob) → the script whose `render` makes their .md from their .json
-    "backends": "backends",
-    "paired_speedups": "paired_speedups",
+    "runtime_speed*": "runtime_speed",
     "serve_sst2*": "load_test",
     "overload*": "overload",
     "soak_15min": "overload",

@@ -4,7 +4,8 @@
 
   - micro-batching + early exit: the server defaults (`--max_batch_size 32 --max_wait_ms 5`), `--patience P`;
   - micro-batching, no early exit: the same with patience 0 (the full model);
-  - batch size 1 + early exit: `--max_batch_size 1`, each request a forward of its own (the research code's mode).
+  - batch size 1 + early exit: `--max_batch_size 1`, each request a forward of its own (the research code's mode);
+  - with `--bs1_no_exit`, also batch size 1 without early exit (what early exit gains a server that does not batch).
 
 Settings are interleaved over `--rounds` rounds; each round ends with the model alone (`--alone`: a fresh
 process, no HTTP, loaded and run in one worker thread like the server) on batches of `--clients` random sentences
@@ -111,7 +112,7 @@ def combine(runs: list[dict]) -> dict:
 def per_round_ratios(runs: dict[str, list[dict]]) -> list[float]:
     """Micro-batching + early exit over batch size 1, within each round (settings minutes apart feel the drift of
     a shared VM's speed less when compared within a round)."""
-    micro, _, single = runs.values()
+    micro, _, single = list(runs.values())[:3]
     return [m["throughput"] / s["throughput"] for m, s in zip(micro, single, strict=True)]
 
 
@@ -150,9 +151,14 @@ def render(report: dict) -> str:
     return "\n".join(lines + _findings(report)) + "\n"
 
 
+def _bs1_gain(settings: dict, single: dict) -> dict:
+    full = settings.get("batch size 1, no early exit")
+    return {} if full is None else {"early_exit_gain_bs1": single["throughput"] / full["throughput"]}
+
+
 def _findings(report: dict) -> list[str]:
     t, a = report["targets"], report["model_alone"]
-    micro, _, single = report["settings"].values()
+    micro, _, single = list(report["settings"].values())[:3]
     lines = [
         "",
         f"- Micro-batching with early exit vs batch size 1 with early exit: **{t['throughput_ratio']:.2f}x** "
@@ -162,6 +168,11 @@ def _findings(report: dict) -> list[str]:
         f"- Micro-batching with early exit, p99 / p50 latency: **{t['p99_over_p50']:.2f}** "
         f"(target <= 2: {'met' if t['tail_met'] else 'missed'}).",
         f"- Early exit vs no early exit, both micro-batched: {t['early_exit_gain']:.2f}x throughput.",
+        *(
+            [f"- Early exit vs no early exit, both at batch size 1: {t['early_exit_gain_bs1']:.2f}x throughput."]
+            if "early_exit_gain_bs1" in t
+            else []
+        ),
         f"- The model alone in one process (no HTTP, same threads and patience; each round): batches of "
         f"{report['clients']} random sentences {a['batched_per_s']:.1f} sentences/s, one at a time "
         f"{a['single_per_s']:.1f} sentences/s: **{a['ratio']:.2f}x**, what batching itself gives on this machine.",
@@ -196,6 +207,8 @@ def measure(args: argparse.Namespace) -> dict:
         "micro-batching, no early exit": {"patience": 0, **batched},
         "batch size 1 + early exit": {"patience": args.patience, "max_batch_size": 1, "max_wait_ms": 0},
     }
+    if args.bs1_no_exit:
+        configs["batch size 1, no early exit"] = {"patience": 0, "max_batch_size": 1, "max_wait_ms": 0}
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     alone_runs, load_start = [], serving.load_average()
     for round_ in range(args.rounds):
@@ -205,7 +218,7 @@ def measure(args: argparse.Namespace) -> dict:
         alone_runs.append(model_alone(args))
         print(f"round {round_ + 1}/{args.rounds}, the model alone, no HTTP: {alone_runs[-1]}", flush=True)
     settings = {name: combine(r) for name, r in runs.items()}
-    micro, full, single = settings.values()
+    micro, full, single = list(settings.values())[:3]
     return common.report(
         **{k: getattr(args, k) for k in ("clients", "duration", "warmup", "rounds", "threads", "dtype")},
         attn_implementation=args.attn_implementation,
@@ -220,6 +233,7 @@ def measure(args: argparse.Namespace) -> dict:
             "p99_over_p50": micro["p99_over_p50"],
             "tail_met": micro["p99_over_p50"] <= 2,
             "early_exit_gain": micro["throughput"] / full["throughput"],
+            **_bs1_gain(settings, single),
             "throughput_ratio_per_round": per_round_ratios(runs),
         },
         model_alone={key: statistics.median(r[key] for r in alone_runs) for key in alone_runs[0]},
@@ -239,6 +253,7 @@ def main() -> None:
     parser.add_argument("--max_requests", type=int, default=50_000, help="Stop a run after this many requests.")
     parser.add_argument("--max_wait_ms", type=float, default=5.0)
     parser.add_argument("--max_batch_size", type=int, default=32)
+    parser.add_argument("--bs1_no_exit", action="store_true", help="Also batch size 1 without early exit.")
     parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], help="Server attention kernel.")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="Server weights' dtype (default: float32).")
     parser.add_argument("--alone", action="store_true", help=argparse.SUPPRESS)  # model_alone's fresh process

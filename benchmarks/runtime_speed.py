@@ -8,6 +8,10 @@ optimized int8 whole graph, the optimized fp32 whole graph; pabee fp32 and int8 
 fastest patience and confidence threshold within one point of its full model, chosen on one random half of the dev
 set (`pabee.calibrate.choose_setting`) and measured, quality and speed, on the other half.
 
+Quality, on the reporting half: each variant's score, mean exit layer and, for pabee, the share of examples whose
+exit layer equals torch fp32's at the same setting; and the largest difference of any layer's logits between
+ONNX Runtime fp32 and torch. (This replaces `backends.py` and `paired_speedups.py`, retired with their results.)
+
 Targets: pabee at patience 0 >= 0.97x the optimized whole graph of its precision; early exit >= 0.9 x (layers / mean
 exit layer of the timed examples) over the optimized int8 whole graph; >= 4x (batch 32) and >= 5.5x (batch 1) torch
 fp32 full.
@@ -20,17 +24,74 @@ import tempfile
 from pathlib import Path
 
 import common
+import numpy as np
 import torch
-from backends import CONFIDENCES, FULL, DevSet, WholeGraph, engine
 
 from pabee import infer, load_runtime
 from pabee.bench import make_batches
-from pabee.calibrate import choose_setting, split_halves
+from pabee.calibrate import choose_setting, split_halves, task_score
 from pabee.exits import ExitSpec
+from pabee.glue import get_task
+from pabee.metrics import compute_metrics
 
+CONFIDENCES = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+FULL = ExitSpec("patience", patience=0)
 BASE = "ORT int8 whole graph, optimized"
 TORCH = "torch fp32 full"
 TARGETS = {("batch 32", TORCH): 4.0, ("batch 1", TORCH): 5.5}  # patience 0: 0.97; early exit: 0.9 of the ideal
+
+
+class DevSet:
+    """A task's dev set, tokenized: features (unpadded), labels, and batches of 32 in length order."""
+
+    def __init__(self, task_name: str, glue_dir: str, tokenizer) -> None:
+        self.task = get_task(task_name)
+        examples, self.labels = common.glue_split(task_name, glue_dir)
+        self.features = common.features(tokenizer, examples)
+        self.pad = tokenizer.pad_token_id or 0
+        self.order = common.length_order(self.features)
+        self.batches = make_batches(self.features, 32, self.pad, True)
+
+    def in_dev_order(self, sorted_rows: torch.Tensor) -> torch.Tensor:
+        """Rows of a pass over the length-sorted batches put back in the dev file's order, the labels' order."""
+        rows = torch.empty_like(sorted_rows)
+        rows[torch.tensor(self.order)] = sorted_rows
+        return rows
+
+    def score(self, logits: torch.Tensor, rows: list[int]) -> float:
+        """The task's score in points (the mean of its metrics) of dev-order logits on `rows`."""
+        metrics = compute_metrics(self.task.metrics, logits[rows].argmax(-1).numpy(), self.labels[rows])
+        return task_score(metrics, self.task.metrics)
+
+
+class WholeGraph:
+    """ONNX Runtime with the full model in one graph; a forward returns (logits, None: no exit layers)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        from pabee.onnx_model import session_options
+
+        options = session_options(threads)  # the process-wide pool when the pabee sessions made one
+        if options.use_per_session_threads:
+            options = ort.SessionOptions()  # ONNX Runtime's own defaults, as a user would run one graph
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, None]:
+        feed = {name: np.ascontiguousarray(batch[name].numpy(), dtype=np.int64) for name in self.inputs}
+        return torch.from_numpy(self.session.run(None, feed)[0]), None
+
+
+def engine(model, spec: ExitSpec):
+    """A forward of any runtime at one exit setting: batch → (logits, exit layers)."""
+
+    def run(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = infer(model, batch, spec)
+        return out.logits.float(), out.exit_layers
+
+    return run
 
 
 def export(folder: str, work: Path) -> None:
@@ -101,6 +162,43 @@ def pairs(variants: dict) -> list[tuple[str, str, float]]:
     return out + [(name, base, 0.9) for name in early for base in (BASE, TORCH)]
 
 
+def dev_pass(forward, dev: DevSet) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and exit layers (None for a whole graph) over the whole dev set, in dev order."""
+    with torch.inference_mode():
+        outs = [forward(batch) for batch in dev.batches]
+    exits = None if outs[0][1] is None else dev.in_dev_order(torch.cat([o[1] for o in outs]))
+    return dev.in_dev_order(torch.cat([o[0] for o in outs])), exits
+
+
+def quality(folder: str, work: Path, dev: DevSet, chosen: dict[str, dict], rows: list[int]) -> dict:
+    """On the reporting half: every variant's score and mean exit layer, and for pabee the share of exit layers
+    equal to torch fp32's at the same setting; every layer's largest logit difference, ORT fp32 vs torch."""
+    runtimes = {
+        "torch fp32": load_runtime(folder),
+        **{f"pabee ORT {p}": load_runtime(work / p) for p in ("fp32", "int8")},
+    }
+    settings = {"patience 0": FULL, **{f"{n} {c['spec'].label}": c["spec"] for n, c in chosen.items()}}
+    variants, exits_of = [], {}
+    for runtime_name, runtime in runtimes.items():
+        for setting, spec in settings.items():
+            logits, exits = dev_pass(engine(runtime, spec), dev)
+            exits_of[runtime_name, setting] = exits = exits[rows]
+            same = (
+                None
+                if runtime_name == "torch fp32"
+                else float((exits == exits_of["torch fp32", setting]).float().mean())
+            )
+            variants.append({"variant": f"{runtime_name} {setting}", "score": dev.score(logits, rows)})
+            variants[-1] |= {"mean_exit_layer": float(exits.float().mean()), "exits_equal_torch": same}
+    for graph in ("fp32_optimized", "int8_optimized", "int8_plain"):
+        logits, _ = dev_pass(WholeGraph(work / f"whole_{graph}.onnx", 2), dev)
+        variants.append({"variant": f"ORT whole graph, {graph.replace('_', ' ')}", "score": dev.score(logits, rows)})
+    with torch.inference_mode():
+        layers = [[infer(m, b, FULL, all_layers=True).all_logits for b in dev.batches] for m in runtimes.values()]
+    difference = max(float((o - t).abs().max()) for t, o in zip(layers[0], layers[1], strict=True))
+    return {"variants": variants, "layer_logits_max_diff_fp32": difference}
+
+
 def measure_task(name: str, folder: str, args) -> dict:
     from transformers import AutoTokenizer
 
@@ -126,8 +224,10 @@ def measure_task(name: str, folder: str, args) -> dict:
                 row = {"mode": mode, "variant": variant, "over": base, **common.quartiles(ratios), "target": target}
                 rows.append(row | {"ideal": ideal, "mean_exit_layer": layers.get(variant), "ratios": ratios})
             print(f"{name} {mode}: done", file=sys.stderr, flush=True)
+        checks = quality(folder, work, dev, chosen, halves["report"])
     settings = {n: {k: v for k, v in c.items() if k != "spec"} for n, c in chosen.items()}
-    return {"task": name, "metric": "mean of " + ", ".join(dev.task.metrics), "settings": settings, "rows": rows}
+    metric = "mean of " + ", ".join(dev.task.metrics)
+    return {"task": name, "metric": metric, "settings": settings, "rows": rows, "quality": checks}
 
 
 def render(report: dict) -> str:
@@ -142,8 +242,19 @@ def render(report: dict) -> str:
     for task in report["tasks"]:
         lines += [f"## {task['task']}", "", *_settings(task), ""]
         head = ["Mode", "Variant", "Over", "Speed-up (median)", "Quartiles", "Ideal", "Target", ""]
-        lines += common.table(head, [_cells(r) for r in task["rows"]]) + [""]
+        lines += common.table(head, [_cells(r) for r in task["rows"]]) + [""] + _quality(task["quality"])
     return "\n".join(lines)
+
+
+def _quality(checks: dict) -> list[str]:
+    rows = []
+    for v in checks["variants"]:
+        layer = "—" if v.get("mean_exit_layer") is None else f"{v['mean_exit_layer']:.2f}"
+        same = "—" if v.get("exits_equal_torch") is None else f"{100 * v['exits_equal_torch']:.1f}%"
+        rows.append([v["variant"], f"{v['score']:.1f}", layer, same])
+    head = ["Variant (reporting half)", "Score", "Mean exit layer", "Exit layer = torch fp32's"]
+    diff = "Every layer's logits, ONNX Runtime fp32 vs torch fp32 (whole dev set): max |diff| "
+    return [*common.table(head, rows), "", diff + f"{checks['layer_logits_max_diff_fp32']:.1e}.", ""]
 
 
 def _settings(task: dict) -> list[str]:
