@@ -557,6 +557,13 @@ class ExportArguments:
         default=None, metadata={"help": "int8: dynamic int8 quantization of the weights.", "choices": ["int8"]}
     )
     opset: int = field(default=17, metadata={"help": "ONNX opset version."})
+    optimize: bool = field(
+        default=True,
+        metadata={
+            "help": "Run onnxruntime's transformer optimizer on the graph (fused attention, layer norms), kept only "
+            "where the optimized graph's outputs equal the plain one's (--no_optimize to leave it plain)."
+        },
+    )
     overwrite: bool = field(
         default=False,
         metadata={

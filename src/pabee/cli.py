@@ -106,7 +106,7 @@ def _export(parsed: tuple, command: str) -> int:
     from .onnx_export import export_onnx
 
     (args,) = parsed
-    output = export_onnx(args.model, args.output, args.quantize, args.opset, args.overwrite)
+    output = export_onnx(args.model, args.output, args.quantize, args.opset, args.overwrite, args.optimize)
     print(
         f"pabee export: wrote {output} ({args.quantize or 'fp32'}); run it with --backend onnxruntime", file=sys.stderr
     )
