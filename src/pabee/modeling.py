@@ -463,10 +463,19 @@ def _drop_rows(
     staying: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor, right_padded: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact the batch to the rows still running (and cut padding nobody needs any more)."""
-    rows, hidden, attention_mask = rows[staying], hidden[staying], attention_mask[staying]
-    if right_padded:
+    rows, attention_mask = rows[staying], attention_mask[staying]
+    if right_padded:  # cut the columns before copying the rows
         hidden, attention_mask = _trim_padding(hidden, attention_mask)
-    return rows, hidden, attention_mask
+    return rows, _gather_rows(hidden, staying), attention_mask
+
+
+def _gather_rows(hidden: torch.Tensor, staying: torch.Tensor) -> torch.Tensor:
+    """`hidden[staying]`, on the CPU as a single-threaded numpy copy. torch's gather of a batch this size is a
+    parallel region: its pool's threads then spin for a while after it, taking the cores from the runtime's next
+    call (ONNX Runtime's own threads)."""
+    if hidden.device.type != "cpu" or hidden.requires_grad or hidden.dtype == torch.bfloat16:  # numpy has no bf16
+        return hidden[staying]
+    return torch.from_numpy(hidden.numpy()[staying.numpy()])
 
 
 def _is_right_padded(attention_mask: torch.Tensor) -> bool:
