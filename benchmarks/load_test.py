@@ -55,10 +55,18 @@ def run_setting(args, setting: dict, requests: list[bytes], log_name: str) -> di
     }
 
 
+def early_exit(args: argparse.Namespace) -> dict:
+    """The early-exit setting: `--patience`, or `--confidence` (a threshold) when given."""
+    if args.confidence is None:
+        return {"patience": args.patience}
+    return {"exit_criterion": "confidence", "exit_threshold": args.confidence}
+
+
 def model_alone(args: argparse.Namespace) -> dict:
     """The ceiling without HTTP: `--alone` in a fresh process; sentences/s batched and one at a time, and the ratio."""
     argv = [sys.executable, __file__, "--alone", "--model", args.model, "--glue_dir", args.glue_dir]
     argv += serving.flags(clients=args.clients, patience=args.patience, max_batch_size=args.max_batch_size)
+    argv += serving.flags(confidence=args.confidence)
     argv += serving.flags(threads=args.threads, dtype=args.dtype, attn_implementation=args.attn_implementation)
     out = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     out["ratio"] = out["batched_per_s"] / out["single_per_s"]
@@ -75,7 +83,7 @@ def alone(args: argparse.Namespace, seconds: float = 10.0, warmup: float = 3.0) 
     options = {"dtype": args.dtype, "attn_implementation": args.attn_implementation}
     if export_precision(args.model):  # an export: ONNX Runtime threads as the server's
         options = {"threads": args.threads}
-    batch = {"patience": args.patience, "batch_size": args.max_batch_size}
+    batch = {**early_exit(args), "batch_size": args.max_batch_size}
     pipe = worker.submit(lambda: pipeline(args.model, **batch, **options)).result()
     sentences, rng = common.sst2_sentences(args.glue_dir), random.Random(0)
 
@@ -143,7 +151,8 @@ def render(report: dict) -> str:
     rows = []
     for name, r in s.items():
         c, ms = report["configs"][name], [f"{r[k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")]
-        rows.append([name, c["patience"], c["max_batch_size"], f"{r['throughput']:.1f}", *ms])
+        setting = c["patience"] if "patience" in c else f"{c['exit_criterion']} {c['exit_threshold']}"
+        rows.append([name, setting, c["max_batch_size"], f"{r['throughput']:.1f}", *ms])
         rows[-1] += [f"{r['p99_over_p50']:.2f}", f"{r['avg_batch_size']:.1f}", f"{r['avg_exit_layer']:.2f}"]
         rows[-1].append(f"{r.get('forward_busy', float('nan')):.0%}")
     head = ["Setting", "Patience", "Max batch", "Throughput (req/s)", "p50 ms", "p95 ms", "p99 ms", "p99/p50"]
@@ -202,10 +211,11 @@ def measure(args: argparse.Namespace) -> dict:
 
     requests = serving.bodies(common.sst2_sentences(args.glue_dir))
     batched = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}
+    early = early_exit(args)
     configs = {
-        "micro-batching + early exit": {"patience": args.patience, **batched},
+        "micro-batching + early exit": {**early, **batched},
         "micro-batching, no early exit": {"patience": 0, **batched},
-        "batch size 1 + early exit": {"patience": args.patience, "max_batch_size": 1, "max_wait_ms": 0},
+        "batch size 1 + early exit": {**early, "max_batch_size": 1, "max_wait_ms": 0},
     }
     if args.bs1_no_exit:
         configs["batch size 1, no early exit"] = {"patience": 0, "max_batch_size": 1, "max_wait_ms": 0}
@@ -254,6 +264,7 @@ def main() -> None:
     parser.add_argument("--max_wait_ms", type=float, default=5.0)
     parser.add_argument("--max_batch_size", type=int, default=32)
     parser.add_argument("--bs1_no_exit", action="store_true", help="Also batch size 1 without early exit.")
+    parser.add_argument("--confidence", type=float, help="Early exit by this confidence threshold, not a patience.")
     parser.add_argument("--attn_implementation", choices=["sdpa", "eager"], help="Server attention kernel.")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="Server weights' dtype (default: float32).")
     parser.add_argument("--alone", action="store_true", help=argparse.SUPPRESS)  # model_alone's fresh process
