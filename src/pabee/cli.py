@@ -168,8 +168,9 @@ COMMANDS: dict[str, Command] = {
         required=("--model",),
     ),
     "export": Command(
-        "export a model to ONNX graphs for early exit on ONNX Runtime (fp32 or int8)",
-        "Export a PABEE model as ONNX graphs (embeddings, then each layer with its exit head) for ONNX Runtime.",
+        "export a model to ONNX for early exit on ONNX Runtime (fp32 or int8)",
+        "Export a PABEE model to ONNX for ONNX Runtime: one optimized graph that names each layer's output and exit "
+        "logits, cut into segments at run time.",
         _arguments("ExportArguments"),
         _export,
     ),

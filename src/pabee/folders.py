@@ -2,8 +2,8 @@
 
 - A **saved model** (`run-glue --output_dir`, `save_pretrained`): `config.json` of model type `pabee`, the weights
   (safetensors) and the tokenizer. It runs on torch.
-- An **export** (`pabee export`): the ONNX graphs, `config.json`, the tokenizer and the manifest `pabee_onnx.json`
-  (format, precision, which graph and head serve each layer, the SHA-256 of every file). It runs on ONNX Runtime,
+- An **export** (`pabee export`): the ONNX graph, `config.json`, the tokenizer and the manifest `pabee_onnx.json`
+  (format, precision, the layer boundaries named inside the graph, the SHA-256 of every file). It runs on ONNX Runtime,
   after every file has been checked against the manifest.
 
 Everything that loads a model from a folder (the pipeline, `pabee export`, the benchmarks) comes through here.
