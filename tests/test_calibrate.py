@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_run_glue_argv
 
 from pabee.calibrate import choose_setting, split_halves
+from pabee.certify import Guarantee
 from pabee.cli import main
 from pabee.exits import ExitSpec
 from pabee.folders import load_model_folder
@@ -65,6 +66,65 @@ def test_with_no_drop_allowed_nothing_worse_than_the_full_model_is_chosen(model_
     assert chosen["choose"]["score"] >= result["rows"][0]["choose"]["score"]
 
 
+def layer_one_wrong_on_half(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels, and 4 layers' logits: layer 1 wrong on every other example, layers 2-4 right and sure."""
+    labels = np.random.default_rng(0).integers(0, 2, count)
+    first = confident(labels, right=True)
+    first[::2] = confident(labels[::2], right=False)
+    return labels, np.stack([first] + [confident(labels, right=True)] * 3, axis=1)
+
+
+def test_a_certified_choice_is_the_fewest_layers_among_the_certified_settings(model_dir):
+    model = load_model_folder(model_dir)
+    labels, all_logits = layer_one_wrong_on_half(400)
+    specs = [ExitSpec("static", threshold=k) for k in (1, 2, 3, 4)]
+    specs += [ExitSpec("patience", patience=p) for p in (1, 2)]
+    guarantee = Guarantee("disagreement", 0.05, 0.95)
+    result = choose_setting(model, all_logits, None, get_task("SST-2"), specs, 1.0, seed=3, guarantee=guarantee)
+    rows = {(row["criterion"], row["setting"]): row for row in result["rows"]}
+    chosen = next(row for row in result["rows"] if row["chosen"])
+    assert (chosen["criterion"], chosen["setting"]) == ("static", "k=2")  # no labels needed
+    assert chosen["report"]["disagreement"] == 0.0 and "score" not in chosen["report"]
+    assert not rows["static", "k=1"]["certified"] and rows["static", "k=1"]["first_failure"]
+    certificate = result["certificate"]
+    assert certificate["level"] == pytest.approx(0.025)  # 5% split over two rules
+    assert certificate["certified"] == {"static": "3/4", "patience": "2/2"} and not certificate["none_certified"]
+
+
+def test_with_too_few_examples_nothing_is_certified_and_the_full_model_stays(model_dir):
+    model = load_model_folder(model_dir)
+    labels, all_logits = layer_one_wrong_on_half(400)
+    specs = [ExitSpec("static", threshold=k) for k in (1, 2, 3)]
+    guarantee = Guarantee("drop", 0.02, 0.95)  # even a perfect setting needs more than 200 examples at 2 points
+    result = choose_setting(model, all_logits, labels, get_task("SST-2"), specs, 1.0, guarantee=guarantee)
+    chosen = next(row for row in result["rows"] if row["chosen"])
+    assert chosen["setting"] == "0 (full)" and result["certificate"]["none_certified"]
+    assert result["certificate"]["min_examples"] > result["halves"]["choose"] == 200
+    more = choose_setting(model, *_repeat(all_logits, labels, 4), get_task("SST-2"), specs, 1.0, guarantee=guarantee)
+    assert next(row for row in more["rows"] if row["chosen"])["setting"] == "k=2"
+
+
+def _repeat(all_logits: np.ndarray, labels: np.ndarray, times: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([all_logits] * times), np.concatenate([labels] * times)
+
+
+def test_calibrate_certifies_on_unlabelled_texts(model_dir, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(f"sentence number {i} is {'good' if i % 3 else 'bad'}" for i in range(40)) + "\n")
+    argv = ["calibrate", "--model", str(folder), "--input_file", str(texts), "--certify", "disagreement"]
+    assert main([*argv, "--max_disagreement", "20", "--exit_criterion", "patience,static"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((folder / "calibration.json").read_text())
+    assert report["halves"] == {"choose": 20, "report": 20} and report["certificate"]["risk"] == "disagreement"
+    chosen = next(row for row in report["rows"] if row["chosen"])
+    assert chosen["certified"] and ("certified;" in out or "none certified" in out)
+    markdown = (folder / "calibration.md").read_text()
+    assert "Certified on one random half" in markdown and "Unlabelled texts" in markdown
+
+
 def test_calibrate_writes_the_choice_and_a_report(model_dir, glue_dir, tmp_path, capsys):
     import shutil
 
@@ -93,10 +153,14 @@ def test_calibrate_writes_the_choice_and_a_report(model_dir, glue_dir, tmp_path,
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--task_name", "SST-2", "--validation_file", "x.jsonl"], "Give either --task_name"),
-        ([], "Give either --task_name"),
+        (["--task_name", "SST-2", "--validation_file", "x.jsonl"], "Give one of --task_name"),
+        ([], "Give one of --task_name"),
         (["--task_name", "SST-2", "--max_drop", "-1"], "--max_drop=-1.0 is invalid"),
         (["--task_name", "NOPE"], "NOPE"),
+        (["--input_file", "texts.txt"], "only --certify disagreement"),
+        (["--task_name", "SST-2", "--certify", "drop", "--max_drop", "0"], "--certify drop needs a --max_drop"),
+        (["--task_name", "SST-2", "--certify", "drop", "--confidence_level", "1.5"], "--confidence_level=1.5"),
+        (["--task_name", "SST-2", "--certify", "disagreement", "--max_disagreement", "0"], "--max_disagreement=0"),
     ],
 )
 def test_bad_calibrate_flags_are_one_line(extra, message, model_dir, capsys):
@@ -121,4 +185,8 @@ def test_run_glue_calibrates_on_held_out_training_examples(tmp_path, minilm_toke
         str(tmp_path / "train.jsonl"),
     ]
     assert main(no_training) == 2
-    assert "needs --do_train" in capsys.readouterr().err
+    assert "need --do_train" in capsys.readouterr().err
+    certified = [*argv[:-2], "--calibrate_certify", "disagreement", "--calibrate_max_disagreement", "50"]
+    certified[certified.index("--output_dir") + 1] = str(tmp_path / "certified")
+    assert main(certified) == 0
+    assert "none certified, full model kept" in capsys.readouterr().out  # 2 examples certify nothing

@@ -51,6 +51,26 @@ def _at_least(args: object, name: str, minimum: float) -> None:
         raise PabeeError(f"--{name}={value!r} is invalid: use a {whole}number >= {minimum}.")
 
 
+CERTIFY_CHOICES = ["drop", "disagreement"]
+
+
+def guarantee_of(risk: str | None, max_drop: float | None, max_disagreement: float, confidence_level: float):
+    """The `pabee.certify.Guarantee` the flags ask for (None without --certify); the bounds are given in points
+    and percent, a guarantee holds shares. Bad values are one line."""
+    from .certify import Guarantee
+
+    if not 0.0 < confidence_level < 1.0:
+        raise PabeeError(f"--confidence_level={confidence_level!r} is invalid: use a probability in (0, 1).")
+    if not 0.0 < max_disagreement < 100.0:
+        raise PabeeError(f"--max_disagreement={max_disagreement!r} is invalid: use a percentage in (0, 100).")
+    if risk is None:
+        return None
+    if risk == "drop" and not (max_drop is not None and 0.0 < max_drop < 100.0):
+        raise PabeeError(f"--certify drop needs a --max_drop in (0, 100) points; got {max_drop!r}.")
+    bound = max_drop if risk == "drop" else max_disagreement
+    return Guarantee(risk, bound / 100, confidence_level)
+
+
 def _checked(check, *values) -> Any:
     """Run one of `exits`' checks; its `ValueError` becomes the command line's `PabeeError`."""
     try:
@@ -141,8 +161,23 @@ class RunGlueArguments(ExitSweepArguments):
             "within this many points of the full model, on a held-out part of the training data."
         },
     )
+    calibrate_certify: str | None = field(
+        default=None,
+        metadata={
+            "help": "Calibrate after training like `pabee calibrate --certify`: only settings whose accuracy drop "
+            "(--calibrate_max_drop points) or disagreement with the full model (--calibrate_max_disagreement %) "
+            "is certified with --calibrate_confidence_level.",
+            "choices": CERTIFY_CHOICES,
+        },
+    )
+    calibrate_max_disagreement: float = field(
+        default=2.0, metadata={"help": "With --calibrate_certify disagreement: most % of answers that may change."}
+    )
+    calibrate_confidence_level: float = field(
+        default=0.95, metadata={"help": "With --calibrate_certify: probability that the bound holds."}
+    )
     calibration_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the training data held out for --calibrate_max_drop."}
+        default=0.1, metadata={"help": "Share of the training data held out for calibration."}
     )
     pooling: str = field(
         default="auto",
@@ -198,10 +233,25 @@ class RunGlueArguments(ExitSweepArguments):
         _at_least(self, "max_train_samples", 1)
         _at_least(self, "max_eval_samples", 1)
         _at_least(self, "calibrate_max_drop", 0.0)
+        self.guarantee()  # bad certification flags fail before training
         if not 0.0 < self.calibration_fraction <= 0.5:
             raise PabeeError(
                 f"--calibration_fraction={self.calibration_fraction!r} is invalid: use a share in (0, 0.5]."
             )
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the saved model's exit setting is chosen after training (--calibrate_max_drop or _certify)."""
+        return self.calibrate_max_drop is not None or self.calibrate_certify is not None
+
+    def guarantee(self):
+        """What --calibrate_certify asks the choice to guarantee (None: choose as `pabee calibrate` does)."""
+        return guarantee_of(
+            self.calibrate_certify,
+            self.calibrate_max_drop,
+            self.calibrate_max_disagreement,
+            self.calibrate_confidence_level,
+        )
 
 
 @dataclass
@@ -524,6 +574,29 @@ class CalibrateArguments(ExitSweepArguments):
         default=1.0,
         metadata={"help": "Most points of the task's metric the chosen setting may lose to the full model."},
     )
+    certify: str | None = field(
+        default=None,
+        metadata={
+            "help": "Choose only among settings certified by Learn then Test on the choosing half: the accuracy "
+            "drop against the full model (at most --max_drop points) or the share of answers that differ from "
+            "it (at most --max_disagreement %, needs no labels) holds with --confidence_level probability. With "
+            "none certified, the full model stays.",
+            "choices": CERTIFY_CHOICES,
+        },
+    )
+    max_disagreement: float = field(
+        default=2.0, metadata={"help": "With --certify disagreement: most % of answers that may change."}
+    )
+    confidence_level: float = field(
+        default=0.95, metadata={"help": "With --certify: probability that the bound holds (1 - delta)."}
+    )
+    input_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Unlabelled texts to certify disagreement on (.txt one per line, a tab splits a pair; .tsv, "
+            ".csv or .jsonl with text and text_pair)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the split into a choosing and a reporting half."})
     dry_run: bool = field(default=False, metadata={"help": "Report the choice without changing the config."})
     max_seq_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Tokens per example."})
@@ -534,17 +607,28 @@ class CalibrateArguments(ExitSweepArguments):
         super().__post_init__()
         if self.model is None:
             raise PabeeError("Give --model, the folder of a fine-tuned PABEE model.")
-        if (self.task_name is None) == (self.validation_file is None):
-            raise PabeeError("Give either --task_name (a GLUE task's dev set) or --validation_file (your own data).")
+        sources = [self.task_name, self.validation_file, self.input_file]
+        if sum(source is not None for source in sources) != 1:
+            raise PabeeError(
+                "Give one of --task_name (a GLUE task's dev set), --validation_file (your own labelled data) or "
+                "--input_file (unlabelled texts, with --certify disagreement)."
+            )
+        if self.input_file is not None and self.certify != "disagreement":
+            raise PabeeError("--input_file holds no labels: only --certify disagreement can calibrate on it.")
         if self.task_name is not None:
             from .glue import get_task
 
             get_task(self.task_name)
         if not self.max_drop >= 0:
             raise PabeeError(f"--max_drop={self.max_drop!r} is invalid: use a number of points >= 0.")
+        self.guarantee()
         _at_least(self, "batch_size", 1)
         _at_least(self, "threads", 1)
         _at_least(self, "max_seq_length", 2)
+
+    def guarantee(self):
+        """What --certify asks the choice to guarantee (None: the fastest within --max_drop on the half)."""
+        return guarantee_of(self.certify, self.max_drop, self.max_disagreement, self.confidence_level)
 
 
 @dataclass

@@ -7,6 +7,10 @@ in two halves at random (`--seed`): the setting is chosen on the first half and 
 on the second, so the reported numbers are not the ones the choice was fitted to. The choice goes into the
 model's `config.json` (written atomically) unless `--dry_run`; the report (every setting on both halves, the
 Pareto front, the choice) goes beside it as `calibration.json` and `calibration.md`.
+
+With a `Guarantee` (`--certify`), the choosing half certifies instead of merely choosing: only settings whose risk
+against the full model (accuracy drop, or disagreement, which needs no labels) is shown to be within the bound
+with the stated confidence are eligible (`pabee.certify`, Learn then Test); when none is, the full model stays.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import numpy as np
 import torch
 
 from .arguments import CalibrateArguments
+from .certify import Guarantee, certify, min_examples, risk_losses
 from .errors import PabeeError
-from .evaluate import setting_row
-from .exits import ExitSpec, ExitSweep
+from .exits import ExitSpec, ExitSweep, logits_at_exit, sweep_exit_layers
 from .glue import TaskSpec, get_task
+from .metrics import compute_metrics, exit_statistics, predictions_from_logits
 from .modeling import Runtime
 from .pipeline import PabeePipeline
 from .provenance import provenance, write_atomic, write_json
@@ -33,10 +38,13 @@ from .sweeps import checked_specs
 __all__ = [
     "Calibration",
     "calibrate",
+    "answers_of",
+    "choose_from",
     "choose_setting",
     "fastest_within",
     "run_calibrate",
     "score_setting",
+    "setting_rows",
     "split_halves",
     "summary_line",
     "task_score",
@@ -52,11 +60,44 @@ def score_setting(
     model: Runtime, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
 ) -> dict[str, Any]:
     """One setting read off every layer's logits: its score (`task_score`), metrics and layers on average."""
-    row = setting_row(model, all_logits, labels, task, spec)
-    return {
-        "score": task_score(row, task.metrics),
-        **{k: row[k] for k in (*task.metrics, "avg_exit_layer", "speed_up")},
-    }
+    everything = np.arange(len(labels))
+    return _summary(model, task, _answers(model, torch.as_tensor(all_logits), spec), everything, labels)
+
+
+Answers = tuple[np.ndarray, np.ndarray]  # each example's prediction and exit layer under one setting
+
+
+def _answers(model: Runtime, logits: torch.Tensor, spec: ExitSpec) -> Answers:
+    """What real early exit answers under `spec`, read off every layer's logits, and where each example exits."""
+    exit_layers = sweep_exit_layers(model.config.build_criterion(spec), logits)
+    chosen = logits_at_exit(logits, exit_layers).numpy()
+    return predictions_from_logits(chosen, model.config.is_regression), exit_layers.numpy()
+
+
+def _summary(
+    model: Runtime,
+    task: TaskSpec,
+    answers: Answers,
+    index: np.ndarray,
+    labels: np.ndarray | None,
+    full: Answers | None = None,
+    tolerance: float = 0.0,
+) -> dict[str, Any]:
+    """A setting on some examples: layers on average, the score and metrics (with labels) and, against the full
+    model's answers, the share of answers that differ and the accuracy drop (in points)."""
+    predictions, exits = answers[0][index], answers[1][index]
+    stats = exit_statistics(exits, model.num_layers)
+    out: dict[str, Any] = {"avg_exit_layer": stats["avg_exit_layer"], "speed_up": stats["speed_up"]}
+    if labels is not None:
+        metrics = compute_metrics(task.metrics, predictions, labels[index])
+        out = {"score": task_score(metrics, task.metrics), **{k: metrics[k] for k in task.metrics}, **out}
+    if full is not None:
+        regression, reference = model.config.is_regression, full[0][index]
+        changed = risk_losses(predictions, reference, None, "disagreement", tolerance, regression)
+        out["disagreement"] = 100 * float(changed.mean())
+        if labels is not None and not regression:
+            out["accuracy_drop"] = 100 * float(risk_losses(predictions, reference, labels[index], "drop").mean())
+    return out
 
 
 def split_halves(count: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -76,28 +117,130 @@ def fastest_within(rows: list[dict[str, Any]], floor: float) -> dict[str, Any] |
 def choose_setting(
     model: Runtime,
     all_logits: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     task: TaskSpec,
     specs: list[ExitSpec],
     max_drop: float,
     seed: int = 0,
+    guarantee: Guarantee | None = None,
 ) -> dict[str, Any]:
-    """Every setting scored on both halves; the chosen one is the fewest layers on the choosing half among those
-    within `max_drop` points of the full model there (ties: the better score)."""
-    halves = split_halves(len(labels), seed)
+    """Every setting scored on both halves. Without a guarantee the chosen one is the fewest layers on the choosing
+    half among those within `max_drop` points of the full model there (ties: the better score); with one, the
+    fewest layers among the settings the choosing half certifies (`labels` may then be None: disagreement)."""
+    answers = answers_of(model, all_logits, specs)
+    return choose_from(model, task, answers, labels, split_halves(len(all_logits), seed), max_drop, guarantee)
+
+
+def answers_of(model: Runtime, all_logits: np.ndarray, specs: list[ExitSpec]) -> dict[ExitSpec, Answers]:
+    """What each setting answers on every example, the full model (patience 0) first: read once, then any split
+    of the examples can be judged (`choose_from`)."""
     logits = torch.as_tensor(all_logits)
     full = ExitSpec("patience", patience=0)
+    return {spec: _answers(model, logits, spec) for spec in [full, *(s for s in specs if s != full)]}
+
+
+def choose_from(
+    model: Runtime,
+    task: TaskSpec,
+    answers: dict[ExitSpec, Answers],
+    labels: np.ndarray | None,
+    halves: dict[str, np.ndarray],
+    max_drop: float,
+    guarantee: Guarantee | None = None,
+    rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """`choose_setting` on answers already read (`answers_of`) and a given split into `choose` and `report`;
+    `rows` (`setting_rows` of the same split) spare scoring again when one split is chosen on several ways."""
+    rows = setting_rows(model, task, answers, labels, halves) if rows is None else rows
+    result: dict[str, Any] = {"halves": {name: len(index) for name, index in halves.items()}, "max_drop": max_drop}
+    if guarantee is None:
+        chosen = fastest_within(rows, rows[0]["choose"]["score"] - max_drop)
+    else:
+        result["certificate"] = _certify(model, rows, answers, labels, halves["choose"], guarantee)
+        eligible = [row for row in rows if row["certified"]]
+        chosen = min(eligible, key=lambda row: (row["choose"]["avg_exit_layer"], row["choose"]["disagreement"]))
+    for row in rows:
+        row["pareto"] = labels is not None and not any(_dominates(o["choose"], row["choose"]) for o in rows)
+        row["chosen"] = row is chosen
+    return {**result, "rows": rows}
+
+
+def setting_rows(
+    model: Runtime,
+    task: TaskSpec,
+    answers: dict[ExitSpec, Answers],
+    labels: np.ndarray | None,
+    halves: dict[str, np.ndarray],
+) -> list[dict[str, Any]]:
+    """Every setting on each half: layers, score and metrics (with labels), disagreement with the full model (for
+    regression: outputs further apart than the model's `regression_threshold`) and accuracy drop."""
+    full, tolerance = next(iter(answers.values())), model.config.regression_threshold
     rows = []
-    for spec in [full, *(s for s in specs if s != full)]:
+    for spec, answer in answers.items():
         row = {**spec.describe(with_cap=True), "spec": spec}
         for name, index in halves.items():
-            row[name] = score_setting(model, logits[index], labels[index], task, spec)
+            row[name] = _summary(model, task, answer, index, labels, full, tolerance)
         rows.append(row)
-    chosen = fastest_within(rows, rows[0]["choose"]["score"] - max_drop)
-    for row in rows:
-        row["pareto"] = not any(_dominates(other["choose"], row["choose"]) for other in rows)
-        row["chosen"] = row is chosen
-    return {"halves": {name: len(index) for name, index in halves.items()}, "max_drop": max_drop, "rows": rows}
+    return rows
+
+
+def _caution(spec: ExitSpec) -> tuple[float, ...]:
+    """The fixed order in which a rule's settings are tested, most layers first: a higher patience, confidence
+    threshold or static layer keeps more layers; a higher entropy threshold fewer."""
+    threshold = spec.threshold or 0.0
+    return (threshold,) if spec.criterion == "entropy" else (-(spec.patience or 0), -threshold)
+
+
+def _certify(
+    model: Runtime,
+    rows: list[dict[str, Any]],
+    answers: dict[ExitSpec, Answers],
+    labels: np.ndarray | None,
+    index: np.ndarray,
+    guarantee: Guarantee,
+) -> dict[str, Any]:
+    """Learn then Test on the choosing half; marks each row `certified` (the full model always is: it is the
+    reference) with its p-value, and returns what was certified and how."""
+    regression, full = model.config.is_regression, answers[rows[0]["spec"]][0][index]
+    chains: dict[str, list[dict[str, Any]]] = {}
+    for row in rows[1:]:
+        chains.setdefault(row["spec"].criterion, []).append(row)
+    for chain in chains.values():
+        chain.sort(key=lambda row: _caution(row["spec"]))
+    losses = {
+        name: [
+            risk_losses(
+                answers[row["spec"]][0][index],
+                full,
+                None if labels is None else labels[index],
+                guarantee.risk,
+                guarantee.tolerance,
+                regression,
+            )
+            for row in chain
+        ]
+        for name, chain in chains.items()
+    }
+    tested = certify(losses, guarantee)
+    rows[0].update(certified=True, p_value=None, first_failure=False)
+    for name, chain in chains.items():
+        for position, row in enumerate(chain):
+            count = tested[name]["certified"]
+            row.update(certified=position < count, p_value=tested[name]["p_values"][position])
+            row["first_failure"] = position == count  # the setting where the rule's sequence stopped
+    level = next(iter(tested.values()))["level"] if tested else guarantee.delta
+    return {
+        "risk": guarantee.risk,
+        "bound": guarantee.bound,
+        "confidence": guarantee.confidence,
+        "tolerance": guarantee.tolerance if regression and guarantee.risk == "disagreement" else None,
+        "method": "Learn then Test: fixed-sequence testing within each rule, Bonferroni across rules",
+        "level": level,
+        "certified": {name: f"{tested[name]['certified']}/{len(chain)}" for name, chain in chains.items()},
+        "none_certified": not any(row["certified"] for row in rows[1:]),
+        "min_examples": min_examples(guarantee, level),
+        "examples": len(index),
+    }
 
 
 def _dominates(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -106,27 +249,43 @@ def _dominates(a: dict[str, float], b: dict[str, float]) -> bool:
 
 
 def _examples(args: CalibrateArguments, model: Runtime) -> tuple[TaskSpec, Any]:
-    """The calibration split: a GLUE task's dev set, or `--validation_file`."""
+    """The calibration split: a GLUE task's dev set, `--validation_file`, or unlabelled `--input_file` texts."""
     from .data import load_glue, load_user_files
 
+    config = model.config
+    if args.input_file is not None:
+        return _unlabelled(args.input_file, config), _text_rows(args.input_file)
     if args.task_name is not None:
         data = load_glue(get_task(args.task_name), args.data_dir, train=False, evaluate=True, test=False)
     else:
-        config = model.config
         names = None if config.is_regression else tuple(config.id2label[i] for i in range(config.num_labels))
         data = load_user_files(None, args.validation_file, args.task_type, labels=names)
     split = next(iter(data.eval.values()), None)
     if split is None or len(split) < 2:
         raise PabeeError("Calibration needs at least 2 labelled examples.")
-    if data.task.num_labels != model.config.num_labels:
-        raise PabeeError(
-            f"{data.task.name} has {data.task.num_labels} labels; the model has {model.config.num_labels}"
-        )
+    if data.task.num_labels != config.num_labels:
+        raise PabeeError(f"{data.task.name} has {data.task.num_labels} labels; the model has {config.num_labels}")
     return data.task, split
 
 
+def _text_rows(path: str) -> list[dict[str, Any]]:
+    """Unlabelled texts as calibration rows (no `label`); at least 2."""
+    from .data import read_text_file
+
+    rows = [{"text": row.text, "text_pair": row.text_pair} for row in read_text_file(path)]
+    if len(rows) < 2:
+        raise PabeeError(f"{path}: calibration needs at least 2 texts.")
+    return rows
+
+
+def _unlabelled(path: str, config: Any) -> TaskSpec:
+    """The task unlabelled texts stand for: the model's own, named after the file (no metric to score)."""
+    labels = None if config.is_regression else tuple(config.id2label[i] for i in range(config.num_labels))
+    return TaskSpec(name=Path(path).stem, labels=labels, metrics=(), main_metric="")
+
+
 def run_calibrate(args: CalibrateArguments, command: str) -> dict[str, Any]:
-    """`pabee calibrate`: load the model and the labelled examples, then `calibrate`."""
+    """`pabee calibrate`: load the model and the examples, then `calibrate`."""
     folder = Path(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,18 +293,19 @@ def run_calibrate(args: CalibrateArguments, command: str) -> dict[str, Any]:
         folder, backend="torch", batch_size=args.batch_size, max_length=args.max_seq_length
     )
     task, split = _examples(args, pipe.model)
-    settings = Calibration(args.sweep, args.max_drop, args.seed)
+    settings = Calibration(args.sweep, args.max_drop, args.seed, args.guarantee())
     return calibrate(pipe, task, split, settings, folder, command, dry_run=args.dry_run)
 
 
 @dataclass
 class Calibration:
-    """What to choose among (the sweep's criteria, thresholds and cap; every patience) and how much quality the
-    choice may cost."""
+    """What to choose among (the sweep's criteria, thresholds and cap; every patience), how much quality the
+    choice may cost, and, with a `guarantee`, what the choice must be certified to keep."""
 
     sweep: ExitSweep
     max_drop: float
     seed: int = 0
+    guarantee: Guarantee | None = None
 
 
 def calibrate(
@@ -164,9 +324,14 @@ def calibrate(
     specs = checked_specs(replace(settings.sweep, patiences=tuple(range(layers))), model.config)
     examples = [(row["text"], row.get("text_pair")) for row in split]
     all_logits = pipe.all_layer_logits(examples, progress=True)
-    labels = np.asarray(split["label"])
+    labels = np.asarray([row["label"] for row in split]) if "label" in split[0] else None
     candidates = [spec for items in specs.values() for spec in items]
-    result = choose_setting(model, all_logits, labels, task, candidates, settings.max_drop, settings.seed)
+    guarantee = settings.guarantee
+    if guarantee is not None and model.config.is_regression:  # outputs this close agree, as in the patience rule
+        guarantee = replace(guarantee, tolerance=model.config.regression_threshold)
+    result = choose_setting(
+        model, all_logits, labels, task, candidates, settings.max_drop, settings.seed, guarantee=guarantee
+    )
     chosen = next(row for row in result["rows"] if row["chosen"])
     if not dry_run:
         _write_exit_setting(folder / "config.json", model, chosen["spec"])
@@ -182,9 +347,18 @@ def summary_line(report: dict[str, Any], folder: str | Path) -> str:
     """What the commands print: the choice and its held-out numbers."""
     chosen = next(row for row in report["rows"] if row["chosen"])
     held_out, full = chosen["report"], report["rows"][0]["report"]
+    quality = (
+        f"held-out score {held_out['score']:.1f} (full model {full['score']:.1f})"
+        if "score" in held_out
+        else f"held-out disagreement with the full model {held_out['disagreement']:.1f}%"
+    )
+    certificate = report.get("certificate")
+    certified = ""
+    if certificate is not None:
+        certified = "none certified, full model kept; " if certificate["none_certified"] else "certified; "
     return (
-        f"{chosen['criterion']} {chosen['setting']}: held-out score {held_out['score']:.1f} (full model "
-        f"{full['score']:.1f}), {held_out['avg_exit_layer']:.2f} layers on average; "
+        f"{chosen['criterion']} {chosen['setting']}: {certified}{quality}, "
+        f"{held_out['avg_exit_layer']:.2f} layers on average; "
         + ("dry run, config unchanged" if report["dry_run"] else f"written to {folder}/config.json")
         + f"; report: {folder}/calibration.md"
     )
@@ -199,33 +373,104 @@ def _write_exit_setting(path: Path, model: Runtime, spec: ExitSpec) -> None:
 
 
 def render(report: dict[str, Any], task: TaskSpec) -> str:
-    """The report: how it was chosen, the chosen point on both halves, and the Pareto front."""
-    halves, drop = report["halves"], report["max_drop"]
-    chosen = next(row for row in report["rows"] if row["chosen"])
-    full = report["rows"][0]
-    score = " / ".join(task.metrics) if len(task.metrics) == 1 else f"mean of {' and '.join(task.metrics)}"
-    lines = [
-        f"# Calibration: {task.name}, at most {drop:g} point{'' if drop == 1 else 's'} below the full model",
+    """The report: how it was chosen, the chosen point on both halves, and the Pareto front (or, certified, every
+    setting with its test)."""
+    halves, certificate = report["halves"], report.get("certificate")
+    chosen, full = next(row for row in report["rows"] if row["chosen"]), report["rows"][0]
+    lines = [f"# Calibration: {task.name}, {_goal(report)}", "", _how(report, task), ""]
+    if certificate is not None:
+        lines += [_certificate_text(certificate, halves), ""]
+    held = chosen["report"]
+    quality = (
+        f"score {held['score']:.1f} vs {full['report']['score']:.1f} for the full model"
+        if "score" in held
+        else "no labels to score"
+    )
+    lines += [
+        f"**Chosen: {chosen['criterion']} {chosen['setting']}** — on the held-out half: {quality}, "
+        f"{held['disagreement']:.1f}% of answers differ from the full model's, "
+        f"{held['avg_exit_layer']:.2f} layers on average ({held['speed_up']:.2f}x fewer).",
         "",
-        f"Chosen on one random half of the examples ({halves['choose']}), measured on the other half "
-        f"({halves['report']}), which the choice never saw. Score: {score}, in points. "
-        + ("Dry run: the config was not changed." if report["dry_run"] else "Written into config.json."),
-        "",
-        f"**Chosen: {chosen['criterion']} {chosen['setting']}** — on the held-out half: score "
-        f"{chosen['report']['score']:.1f} vs {full['report']['score']:.1f} for the full model, "
-        f"{chosen['report']['avg_exit_layer']:.2f} layers on average ({chosen['report']['speed_up']:.2f}x fewer).",
-        "",
-        f"Full model: score {full['choose']['score']:.1f} on the choosing half, {full['report']['score']:.1f} held "
-        "out. Pareto front on the choosing half (no setting is both better and faster), with the held-out numbers:",
-        "",
-        "| Criterion | Setting | score (choose) | avg. layer (choose) | score (held out) | avg. layer (held out) |",
-        "|---|---|---|---|---|---|",
     ]
-    for row in sorted((r for r in report["rows"] if r["pareto"]), key=lambda r: r["choose"]["avg_exit_layer"]):
-        mark = " **(chosen)**" if row["chosen"] else ""
-        lines.append(
-            f"| {row['criterion']} | {row['setting']}{mark} | {row['choose']['score']:.1f} | "
-            f"{row['choose']['avg_exit_layer']:.2f} | {row['report']['score']:.1f} | "
-            f"{row['report']['avg_exit_layer']:.2f} |"
+    return "\n".join(lines + _table(report)) + "\n"
+
+
+def _goal(report: dict[str, Any]) -> str:
+    certificate = report.get("certificate")
+    if certificate is None:
+        drop = report["max_drop"]
+        return f"at most {drop:g} point{'' if drop == 1 else 's'} below the full model"
+    amount = 100 * certificate["bound"]
+    what = (
+        f"accuracy drop at most {amount:g} point(s)"
+        if certificate["risk"] == "drop"
+        else (f"at most {amount:g}% of answers changed")
+    )
+    return f"{what} with {100 * certificate['confidence']:g}% confidence (certified)"
+
+
+def _how(report: dict[str, Any], task: TaskSpec) -> str:
+    halves = report["halves"]
+    if task.metrics:
+        score = " / ".join(task.metrics) if len(task.metrics) == 1 else f"mean of {' and '.join(task.metrics)}"
+        score = f" Score: {score}, in points."
+    else:
+        score = " Unlabelled texts: no score, only agreement with the full model."
+    verb = "Certified" if "certificate" in report else "Chosen"
+    return (
+        f"{verb} on one random half of the examples ({halves['choose']}), measured on the other half "
+        f"({halves['report']}), which the choice never saw.{score} "
+        + ("Dry run: the config was not changed." if report["dry_run"] else "Written into config.json.")
+    )
+
+
+def _certificate_text(certificate: dict[str, Any], halves: dict[str, int]) -> str:
+    """How the certificate was made, and what it means when nothing was certified."""
+    test = "exact binomial tail" if certificate["risk"] == "disagreement" else "betting martingale (WSR)"
+    text = (
+        f"Method: {certificate['method']}; each setting's p-value by the {test}, tested at level "
+        f"{certificate['level']:.3g}. Certified per rule: "
+        + ", ".join(f"{name} {count}" for name, count in certificate["certified"].items())
+        + ". With that confidence every certified setting keeps the bound on new data like these examples."
+    )
+    if certificate["none_certified"]:
+        needed = certificate["min_examples"]
+        text += (
+            f" **No setting could be certified on {certificate['examples']} examples; the full model is kept.**"
+            + (
+                f" Even a setting that never changed an answer needs at least {needed} examples here."
+                if needed
+                else ""
+            )
         )
-    return "\n".join(lines) + "\n"
+    return text
+
+
+def _table(report: dict[str, Any]) -> list[str]:
+    """Pareto front with both halves (chosen without a guarantee), or every certified setting and the first one
+    each rule could not certify."""
+    rows, certified = report["rows"], "certificate" in report
+    if certified:
+        shown = [r for r in rows if r["certified"] or r["first_failure"]]
+    else:
+        shown = [r for r in rows if r["pareto"]]
+    scored = "score" in rows[0]["choose"]
+    head = ["Criterion", "Setting"] + (["p-value", "certified"] if certified else [])
+    for half in ("choose", "held out"):
+        head += ([f"score ({half})"] if scored else []) + [f"changed % ({half})", f"avg. layer ({half})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(shown, key=lambda r: r["choose"]["avg_exit_layer"]):
+        cells = [row["criterion"], row["setting"] + (" **(chosen)**" if row["chosen"] else "")]
+        if certified:
+            cells += [
+                "—" if row.get("p_value") is None else f"{row['p_value']:.3g}",
+                "yes" if row["certified"] else "no",
+            ]
+        for half in ("choose", "report"):
+            numbers = row[half]
+            cells += ([f"{numbers['score']:.1f}"] if scored else []) + [
+                f"{numbers['disagreement']:.1f}",
+                f"{numbers['avg_exit_layer']:.2f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -160,9 +160,10 @@ COMMANDS: dict[str, Command] = {
         _predict,
     ),
     "calibrate": Command(
-        "choose the fastest exit setting within --max_drop points of the full model, on data",
+        "choose the fastest exit setting within --max_drop points of the full model (or certified), on data",
         "Choose the fastest exit setting whose metric stays within --max_drop points of the full model (chosen on "
-        "one half of the data, reported on the other) and write it into the model's config.",
+        "one half of the data, reported on the other), or with --certify the fastest whose risk is certified, and "
+        "write it into the model's config.",
         _arguments("CalibrateArguments"),
         _calibrate,
         required=("--model",),

@@ -77,8 +77,10 @@ def check(args: RunGlueArguments, training_args: TrainingArguments) -> None:
     """What only both sets of flags together can tell, before any folder or model is touched."""
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         raise PabeeError("Nothing to do: pass --do_train and/or --do_eval (or --do_predict for GLUE test files).")
-    if args.calibrate_max_drop is not None and not training_args.do_train:
-        raise PabeeError("--calibrate_max_drop chooses on held-out training data: it needs --do_train.")
+    if args.calibrating and not training_args.do_train:
+        raise PabeeError(
+            "--calibrate_max_drop and --calibrate_certify choose on held-out training data: they need --do_train."
+        )
     if training_args.do_predict:  # GLUE submission files: checked before training, written after it
         from .submission import check_predict_setup
 
@@ -148,7 +150,7 @@ def run_identity(args: RunGlueArguments, training_args: TrainingArguments, name_
     """What makes two training runs the same run, so that one may resume the other's checkpoints: the task, the
     training data's content, the starting model's content, and every flag that changes the result."""
     hyperparameters = {name: _plain(getattr(training_args, name, None)) for name in RESULT_HYPERPARAMETERS}
-    calibration = args.calibration_fraction if args.calibrate_max_drop is not None else None
+    calibration = args.calibration_fraction if args.calibrating else None
     hyperparameters |= {
         "max_seq_length": args.max_seq_length,
         "max_train_samples": args.max_train_samples,
@@ -308,10 +310,10 @@ def load_task_data(args: RunGlueArguments, training_args: TrainingArguments, lab
         data.train = data.train.select(range(min(args.max_train_samples, len(data.train))))
     if args.max_eval_samples is not None:
         data.eval = {k: v.select(range(min(args.max_eval_samples, len(v)))) for k, v in data.eval.items()}
-    if args.calibrate_max_drop is not None and data.train is not None:
+    if args.calibrating and data.train is not None:
         held_out = max(2, round(args.calibration_fraction * len(data.train)))
         if held_out >= len(data.train):
-            raise PabeeError(f"--calibrate_max_drop needs more than {held_out} training examples.")
+            raise PabeeError(f"Calibration needs more than {held_out} training examples.")
         parts = data.train.train_test_split(test_size=held_out, seed=training_args.seed)
         data.train, data.calibration = parts["train"], parts["test"]
     return data
@@ -515,12 +517,14 @@ def write_results(report: dict[str, Any], output_dir: Path) -> Path:
 
 
 def calibrate_saved_model(args: RunGlueArguments, setup: Setup, output_dir: Path, command: str | None) -> None:
-    """`--calibrate_max_drop`: choose the saved model's exit setting on the held-out training examples."""
+    """`--calibrate_max_drop` / `--calibrate_certify`: choose the saved model's exit setting on the held-out
+    training examples."""
     from .calibrate import Calibration, calibrate, summary_line
     from .pipeline import PabeePipeline
 
     pipe = PabeePipeline(setup.model, setup.tokenizer, max_length=args.max_seq_length)
-    settings = Calibration(args.sweep, args.calibrate_max_drop)
+    max_drop = 1.0 if args.calibrate_max_drop is None else args.calibrate_max_drop
+    settings = Calibration(args.sweep, max_drop, guarantee=args.guarantee())
     report = calibrate(pipe, setup.task, setup.data.calibration, settings, output_dir, command)
     print(
         f"Calibrated on {len(setup.data.calibration)} held-out training examples: {summary_line(report, output_dir)}"
@@ -549,7 +553,7 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
         report["evaluations"] = evaluate(args, trainer, setup)
     if not trainer.is_world_process_zero():
         return None
-    if args.calibrate_max_drop is not None:
+    if args.calibrating:
         calibrate_saved_model(args, setup, Path(training_args.output_dir), command)
     if training_args.do_predict:  # after evaluation, so no other process waits on it in a collective call
         predict_test(args, trainer, setup)
