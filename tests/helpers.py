@@ -15,6 +15,7 @@ from transformers import (
     DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
+    MPNetConfig,
     PreTrainedConfig,
     RobertaConfig,
 )
@@ -22,13 +23,14 @@ from transformers import (
 from pabee import PabeeConfig, PabeeForSequenceClassification
 from pabee.exits import ExitCriterion
 
-BACKBONE_TYPES = ("bert", "albert", "roberta", "distilbert", "electra", "deberta-v2")
-POOLER_TYPES = ("bert", "albert", "roberta")  # the others have no pooler of their own
+BACKBONE_TYPES = ("bert", "albert", "roberta", "distilbert", "electra", "deberta-v2", "mpnet")
+POOLER_TYPES = ("bert", "albert", "roberta", "mpnet")  # the others have no pooler of their own
 
 
 def tiny_encoder_config(model_type: str) -> PreTrainedConfig:
     """A random encoder small enough to run in milliseconds, exercising each architecture's particulars:
-    ALBERT's 2 shared layer groups, ELECTRA's embedding projection, DeBERTa's relative positions and conv."""
+    ALBERT's 2 shared layer groups, ELECTRA's embedding projection, DeBERTa's relative positions and conv, MPNet's
+    relative position bias."""
     common = dict(
         vocab_size=99,
         hidden_size=32,
@@ -56,6 +58,8 @@ def tiny_encoder_config(model_type: str) -> PreTrainedConfig:
             position_biased_input=False,
             **common,
         )
+    if model_type == "mpnet":
+        return MPNetConfig(pad_token_id=1, **common)  # 32 buckets: MPNetEncoder assumes that many
     if model_type == "distilbert":
         return DistilBertConfig(
             vocab_size=99, dim=32, n_layers=4, n_heads=4, hidden_dim=37, max_position_embeddings=64

@@ -62,7 +62,7 @@ def test_minilm_regression_batched_equals_one_by_one(minilm_path, minilm_tokeniz
     assert len(seen) > 1
 
 
-@pytest.mark.parametrize("model_type", ["bert", "albert"])
+@pytest.mark.parametrize("model_type", ["bert", "albert", "mpnet"])
 @pytest.mark.parametrize("num_labels", [1, 3])
 def test_patience_zero_and_large_give_the_full_model(model_type, num_labels):
     model = tiny_model(model_type, num_labels=num_labels)

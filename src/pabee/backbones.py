@@ -22,6 +22,7 @@ __all__ = [
     "DistilBertAdapter",
     "ElectraAdapter",
     "EncoderAdapter",
+    "MPNetAdapter",
     "adapter_for",
 ]
 
@@ -167,9 +168,38 @@ class DebertaV2Adapter(EncoderAdapter):
         return output
 
 
+class MPNetAdapter(EncoderAdapter):
+    """MPNet: no token types, and a relative position bias shared by every layer. The bias depends only on the
+    batch's shape, so it is computed once with the mask (again after compaction), not inside each layer."""
+
+    model_types = ("mpnet",)
+
+    def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask) -> torch.Tensor:
+        return encoder.embeddings(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+
+    def layer_mask(self, encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return {
+            "attention": super().layer_mask(encoder, hidden, attention_mask),
+            "position_bias": encoder.encoder.compute_position_bias(hidden),
+        }
+
+    def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
+        return encoder.encoder.layer[index](hidden, mask["attention"], mask["position_bias"])[0]
+
+    def pool(self, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return encoder.pooler(hidden)
+
+
 ADAPTERS: dict[str, EncoderAdapter] = {
     model_type: adapter
-    for adapter in (BertAdapter(), AlbertAdapter(), ElectraAdapter(), DistilBertAdapter(), DebertaV2Adapter())
+    for adapter in (
+        BertAdapter(),
+        AlbertAdapter(),
+        ElectraAdapter(),
+        DistilBertAdapter(),
+        DebertaV2Adapter(),
+        MPNetAdapter(),
+    )
     for model_type in adapter.model_types
 }
 
