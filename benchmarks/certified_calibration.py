@@ -44,8 +44,8 @@ def split(count: int, seed: int) -> dict[str, np.ndarray]:
     return split_halves(count, seed)
 
 
-def task_answers(task_name: str, folder: str, args) -> tuple[Any, Any, dict, np.ndarray, Any]:
-    """The model, its task, every setting's answers on the dev set, the labels, and the full pass's seconds."""
+def task_answers(task_name: str, folder: str, args) -> tuple[Any, Any, dict, np.ndarray]:
+    """The model, its task, every setting's answers on the dev set (from one full pass), and the labels."""
     from pabee.calibrate import answers_of
     from pabee.exits import ExitSweep
     from pabee.glue import get_task
@@ -60,7 +60,7 @@ def task_answers(task_name: str, folder: str, args) -> tuple[Any, Any, dict, np.
     if model.config.is_regression:
         sweep = ExitSweep(criteria=("patience", "static"), patiences=sweep.patiences)
     specs = [spec for items in checked_specs(sweep, model.config).values() for spec in items]
-    return model, get_task(task_name), answers_of(model, logits.numpy(), specs), labels, logits
+    return model, get_task(task_name), answers_of(model, logits.numpy(), specs), labels
 
 
 def judge(model, task, answers, labels, halves, args) -> dict[str, dict[str, dict[str, Any]]]:
@@ -69,14 +69,14 @@ def judge(model, task, answers, labels, halves, args) -> dict[str, dict[str, dic
     from pabee.certify import Guarantee
     from pabee.exits import ExitSpec
 
-    confidence, tolerance = args.confidence_level, model.config.regression_threshold
+    confidence = args.confidence_level
     rows = setting_rows(model, task, answers, labels, halves)
     fixed = next(r for r in rows if r["spec"] == ExitSpec("patience", patience=args.patience))
     out = {}
     for drop, disagreement in zip(args.max_drop, args.max_disagreement, strict=True):
         level = out[f"{drop:g} / {disagreement:g}"] = {}
         level["uncertified"] = _held_out(choose_from(model, task, answers, labels, halves, drop, rows=rows))
-        guarantees = {"certified disagreement": Guarantee("disagreement", disagreement / 100, confidence, tolerance)}
+        guarantees = {"certified disagreement": Guarantee("disagreement", disagreement / 100, confidence)}
         if not model.config.is_regression:
             guarantees["certified drop"] = Guarantee("drop", drop / 100, confidence)
         for name, guarantee in guarantees.items():
@@ -131,7 +131,7 @@ def summarize(splits: list[dict], layers: int, drop: float, disagreement: float)
 
 def measure_task(task_name: str, folder: str, args) -> dict[str, Any]:
     """All splits of one task, summarized per bound level."""
-    model, task, answers, labels, _ = task_answers(task_name, folder, args)
+    model, task, answers, labels = task_answers(task_name, folder, args)
     splits = [judge(model, task, answers, labels, split(len(labels), seed), args) for seed in range(args.splits)]
     levels = {}
     for drop, disagreement in zip(args.max_drop, args.max_disagreement, strict=True):

@@ -27,9 +27,10 @@ import torch
 from .arguments import CalibrateArguments
 from .certify import Guarantee, certify, min_examples, risk_losses
 from .errors import PabeeError
-from .exits import ExitSpec, ExitSweep, logits_at_exit, sweep_exit_layers
+from .evaluate import exit_answers
+from .exits import ExitSpec, ExitSweep
 from .glue import TaskSpec, get_task
-from .metrics import compute_metrics, exit_statistics, predictions_from_logits
+from .metrics import compute_metrics, exit_statistics
 from .modeling import Runtime
 from .pipeline import PabeePipeline
 from .provenance import provenance, write_atomic, write_json
@@ -61,17 +62,10 @@ def score_setting(
 ) -> dict[str, Any]:
     """One setting read off every layer's logits: its score (`task_score`), metrics and layers on average."""
     everything = np.arange(len(labels))
-    return _summary(model, task, _answers(model, torch.as_tensor(all_logits), spec), everything, labels)
+    return _summary(model, task, exit_answers(model, torch.as_tensor(all_logits), spec), everything, labels)
 
 
-Answers = tuple[np.ndarray, np.ndarray]  # each example's prediction and exit layer under one setting
-
-
-def _answers(model: Runtime, logits: torch.Tensor, spec: ExitSpec) -> Answers:
-    """What real early exit answers under `spec`, read off every layer's logits, and where each example exits."""
-    exit_layers = sweep_exit_layers(model.config.build_criterion(spec), logits)
-    chosen = logits_at_exit(logits, exit_layers).numpy()
-    return predictions_from_logits(chosen, model.config.is_regression), exit_layers.numpy()
+Answers = tuple[np.ndarray, np.ndarray]  # each example's prediction and exit layer under one setting (exit_answers)
 
 
 def _summary(
@@ -81,7 +75,6 @@ def _summary(
     index: np.ndarray,
     labels: np.ndarray | None,
     full: Answers | None = None,
-    tolerance: float = 0.0,
 ) -> dict[str, Any]:
     """A setting on some examples: layers on average, the score and metrics (with labels) and, against the full
     model's answers, the share of answers that differ and the accuracy drop (in points)."""
@@ -93,7 +86,7 @@ def _summary(
         out = {"score": task_score(metrics, task.metrics), **{k: metrics[k] for k in task.metrics}, **out}
     if full is not None:
         regression, reference = model.config.is_regression, full[0][index]
-        changed = risk_losses(predictions, reference, None, "disagreement", tolerance, regression)
+        changed = risk_losses(predictions, reference, None, "disagreement", _tolerance(model), regression)
         out["disagreement"] = 100 * float(changed.mean())
         if labels is not None and not regression:
             out["accuracy_drop"] = 100 * float(risk_losses(predictions, reference, labels[index], "drop").mean())
@@ -136,7 +129,7 @@ def answers_of(model: Runtime, all_logits: np.ndarray, specs: list[ExitSpec]) ->
     of the examples can be judged (`choose_from`)."""
     logits = torch.as_tensor(all_logits)
     full = ExitSpec("patience", patience=0)
-    return {spec: _answers(model, logits, spec) for spec in [full, *(s for s in specs if s != full)]}
+    return {spec: exit_answers(model, logits, spec) for spec in [full, *(s for s in specs if s != full)]}
 
 
 def choose_from(
@@ -174,14 +167,19 @@ def setting_rows(
 ) -> list[dict[str, Any]]:
     """Every setting on each half: layers, score and metrics (with labels), disagreement with the full model (for
     regression: outputs further apart than the model's `regression_threshold`) and accuracy drop."""
-    full, tolerance = next(iter(answers.values())), model.config.regression_threshold
+    full = next(iter(answers.values()))
     rows = []
     for spec, answer in answers.items():
         row = {**spec.describe(with_cap=True), "spec": spec}
         for name, index in halves.items():
-            row[name] = _summary(model, task, answer, index, labels, full, tolerance)
+            row[name] = _summary(model, task, answer, index, labels, full)
         rows.append(row)
     return rows
+
+
+def _tolerance(model: Runtime) -> float:
+    """Regression outputs closer than this agree with the full model's, as the patience rule counts agreement."""
+    return model.config.regression_threshold
 
 
 def _caution(spec: ExitSpec) -> tuple[float, ...]:
@@ -214,7 +212,7 @@ def _certify(
                 full,
                 None if labels is None else labels[index],
                 guarantee.risk,
-                guarantee.tolerance,
+                _tolerance(model),
                 regression,
             )
             for row in chain
@@ -233,7 +231,7 @@ def _certify(
         "risk": guarantee.risk,
         "bound": guarantee.bound,
         "confidence": guarantee.confidence,
-        "tolerance": guarantee.tolerance if regression and guarantee.risk == "disagreement" else None,
+        "tolerance": _tolerance(model) if regression and guarantee.risk == "disagreement" else None,
         "method": "Learn then Test: fixed-sequence testing within each rule, Bonferroni across rules",
         "level": level,
         "certified": {name: f"{tested[name]['certified']}/{len(chain)}" for name, chain in chains.items()},
@@ -253,12 +251,13 @@ def _examples(args: CalibrateArguments, model: Runtime) -> tuple[TaskSpec, Any]:
     from .data import load_glue, load_user_files
 
     config = model.config
-    if args.input_file is not None:
-        return _unlabelled(args.input_file, config), _text_rows(args.input_file)
+    names = None if config.is_regression else tuple(config.id2label[i] for i in range(config.num_labels))
+    if args.input_file is not None:  # the model's own task, named after the file, with no metric to score
+        task = TaskSpec(name=Path(args.input_file).stem, labels=names, metrics=(), main_metric="")
+        return task, _text_rows(args.input_file)
     if args.task_name is not None:
         data = load_glue(get_task(args.task_name), args.data_dir, train=False, evaluate=True, test=False)
     else:
-        names = None if config.is_regression else tuple(config.id2label[i] for i in range(config.num_labels))
         data = load_user_files(None, args.validation_file, args.task_type, labels=names)
     split = next(iter(data.eval.values()), None)
     if split is None or len(split) < 2:
@@ -276,12 +275,6 @@ def _text_rows(path: str) -> list[dict[str, Any]]:
     if len(rows) < 2:
         raise PabeeError(f"{path}: calibration needs at least 2 texts.")
     return rows
-
-
-def _unlabelled(path: str, config: Any) -> TaskSpec:
-    """The task unlabelled texts stand for: the model's own, named after the file (no metric to score)."""
-    labels = None if config.is_regression else tuple(config.id2label[i] for i in range(config.num_labels))
-    return TaskSpec(name=Path(path).stem, labels=labels, metrics=(), main_metric="")
 
 
 def run_calibrate(args: CalibrateArguments, command: str) -> dict[str, Any]:
@@ -326,11 +319,8 @@ def calibrate(
     all_logits = pipe.all_layer_logits(examples, progress=True)
     labels = np.asarray([row["label"] for row in split]) if "label" in split[0] else None
     candidates = [spec for items in specs.values() for spec in items]
-    guarantee = settings.guarantee
-    if guarantee is not None and model.config.is_regression:  # outputs this close agree, as in the patience rule
-        guarantee = replace(guarantee, tolerance=model.config.regression_threshold)
     result = choose_setting(
-        model, all_logits, labels, task, candidates, settings.max_drop, settings.seed, guarantee=guarantee
+        model, all_logits, labels, task, candidates, settings.max_drop, settings.seed, guarantee=settings.guarantee
     )
     chosen = next(row for row in result["rows"] if row["chosen"])
     if not dry_run:

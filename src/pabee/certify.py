@@ -55,7 +55,6 @@ class Guarantee:
     risk: str
     bound: float
     confidence: float = 0.95
-    tolerance: float = 0.0  # regression disagreement: outputs further apart than this differ
 
     def __post_init__(self) -> None:
         if self.risk not in RISKS:
@@ -64,8 +63,6 @@ class Guarantee:
             raise ValueError(f"The risk bound {self.bound!r} is invalid: use a share in (0, 1).")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"The confidence {self.confidence!r} is invalid: use a probability in (0, 1).")
-        if not self.tolerance >= 0.0:
-            raise ValueError(f"The tolerance {self.tolerance!r} is invalid: use a number >= 0.")
 
     @property
     def delta(self) -> float:

@@ -20,20 +20,26 @@ from .glue import TaskSpec
 from .metrics import compute_metrics, exit_statistics, predictions_from_logits
 from .modeling import Runtime
 
-__all__ = ["layer_metrics", "metrics_during_training", "setting_row", "sweep_results"]
+__all__ = ["exit_answers", "layer_metrics", "metrics_during_training", "setting_row", "sweep_results"]
+
+
+def exit_answers(model: Runtime, all_logits: torch.Tensor, spec: ExitSpec) -> tuple[np.ndarray, np.ndarray]:
+    """What real early exit answers under `spec`, read off every layer's logits (a class id or value per example),
+    and the 1-based layer each example exits at."""
+    exit_layers = sweep_exit_layers(model.config.build_criterion(spec), all_logits)
+    chosen = logits_at_exit(all_logits, exit_layers).numpy()
+    return predictions_from_logits(chosen, model.config.is_regression), exit_layers.numpy()
 
 
 def setting_row(
     model: Runtime, all_logits: torch.Tensor, labels: np.ndarray, task: TaskSpec, spec: ExitSpec
 ) -> dict[str, Any]:
     """One results row: the setting, the task metrics of the answers it gives, and where examples exit."""
-    exit_layers = sweep_exit_layers(model.config.build_criterion(spec), all_logits)
-    chosen = logits_at_exit(all_logits, exit_layers).numpy()
-    predictions = predictions_from_logits(chosen, model.config.is_regression)
+    predictions, exit_layers = exit_answers(model, all_logits, spec)
     return {
         **spec.describe(),
         **compute_metrics(task.metrics, predictions, labels),
-        **exit_statistics(exit_layers.numpy(), all_logits.shape[1]),
+        **exit_statistics(exit_layers, all_logits.shape[1]),
     }
 
 
