@@ -432,12 +432,8 @@ def _with_attention_mask(inputs: Mapping[str, torch.Tensor | None]) -> dict[str,
 
 def _trim_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Right-padded inputs cut to the longest row: padding columns nobody needs are never computed."""
-    if inputs["attention_mask"][:, -1].any():  # some row fills the width: nothing to cut
-        return inputs
-    length = int(inputs["attention_mask"].sum(dim=1).max())
-    if length >= inputs["attention_mask"].shape[1]:
-        return inputs
-    return {name: value[:, :length] for name, value in inputs.items()}
+    length = _kept_length(inputs["attention_mask"])
+    return inputs if length is None else {name: value[:, :length] for name, value in inputs.items()}
 
 
 def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel, regression: bool) -> str:
@@ -487,7 +483,13 @@ def _is_right_padded(attention_mask: torch.Tensor) -> bool:
 
 def _trim_padding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the padding columns beyond the longest remaining row (right padding only)."""
-    length = int(attention_mask.sum(dim=1).max())
-    if length >= attention_mask.shape[1]:
-        return hidden, attention_mask
-    return hidden[:, :length], attention_mask[:, :length]
+    length = _kept_length(attention_mask)
+    return (hidden, attention_mask) if length is None else (hidden[:, :length], attention_mask[:, :length])
+
+
+def _kept_length(attention_mask: torch.Tensor) -> int | None:
+    """The longest row of a right-padded mask, when the columns beyond it can be cut; None when some row fills
+    the width (one cheap check first)."""
+    if attention_mask[:, -1].any():
+        return None
+    return int(attention_mask.sum(dim=1).max())

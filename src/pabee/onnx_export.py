@@ -124,12 +124,16 @@ def _export(module: nn.Module, path: Path, outputs: list[str], axes: dict, opset
         )
 
 
-def boundaries(model: PabeeForSequenceClassification) -> dict[str, list[str]]:
-    """The graph's names for what passes between layers: hidden states, mask parts, each layer's logits."""
+def _example_mask(model: PabeeForSequenceClassification) -> Any:
+    """The backbone's layer mask on the example inputs: its parts name and size the graph's mask outputs."""
     inputs = _example_inputs()
     with torch.no_grad():
         hidden = model.adapter.embed(model.encoder, inputs["input_ids"], None, None, None, inputs["attention_mask"])
-        mask = model.layer_mask(hidden, inputs["attention_mask"])
+        return model.layer_mask(hidden, inputs["attention_mask"])
+
+
+def _boundaries(model: PabeeForSequenceClassification, mask: Any) -> dict[str, list[str]]:
+    """The graph's names for what passes between layers: hidden states, mask parts, each layer's logits."""
     layers = model.num_layers
     return {
         "hidden": [f"hidden_{k}" for k in range(layers + 1)],
@@ -138,17 +142,18 @@ def boundaries(model: PabeeForSequenceClassification) -> dict[str, list[str]]:
     }
 
 
-def _boundary_axes(model: PabeeForSequenceClassification, names: dict[str, list[str]]) -> dict[str, dict]:
+def _outputs(names: dict[str, list[str]]) -> list[str]:
+    """The boundary graph's outputs, in `_Boundaries`' order."""
+    return [*names["hidden"], *names["mask"], *names["logits"]]
+
+
+def _boundary_axes(names: dict[str, list[str]], mask: Any) -> dict[str, dict]:
     """Dynamic axes of the outputs: hidden states by batch and sequence, logits by batch, mask parts by every
     dimension the example's batch or sequence length sized."""
-    inputs = _example_inputs()
-    batch, sequence = inputs["attention_mask"].shape
-    with torch.no_grad():
-        hidden = model.adapter.embed(model.encoder, inputs["input_ids"], None, None, None, inputs["attention_mask"])
-        parts = mask_parts(model.layer_mask(hidden, inputs["attention_mask"]))
+    batch, sequence = _example_inputs()["attention_mask"].shape
     axes: dict[str, dict] = {name: {0: "batch", 1: "sequence"} for name in names["hidden"]}
     axes.update({name: {0: "batch"} for name in names["logits"]})
-    for name, part in zip(names["mask"], parts, strict=True):
+    for name, part in zip(names["mask"], mask_parts(mask), strict=True):
         axes[name] = {
             dim: "batch" if dim == 0 else "sequence"
             for dim, size in enumerate(part.shape)
@@ -159,9 +164,9 @@ def _boundary_axes(model: PabeeForSequenceClassification, names: dict[str, list[
 
 def _export_boundaries(model: PabeeForSequenceClassification, path: Path, opset: int) -> dict[str, list[str]]:
     """Write the whole model with its boundaries named (`_Boundaries`); return the names."""
-    names = boundaries(model)
-    outputs = [*names["hidden"], *names["mask"], *names["logits"]]
-    _export(_Boundaries(model), path, outputs, _boundary_axes(model, names), opset)
+    mask = _example_mask(model)
+    names = _boundaries(model, mask)
+    _export(_Boundaries(model), path, _outputs(names), _boundary_axes(names, mask), opset)
     return names
 
 
@@ -366,6 +371,6 @@ def _write_graph(model: PabeeForSequenceClassification, path: Path, opset: int, 
     except Exception as error:  # an exporter failure on a backbone is a fact to report, not a traceback
         name = model.config.encoder_config.model_type
         raise PabeeError(f"cannot export the {name!r} backbone to ONNX yet: {type(error).__name__}: {error}") from None
-    outputs = [*names["hidden"], *names["mask"], *names["logits"]]
-    optimization = _optimize(path, model, outputs) if optimize else {"applied": False, "reason": "--no_optimize"}
+    skipped = {"applied": False, "reason": "--no_optimize"}
+    optimization = _optimize(path, model, _outputs(names)) if optimize else skipped
     return {"graph": path.name, "boundaries": names, "optimization": optimization}
