@@ -14,6 +14,7 @@ import secrets
 import shlex
 import stat
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -132,24 +133,22 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 def _new_temp_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
     """A new file opened for writing, created with mode 0666 so the kernel applies the umask (`mkstemp` uses 0600)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        candidate = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
-        try:
-            return os.open(candidate, flags, 0o666), candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name in {folder}")
+    return _create_fresh(folder, prefix, suffix, lambda path: os.open(path, flags, 0o666))
 
 
 def make_temp_folder(parent: str | Path, prefix: str) -> Path:
     """A new folder to build something in before renaming it into place, with the mode the umask gives (0755 for
     the usual 022), not `mkdtemp`'s 0700, which the folder would keep after the rename."""
-    parent = Path(parent)
+    return _create_fresh(Path(parent), prefix, "", lambda path: path.mkdir(mode=0o777))[1]
+
+
+def _create_fresh(parent: Path, prefix: str, suffix: str, create: Callable[[Path], Any]) -> tuple[Any, Path]:
+    """`create` on a new random name in `parent` (it must raise `FileExistsError` when the name is taken); what
+    it returned and the name."""
     for _ in range(100):
-        candidate = parent / f"{prefix}{secrets.token_hex(6)}"
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
         try:
-            candidate.mkdir(mode=0o777)
-            return candidate
+            return create(candidate), candidate
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name in {parent}")

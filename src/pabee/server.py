@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import hmac
 import json
 import logging
@@ -237,11 +238,16 @@ def release_free_memory() -> bool:
     returns those pages (benchmarks/results/soak_30min.md).
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)  # returns whether it released anything; either way, it ran
+        _libc().malloc_trim(0)  # returns whether it released anything; either way, it ran
         return True
     except (OSError, AttributeError):
         return False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, looked up and loaded once (`release_free_memory` runs every minute)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 async def _trim_memory(batcher: MicroBatcher, every: float) -> None:
