@@ -54,11 +54,17 @@ REGRESSION_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)  # STS-B's scores run 0-5
 
 
 def train_baseline(
-    task_name: str, glue_dir: str, out: Path, max_train_samples: int | None, num_layers: int | None = None
+    task_name: str,
+    glue_dir: str,
+    out: Path,
+    max_train_samples: int | None,
+    num_layers: int | None = None,
+    save: bool = False,
 ) -> dict:
     """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row. With `num_layers` = k, only
     the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
-    The dev predictions are returned too, in dev order, so the metric can be read on any subset."""
+    The dev predictions are returned too, in dev order, so the metric can be read on any subset. With `save`, the
+    model and its tokenizer are kept in `out` (the robustness benchmark attacks them)."""
     import torch
     import transformers as hf
 
@@ -94,6 +100,9 @@ def train_baseline(
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    if save:
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
     output = trainer.predict(dev)
     preds = predictions_from_logits(output.predictions, task.is_regression)
     return {
