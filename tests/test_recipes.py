@@ -3,13 +3,20 @@ model applying it, bad settings refused as one line, and run-glue recording each
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import random_batch, tiny_model
+from helpers import random_batch, tiny_model, tiny_run_glue_argv
+from safetensors.torch import load_file
 
+from pabee import PabeeForSequenceClassification
+from pabee.cli import main
 from pabee.configuration import PabeeConfig
 from pabee.losses import layer_weighted_loss
 from pabee.recipes import (
@@ -270,3 +277,78 @@ def test_bad_recipes_are_refused(settings, message):
         check_recipes(**values)
     with pytest.raises(ValueError, match=message):
         PabeeConfig(num_labels=2, **settings)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--alignment_weight", "-1"], "--alignment_weight=-1.0 is invalid"),
+        (["--two_stage", "1.5"], "--two_stage=1.5 is invalid"),
+        (["--sample_weighting_temperature", "-2"], "--sample_weighting_temperature=-2.0 is invalid"),
+        (["--two_stage", "0.5", "--gradient_equilibrium"], "--two_stage=0.5 does not combine with gradient_equil"),
+        (["--two_stage", "0.5", "--ddp_find_unused_parameters", "false"], "--ddp_find_unused_parameters true"),
+    ],
+)
+def test_bad_recipe_flags_are_one_line(flags, message, tmp_path, capsys):
+    argv = ["run-glue", "--task_name", "MRPC", "--do_train", "--output_dir", str(tmp_path / "out"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+
+
+def test_run_glue_records_the_recipes(tmp_path, minilm_tokenizer):
+    """Alignment, gradient equilibrium and sample weighting together on a tiny random encoder: saved, reloaded, and
+    part of the run's identity (a resume with other recipes is another run)."""
+    argv, out = tiny_run_glue_argv(tmp_path, minilm_tokenizer, num_rows=24)
+    argv += ["--alignment_weight", "0.1", "--gradient_equilibrium", "--sample_weighting_temperature", "2"]
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    expected = {"alignment_weight": 0.1, "gradient_equilibrium": True, "two_stage": 0.0}
+    expected |= {"sample_weighting_temperature": 2.0}
+    assert {name: saved[name] for name in expected} == expected
+    assert PabeeForSequenceClassification.from_pretrained(out).config.recipes == expected
+    identity = json.loads((out / "pabee_run.json").read_text())["hyperparameters"]
+    assert identity["alignment_weight"] == 0.1 and "two_stage" not in identity
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _assert_stage_two_froze_the_backbone(stage_one, final) -> None:
+    """From the end of stage 1 to the end: the internal heads moved, the backbone and the last head did not."""
+    assert stage_one.keys() == final.keys()
+    last = f"classifiers.{max(int(k.split('.')[1]) for k in final if k.startswith('classifiers.'))}."
+    for name, value in final.items():
+        same = torch.equal(value, stage_one[name])
+        if name.startswith("classifiers.") and not name.startswith(last):
+            assert not same, name
+        else:
+            assert same, name
+
+
+def _two_stage_argv(argv: list[str]) -> list[str]:
+    return [*argv, "--two_stage", "0.5", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+
+
+def test_run_glue_trains_in_two_stages(tmp_path, minilm_tokenizer):
+    """4 steps, 2 per stage, under Trainer: the checkpoint after stage 1 and the final model differ only in the
+    internal heads."""
+    argv, out = tiny_run_glue_argv(tmp_path, minilm_tokenizer, num_rows=24)
+    assert main(_two_stage_argv(argv)) == 0
+    assert json.loads((out / "config.json").read_text())["two_stage"] == 0.5
+    _assert_stage_two_froze_the_backbone(_weights(out / "checkpoint-2"), _weights(out))
+
+
+@pytest.mark.slow
+def test_two_stages_under_torchrun(tmp_path, minilm_tokenizer):
+    """The same with two CPU processes (DDP over gloo): the stages switch together, and the frozen parts stay put."""
+    argv, out = tiny_run_glue_argv(tmp_path, minilm_tokenizer, num_rows=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pabee"]
+    done = subprocess.run([*torchrun, *_two_stage_argv(argv)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _assert_stage_two_froze_the_backbone(_weights(out / "checkpoint-2"), _weights(out))
