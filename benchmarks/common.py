@@ -175,6 +175,7 @@ RENDERED = {  # results stems (glob) → the script whose `render` makes their .
     "slowdown": "slowdown_report",
     "glue_minilm_v2": "reproduce_glue_v2",
     "certified_calibration": "certified_calibration",
+    "recipe_cost*": "recipe_cost",
 }
 
 
