@@ -46,6 +46,20 @@ def ce(example: int, layer: int) -> float:
     return cross_entropy(LOGITS[example, layer].tolist(), int(LABELS[example]))
 
 
+def test_the_loss_pass_computes_what_the_sweep_computes():
+    """A forward with labels runs its own pass over the layers; its logits equal `infer`'s every-layer pass, in
+    training too (the same dropout draws in the same order), so the default loss is the paper's as before."""
+    model, batch, labels = tiny_model(pooling="pooler"), random_batch(), torch.randint(0, 2, (8,))
+    for training in (False, True):
+        model.train(training)
+        torch.manual_seed(3)
+        swept = model(**batch, output_all_logits=True)
+        torch.manual_seed(3)
+        with_loss = model(**batch, labels=labels)
+        assert torch.equal(with_loss.all_logits, swept.all_logits)
+        assert torch.equal(with_loss.exit_layers, swept.exit_layers)
+
+
 # --- alignment ---------------------------------------------------------------------------------------------------
 
 

@@ -330,18 +330,19 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         all_logits = torch.stack(per_layer, dim=1)  # (B, L, C)
         exit_layers = sweep_exit_layers(criterion, all_logits.detach())
         loss = self._loss(per_layer, pooled, exit_layers, labels)
-        return PabeeOutput(loss, logits_at_exit(all_logits, exit_layers), all_logits, exit_layers)
+        logits = logits_at_exit(all_logits, exit_layers)
+        return PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
 
-    def _every_layer(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The loss pass: every layer with its classifier, giving each layer's logits `(B, C)` and the pooled states
-        `(B, L, H)` the classifiers read (the alignment term's input). The same computations in the same order as
+    def _every_layer(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The loss pass: every layer with its classifier, giving each layer's logits `(B, C)` and the pooled state
+        `(B, H)` its classifier read (the alignment term's input). The same computations in the same order as
         `prefix`, so dropout draws alike; in training, gradient equilibrium routes the gradient between layers, and
         in two stages' second the backbone runs without gradients (frozen: its weights get none, and Adam's
         momentum cannot move them)."""
         attention_mask, num_layers = inputs["attention_mask"], self.num_layers
         balance = self.training and self.config.gradient_equilibrium
         backbone = torch.no_grad() if self.stage == HEADS_STAGE else nullcontext()
-        all_logits, pooled = [], []
+        logits, pooled = [], []
         with backbone:
             hidden = self.embed(inputs)
             mask = self.layer_mask(hidden, attention_mask)
@@ -351,12 +352,16 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
                 read, onward = equilibrium(hidden, layer, num_layers) if balance else (hidden, hidden)
                 state = self.pool(read, attention_mask)
             pooled.append(state)
-            all_logits.append(self.classifiers[layer](self.dropout(state)))
+            logits.append(self.classifiers[layer](self.dropout(state)))
             hidden = onward
-        return all_logits, torch.stack(pooled, dim=1)
+        return logits, pooled
 
     def _loss(
-        self, per_layer: list[torch.Tensor], pooled: torch.Tensor, exit_layers: torch.Tensor, labels: torch.Tensor
+        self,
+        per_layer: list[torch.Tensor],
+        pooled: list[torch.Tensor],
+        exit_layers: torch.Tensor,
+        labels: torch.Tensor,
     ) -> torch.Tensor:
         """The paper's layer-weighted loss with self-distillation and the exit-aware recipes the config sets."""
         config, num_layers = self.config, self.num_layers
@@ -377,7 +382,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             example_weights=example_weights,
         )
         if config.alignment_weight:
-            loss = loss + config.alignment_weight * alignment_loss(pooled)
+            loss = loss + config.alignment_weight * alignment_loss(torch.stack(pooled, dim=1))
         return loss
 
 
