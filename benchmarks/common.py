@@ -176,6 +176,7 @@ RENDERED = {  # results stems (glob) → the script whose `render` makes their .
     "glue_minilm_v2": "reproduce_glue_v2",
     "certified_calibration": "certified_calibration",
     "robustness": "robustness",
+    "recipe_cost*": "recipe_cost",
 }
 
 

@@ -24,6 +24,7 @@ from .folders import ATTENTION_KERNELS, BACKENDS, DTYPES, load_config
 from .losses import check_distillation
 from .onnx_model import require_onnx
 from .pipeline import DEFAULT_MAX_LENGTH
+from .recipes import RECIPE_FIELDS, check_recipes
 from .sweeps import checked_specs, parse_criteria, parse_int_list, parse_patiences, parse_thresholds
 
 __all__ = [
@@ -154,6 +155,34 @@ class RunGlueArguments(ExitSweepArguments):
     distillation_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of the last layer's softened prediction for distillation."}
     )
+    alignment_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Alignment (LEAP-style): add w x the mean over internal layers of 1 - cos(their pooled state, "
+            "the last layer's, detached) to the loss (0: off)."
+        },
+    )
+    gradient_equilibrium: bool = field(
+        default=False,
+        metadata={
+            "help": "Gradient equilibrium (ElasticBERT): each layer's gradient is the mean of the exit losses' "
+            "above it, not their sum."
+        },
+    )
+    two_stage: float = field(
+        default=0.0,
+        metadata={
+            "help": "Two stages (DeeBERT): this share of the training steps trains the backbone and last "
+            "classifier alone, the rest the internal classifiers on the frozen backbone (0: one joint stage)."
+        },
+    )
+    sample_weighting_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "Sample weighting by exit (COSEE-style): each classifier weighs the examples by how near it is "
+            "to their exit layer, weights softmax(-|layer - exit| / this) over the batch (0: off)."
+        },
+    )
     calibrate_max_drop: float | None = field(
         default=None,
         metadata={
@@ -226,6 +255,7 @@ class RunGlueArguments(ExitSweepArguments):
         try:
             check_regression_threshold(self.regression_threshold)
             check_distillation(self.distillation_weight, self.distillation_temperature)
+            check_recipes(**self.recipes)
         except ValueError as error:
             raise PabeeError(f"--{error}") from None
         if self.max_seq_length < 8:
@@ -238,6 +268,11 @@ class RunGlueArguments(ExitSweepArguments):
             raise PabeeError(
                 f"--calibration_fraction={self.calibration_fraction!r} is invalid: use a share in (0, 0.5]."
             )
+
+    @property
+    def recipes(self) -> dict[str, Any]:
+        """The exit-aware training flags (`pabee.recipes`), named as `PabeeConfig` records them."""
+        return {name: getattr(self, name) for name in RECIPE_FIELDS}
 
     @property
     def calibrating(self) -> bool:

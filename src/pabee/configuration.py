@@ -9,6 +9,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, ExitSpec, keywords_of
 from .losses import check_distillation
+from .recipes import RECIPE_FIELDS, check_recipes
 
 __all__ = ["POOLINGS", "PabeeConfig"]
 
@@ -38,6 +39,14 @@ class PabeeConfig(PreTrainedConfig):
         distillation_weight: how much each internal classifier learns from the last layer's prediction rather
             than the labels during training (0: labels only, the paper's loss; see `pabee.losses`).
         distillation_temperature: the temperature of that softened prediction.
+        alignment_weight: β of the alignment term, β × mean over internal layers of 1 − cos(their pooled state,
+            the last layer's); 0: off (see `pabee.recipes`, like the three below).
+        gradient_equilibrium: in training, each layer's gradient is the mean of the exit losses' above it, not
+            their sum (ElasticBERT).
+        two_stage: share of the training steps in stage 1 (backbone and last classifier), the rest training the
+            internal classifiers on the frozen backbone (DeeBERT); 0: one joint stage.
+        sample_weighting_temperature: τ > 0 weights each example's loss at layer i by how near i is to the layer
+            it exits at (COSEE-style); 0: off.
     """
 
     model_type = "pabee"
@@ -54,15 +63,27 @@ class PabeeConfig(PreTrainedConfig):
     max_exit_layer: int | None = None
     distillation_weight: float = 0.0
     distillation_temperature: float = 1.0
+    alignment_weight: float = 0.0
+    gradient_equilibrium: bool = False
+    two_stage: float = 0.0
+    sample_weighting_temperature: float = 0.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         check_distillation(self.distillation_weight, self.distillation_temperature)
+        check_recipes(**self.recipes)
+        if self.two_stage and getattr(self.encoder_config, "num_hidden_layers", 2) < 2:
+            raise ValueError(f"two_stage={self.two_stage!r} needs 2 layers or more: stage 2 trains the internal ones.")
         self.build_criterion(self.exit_spec)  # validates patience, thresholds, the cap and the fit to the problem
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of {', '.join(POOLINGS)}.")
         if self.num_labels is None or self.num_labels < 1:
             raise ValueError(f"num_labels={self.num_labels} is invalid: a classifier needs at least 1 label.")
+
+    @property
+    def recipes(self) -> dict[str, Any]:
+        """The exit-aware training settings (`pabee.recipes`) by name; all off by default."""
+        return {name: getattr(self, name) for name in RECIPE_FIELDS}
 
     @property
     def num_hidden_layers(self) -> int:

@@ -3,7 +3,9 @@
 Whatever runs the layers (this torch model, or ONNX Runtime sessions in `pabee.onnx_model`) is a `Runtime`: it
 embeds, builds the layers' attention mask and runs one layer with its exit head. `infer` is the one function that
 turns a batch and an exit setting into answers for any runtime (every layer, the plain forward to a fixed layer,
-or the early-exit loop `early_exit`); the torch `forward` and the pipeline both call it.
+or the early-exit loop `early_exit`); the torch `forward` and the pipeline both call it. Training (a `forward`
+with `labels`) runs its own pass over every layer, `_every_layer`: the loss needs the pooled states too, and
+routes gradients (`pabee.recipes`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .configuration import POOLINGS, PabeeConfig
 from .exits import ExitCriterion, ExitSpec, check_patience, logits_at_exit, sweep_exit_layers
 from .losses import layer_weighted_loss
 from .pretrained import bundled_model_path, sentence_transformers_pooling
+from .recipes import HEADS_STAGE, alignment_loss, equilibrium, exit_example_weights, stage_layer_weights
 
 __all__ = [
     "PabeeForSequenceClassification",
@@ -111,8 +114,9 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
     """A pretrained encoder with a classifier after every layer and patience-based early exit.
 
     In training (or whenever `labels` are passed) every layer runs and the loss is the average of the layer
-    losses weighted by layer number. In eval mode without labels each example climbs the encoder until its
-    exit rule fires; examples that have exited leave the batch, so their remaining layers are never computed.
+    losses weighted by layer number, with the config's exit-aware recipes (`pabee.recipes`). In eval mode without
+    labels each example climbs the encoder until its exit rule fires; examples that have exited leave the batch,
+    so their remaining layers are never computed.
 
     Example:
         >>> model = PabeeForSequenceClassification.from_backbone(pabee.bundled_model_path(), patience=2)
@@ -134,6 +138,9 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         self.classifiers = nn.ModuleList(
             nn.Linear(enc_config.hidden_size, config.num_labels) for _ in range(enc_config.num_hidden_layers)
         )
+        # Two stages (`config.two_stage`): which one this step trains, set by `pabee.recipes.TwoStageCallback`;
+        # None is one joint stage (the paper's loss over every layer).
+        self.training_stage: int | None = None
         self.post_init()
 
     @classmethod
@@ -242,10 +249,10 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             "position_ids": position_ids,
             "inputs_embeds": inputs_embeds,
         }
-        all_layers = self.training or labels is not None or bool(output_all_logits)
-        out = infer(self, inputs, criterion, all_layers=all_layers)
-        loss = self._weighted_loss(out.all_logits, labels) if labels is not None else None
-        return PabeeOutput(loss=loss, logits=out.logits, all_logits=out.all_logits, exit_layers=out.exit_layers)
+        if labels is not None:
+            return self._with_loss(_with_attention_mask(inputs), labels, criterion)
+        out = infer(self, inputs, criterion, all_layers=self.training or bool(output_all_logits))
+        return PabeeOutput(logits=out.logits, all_logits=out.all_logits, exit_layers=out.exit_layers)
 
     # --- the Runtime interface the engine drives -------------------------------------------------------------
 
@@ -307,11 +314,76 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         with profiler_label("pabee.classifiers"):
             return hidden, self.classify(layer, hidden, attention_mask)
 
-    def _weighted_loss(self, all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        config = self.config
-        return layer_weighted_loss(
-            config.problem, all_logits, labels, config.distillation_weight, config.distillation_temperature
+    # --- training: every layer, and the loss ---------------------------------------------------------------------
+
+    @property
+    def stage(self) -> int | None:
+        """The training stage in force: `training_stage` when the config trains in two stages, else None."""
+        return self.training_stage if self.config.two_stage else None
+
+    def _with_loss(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, criterion: ExitCriterion
+    ) -> PabeeOutput:
+        """Every layer, as `infer(all_layers=True)` reads them, plus the loss; `logits` and `exit_layers` read off
+        the detached `all_logits` with the exit rule."""
+        per_layer, pooled = self._every_layer(inputs)
+        all_logits = torch.stack(per_layer, dim=1)  # (B, L, C)
+        exit_layers = sweep_exit_layers(criterion, all_logits.detach())
+        loss = self._loss(per_layer, pooled, exit_layers, labels)
+        logits = logits_at_exit(all_logits, exit_layers)
+        return PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
+
+    def _every_layer(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The loss pass: every layer with its classifier, giving each layer's logits `(B, C)` and the pooled state
+        `(B, H)` its classifier read (the alignment term's input). The same computations in the same order as
+        `prefix`, so dropout draws alike; in training, gradient equilibrium routes the gradient between layers, and
+        in two stages' second the backbone runs without gradients (frozen: its weights get none, and Adam's
+        momentum cannot move them)."""
+        attention_mask, num_layers = inputs["attention_mask"], self.num_layers
+        balance = self.training and self.config.gradient_equilibrium
+        backbone = torch.no_grad() if self.stage == HEADS_STAGE else nullcontext()
+        logits, pooled = [], []
+        with backbone:
+            hidden = self.embed(inputs)
+            mask = self.layer_mask(hidden, attention_mask)
+        for layer in range(num_layers):
+            with backbone:
+                hidden = self.adapter.run_layer(self.encoder, layer, hidden, mask)
+                read, onward = equilibrium(hidden, layer, num_layers) if balance else (hidden, hidden)
+                state = self.pool(read, attention_mask)
+            pooled.append(state)
+            logits.append(self.classifiers[layer](self.dropout(state)))
+            hidden = onward
+        return logits, pooled
+
+    def _loss(
+        self,
+        per_layer: list[torch.Tensor],
+        pooled: list[torch.Tensor],
+        exit_layers: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """The paper's layer-weighted loss with self-distillation and the exit-aware recipes the config sets."""
+        config, num_layers = self.config, self.num_layers
+        layer_weights = stage_layer_weights(self.stage, num_layers)
+        # A layer the loss leaves out is detached: through the stack its classifier would get a zero gradient, not
+        # none, and Adam (momentum, weight decay) would still move it.
+        all_logits = torch.stack([x if w else x.detach() for x, w in zip(per_layer, layer_weights, strict=True)], 1)
+        example_weights = None
+        if config.sample_weighting_temperature:
+            example_weights = exit_example_weights(exit_layers, num_layers, config.sample_weighting_temperature)
+        loss = layer_weighted_loss(
+            config.problem,
+            all_logits,
+            labels,
+            config.distillation_weight,
+            config.distillation_temperature,
+            layer_weights=layer_weights,
+            example_weights=example_weights,
         )
+        if config.alignment_weight:
+            loss = loss + config.alignment_weight * alignment_loss(torch.stack(pooled, dim=1))
+        return loss
 
 
 class Runtime(Protocol):
@@ -350,9 +422,10 @@ def infer(
     """Classify a batch on any runtime with an exit setting (default: the runtime config's own).
 
     The one dispatch: with `all_layers`, every layer runs and `all_logits` `(B, L, C)` comes back, `logits` and
-    `exit_layers` read off them with the exit rule (training, the one-pass sweep); a rule under which no example
-    can leave early (patience 0, `static`) runs the plain forward to its layer in one `prefix`, without the early
-    heads; every other rule climbs with `early_exit`. Right padding no row needs is cut first.
+    `exit_layers` read off them with the exit rule (the one-pass sweep; a training forward without labels); a rule
+    under which no example can leave early (patience 0, `static`) runs the plain forward to its layer in one
+    `prefix`, without the early heads; every other rule climbs with `early_exit`. Right padding no row needs is
+    cut first.
     """
     criterion = (
         setting

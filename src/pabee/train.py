@@ -42,6 +42,7 @@ from .glue import TaskSpec, get_task, task_dir
 from .modeling import PabeeForSequenceClassification
 from .pretrained import bundled_model_path
 from .provenance import file_digest, provenance, write_atomic, write_json
+from .recipes import TwoStageCallback
 from .report import criteria_tables, run_glue_markdown, run_glue_plots
 
 __all__ = [
@@ -80,6 +81,11 @@ def check(args: RunGlueArguments, training_args: TrainingArguments) -> None:
     if args.calibrating and not training_args.do_train:
         raise PabeeError(
             "--calibrate_max_drop and --calibrate_certify choose on held-out training data: they need --do_train."
+        )
+    if args.two_stage and training_args.ddp_find_unused_parameters is False:
+        raise PabeeError(
+            "--two_stage leaves part of the model without gradients in each stage, which DDP accepts only with "
+            "--ddp_find_unused_parameters true (its default without gradient checkpointing)."
         )
     if training_args.do_predict:  # GLUE submission files: checked before training, written after it
         from .submission import check_predict_setup
@@ -160,6 +166,8 @@ def run_identity(args: RunGlueArguments, training_args: TrainingArguments, name_
         "distillation_weight": args.distillation_weight,
         "distillation_temperature": args.distillation_temperature,
     }
+    # The exit-aware recipes only when on, so a run recorded before they existed is still the same run.
+    hyperparameters |= {name: value for name, value in args.recipes.items() if value}
     return {
         "task": get_task(args.task_name).name if args.task_name else None,
         "data": _data_identity(args),
@@ -400,6 +408,8 @@ def load(args: RunGlueArguments, training_args: TrainingArguments, name_or_path:
     if training_args.do_train:  # the loss this run trains with, recorded in the saved config
         model.config.distillation_weight = args.distillation_weight
         model.config.distillation_temperature = args.distillation_temperature
+        for name, value in args.recipes.items():
+            setattr(model.config, name, value)
     train_set, eval_sets = _tokenized(args, training_args, tokenizer, data)
     return Setup(name_or_path, tokenizer, data, model, specs, train_set, eval_sets)
 
@@ -421,7 +431,7 @@ def make_trainer(args: RunGlueArguments, training_args: TrainingArguments, setup
         data_collator=DataCollatorWithPadding(setup.tokenizer),
         processing_class=setup.tokenizer,
         compute_metrics=metrics_during_training(setup.model, setup.task, args.sweep),
-        callbacks=[CheckpointMarker()],
+        callbacks=[CheckpointMarker(), *([TwoStageCallback(args.two_stage)] if args.two_stage else [])],
     )
 
 
