@@ -60,11 +60,14 @@ def train_baseline(
     max_train_samples: int | None,
     num_layers: int | None = None,
     save: bool = False,
+    model_path: str | None = None,
+    hyper: dict | None = None,
 ) -> dict:
     """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row. With `num_layers` = k, only
     the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
     The dev predictions are returned too, in dev order, so the metric can be read on any subset. With `save`, the
-    model and its tokenizer are kept in `out` (the robustness benchmark attacks them)."""
+    model and its tokenizer are kept in `out` (the robustness benchmark attacks them). `model_path` (default: the
+    bundled MiniLM) and `hyper` (default HYPER) serve reproduction v3's other backbone."""
     import torch
     import transformers as hf
 
@@ -73,24 +76,25 @@ def train_baseline(
     from pabee.metrics import predictions_from_logits
 
     task = get_task(task_name)
-    path = str(bundled_model_path())
+    path = str(model_path or bundled_model_path())
+    hyper = hyper or HYPER
     tokenizer = hf.AutoTokenizer.from_pretrained(path)
     data = load_glue(task, glue_dir, train=True, evaluate=True, test=False)
     train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))
-    train = tokenize(train, tokenizer, HYPER["max_seq_length"], split="train", cache_key=None)
-    dev = tokenize(data.eval["dev"], tokenizer, HYPER["max_seq_length"], split="dev", cache_key=None)
-    hf.set_seed(HYPER["seed"])
+    train = tokenize(train, tokenizer, hyper["max_seq_length"], split="train", cache_key=None)
+    dev = tokenize(data.eval["dev"], tokenizer, hyper["max_seq_length"], split="dev", cache_key=None)
+    hf.set_seed(hyper["seed"])
     depth = {} if num_layers is None else {"num_hidden_layers": num_layers}
     model = hf.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None, **depth
     )
     args = hf.TrainingArguments(
         output_dir=str(out),
-        num_train_epochs=HYPER["epochs"],
-        per_device_train_batch_size=HYPER["batch_size"],
+        num_train_epochs=hyper["epochs"],
+        per_device_train_batch_size=hyper["batch_size"],
         per_device_eval_batch_size=64,
-        learning_rate=HYPER["learning_rate"],
-        seed=HYPER["seed"],
+        learning_rate=hyper["learning_rate"],
+        seed=hyper["seed"],
         save_strategy="no",
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -109,19 +113,24 @@ def train_baseline(
         "task": task.name,
         "metrics": compute_metrics(task.metrics, preds, output.label_ids),
         "train_seconds": seconds,
+        "train_steps": trainer.state.global_step,
         "train_examples": len(train),
         "num_layers": model.config.num_hidden_layers,
         "predictions": preds.tolist(),
     }
 
 
-def run_glue_command(task_name: str, glue_dir: str, out: Path, extra: list[str]) -> list[str]:
-    """`pabee run-glue` training and evaluating one task with HYPER, patiences 1-5, the final model kept in `out`."""
+def run_glue_command(
+    task_name: str, glue_dir: str, out: Path, extra: list[str], hyper: dict | None = None, patiences: str = PATIENCES
+) -> list[str]:
+    """`pabee run-glue` training and evaluating one task with `hyper` (default HYPER) and `patiences`, the final
+    model kept in `out`."""
+    hyper = hyper or HYPER
     return [
         *(sys.executable, "-m", "pabee", "run-glue", "--task_name", task_name, "--data_dir", glue_dir),
-        *("--do_train", "--do_eval", "--patience", PATIENCES, "--seed", str(HYPER["seed"])),
-        *("--num_train_epochs", str(HYPER["epochs"]), "--per_device_train_batch_size", str(HYPER["batch_size"])),
-        *("--learning_rate", str(HYPER["learning_rate"]), "--max_seq_length", str(HYPER["max_seq_length"])),
+        *("--do_train", "--do_eval", "--patience", patiences, "--seed", str(hyper["seed"])),
+        *("--num_train_epochs", str(hyper["epochs"]), "--per_device_train_batch_size", str(hyper["batch_size"])),
+        *("--learning_rate", str(hyper["learning_rate"]), "--max_seq_length", str(hyper["max_seq_length"])),
         *("--save_strategy", "no", "--overwrite_output_dir", "--output_dir", str(out), *extra),
     ]
 

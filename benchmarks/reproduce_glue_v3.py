@@ -1,0 +1,396 @@
+"""Reproduction v3: exit-aware training against the paper's loss and against truncation, on MiniLM (6 layers) and
+MPNet (12 layers) (issue 26 item 4).
+
+Per backbone and task: plain fine-tuning (Trainer, one classifier) of the full model and of its first L/2 layers;
+PABEE with the paper's loss; PABEE with each exit-aware recipe (`pabee.recipes`, `RUNS`). Every PABEE run is read
+once on dev (every layer's logits); per criterion the setting with the fewest layers on average among those within
+1 point of plain fine-tuning is chosen on one dev half and reported on the other (v2's rule, split and honesty
+rules: `reproduce_glue_v2.analyse`). Static truncation is the PABEE model's own layer k answering every example.
+
+- adaptive vs static at equal mean layers: the best adaptive criterion's chosen setting (fewest layers on the
+  choosing half) against static truncation's score at the same mean layer on the reporting half (linear between
+  the two neighbouring k);
+- recipe gain: a recipe's best layer speed-up within 1 point (any adaptive criterion, chosen on half 1, reported
+  on half 2) minus the paper loss's; its training cost per step over the paper loss's (each run's own
+  train_runtime / steps; `recipe_cost.md` measures it interleaved).
+
+Every step is kept under --work_dir/<backbone>/<task> and skipped when the script runs again (resumable):
+
+    python benchmarks/reproduce_glue_v3.py --backbone minilm --tasks MRPC --phase train
+    python benchmarks/reproduce_glue_v3.py --backbone mpnet=/path/to/all-mpnet-base-v2 --tasks MRPC,RTE,SST-2
+    python benchmarks/reproduce_glue_v3.py --phase report      # glue_v3.{json,md,png} from everything analysed
+
+MPNet's folder is what `benchmarks/fetch_mpnet.py` prints. `--runs` picks the PABEE runs (default: all).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import common
+import numpy as np
+import reproduce_glue_v2 as v2
+
+from pabee.calibrate import split_halves
+from pabee.glue import get_task
+from pabee.provenance import write_json
+
+RUNS = {  # name → run-glue flags beside v2's hyper-parameters and pooling
+    "pabee": [],
+    "alignment": ["--alignment_weight", "0.1"],
+    "equilibrium": ["--gradient_equilibrium", "true"],
+    "two_stage": ["--two_stage", "0.5"],
+    "sample_weighting": ["--sample_weighting_temperature", "1.0"],
+}
+LABELS = {
+    "pabee": "PABEE, paper's loss",
+    "alignment": "+ alignment (w 0.1)",
+    "equilibrium": "+ gradient equilibrium",
+    "two_stage": "two stages (50/50)",
+    "sample_weighting": "+ sample weighting (τ 1)",
+}
+# MPNet is a base-size model: the usual base-model learning rate instead of MiniLM's 1e-4.
+HYPER = {"minilm": v2.HYPER, "mpnet": {**v2.HYPER, "learning_rate": 5e-5}}
+TRAIN_LIMITS = {"SST-2": 8000}
+ADAPTIVE = ("patience", "confidence", "entropy")
+MAX_DROP = v2.MAX_DROP
+
+
+def parse_backbone(text: str) -> tuple[str, str | None]:
+    """ "minilm" (the bundled model) or "mpnet=FOLDER"."""
+    name, _, folder = text.partition("=")
+    if name not in HYPER or (name == "mpnet") != bool(folder):
+        raise SystemExit(f"--backbone {text!r}: use minilm, or mpnet=FOLDER (what benchmarks/fetch_mpnet.py prints)")
+    return name, folder or None
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+
+def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, work: Path, runs: list[str]) -> None:
+    """Plain fine-tuning (full and first L/2 layers) and each PABEE run of one task, each skipped once done."""
+    task, hyper, limit = get_task(task_name), HYPER[backbone], TRAIN_LIMITS.get(task_name)
+    folder = work / backbone / task.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = _num_layers(model_path)
+    for name, depth in (("baseline", None), (f"baseline_k{layers // 2}", layers // 2)):
+        if not (folder / f"{name}.json").exists():
+            print(f"[{backbone} {task.name}] {name}", flush=True)
+            result = v2.train_baseline(task.name, glue_dir, folder / name, limit, depth, model_path=model_path,
+                                       hyper=hyper)  # fmt: skip
+            write_json(folder / f"{name}.json", result)
+    flags = ["--pooling", v2.POOLING.get(task.name, "mean")]
+    flags += [] if model_path is None else ["--model_name_or_path", model_path]
+    flags += [] if limit is None else ["--max_train_samples", str(limit)]
+    patiences = ",".join(str(p) for p in range(1, layers))
+    for name in runs:
+        out = folder / name
+        if (out / "eval_results.json").exists():
+            continue
+        print(f"[{backbone} {task.name}] {name}", flush=True)
+        with open(folder / f"{name}.log", "w") as log:
+            cmd = v2.run_glue_command(task.name, glue_dir, out, [*flags, *RUNS[name]], hyper, patiences)
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _num_layers(model_path: str | None) -> int:
+    from transformers import AutoConfig
+
+    from pabee import bundled_model_path
+
+    return AutoConfig.from_pretrained(model_path or bundled_model_path()).num_hidden_layers
+
+
+# --- analysis ----------------------------------------------------------------------------------------------------
+
+
+def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> dict | None:
+    """`analysis.json`: plain fine-tuning on both halves and every finished PABEE run analysed."""
+    from pabee.evaluate import layer_metrics
+    from pabee.modeling import PabeeForSequenceClassification
+
+    task = get_task(task_name)
+    folder = work / backbone / task.folder
+    if not (folder / "baseline.json").exists():
+        return None
+    examples, labels = common.glue_split(task.name, glue_dir)
+    halves = split_halves(len(labels), v2.SPLIT_SEED)
+    baseline = json.loads((folder / "baseline.json").read_text())
+    predictions = np.asarray(baseline["predictions"])
+    result = {
+        "backbone": backbone,
+        "task": task.name,
+        "metrics": list(task.metrics),
+        "halves": {half: len(index) for half, index in halves.items()},
+        "baseline": _plain(task, baseline, labels, halves),
+        "truncated": {},
+        "runs": {},
+        "noise": v2.bootstrap_spread(task, predictions, labels, halves["report"]),
+    }
+    for path in sorted(folder.glob("baseline_k*.json")):
+        plain = json.loads(path.read_text())
+        result["truncated"][plain["num_layers"]] = _plain(task, plain, labels, halves)
+    for name in RUNS:
+        run_dir = folder / name
+        if not (run_dir / "eval_results.json").exists():
+            continue
+        model = PabeeForSequenceClassification.from_pretrained(run_dir).eval()
+        logits = v2.dev_logits(run_dir, examples)
+        analysis = v2.analyse(model, logits, labels, task, predictions, halves)
+        analysis.pop("baseline")
+        training = json.loads((run_dir / "eval_results.json").read_text())["training"]
+        analysis["train_seconds"] = training["train_runtime"]
+        analysis["seconds_per_step"] = training["train_runtime"] / training["global_step"]
+        analysis["layers"] = [
+            v2.task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
+        ]
+        analysis["num_layers"] = model.num_layers
+        result["runs"][name] = analysis
+    write_json(folder / "analysis.json", result)
+    return result
+
+
+def _plain(task, trained: dict, labels: np.ndarray, halves: dict) -> dict:
+    predictions = np.asarray(trained["predictions"])
+    steps = trained.get("train_steps")
+    return {
+        "num_layers": trained["num_layers"],
+        "train_seconds": trained["train_seconds"],
+        "seconds_per_step": trained["train_seconds"] / steps if steps else None,
+        **{half: v2.score_of(task, predictions, labels, index) for half, index in halves.items()},
+    }
+
+
+def time_task(backbone: str, task_name: str, glue_dir: str, work: Path, threads: int, repeats: int) -> None:
+    """`timing.json`: each run's chosen settings against its full model, measured as v2 measures them."""
+    import torch
+
+    from pabee.pipeline import PabeePipeline
+
+    folder = work / backbone / get_task(task_name).folder
+    analysis = json.loads((folder / "analysis.json").read_text())
+    torch.set_num_threads(threads)
+    examples, _ = common.glue_split(task_name, glue_dir)
+    index = split_halves(len(examples), v2.SPLIT_SEED)["report"]
+    timing = common.report(threads=threads, repeats=repeats, runs={})
+    for name, analysed in analysis["runs"].items():
+        pipe = PabeePipeline.from_pretrained(folder / name, backend="torch", batch_size=32)
+        logits = torch.as_tensor(np.load(folder / name / "dev_all_logits.npy")[index])
+        timing["runs"][name] = v2.time_run(pipe, analysed, [examples[i] for i in index], logits, repeats)
+    write_json(folder / "timing.json", timing)
+
+
+# --- the comparisons ---------------------------------------------------------------------------------------------
+
+
+def static_at(analysed: dict, layer: float) -> float:
+    """Static truncation's reporting-half score at a mean layer, linear between the neighbouring k."""
+    scores = {int(row["spec"]["threshold"]): row["report"]["score"] for row in analysed["criteria"]["static"]["rows"]}
+    low, high = int(np.floor(layer)), int(np.ceil(layer))
+    if low == high:
+        return scores[low]
+    return scores[low] + (layer - low) * (scores[high] - scores[low])
+
+
+def best_within(analysed: dict, base: float) -> dict | None:
+    """The adaptive criterion's chosen setting with the fewest layers on the choosing half, with its reporting-half
+    speed-up, score, whether it stays within MAX_DROP of plain there, and the static score at its mean layer."""
+    best = v2.best_adaptive(analysed)
+    if best is None:
+        return None
+    criterion, row = best
+    report = row["report"]
+    static = static_at(analysed, report["avg_exit_layer"])
+    return {
+        "criterion": criterion,
+        "setting": row["setting"],
+        "speed_up": report["speed_up"],
+        "score": report["score"],
+        "within": report["score"] >= base - MAX_DROP,
+        "static_score": static,
+        "margin_over_static": report["score"] - static,
+    }
+
+
+def summary(analysis: dict) -> dict:
+    """Per run: the patience setting, the best adaptive one, and (recipes) the gain over the paper's loss."""
+    base = analysis["baseline"]["report"]
+    out = {}
+    for name, analysed in analysis["runs"].items():
+        patience = v2.chosen_row(analysed, "patience")
+        out[name] = {
+            "patience": None if patience is None else {
+                "setting": patience["setting"], "speed_up": patience["report"]["speed_up"],
+                "score": patience["report"]["score"], "within": patience["report"]["score"] >= base - MAX_DROP,
+            },
+            "best": best_within(analysed, base),
+        }  # fmt: skip
+    paper = out.get("pabee", {}).get("best")
+    paper_step = analysis["runs"].get("pabee", {}).get("seconds_per_step")
+    for name, row in out.items():
+        mine = row["best"]
+        if name != "pabee" and paper and mine and paper_step:
+            row["gain"] = (mine["speed_up"] if mine["within"] else 1.0) - (
+                paper["speed_up"] if paper["within"] else 1.0
+            )
+            row["cost_ratio"] = analysis["runs"][name]["seconds_per_step"] / paper_step
+    return out
+
+
+# --- the report --------------------------------------------------------------------------------------------------
+
+
+def collect(work: Path) -> dict:
+    analyses, timings = {}, {}
+    for path in sorted(work.glob("*/*/analysis.json")):
+        analysis = json.loads(path.read_text())
+        key = f"{analysis['backbone']} {analysis['task']}"
+        analyses[key] = {**analysis, "summary": summary(analysis)}
+        timing = path.with_name("timing.json")
+        timings[key] = json.loads(timing.read_text()) if timing.exists() else {}
+    return common.report(hyper=HYPER, runs=RUNS, tasks=analyses, timing=timings)
+
+
+def _x(row: dict | None, key: str = "speed_up") -> str:
+    if row is None:
+        return "none"
+    return f"{row['setting']}: {row[key]:.2f}x, {row['score']:.1f}{'' if row['within'] else ' (**not within**)'}"
+
+
+def render(report: dict) -> str:
+    """`glue_v3.md` from the report."""
+    prov = report["provenance"]
+    lines = common.heading("Reproduction v3: exit-aware training vs the paper's loss and truncation", prov, "")
+    lines += [
+        "How every number is chosen and compared: the docstring of `benchmarks/reproduce_glue_v3.py` (v2's rule: "
+        f"the fewest-layers setting within {MAX_DROP:g} point of plain fine-tuning on dev half 1, reported on half "
+        "2). "
+        f"Hyper-parameters: {report['hyper']}; SST-2 trains on its first 8,000 sentences. Runs: "
+        + "; ".join(f"{LABELS[n]} `{' '.join(f) or '(v2 flags)'}`" for n, f in report["runs"].items())
+        + ".",
+        "",
+        "## Per task and backbone (reporting half)",
+        "",
+    ]
+    head = ["Backbone, task", "Plain (full)", "Run", "Patience", "Best adaptive", "vs static at equal layers",
+            "Gain over paper's loss", "s/step (× paper)"]  # fmt: skip
+    rows = []
+    for key, analysis in report["tasks"].items():
+        base = analysis["baseline"]["report"]
+        for name, row in analysis["summary"].items():
+            best = row["best"]
+            margin = "—" if best is None else f"{best['margin_over_static']:+.1f} pts ({best['static_score']:.1f})"
+            gain = f"{row['gain']:+.2f}x" if "gain" in row else "—"
+            step = analysis["runs"][name]["seconds_per_step"]
+            cost = f"{step:.2f}" + (f" ({row['cost_ratio']:.2f}×)" if "cost_ratio" in row else "")
+            best_cell = "none" if best is None else f"{best['criterion']} " + _x(best)
+            rows.append([key, f"{base:.1f}", LABELS[name], _x(row["patience"]), best_cell, margin, gain, cost])
+    lines += common.table(head, rows)
+    for key, analysis in report["tasks"].items():
+        lines += _task_section(key, analysis, report["timing"].get(key, {}))
+    return "\n".join(lines) + "\n"
+
+
+def _task_section(key: str, analysis: dict, timing: dict) -> list[str]:
+    base, halves = analysis["baseline"], analysis["halves"]
+    lines = [
+        "",
+        f"## {key} (dev {halves['choose']} to choose + {halves['report']} to report; noise ±{analysis['noise']:.1f})",
+        "",
+        f"Plain fine-tuning, {base['num_layers']} layers: {base['choose']:.1f} on the choosing half, "
+        f"**{base['report']:.1f}** on the reporting half ({base['train_seconds'] / 60:.1f} min to train)."
+        + "".join(
+            f" First {k} layers: {t['report']:.1f} ({t['train_seconds'] / 60:.1f} min)."
+            for k, t in analysis["truncated"].items()
+        ),
+        "",
+    ]
+    head = ["Run", "Criterion", "Setting", "Score, half 2", "vs. plain", "Avg. layer", "Layer speed-up",
+            "Measured speed-up"]  # fmt: skip
+    rows = []
+    for name, analysed in analysis["runs"].items():
+        measured = timing.get("runs", {}).get(name, {})
+        full = analysed["criteria"]["patience"]["rows"][0]
+        for criterion, row in [("full model", full), *((c, v2.chosen_row(analysed, c)) for c in analysed["criteria"])]:
+            if row is None:
+                rows.append([LABELS[name], criterion, "none within 1 point", "", "", "", "", ""])
+                continue
+            r = row["report"]
+            speed = measured.get("full" if criterion == "full model" else criterion, {}).get("measured_speed_up")
+            rows.append([LABELS[name], criterion, "—" if criterion == "full model" else row["setting"],
+                         f"{r['score']:.1f}", f"{r['score'] - base['report']:+.1f}", f"{r['avg_exit_layer']:.2f}",
+                         f"{r['speed_up']:.2f}x", "—" if speed is None else f"{speed:.2f}x"])  # fmt: skip
+    lines += common.table(head, rows)
+    layers = max((a["num_layers"] for a in analysis["runs"].values()), default=0)
+    if layers:
+        lines += ["", "Each layer's classifier alone, whole dev set:", ""]
+        lines += common.table(
+            ["Run", *(str(i) for i in range(1, layers + 1)), "Training (min)"],
+            [[LABELS[n], *(f"{v:.1f}" for v in a["layers"]), f"{a['train_seconds'] / 60:.1f}"]
+             for n, a in analysis["runs"].items()],
+        )  # fmt: skip
+    return lines
+
+
+def plot(report: dict, path: Path) -> None:
+    """`glue_v3.png`: reporting-half score against layer speed-up, patience sweep of every run, per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = max(len(report["tasks"]), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.6), dpi=110)
+    for ax, (key, analysis) in zip(np.atleast_1d(axes), report["tasks"].items(), strict=False):
+        for name, analysed in analysis["runs"].items():
+            points = sorted((r["report"]["speed_up"], r["report"]["score"])
+                            for r in analysed["criteria"]["patience"]["rows"])  # fmt: skip
+            ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=LABELS[name])
+        static = sorted((r["report"]["speed_up"], r["report"]["score"])
+                        for r in next(iter(analysis["runs"].values()))["criteria"]["static"]["rows"])  # fmt: skip
+        ax.plot(*zip(*static, strict=True), "k--", lw=0.8, label="static (paper's loss)")
+        ax.axhline(analysis["baseline"]["report"], color="black", lw=0.8)
+        ax.set_title(key)
+        ax.set_xlabel("layer speed-up (half 2)")
+        ax.set_ylabel("score (half 2)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def measure(args) -> dict:
+    work = Path(args.work_dir)
+    backbone, model_path = parse_backbone(args.backbone)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    runs = [r.strip() for r in args.runs.split(",")]
+    if unknown := sorted(set(runs) - set(RUNS)):
+        raise SystemExit(f"--runs: unknown {unknown}; choose from {sorted(RUNS)}")
+    for task in tasks:
+        if args.phase in ("all", "train"):
+            train(backbone, model_path, task, args.glue_dir, work, runs)
+        if args.phase in ("all", "analyse"):
+            analyse_task(backbone, task, args.glue_dir, work)
+        if args.phase in ("all", "time") and (work / backbone / get_task(task).folder / "analysis.json").exists():
+            time_task(backbone, task, args.glue_dir, work, args.threads, args.repeats)
+    report = collect(work)
+    plot(report, Path(args.output).with_suffix(".png"))
+    return report
+
+
+def main() -> None:
+    parser = common.parser(__doc__, "glue_v3", threads=2)
+    parser.add_argument("--backbone", default="minilm", help="minilm, or mpnet=FOLDER.")
+    parser.add_argument("--tasks", default="MRPC,SST-2,RTE,CoLA,STS-B")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"PABEE runs, of {sorted(RUNS)}.")
+    parser.add_argument("--work_dir", default=str(common.ROOT / "runs" / "reproduce_v3"))
+    parser.add_argument("--repeats", type=int, default=5, help="Timed passes per variant.")
+    parser.add_argument("--phase", choices=("all", "train", "analyse", "time", "report"), default="all")
+    common.write_report(parser.parse_args(), measure, render)
+
+
+if __name__ == "__main__":
+    main()
