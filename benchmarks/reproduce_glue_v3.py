@@ -71,16 +71,12 @@ def parse_backbone(text: str) -> tuple[str, str | None]:
 
 def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, work: Path, runs: list[str]) -> None:
     """Plain fine-tuning (full and first L/2 layers) and each PABEE run of one task, each skipped once done."""
-    task, hyper, limit = get_task(task_name), HYPER[backbone], TRAIN_LIMITS.get(task_name)
+    task, limit = get_task(task_name), TRAIN_LIMITS.get(task_name)
     folder = work / backbone / task.folder
     folder.mkdir(parents=True, exist_ok=True)
     layers = _num_layers(model_path)
-    for name, depth in (("baseline", None), (f"baseline_k{layers // 2}", layers // 2)):
-        if not (folder / f"{name}.json").exists():
-            print(f"[{backbone} {task.name}] {name}", flush=True)
-            result = v2.train_baseline(task.name, glue_dir, folder / name, limit, depth, model_path=model_path,
-                                       hyper=hyper)  # fmt: skip
-            write_json(folder / f"{name}.json", result)
+    plain = _plain_trainer(backbone, model_path, task.name, glue_dir, folder, limit)
+    plain("baseline", None)  # the analysis needs it; the first L/2 layers come after the PABEE runs
     flags = ["--pooling", v2.POOLING.get(task.name, "mean")]
     flags += [] if model_path is None else ["--model_name_or_path", model_path]
     flags += [] if limit is None else ["--max_train_samples", str(limit)]
@@ -91,8 +87,23 @@ def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, 
             continue
         print(f"[{backbone} {task.name}] {name}", flush=True)
         with open(folder / f"{name}.log", "w") as log:
-            cmd = v2.run_glue_command(task.name, glue_dir, out, [*flags, *RUNS[name]], hyper, patiences)
+            cmd = v2.run_glue_command(task.name, glue_dir, out, [*flags, *RUNS[name]], HYPER[backbone], patiences)
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    plain(f"baseline_k{layers // 2}", layers // 2)
+
+
+def _plain_trainer(backbone: str, model_path: str | None, task_name: str, glue_dir: str, folder: Path, limit):
+    """A function training plain fine-tuning to a depth (None: full) once, kept as `<name>.json` in `folder`."""
+
+    def plain(name: str, depth: int | None) -> None:
+        if (folder / f"{name}.json").exists():
+            return
+        print(f"[{backbone} {task_name}] {name}", flush=True)
+        result = v2.train_baseline(task_name, glue_dir, folder / name, limit, depth, model_path=model_path,
+                                   hyper=HYPER[backbone])  # fmt: skip
+        write_json(folder / f"{name}.json", result)
+
+    return plain
 
 
 def _num_layers(model_path: str | None) -> int:
