@@ -320,13 +320,29 @@ def _version(name: str) -> str | None:
 # --- report --------------------------------------------------------------------------------------------------------
 
 
-def verdict(rows: dict[str, dict]) -> str:
-    """The paper's claim for one task and attack: PABEE keeps more accuracy after the attack than the full model
-    and needs at least as many queries (confirmed), neither (refuted), or one of the two (mixed)."""
-    pabee, full = rows["pabee"], rows["full"]
-    more_accurate = pabee["after_attack_accuracy"] > full["after_attack_accuracy"]
-    costlier = (pabee["queries"] or 0) >= (full["queries"] or 0)
-    return {(True, True): "confirmed", (False, False): "refuted"}.get((more_accurate, costlier), "mixed")
+def survived(rows: dict) -> np.ndarray:
+    """Per attacked example: still answered correctly after the attack (the attack failed)."""
+    return np.asarray([r["status"] == "failed" for r in rows["examples"]])
+
+
+def paired(pabee: dict, other: dict) -> dict:
+    """PABEE against another classifier on the same examples: the examples only one of them kept (after the
+    attack), and the two-sided exact sign test on those (McNemar's exact test): how likely a split at least this
+    uneven is when neither is more robust."""
+    from scipy.stats import binomtest
+
+    mine, theirs = survived(pabee), survived(other)
+    only_pabee, only_other = int((mine & ~theirs).sum()), int((theirs & ~mine).sum())
+    p = binomtest(only_pabee, only_pabee + only_other).pvalue if only_pabee + only_other else 1.0
+    return {"only_pabee": only_pabee, "only_other": only_other, "p": float(p)}
+
+
+def verdict(test: dict, alpha: float = 0.05) -> str:
+    """The paper's claim against one classifier: confirmed when PABEE keeps significantly more examples after the
+    attack (sign test, `alpha`), refuted when significantly fewer, else no difference beyond chance."""
+    if test["p"] >= alpha:
+        return "no difference"
+    return "confirmed" if test["only_pabee"] > test["only_other"] else "refuted"
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -355,29 +371,38 @@ def render(data: dict) -> str:
         "",
         "## The paper's claim, per task and attack",
         "",
-        "PABEE is more robust than the full model when it keeps more accuracy after the attack and the attacker "
-        "needs at least as many queries: both (confirmed), neither (refuted), one (mixed).",
+        "The paper compares PABEE with the fine-tuned model it accelerates (here: plain fine-tuning) and finds it "
+        "keeps more accuracy under attack and costs the attacker more queries. Against plain fine-tuning and "
+        "against the same PABEE model at full depth (which isolates the exit rule from the multi-exit training), on "
+        "the same examples: after-attack accuracy, the examples only one of the two kept (PABEE / other), and "
+        "the two-sided exact sign test on those. Confirmed or refuted: p < 0.05 in PABEE's favour or against it.",
         "",
     ]
     claims = []
     for task_name, task in data["tasks"].items():
         for recipe, rows in task["attacks"].items():
-            p, f = rows["pabee"], rows["full"]
-            claims.append([task_name, recipe, task["setting"], f"{_f(f['after_attack_accuracy'])} → "
-                           f"{_f(p['after_attack_accuracy'])}", f"{_f(f['queries'])} → {_f(p['queries'])}",
-                           f"**{verdict(rows)}**"])  # fmt: skip
+            pabee = rows["pabee"]
+            for other in ("plain", "full"):
+                test = paired(pabee, rows[other])
+                claims.append([
+                    task_name, recipe, f"PABEE `{task['setting']}` vs {other}",
+                    f"{_f(pabee['after_attack_accuracy'])} vs {_f(rows[other]['after_attack_accuracy'])}",
+                    f"{test['only_pabee']} / {test['only_other']}", f"{test['p']:.2f}",
+                    f"{_f(pabee['queries'])} vs {_f(rows[other]['queries'])}", f"**{verdict(test)}**",
+                ])  # fmt: skip
     lines += common.table(
-        ["Task", "Attack", "PABEE setting", "After-attack acc., full → PABEE", "Queries, full → PABEE", "Claim"],
-        claims,
+        ["Task", "Attack", "Comparison", "After-attack acc.", "Kept by one only", "p", "Queries", "Claim"], claims
     )
+    lines += [f"\n{note}" for note in data.get("notes", [])]
     for task_name, task in data["tasks"].items():
         choose, plain = task["chosen"]["choose"], task["plain_training"]
         lines += [
             "",
             f"## {task_name}",
             "",
-            f"Attacked: the first {', '.join(f'{n} ({r})' for r, n in data['settings']['examples'].items())} of "
-            f"the {len(task['dev_indices'])} dev examples below (at most the reporting half). PABEE setting "
+            "Attacked: the first "
+            + ", ".join(f"{min(n, len(task['dev_indices']))} ({r})" for r, n in data["settings"]["examples"].items())
+            + f" of the reporting half of dev ({len(task['dev_indices'])} examples listed in the JSON). PABEE setting "
             f"`{task['setting']}` (chosen on the other half: {_f(choose['score'])} at "
             f"{_f(choose['avg_exit_layer'], 2)} layers); static truncation at layer {task['static_layer']}. Plain "
             f"fine-tuning: {plain['num_layers']} layers, {plain['train_examples']} training examples, "
