@@ -174,6 +174,7 @@ RENDERED = {  # results stems (glob) → the script whose `render` makes their .
     "soak_15min": "overload",
     "slowdown": "slowdown_report",
     "glue_minilm_v2": "reproduce_glue_v2",
+    "glue_v3": "reproduce_glue_v3",
     "certified_calibration": "certified_calibration",
     "robustness": "robustness",
     "recipe_cost*": "recipe_cost",
