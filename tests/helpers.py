@@ -195,3 +195,14 @@ def tiny_run_glue_argv(tmp_path: Path, tokenizer, num_rows: int) -> tuple[list[s
     argv = ["run-glue", "--model_name_or_path", str(encoder), "--train_file", str(tmp_path / "train.jsonl")]
     argv += ["--do_train", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(out), "--use_cpu"]
     return [*argv, "--report_to", "none"], out
+
+
+def assert_run_glue_refuses(flags: list[str], message: str, output_dir: Path, err_of) -> None:
+    """`pabee run-glue --do_train` with bad training `flags` exits with status 2 and a one-line `message` on
+    stderr (`err_of()` reads it), no traceback, and creates no `output_dir`."""
+    from pabee.cli import main
+
+    argv = ["run-glue", "--task_name", "MRPC", "--do_train", "--output_dir", str(output_dir), *flags]
+    assert main(argv) == 2
+    err = err_of()
+    assert message in err and "Traceback" not in err and not output_dir.exists()

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import random_batch, tiny_model, tiny_run_glue_argv
+from helpers import assert_run_glue_refuses, random_batch, tiny_model, tiny_run_glue_argv
 from safetensors.torch import load_file
 
 from pabee import PabeeForSequenceClassification
@@ -304,10 +304,7 @@ def test_bad_recipes_are_refused(settings, message):
     ],
 )
 def test_bad_recipe_flags_are_one_line(flags, message, tmp_path, capsys):
-    argv = ["run-glue", "--task_name", "MRPC", "--do_train", "--output_dir", str(tmp_path / "out"), *flags]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
+    assert_run_glue_refuses(flags, message, tmp_path / "out", lambda: capsys.readouterr().err)
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
