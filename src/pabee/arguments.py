@@ -24,7 +24,7 @@ from .folders import ATTENTION_KERNELS, BACKENDS, DTYPES, load_config
 from .losses import check_distillation
 from .onnx_model import require_onnx
 from .pipeline import DEFAULT_MAX_LENGTH
-from .recipes import RECIPE_FIELDS, check_recipes
+from .recipes import check_recipes, recipe_settings
 from .sweeps import checked_specs, parse_criteria, parse_int_list, parse_patiences, parse_thresholds
 
 __all__ = [
@@ -272,7 +272,7 @@ class RunGlueArguments(ExitSweepArguments):
     @property
     def recipes(self) -> dict[str, Any]:
         """The exit-aware training flags (`pabee.recipes`), named as `PabeeConfig` records them."""
-        return {name: getattr(self, name) for name in RECIPE_FIELDS}
+        return recipe_settings(self)
 
     @property
     def calibrating(self) -> bool:

@@ -9,7 +9,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, ExitSpec, keywords_of
 from .losses import check_distillation
-from .recipes import RECIPE_FIELDS, check_recipes
+from .recipes import check_recipes, recipe_settings
 
 __all__ = ["POOLINGS", "PabeeConfig"]
 
@@ -83,7 +83,7 @@ class PabeeConfig(PreTrainedConfig):
     @property
     def recipes(self) -> dict[str, Any]:
         """The exit-aware training settings (`pabee.recipes`) by name; all off by default."""
-        return {name: getattr(self, name) for name in RECIPE_FIELDS}
+        return recipe_settings(self)
 
     @property
     def num_hidden_layers(self) -> int:

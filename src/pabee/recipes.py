@@ -35,6 +35,7 @@ __all__ = [
     "check_recipes",
     "equilibrium",
     "exit_example_weights",
+    "recipe_settings",
     "scale_gradient",
     "stage_at",
     "stage_layer_weights",
@@ -43,6 +44,11 @@ __all__ = [
 BACKBONE_STAGE, HEADS_STAGE = 1, 2  # two stages: the backbone with the last classifier, then the internal ones
 # Their settings, as `PabeeConfig` records them and `run-glue` names its flags (`check_recipes`' keywords).
 RECIPE_FIELDS = ("alignment_weight", "gradient_equilibrium", "two_stage", "sample_weighting_temperature")
+
+
+def recipe_settings(holder: Any) -> dict[str, Any]:
+    """The recipe settings an object holds as attributes of `RECIPE_FIELDS`' names (a config, parsed flags)."""
+    return {name: getattr(holder, name) for name in RECIPE_FIELDS}
 
 
 def check_recipes(
