@@ -171,13 +171,17 @@ def train(
     if pooling_runs:
         runs[f"pabee_{other_pooling(task.name)}"] = ["--pooling", other_pooling(task.name)]
     for name, flags in runs.items():
-        out = folder / name
-        if (out / "eval_results.json").exists():
-            continue
-        print(f"[{task.name}] {name}", flush=True)
-        with open(folder / f"{name}.log", "w") as log:
-            cmd = run_glue_command(task.name, glue_dir, out, [*flags, *limit])
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        run_once(folder, name, run_glue_command(task.name, glue_dir, folder / name, [*flags, *limit]), task.name)
+
+
+def run_once(folder: Path, name: str, command: list[str], tag: str) -> None:
+    """Run a `pabee run-glue` command into `folder / name`, its output in `folder / name.log`; skipped when that run
+    already finished (its eval_results.json exists), so a reproduction resumes where it stopped."""
+    if (folder / name / "eval_results.json").exists():
+        return
+    print(f"[{tag}] {name}", flush=True)
+    with open(folder / f"{name}.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 # --- reading every setting off one pass, choosing on one half, reporting on the other --------------------------

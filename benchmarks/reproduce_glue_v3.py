@@ -26,7 +26,6 @@ MPNet's folder is what `benchmarks/fetch_mpnet.py` prints. `--runs` picks the PA
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import common
@@ -82,13 +81,9 @@ def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, 
     flags += [] if limit is None else ["--max_train_samples", str(limit)]
     patiences = ",".join(str(p) for p in range(1, layers))
     for name in runs:
-        out = folder / name
-        if (out / "eval_results.json").exists():
-            continue
-        print(f"[{backbone} {task.name}] {name}", flush=True)
-        with open(folder / f"{name}.log", "w") as log:
-            cmd = v2.run_glue_command(task.name, glue_dir, out, [*flags, *RUNS[name]], HYPER[backbone], patiences)
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        command = v2.run_glue_command(task.name, glue_dir, folder / name, [*flags, *RUNS[name]], HYPER[backbone],
+                                      patiences)  # fmt: skip
+        v2.run_once(folder, name, command, f"{backbone} {task.name}")
     plain(f"baseline_k{layers // 2}", layers // 2)
 
 
@@ -172,25 +167,6 @@ def _plain(task, trained: dict, labels: np.ndarray, halves: dict) -> dict:
         "seconds_per_step": trained["train_seconds"] / steps if steps else None,
         **{half: v2.score_of(task, predictions, labels, index) for half, index in halves.items()},
     }
-
-
-def time_task(backbone: str, task_name: str, glue_dir: str, work: Path, threads: int, repeats: int) -> None:
-    """`timing.json`: each run's chosen settings against its full model, measured as v2 measures them."""
-    import torch
-
-    from pabee.pipeline import PabeePipeline
-
-    folder = work / backbone / get_task(task_name).folder
-    analysis = json.loads((folder / "analysis.json").read_text())
-    torch.set_num_threads(threads)
-    examples, _ = common.glue_split(task_name, glue_dir)
-    index = split_halves(len(examples), v2.SPLIT_SEED)["report"]
-    timing = common.report(threads=threads, repeats=repeats, runs={})
-    for name, analysed in analysis["runs"].items():
-        pipe = PabeePipeline.from_pretrained(folder / name, backend="torch", batch_size=32)
-        logits = torch.as_tensor(np.load(folder / name / "dev_all_logits.npy")[index])
-        timing["runs"][name] = v2.time_run(pipe, analysed, [examples[i] for i in index], logits, repeats)
-    write_json(folder / "timing.json", timing)
 
 
 # --- the comparisons ---------------------------------------------------------------------------------------------
@@ -387,7 +363,7 @@ def measure(args) -> dict:
         if args.phase in ("all", "analyse"):
             analyse_task(backbone, task, args.glue_dir, work)
         if args.phase in ("all", "time") and (work / backbone / get_task(task).folder / "analysis.json").exists():
-            time_task(backbone, task, args.glue_dir, work, args.threads, args.repeats)
+            v2.time_task(task, args.glue_dir, work / backbone, args.threads, args.repeats)
     report = collect(work)
     plot(report, Path(args.output).with_suffix(".png"))
     return report
