@@ -182,15 +182,13 @@ def plain_model(task_name: str, glue_dir: str, work: Path) -> tuple[Path, dict]:
 
 def choose_patience(pipe, examples, labels, task, max_drop: float) -> tuple[Any, dict, np.ndarray]:
     """The fewest-layers patience within `max_drop` of the full model on the choosing half, and the report half."""
-    from pabee.calibrate import choose_setting
+    from pabee.calibrate import choose_setting, split_halves
     from pabee.exits import ExitSpec
 
     all_logits = pipe.all_layer_logits(examples).numpy()
     specs = [ExitSpec("patience", patience=p) for p in PATIENCES]
     result = choose_setting(pipe.model, all_logits, labels, task, specs, max_drop)
     chosen = next((row for row in result["rows"] if row["chosen"]), result["rows"][0])
-    from pabee.calibrate import split_halves
-
     halves = split_halves(len(examples))
     describe = {k: v for k, v in chosen.items() if k not in ("spec", "chosen", "pareto")}
     return chosen["spec"], describe, halves["report"]
