@@ -22,6 +22,7 @@ Every finished step is kept under --work_dir and skipped when the script runs ag
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ import common
 import numpy as np
 
 from pabee.calibrate import fastest_within, split_halves, task_score
+from pabee.checkpoints import CheckpointMarker, checkpoint_folders, complete_checkpoints
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
 from pabee.provenance import write_json
@@ -88,6 +90,10 @@ def train_baseline(
     model = hf.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None, **depth
     )
+    every = hyper.get("checkpoint_steps")
+    saving = {"save_strategy": "no"}
+    if every:  # a run killed part-way resumes from its last whole checkpoint (pabee.checkpoints' marker)
+        saving = {"save_strategy": "steps", "save_steps": every, "save_total_limit": 1}
     args = hf.TrainingArguments(
         output_dir=str(out),
         num_train_epochs=hyper["epochs"],
@@ -95,15 +101,21 @@ def train_baseline(
         per_device_eval_batch_size=64,
         learning_rate=hyper["learning_rate"],
         seed=hyper["seed"],
-        save_strategy="no",
+        bf16=hyper.get("bf16", False),
+        use_cpu=hyper.get("bf16", False) and not torch.cuda.is_available(),  # Trainer's bf16 on a CPU asks for it
+        **saving,
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     collator = hf.DataCollatorWithPadding(tokenizer)
-    trainer = hf.Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    trainer = hf.Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                         callbacks=[CheckpointMarker()])  # fmt: skip
+    resume = complete_checkpoints(Path(out), remove_incomplete=True) if every and Path(out).is_dir() else []
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
     seconds = time.perf_counter() - start
+    for checkpoint in checkpoint_folders(Path(out)):  # finished: its checkpoints (weights + optimizer) are spent
+        shutil.rmtree(checkpoint)
     if save:
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
@@ -114,6 +126,7 @@ def train_baseline(
         "metrics": compute_metrics(task.metrics, preds, output.label_ids),
         "train_seconds": seconds,
         "train_steps": trainer.state.global_step,
+        "resumed_from_step": int(resume[-1].name.split("-")[-1]) if resume else 0,
         "train_examples": len(train),
         "num_layers": model.config.num_hidden_layers,
         "predictions": preds.tolist(),
@@ -126,13 +139,23 @@ def run_glue_command(
     """`pabee run-glue` training and evaluating one task with `hyper` (default HYPER) and `patiences`, the final
     model kept in `out`."""
     hyper = hyper or HYPER
+    every = hyper.get("checkpoint_steps")  # then a killed run resumes (run-glue's own resume) instead of restarting
+    saving = ["--save_strategy", "steps", "--save_steps", str(every), "--save_total_limit", "1"] if every else \
+        ["--save_strategy", "no", "--overwrite_output_dir"]  # fmt: skip
     return [
         *(sys.executable, "-m", "pabee", "run-glue", "--task_name", task_name, "--data_dir", glue_dir),
         *("--do_train", "--do_eval", "--patience", patiences, "--seed", str(hyper["seed"])),
         *("--num_train_epochs", str(hyper["epochs"]), "--per_device_train_batch_size", str(hyper["batch_size"])),
         *("--learning_rate", str(hyper["learning_rate"]), "--max_seq_length", str(hyper["max_seq_length"])),
-        *("--save_strategy", "no", "--overwrite_output_dir", "--output_dir", str(out), *extra),
-    ]
+        *(["--bf16", "true", *([] if _has_cuda() else ["--use_cpu", "true"])] if hyper.get("bf16") else []),
+        *saving, *("--output_dir", str(out), *extra),
+    ]  # fmt: skip
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parse_limits(text: str) -> dict[str, int]:
@@ -180,8 +203,10 @@ def run_once(folder: Path, name: str, command: list[str], tag: str) -> None:
     if (folder / name / "eval_results.json").exists():
         return
     print(f"[{tag}] {name}", flush=True)
-    with open(folder / f"{name}.log", "w") as log:
+    with open(folder / f"{name}.log", "a") as log:  # appended: a resumed run keeps the killed one's log
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    for checkpoint in checkpoint_folders(folder / name):  # finished: checkpoints kept only to resume are spent
+        shutil.rmtree(checkpoint)
 
 
 # --- reading every setting off one pass, choosing on one half, reporting on the other --------------------------

@@ -34,7 +34,7 @@ import reproduce_glue_v2 as v2
 
 from pabee.calibrate import split_halves
 from pabee.glue import get_task
-from pabee.provenance import write_json
+from pabee.provenance import hardware, write_json
 
 RUNS = {  # name → run-glue flags beside v2's hyper-parameters and pooling
     "pabee": [],
@@ -50,8 +50,14 @@ LABELS = {
     "two_stage": "two stages (50/50)",
     "sample_weighting": "+ sample weighting (τ 1)",
 }
-# MPNet is a base-size model: the usual base-model learning rate instead of MiniLM's 1e-4.
-HYPER = {"minilm": v2.HYPER, "mpnet": {**v2.HYPER, "learning_rate": 5e-5}}
+# MPNet is a base-size model: the usual base-model learning rate instead of MiniLM's 1e-4, bf16 mixed precision
+# (Trainer's --bf16: 8.9 -> 4.3 s per batch of 32 MRPC pairs on an AVX-512-bf16 CPU, 2 threads) and a checkpoint
+# every 50 steps, so a run a session's end cuts off resumes in the next (a run is 30-70 minutes). Every MPNet
+# run, plain or PABEE, trains the same way; analysis and timing run in float32.
+HYPER = {
+    "minilm": v2.HYPER,
+    "mpnet": {**v2.HYPER, "learning_rate": 5e-5, "bf16": True, "checkpoint_steps": 50},
+}
 TRAIN_LIMITS = {"SST-2": 8000}
 ADAPTIVE = ("patience", "confidence", "entropy")
 MAX_DROP = v2.MAX_DROP
@@ -152,8 +158,9 @@ def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> di
         analysis = v2.analyse(model, logits, labels, task, predictions, halves)
         analysis.pop("baseline")
         training = json.loads((run_dir / "eval_results.json").read_text())["training"]
-        analysis["train_seconds"] = training["train_runtime"]
-        analysis["seconds_per_step"] = training["train_runtime"] / training["global_step"]
+        steps = training["global_step"]
+        analysis["seconds_per_step"] = training["train_runtime"] / (steps - training.get("resumed_from_step", 0))
+        analysis["train_seconds"] = analysis["seconds_per_step"] * steps  # at this rate, had it run in one go
         analysis["layers"] = [
             v2.task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
         ]
@@ -166,10 +173,11 @@ def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> di
 def _plain(task, trained: dict, labels: np.ndarray, halves: dict) -> dict:
     predictions = np.asarray(trained["predictions"])
     steps = trained.get("train_steps")
+    per_step = trained["train_seconds"] / (steps - trained.get("resumed_from_step", 0)) if steps else None
     return {
         "num_layers": trained["num_layers"],
-        "train_seconds": trained["train_seconds"],
-        "seconds_per_step": trained["train_seconds"] / steps if steps else None,
+        "train_seconds": trained["train_seconds"] if per_step is None else per_step * steps,
+        "seconds_per_step": per_step,
         **{half: v2.score_of(task, predictions, labels, index) for half, index in halves.items()},
     }
 
@@ -440,6 +448,9 @@ def measure(args) -> dict:
     runs = [r.strip() for r in args.runs.split(",")]
     if unknown := sorted(set(runs) - set(RUNS)):
         raise SystemExit(f"--runs: unknown {unknown}; choose from {sorted(RUNS)}")
+    native = {"avx512_bf16", "amx_bf16"} & set(hardware()["cpu_flags"])
+    if HYPER[backbone].get("bf16") and args.phase in ("all", "train") and not native:
+        print(f"Note: this CPU has no native bf16; {backbone} trains in bf16 (as its other runs) but slowly here.")
     for task in tasks:
         if args.phase in ("all", "train"):
             train(backbone, model_path, task, args.glue_dir, work, runs)

@@ -334,6 +334,8 @@ def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tmp_path, mode
     assert all(is_complete_checkpoint(p) for p in killed.glob("checkpoint-*"))
     a, b = (json.loads((out / "eval_results.json").read_text()) for out in (killed, fresh))
     assert a["training"]["global_step"] == b["training"]["global_step"] == MAX_STEPS
+    # The record says which steps this process ran, so its train_runtime can be read per step.
+    assert (a["training"]["resumed_from_step"], b["training"]["resumed_from_step"]) == (last, 0)
     _assert_close(a["evaluations"][-1]["splits"], b["evaluations"][-1]["splits"])
     losses = [
         [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]

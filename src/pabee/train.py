@@ -445,7 +445,10 @@ def train(trainer: Trainer, setup: Setup, resume: str | None, identity: dict[str
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()
-    return {**result.metrics, "global_step": result.global_step, "train_samples": len(setup.train_set)}
+    # train_runtime covers this process only: the steps it ran are global_step - resumed_from_step.
+    resumed = 0 if resume is None else int(Path(resume).name.split("-")[-1])
+    return {**result.metrics, "global_step": result.global_step, "resumed_from_step": resumed,
+            "train_samples": len(setup.train_set)}  # fmt: skip
 
 
 def predict_test(args: RunGlueArguments, trainer: Trainer, setup: Setup) -> None:
