@@ -28,12 +28,13 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import common
 import numpy as np
 
 from pabee.calibrate import fastest_within, split_halves, task_score
-from pabee.checkpoints import CheckpointMarker, checkpoint_folders, complete_checkpoints
+from pabee.checkpoints import CheckpointMarker, checkpoint_folders, checkpoint_step, complete_checkpoints
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
 from pabee.provenance import write_json
@@ -126,7 +127,7 @@ def train_baseline(
         "metrics": compute_metrics(task.metrics, preds, output.label_ids),
         "train_seconds": seconds,
         "train_steps": trainer.state.global_step,
-        "resumed_from_step": int(resume[-1].name.split("-")[-1]) if resume else 0,
+        "resumed_from_step": checkpoint_step(resume[-1]) if resume else 0,
         "train_examples": len(train),
         "num_layers": model.config.num_hidden_layers,
         "predictions": preds.tolist(),
@@ -329,9 +330,12 @@ def static_layers(analysis: dict) -> set[int]:
     return ks
 
 
-def train_truncated(task_name: str, analysis: dict, glue_dir: str, work: Path, max_train_samples: int | None) -> bool:
+def train_truncated(
+    task_name: str, analysis: dict, glue_dir: str, work: Path, max_train_samples: int | None, **backbone: Any
+) -> bool:
     """Plain fine-tuning of only the first k layers, for each k `static` needs: the stronger truncation baseline.
-    True when a model was trained (the analysis is then out of date)."""
+    True when a model was trained (the analysis is then out of date). `backbone`: train_baseline's model_path and
+    hyper (reproduction v3's other backbone)."""
     task = get_task(task_name)
     folder = work / task.folder
     trained = False
@@ -339,7 +343,8 @@ def train_truncated(task_name: str, analysis: dict, glue_dir: str, work: Path, m
         path = folder / f"baseline_k{k}.json"
         if not path.exists():
             print(f"[{task.name}] plain fine-tuning of the first {k} layers", flush=True)
-            write_json(path, train_baseline(task.name, glue_dir, folder / f"baseline_k{k}", max_train_samples, k))
+            out = folder / f"baseline_k{k}"
+            write_json(path, train_baseline(task.name, glue_dir, out, max_train_samples, k, **backbone))
             trained = True
     return trained
 

@@ -74,9 +74,10 @@ def parse_backbone(text: str) -> tuple[str, str | None]:
 # --- training ----------------------------------------------------------------------------------------------------
 
 
-def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, work: Path, runs: list[str]) -> None:
+def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, work: Path, runs: list[str]) -> bool:
     """Plain fine-tuning (full, first L/2 layers, and the first k layers static truncation picks) and each PABEE run
-    of one task, each skipped once done."""
+    of one task, each skipped once done. True when it leaves the task's analysis.json up to date (it analyses to
+    know which k static truncation picks)."""
     task, limit = get_task(task_name), TRAIN_LIMITS.get(task_name)
     folder = work / backbone / task.folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,8 +95,10 @@ def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, 
     plain(f"baseline_k{layers // 2}", layers // 2)
     # Plain fine-tuning of the first k layers static truncation picks: the smaller model a user would train instead.
     analysis = analyse_task(backbone, task.name, glue_dir, work)
-    for k in sorted(v2.static_layers(analysis)) if analysis else []:
-        plain(f"baseline_k{k}", k)
+    if analysis and v2.train_truncated(task.name, analysis, glue_dir, work / backbone, limit, model_path=model_path,
+                                       hyper=HYPER[backbone]):  # fmt: skip
+        analysis = analyse_task(backbone, task.name, glue_dir, work)
+    return analysis is not None
 
 
 def _plain_trainer(backbone: str, model_path: str | None, task_name: str, glue_dir: str, folder: Path, limit):
@@ -158,9 +161,7 @@ def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> di
         analysis = v2.analyse(model, logits, labels, task, predictions, halves)
         analysis.pop("baseline")
         training = json.loads((run_dir / "eval_results.json").read_text())["training"]
-        steps = training["global_step"]
-        analysis["seconds_per_step"] = training["train_runtime"] / (steps - training.get("resumed_from_step", 0))
-        analysis["train_seconds"] = analysis["seconds_per_step"] * steps  # at this rate, had it run in one go
+        analysis.update(_timing(training["train_runtime"], training["global_step"], training.get("resumed_from_step")))
         analysis["layers"] = [
             v2.task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
         ]
@@ -173,13 +174,19 @@ def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> di
 def _plain(task, trained: dict, labels: np.ndarray, halves: dict) -> dict:
     predictions = np.asarray(trained["predictions"])
     steps = trained.get("train_steps")
-    per_step = trained["train_seconds"] / (steps - trained.get("resumed_from_step", 0)) if steps else None
+    timing = {"train_seconds": trained["train_seconds"], "seconds_per_step": None}  # older files: no step count
     return {
         "num_layers": trained["num_layers"],
-        "train_seconds": trained["train_seconds"] if per_step is None else per_step * steps,
-        "seconds_per_step": per_step,
+        **(_timing(trained["train_seconds"], steps, trained.get("resumed_from_step")) if steps else timing),
         **{half: v2.score_of(task, predictions, labels, index) for half, index in halves.items()},
     }
+
+
+def _timing(seconds: float, steps: int, resumed_from_step: int | None) -> dict:
+    """Seconds per step over the steps this process ran (a resumed run's clock covers only those), and the whole
+    run's time at that rate."""
+    per_step = seconds / (steps - (resumed_from_step or 0))
+    return {"seconds_per_step": per_step, "train_seconds": per_step * steps}
 
 
 # --- the comparisons ---------------------------------------------------------------------------------------------
@@ -452,9 +459,8 @@ def measure(args) -> dict:
     if HYPER[backbone].get("bf16") and args.phase in ("all", "train") and not native:
         print(f"Note: this CPU has no native bf16; {backbone} trains in bf16 (as its other runs) but slowly here.")
     for task in tasks:
-        if args.phase in ("all", "train"):
-            train(backbone, model_path, task, args.glue_dir, work, runs)
-        if args.phase in ("all", "analyse"):
+        analysed = args.phase in ("all", "train") and train(backbone, model_path, task, args.glue_dir, work, runs)
+        if args.phase == "analyse" or (args.phase == "all" and not analysed):
             analyse_task(backbone, task, args.glue_dir, work)
         if args.phase in ("all", "time") and (work / backbone / get_task(task).folder / "analysis.json").exists():
             v2.time_task(task, args.glue_dir, work / backbone, args.threads, args.repeats)

@@ -22,6 +22,7 @@ __all__ = [
     "CHECKPOINT_MARKER",
     "CheckpointMarker",
     "checkpoint_folders",
+    "checkpoint_step",
     "complete_checkpoints",
     "is_complete_checkpoint",
     "mark_checkpoint_complete",
@@ -30,10 +31,15 @@ __all__ = [
 CHECKPOINT_MARKER = "pabee_checkpoint.json"
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The training step a `checkpoint-N` folder was saved at, read off its name as Trainer writes it."""
+    return int(Path(checkpoint).name.split("-")[1])
+
+
 def checkpoint_folders(output_dir: Path) -> list[Path]:
     """Every `checkpoint-N` folder, by step, complete or not."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def _checkpoint_files(checkpoint: Path) -> dict[str, int]:
@@ -55,7 +61,7 @@ def is_complete_checkpoint(checkpoint: Path) -> bool:
     the size it had; anything else is a save that a kill (or a crash) cut short."""
     try:
         marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
-        step = int(checkpoint.name.split("-")[1])
+        step = checkpoint_step(checkpoint)
         files = marker["files"]
         return (
             marker["step"] == step

@@ -31,6 +31,7 @@ from .checkpoints import (
     CHECKPOINT_MARKER,
     CheckpointMarker,
     checkpoint_folders,
+    checkpoint_step,
     complete_checkpoints,
     is_complete_checkpoint,
 )
@@ -446,7 +447,7 @@ def train(trainer: Trainer, setup: Setup, resume: str | None, identity: dict[str
     trainer.save_model()
     trainer.save_state()
     # train_runtime covers this process only: the steps it ran are global_step - resumed_from_step.
-    resumed = 0 if resume is None else int(Path(resume).name.split("-")[-1])
+    resumed = 0 if resume is None else checkpoint_step(resume)
     return {**result.metrics, "global_step": result.global_step, "resumed_from_step": resumed,
             "train_samples": len(setup.train_set)}  # fmt: skip
 
