@@ -276,6 +276,8 @@ TARGETS = {  # issue 26's bars
     "recipe_cost": 1.10,  # ... at <= 10% more training time per step
 }
 MPNET_SPEED_TASKS = ("MRPC", "SST-2")
+# The tasks the static-truncation target counts over; others (MPNet STS-B, "if time allows") are reported beside it.
+TARGET_TASKS = {"mpnet": ("MRPC", "RTE", "SST-2"), "minilm": ("MRPC", "SST-2", "RTE", "CoLA", "STS-B")}
 NAMES = {"minilm": "MiniLM", "mpnet": "MPNet"}
 
 
@@ -303,19 +305,29 @@ def targets(tasks: dict) -> list[dict]:
             out.append({"target": name, "status": status,
                         "detail": f"best kept {kept[run]:.2f}x ({LABELS[run]}){short}. {runs}"})  # fmt: skip
     for backbone, need in TARGETS["static_tasks"].items():
-        keys = [k for k in tasks if k.startswith(f"{backbone} ")]
-        expected = 3 if backbone == "mpnet" else 5
+        expected = TARGET_TASKS[backbone]
+        keys = [f"{backbone} {task}" for task in expected if f"{backbone} {task}" in tasks]
         counts = {}
         for key in keys:
             for run, row in tasks[key]["summary"].items():
-                beat = row["best"] is not None and row["best"]["margin_over_static"] >= TARGETS["margin_over_static"]
-                counts.setdefault(run, []).append(beat)
+                counts.setdefault(run, []).append(_beats_static(row))
         best = max(counts, key=lambda r: sum(counts[r]), default=None)
         wins = 0 if best is None else sum(counts[best])
-        name = f"{NAMES[backbone]}: adaptive beats static by ≥ 1 point on ≥ {need} of {expected} tasks"
-        status = "met" if wins >= need else ("open" if len(keys) < expected else "missed")
+        name = f"{NAMES[backbone]}: adaptive beats static by ≥ 1 point on ≥ {need} of {len(expected)} tasks"
+        status = "met" if wins >= need else ("open" if len(keys) < len(expected) else "missed")
         detail = ", ".join(f"{LABELS[r]} {sum(c)}/{len(c)}" for r, c in counts.items()) or "not measured"
-        out.append({"target": name, "status": status, "detail": f"{len(keys)} of {expected} tasks measured; {detail}"})
+        extra = [k for k in tasks if k.startswith(f"{backbone} ") and k.split(" ", 1)[1] not in expected]
+        detail += "".join(
+            f"; beside the target, {key}: "
+            + ", ".join(
+                f"{LABELS[r]} {'beats' if _beats_static(row) else 'does not'}"
+                for r, row in tasks[key]["summary"].items()
+            )
+            for key in extra
+        )
+        out.append(
+            {"target": name, "status": status, "detail": f"{len(keys)} of {len(expected)} tasks measured; {detail}"}
+        )
     gains = {}
     for key, analysis in tasks.items():
         for run, row in analysis["summary"].items():
@@ -333,8 +345,13 @@ def targets(tasks: dict) -> list[dict]:
         for r, rows in gains.items()
     )  # fmt: skip
     name = f"a recipe adds ≥ 0.3x within 1 point on ≥ {need} task×backbone pairs at ≤ 10% cost"
-    out.append({"target": name, "status": status, "detail": f"{measured} of 8 pairs measured; {detail or 'none'}"})
+    out.append({"target": name, "status": status, "detail": f"{measured} pairs measured; {detail or 'none'}"})
     return out
+
+
+def _beats_static(row: dict) -> bool:
+    """Whether a run's best adaptive setting beats static truncation at its mean layer by the target's margin."""
+    return row["best"] is not None and row["best"]["margin_over_static"] >= TARGETS["margin_over_static"]
 
 
 # --- the report --------------------------------------------------------------------------------------------------
