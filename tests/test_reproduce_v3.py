@@ -69,3 +69,21 @@ def test_regression_baselines_have_no_class_share(v3):
     plain = v3._plain(task, _trained(list(labels + 0.1)), labels, halves)
     assert "top_class_share" not in plain
     assert v3._collapsed(plain) == ""
+
+
+def test_the_static_target_counts_only_the_issues_tasks(v3):
+    def task(margin: float) -> dict:
+        best = {"criterion": "entropy", "setting": "0.4", "speed_up": 1.5, "score": 90.0, "within": True}
+        return {"summary": {"pabee": {"patience": None, "best": {**best, "margin_over_static": margin}}}}
+
+    # A win on STS-B (beside the target for MPNet) must not make up for the missing MRPC and SST-2.
+    tasks = {"mpnet RTE": task(1.2), "mpnet STS-B": task(2.0)}
+    row = next(t for t in v3.targets(tasks) if t["target"].startswith("MPNet: adaptive beats static"))
+    assert row["status"] == "open"
+    assert row["detail"] == (
+        "1 of 3 tasks measured; PABEE, paper's loss 1/1; beside the target, mpnet STS-B: PABEE, paper's loss beats"
+    )
+    tasks |= {"mpnet MRPC": task(0.9), "mpnet SST-2": task(1.0)}
+    row = next(t for t in v3.targets(tasks) if t["target"].startswith("MPNet: adaptive beats static"))
+    assert row["status"] == "met"  # RTE and SST-2 (a margin of exactly 1 point counts)
+    assert row["detail"].startswith("3 of 3 tasks measured; PABEE, paper's loss 2/3;")
