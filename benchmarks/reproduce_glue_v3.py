@@ -62,7 +62,6 @@ HYPER = {
 # Training subsets (first N examples), per backbone: SST-2's 67k sentences are too many for these CPUs at all, and
 # MPNet's STS-B (~4 s a step) is cut to fit its three runs and baselines in one session.
 TRAIN_LIMITS = {"minilm": {"SST-2": 8000}, "mpnet": {"SST-2": 8000, "STS-B": 3000}}
-OLD_LIMITS = {"minilm": {"SST-2": 8000}, "mpnet": {"SST-2": 8000}}  # reports written before they were recorded
 ADAPTIVE = ("patience", "confidence", "entropy")
 MAX_DROP = v2.MAX_DROP
 
@@ -396,7 +395,7 @@ def render(report: dict) -> str:
         "How every number is chosen and compared: the docstring of `benchmarks/reproduce_glue_v3.py` (v2's rule: "
         f"the fewest-layers setting within {MAX_DROP:g} point of plain fine-tuning on dev half 1, reported on half "
         "2). "
-        f"Hyper-parameters: {report['hyper']}; {_limits(report.get('train_limits', OLD_LIMITS), report['tasks'])}. "
+        f"Hyper-parameters: {report['hyper']}; {_limits(report['train_limits'], report['tasks'])}. "
         "Runs: " + "; ".join(f"{LABELS[n]} `{' '.join(f) or '(v2 flags)'}`" for n, f in report["runs"].items()) + ".",
         "",
         "## Per task and backbone (reporting half)",
