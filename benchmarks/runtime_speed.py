@@ -2,19 +2,23 @@
 
 A CPU user without pabee exports the model as one graph, runs onnxruntime's transformer optimizer on it and
 quantizes it to int8 (`pabee.onnx_export.export_full_model`). pabee's export is that same graph with its layer
-boundaries named, cut into segments. Per task, every variant runs in short passes, interleaved, and each round gives
-its own ratios (the baseline's seconds over the variant's; median over rounds): torch fp32 full; the plain and the
-optimized int8 whole graph, the optimized fp32 whole graph; pabee fp32 and int8 at patience 0; pabee int8 at the
-fastest patience and confidence threshold within one point of its full model, chosen on one random half of the dev
-set (`pabee.calibrate.choose_setting`) and measured, quality and speed, on the other half.
+boundaries named, cut into segments. Every graph meant to be optimized must come out fused (`require_optimized`):
+an optimizer that fails stops the benchmark rather than measure against a weaker baseline (or a handicapped pabee),
+and the JSON records what it fused in each graph. Per task, every variant runs in short passes, interleaved, and
+each round gives its own ratios (the baseline's seconds over the variant's; median over rounds): torch fp32 full;
+the plain and the optimized int8 whole graph, the optimized fp32 whole graph; pabee fp32 and int8 at patience 0;
+pabee int8 at the fastest patience and confidence threshold within one point of its full model, chosen on one
+random half of the dev set (`pabee.calibrate.choose_setting`) and measured, quality and speed, on the other half.
 
 Quality, on the reporting half: each variant's score, mean exit layer and, for pabee, the share of examples whose
 exit layer equals torch fp32's at the same setting; and the largest difference of any layer's logits between
 ONNX Runtime fp32 and torch. (This replaces `backends.py` and `paired_speedups.py`, retired with their results.)
 
-Targets: pabee at patience 0 >= 0.97x the optimized whole graph of its precision; early exit >= 0.9 x (layers / mean
-exit layer of the timed examples) over the optimized int8 whole graph; >= 4x (batch 32) and >= 5.5x (batch 1) torch
-fp32 full.
+A speed-up is how many times faster a variant runs than the graph it is compared with; a target is the least
+speed-up asked. Targets: pabee at patience 0 >= 0.97x the optimized whole graph of its precision; early exit >= 0.9 x
+(layers / mean exit layer of the timed examples) over the optimized int8 whole graph; >= 4x (batch 32) and >= 5.5x
+(batch 1) torch fp32 full; and, as a check that the baseline is the strongest whole graph, the optimized int8 whole
+graph >= 1.00x the plain one. The Markdown counts per target how many rows meet it.
 
     python benchmarks/runtime_speed.py --model MRPC=runs/mrpc --model SST-2=runs/sst2 --threads 2
 """
@@ -37,6 +41,7 @@ from pabee.metrics import compute_metrics
 CONFIDENCES = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 FULL = ExitSpec("patience", patience=0)
 BASE = "ORT int8 whole graph, optimized"
+PLAIN = "ORT int8 whole graph, plain"
 TORCH = "torch fp32 full"
 TARGETS = {("batch 32", TORCH): 4.0, ("batch 1", TORCH): 5.5}  # patience 0: 0.97; early exit: 0.9 of the ideal
 
@@ -94,14 +99,22 @@ def engine(model, spec: ExitSpec):
     return run
 
 
-def export(folder: str, work: Path) -> None:
-    """pabee's export and the whole graphs, plain and optimized, in `work`."""
+def export(folder: str, work: Path) -> dict[str, dict]:
+    """pabee's exports and the whole graphs, plain and optimized, in `work`; what onnxruntime's transformer optimizer
+    did to each graph, by variant name. A graph meant to be optimized that it did not fuse raises (`PabeeError`)."""
+    from pabee.folders import read_manifest
     from pabee.onnx_export import export_full_model, export_onnx
 
+    graphs = {}
     for precision, quantize in (("fp32", None), ("int8", "int8")):
-        export_onnx(folder, work / precision, quantize=quantize)
-        export_full_model(folder, work / f"whole_{precision}_optimized.onnx", quantize)
-    export_full_model(folder, work / "whole_int8_plain.onnx", "int8", optimize=False)
+        export_onnx(folder, work / precision, quantize=quantize, require_optimized=True)
+        graphs[f"pabee ORT {precision}"] = read_manifest(work / precision)["optimization"]
+        path = work / f"whole_{precision}_optimized.onnx"
+        graphs[f"ORT {precision} whole graph, optimized"] = export_full_model(
+            folder, path, quantize, require_optimized=True
+        ).optimization
+    graphs[PLAIN] = export_full_model(folder, work / "whole_int8_plain.onnx", "int8", optimize=False).optimization
+    return graphs
 
 
 def choose(model, dev: DevSet) -> tuple[dict[str, dict], dict[str, list]]:
@@ -140,7 +153,7 @@ def variants_for(folder: str, work: Path, threads: int, chosen: dict[str, dict])
         out[f"ORT {precision} whole graph, optimized"] = WholeGraph(
             work / f"whole_{precision}_optimized.onnx", threads
         )
-    out["ORT int8 whole graph, plain"] = WholeGraph(work / "whole_int8_plain.onnx", threads)
+    out[PLAIN] = WholeGraph(work / "whole_int8_plain.onnx", threads)
     for precision in ("fp32", "int8"):
         model = load_runtime(work / precision, threads=threads)
         out[f"pabee ORT {precision} patience 0"] = engine(model, FULL)
@@ -155,8 +168,9 @@ def mean_exit_layer(forward, data: list[dict]) -> float:
 
 
 def pairs(variants: dict) -> list[tuple[str, str, float]]:
-    """(variant, baseline, target); early-exit targets are fractions of the ideal speed-up, set per mode later."""
-    out = [("ORT int8 whole graph, plain", BASE, 1.0)]
+    """(variant, baseline, target); early-exit targets are fractions of the ideal speed-up, set per mode later. The
+    optimized int8 whole graph over the plain one checks that the baseline is the stronger of the two."""
+    out = [(BASE, PLAIN, 1.0)]
     out += [(f"pabee ORT {p} patience 0", f"ORT {p} whole graph, optimized", 0.97) for p in ("fp32", "int8")]
     early = [name for name in variants if name.startswith("pabee ORT int8") and not name.endswith("patience 0")]
     return out + [(name, base, 0.9) for name in early for base in (BASE, TORCH)]
@@ -206,7 +220,7 @@ def measure_task(name: str, folder: str, args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        export(folder, work)
+        graphs = export(folder, work)
         model = load_runtime(work / "int8")
         chosen, halves = choose(model, dev)
         variants = variants_for(folder, work, args.threads, chosen)
@@ -227,7 +241,7 @@ def measure_task(name: str, folder: str, args) -> dict:
         checks = quality(folder, work, dev, chosen, halves["report"])
     settings = {n: {k: v for k, v in c.items() if k != "spec"} for n, c in chosen.items()}
     metric = "mean of " + ", ".join(dev.task.metrics)
-    return {"task": name, "metric": metric, "settings": settings, "rows": rows, "quality": checks}
+    return {"task": name, "metric": metric, "settings": settings, "graphs": graphs, "rows": rows, "quality": checks}
 
 
 def render(report: dict) -> str:
@@ -236,14 +250,100 @@ def render(report: dict) -> str:
         f"onnxruntime {report['onnxruntime']}, torch {p['versions'].get('torch')}; {report['threads']} thread(s); "
         f"{report['rounds']} interleaved rounds (the dev set's reporting half in length-sorted batches of 32, or "
         f"its first {report['single_examples']} examples one at a time); a ratio is the baseline's seconds over the "
-        "variant's in the same round. Ideal: layers / the variant's mean exit layer on the timed examples."
+        "variant's in the same round, so a speed-up above 1.00x means the variant ran faster than the graph in "
+        "Over. Ideal: layers / the variant's mean exit layer on the timed examples. Target: the least speed-up "
+        "asked (patience 0: 0.97x; early exit: 0.9 x ideal over the optimized int8 whole graph, 4x at batch 32 and "
+        "5.5x at batch 1 over torch; the optimized int8 whole graph over the plain one: 1.00x, i.e. the baseline is "
+        "at least as fast as the graph left plain)."
     )
     lines = common.heading("Early exit on ONNX Runtime vs the optimized whole graph, paired per round", p, setup)
     for task in report["tasks"]:
-        lines += [f"## {task['task']}", "", *_settings(task), ""]
+        lines += [f"## {task['task']}", "", *_settings(task), "", *_graphs(task), ""]
         head = ["Mode", "Variant", "Over", "Speed-up (median)", "Quartiles", "Ideal", "Target", ""]
-        lines += common.table(head, [_cells(r) for r in task["rows"]]) + [""] + _quality(task["quality"])
-    return "\n".join(lines)
+        rows = [_oriented(r) for r in task["rows"]]
+        lines += common.table(head, [_cells(r) for r in rows]) + [""] + _quality(task["quality"])
+    return "\n".join([*lines, *_targets(report["tasks"])])
+
+
+def _oriented(row: dict) -> dict:
+    """A row as the benchmark writes it now. Results from before the optimizer check was turned round hold the plain
+    whole graph over the optimized one; each round's ratio is inverted so the row reads optimized over plain."""
+    if row["variant"] != PLAIN:
+        return row
+    ratios = [1 / r for r in row["ratios"]]
+    return row | {"variant": row["over"], "over": PLAIN, **common.quartiles(ratios), "ratios": ratios}
+
+
+def _graphs(task: dict) -> list[str]:
+    """What onnxruntime's transformer optimizer fused in each graph, or that this result did not record it."""
+    graphs = task.get("graphs")
+    if graphs is None:
+        return ["Fused by onnxruntime's transformer optimizer: not recorded (this result predates the record)."]
+    out = ["Fused by onnxruntime's transformer optimizer (counted before int8 quantization):", ""]
+    for name, optimization in graphs.items():
+        if optimization["applied"]:
+            fused = ", ".join(f"{count} {op}" for op, count in optimization["fused"].items()) or "no operator"
+            out.append(f"- {name}: {fused}")
+        else:
+            out.append(f"- {name}: left plain ({optimization['reason']})")
+    return out
+
+
+TARGET_NAMES = {  # in the order the summary lists them
+    "patience 0": "pabee at patience 0 ≥ 0.97x the optimized whole graph of its precision",
+    "ideal": "Early exit ≥ 0.9 x ideal over the optimized int8 whole graph",
+    "batch 32": "Early exit ≥ 4x torch fp32 full at batch 32",
+    "batch 1": "Early exit ≥ 5.5x torch fp32 full at batch 1",
+    "optimizer": "The optimized int8 whole graph ≥ 1.00x the plain one (the baseline is the faster whole graph)",
+}
+
+
+def _target_of(row: dict) -> str:
+    """Which of `TARGET_NAMES` a (turned round) row is measured against."""
+    if row["over"] == PLAIN:
+        return "optimizer"
+    if row["variant"].endswith("patience 0"):
+        return "patience 0"
+    return row["mode"] if row["over"] == TORCH else "ideal"
+
+
+def _targets(tasks: list[dict]) -> list[str]:
+    """Per target over every task: how many rows meet it, which do and which miss (and by how much)."""
+    rows: dict[str, list[tuple[str, dict]]] = {key: [] for key in TARGET_NAMES}
+    for task in tasks:
+        for row in map(_oriented, task["rows"]):
+            rows[_target_of(row)].append((task["task"], row))
+    out = ["## Targets, counted over every task and mode", ""]
+    for key, name in TARGET_NAMES.items():
+        met = [_described(task, r, key) for task, r in rows[key] if r["median"] >= r["target"]]
+        short = [(task, r) for task, r in rows[key] if r["median"] < r["target"]]
+        missed = [_described(task, r, key, f", short by {_shortfall(r)}") for task, r in short]
+        parts = [f"**met in {len(met)} of {len(rows[key])}**"]
+        parts += [f"Missed: {'; '.join(missed)}"] if missed else []
+        parts += [f"Met: {'; '.join(met)}"] if met else []
+        out.append(f"- {name}: " + ". ".join(parts) + ".")
+    return [*out, ""]
+
+
+def _described(task: str, row: dict, key: str, shortfall: str = "") -> str:
+    """A row in words: task, mode, variant, and its speed-up (early exit: as a share of the ideal too)."""
+    variant = row["variant"].removeprefix("pabee ORT ") if key != "optimizer" else "optimized over plain"
+    value = _speedup(row)
+    if key == "ideal":
+        value += f", {100 * row['median'] / row['ideal']:.0f}% of ideal {row['ideal']:.2f}x"
+    return f"{task} {row['mode']} {variant} ({value}{shortfall})"
+
+
+def _speedup(row: dict) -> str:
+    """The median speed-up to two decimals, or three where two would round it onto its target."""
+    close = f"{row['median']:.2f}" == f"{row['target']:.2f}" and row["median"] != row["target"]
+    return f"{row['median']:.3f}x" if close else f"{row['median']:.2f}x"
+
+
+def _shortfall(row: dict) -> str:
+    """How far a row's median falls short of its target, in percent (one decimal below 1%)."""
+    short = 100 * (1 - row["median"] / row["target"])
+    return f"{short:.1f}%" if short < 1 else f"{short:.0f}%"
 
 
 def _quality(checks: dict) -> list[str]:
@@ -270,14 +370,14 @@ def _settings(task: dict) -> list[str]:
 
 
 def _cells(r: dict) -> list:
-    verdict = "met" if r["median"] >= r["target"] else f"missed by {100 * (1 - r['median'] / r['target']):.0f}%"
+    verdict = "met" if r["median"] >= r["target"] else f"missed by {_shortfall(r)}"
     ideal = "—" if r["ideal"] is None else f"{r['ideal']:.2f}x"
     variant = r["variant"].removeprefix("pabee ORT ")
     return [
         r["mode"],
         variant,
         r["over"],
-        f"{r['median']:.2f}x",
+        _speedup(r),
         f"{r['q1']:.2f}–{r['q3']:.2f}",
         ideal,
         f"{r['target']:.2f}x",

@@ -4,10 +4,15 @@ same exit loop gives the same exits, int8 runs, and a broken export folder is a 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import stat
+import sys
+from collections import Counter
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -19,7 +24,7 @@ from pabee.errors import PabeeError
 from pabee.exits import ExitSpec
 from pabee.folders import FORMAT_VERSION, MANIFEST, load_runtime, read_manifest
 from pabee.modeling import infer
-from pabee.onnx_export import export_onnx
+from pabee.onnx_export import FUSED_OPS, GRAPH, export_full_model, export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -368,3 +373,140 @@ def test_the_optimizer_fuses_the_export_and_early_exit_makes_few_calls(exports, 
     out = infer(onnx, batch, ExitSpec(patience=2))
     assert calls[0] == ("prefix", 3, True) and len(calls) == 1 + int(out.exit_layers.max()) - 3
     assert all(key[0] == "layer" for key in calls[1:])
+
+
+# --- onnxruntime's optimizer: recorded, warned about, or required (issue 39) -------------------------------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def failing_optimizer(monkeypatch) -> str:
+    """onnxruntime's transformer optimizer raising, as on a graph it cannot handle; the reason an export records."""
+    from onnxruntime.transformers import optimizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fusion pattern\nmatches this graph")
+
+    monkeypatch.setattr(optimizer, "optimize_model", broken)
+    return "RuntimeError: no fusion pattern matches this graph"
+
+
+@pytest.fixture(scope="module")
+def runtime_speed() -> ModuleType:
+    """`benchmarks/runtime_speed.py`, which imports `common` from its own folder."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import runtime_speed
+
+        return runtime_speed
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _fused(graph: Path) -> dict[str, int]:
+    import onnx
+
+    return dict(Counter(node.op_type for node in onnx.load(graph).graph.node if node.op_type in FUSED_OPS))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pabee.onnx_export" and r.levelno == logging.WARNING]
+
+
+def test_an_export_the_optimizer_fails_on_still_runs_and_says_why(
+    tmp_path, model_dir, failing_optimizer, caplog, sst2_dev_sentences
+):
+    """For users the fallback stays: the plain graph is exported, the manifest records why, a warning names it."""
+    folder = tmp_path / "onnx"
+    with caplog.at_level(logging.WARNING, logger="pabee.onnx_export"):
+        assert main(["export", "--model", str(model_dir), "--output", str(folder)]) == 0
+    assert read_manifest(folder)["optimization"] == {"applied": False, "reason": failing_optimizer}
+    assert _fused(folder / GRAPH) == {}  # the plain graph
+    [warning] = _warnings(caplog)
+    assert failing_optimizer in warning and str(folder) in warning and "did not fuse" in warning
+    expected = pabee.pipeline(model_dir)(sst2_dev_sentences[:8])
+    answers = pabee.pipeline(folder, threads=1)(sst2_dev_sentences[:8])
+    assert [a["exit_layer"] for a in answers] == [a["exit_layer"] for a in expected]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pabee.onnx_export"):  # --no_optimize is asked for: no warning
+        export_onnx(model_dir, tmp_path / "plain", optimize=False)
+    assert _warnings(caplog) == []
+
+
+def test_require_optimized_makes_a_failed_optimizer_an_error(tmp_path, model_dir, failing_optimizer):
+    whole = export_full_model(model_dir, tmp_path / "whole.onnx")  # without the flag: the plain graph, and why
+    assert whole.optimization == {"applied": False, "reason": failing_optimizer}
+    assert whole.path.is_file() and _fused(whole.path) == {}
+    strict = tmp_path / "strict.onnx"
+    refused = f"(require_optimized=True): {failing_optimizer}"
+    with pytest.raises(PabeeError, match=re.escape(f"did not fuse {strict} {refused}")):
+        export_full_model(model_dir, strict, "int8", require_optimized=True)
+    with pytest.raises(PabeeError, match=re.escape(f"did not fuse the export {tmp_path / 'strict'} {refused}")):
+        export_onnx(model_dir, tmp_path / "strict", "int8", require_optimized=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.onnx"]  # neither strict graph is left behind
+    with pytest.raises(ValueError, match="require_optimized=True needs optimize=True"):
+        export_full_model(model_dir, tmp_path / "x.onnx", optimize=False, require_optimized=True)
+
+
+def test_the_whole_graph_records_what_the_optimizer_fused(tmp_path, model_dir):
+    whole = export_full_model(model_dir, tmp_path / "whole.onnx", require_optimized=True)
+    assert whole.optimization["applied"] and whole.optimization["fused"] == _fused(whole.path)
+    assert whole.optimization["fused"]["Attention"] == 4  # one per layer
+    plain = export_full_model(model_dir, tmp_path / "plain.onnx", optimize=False)
+    assert plain.optimization == {"applied": False, "reason": "optimize=False"} and _fused(plain.path) == {}
+
+
+@pytest.mark.parametrize("failing", ["model.onnx", "whole_fp32_optimized.onnx"])
+def test_the_benchmark_stops_when_a_graph_is_not_fused(runtime_speed, tmp_path, model_dir, monkeypatch, failing):
+    """pabee's export and the optimized whole graph must both be fused: either failing stops the benchmark."""
+    from onnxruntime.transformers import optimizer
+
+    real = optimizer.optimize_model
+
+    def failing_on_one_graph(path, *args, **kwargs):
+        if Path(path).name == failing:
+            raise RuntimeError("no fusion pattern matches this graph")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "optimize_model", failing_on_one_graph)
+    graph = f"the export {tmp_path / 'fp32'}" if failing == GRAPH else str(tmp_path / failing)
+    with pytest.raises(PabeeError, match=re.escape(f"did not fuse {graph} (require_optimized=True): RuntimeError")):
+        runtime_speed.export(str(model_dir), tmp_path)
+
+
+def _row(variant: str, over: str, target: float, ratios: list[float], mode: str = "batch 32") -> dict:
+    import statistics
+
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    row = {"mode": mode, "variant": variant, "over": over, "median": median, "q1": q1, "q3": q3, "target": target}
+    return row | {"ideal": None, "mean_exit_layer": None, "ratios": ratios}
+
+
+def test_the_runtime_report_says_what_was_fused_and_counts_each_target(runtime_speed):
+    """Older results (no fusion record, the plain graph over the optimized one) render too, turned round."""
+    rs = runtime_speed
+    rows = [
+        _row(rs.PLAIN, rs.BASE, 1.0, [1.25, 1.25, 1.25, 1.25]),  # as results before issue 39 stored it
+        _row("pabee ORT int8 patience 0", rs.BASE, 0.97, [0.95, 0.96, 0.96, 0.97]),
+        _row("pabee ORT fp32 patience 0", "ORT fp32 whole graph, optimized", 0.97, [0.99, 1.0, 1.0, 1.01]),
+    ]
+    task = {"task": "MRPC", "metric": "accuracy", "settings": {}, "rows": rows}
+    task["quality"] = {"variants": [], "layer_logits_max_diff_fp32": 0.0}
+    hardware = {"cpu": "CPU", "cpu_flags": []}
+    provenance = {"command": "c", "date": "d", "hardware": hardware, "versions": {"torch": "t"}}
+    report = {"onnxruntime": "o", "threads": 2, "rounds": 4, "single_examples": 8, "provenance": provenance}
+    old = rs.render(report | {"tasks": [task]})
+    assert "Fused by onnxruntime's transformer optimizer: not recorded" in old
+    # the optimized graph over the plain one: each round's 1.25 turned into 0.80, which misses the 1.00x target
+    assert f"| batch 32 | {rs.BASE} | {rs.PLAIN} | 0.80x | 0.80–0.80 | — | 1.00x | missed by 20% |" in old
+    assert "| batch 32 | int8 patience 0 | ORT int8 whole graph, optimized | 0.96x |" in old
+    assert "pabee at patience 0 ≥ 0.97x the optimized whole graph of its precision: **met in 1 of 2**" in old
+    assert "Missed: MRPC batch 32 int8 patience 0 (0.96x, short by 1%)" in old
+    assert "the plain one (the baseline is the faster whole graph): **met in 0 of 1**" in old
+
+    fused = {"applied": True, "model_type": "bert", "fused": {"Attention": 4, "SkipLayerNormalization": 8}}
+    graphs = {rs.BASE: fused, rs.PLAIN: {"applied": False, "reason": "optimize=False"}}
+    new = rs.render(report | {"tasks": [task | {"graphs": graphs}]})
+    assert "not recorded" not in new
+    assert f"- {rs.BASE}: 4 Attention, 8 SkipLayerNormalization\n- {rs.PLAIN}: left plain (optimize=False)" in new

@@ -6,7 +6,8 @@ graph that names what passes between layers: `hidden_0` (the embeddings) to `hid
 (`mask`, or `mask.<key>` for a backbone whose mask is several tensors) and every layer's logits `logits_1` to
 `logits_L`. That graph gets what a user would do to it without pabee: onnxruntime's transformer optimizer (fused
 Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization, wherever its result is checked equal to the
-plain graph) and, with `--quantize int8`, per-channel dynamic int8. `pabee.onnx_model` then cuts it at those
+plain graph; where it is not, the graph stays plain, the manifest says why and a warning names the reason) and,
+with `--quantize int8`, per-channel dynamic int8. `pabee.onnx_model` then cuts it at those
 names into the segments early exit runs (the layers before the first possible exit in one session, then one
 layer at a time), so every segment has exactly the optimizations of the whole graph.
 
@@ -28,7 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +42,9 @@ from .onnx_model import require_onnx
 from .provenance import file_digest, fsync_folder, make_temp_folder
 from .version import __version__
 
-__all__ = ["GRAPH", "OPSET", "export_full_model", "export_onnx"]
+__all__ = ["GRAPH", "OPSET", "FullModelExport", "export_full_model", "export_onnx"]
+
+logger = logging.getLogger(__name__)
 
 OPSET = 17
 PRECISIONS = ("fp32", "int8")
@@ -206,13 +209,27 @@ def _optimize(path: Path, model: PabeeForSequenceClassification, outputs: list[s
         difference = _max_difference(path, candidate, outputs)
     except Exception as error:  # an optimizer that cannot handle a backbone leaves its graph plain
         candidate.unlink(missing_ok=True)
-        return {"applied": False, "reason": f"{type(error).__name__}: {error}"[:300]}
+        return {"applied": False, "reason": " ".join(f"{type(error).__name__}: {error}".split())[:300]}
     if difference > 1e-4:
         candidate.unlink()
         return {"applied": False, "reason": f"optimized outputs differ by {difference:.2g}"}
     os.replace(candidate, path)
     fused = Counter(node.op_type for node in optimized.model.graph.node if node.op_type in FUSED_OPS)
     return {"applied": True, "model_type": "bert", "fused": dict(sorted(fused.items()))}
+
+
+def _unfused(optimization: dict[str, Any]) -> str | None:
+    """Why a graph meant to be optimized is not fused (the optimizer was not kept, or matched nothing), or None."""
+    if not optimization["applied"]:
+        return optimization["reason"]
+    return None if optimization.get("fused") else "the optimizer fused no operator"
+
+
+def _require_fused(optimization: dict[str, Any], what: str) -> None:
+    """`require_optimized`: a graph the optimizer did not fuse is an error, not a plain graph."""
+    reason = _unfused(optimization)
+    if reason is not None:
+        raise PabeeError(f"onnxruntime's transformer optimizer did not fuse {what} (require_optimized=True): {reason}")
 
 
 def _max_difference(plain: Path, optimized: Path, outputs: list[str]) -> float:
@@ -263,22 +280,48 @@ def _quantize(path: Path) -> None:
     os.replace(quantized, path)
 
 
+class FullModelExport(NamedTuple):
+    """What `export_full_model` wrote: the graph's `path`, and what onnxruntime's transformer optimizer did to it,
+    as the manifest of `export_onnx` records it: `{"applied": True, "model_type": "bert", "fused": {op: count}}`
+    (counted before int8 quantization) or `{"applied": False, "reason": ...}`."""
+
+    path: Path
+    optimization: dict[str, Any]
+
+
 def export_full_model(
-    model_dir: str | Path, path: str | Path, quantize: str | None = None, opset: int = OPSET, optimize: bool = True
-) -> Path:
+    model_dir: str | Path,
+    path: str | Path,
+    quantize: str | None = None,
+    opset: int = OPSET,
+    optimize: bool = True,
+    require_optimized: bool = False,
+) -> FullModelExport:
     """The model as ONE graph at full depth, as a user without early exit would deploy it: exported, optimized by
     onnxruntime's transformer optimizer (unless `optimize=False`) and quantized like `export_onnx`'s graph. The
     baseline early exit is measured against (`benchmarks/`). Inputs: `input_ids`, `attention_mask`,
-    `token_type_ids`; output: `logits`."""
+    `token_type_ids`; output: `logits`.
+
+    Where the optimizer fails or changes the outputs the graph stays plain, as in `export_onnx`, and the returned
+    `optimization` says why; with `require_optimized=True` that (or an optimizer that fused nothing) raises a
+    `PabeeError` instead, so a baseline is never weaker than it claims to be.
+
+    Example:
+        >>> graph, optimization = export_full_model("runs/mrpc", "whole.onnx", "int8", require_optimized=True)
+    """
+    if require_optimized and not optimize:
+        raise ValueError("require_optimized=True needs optimize=True.")
     require_onnx()
     model, _ = _load(model_dir)
     path = Path(path)
     _export(_FullModel(model), path, ["logits"], {"logits": {0: "batch"}}, opset)
-    if optimize:
-        _optimize(path, model, ["logits"])
+    optimization = _optimize(path, model, ["logits"]) if optimize else {"applied": False, "reason": "optimize=False"}
+    if require_optimized and _unfused(optimization) is not None:
+        path.unlink()  # a baseline that is not what it claims to be is not left behind
+        _require_fused(optimization, str(path))
     if quantize == "int8":
         _quantize(path)
-    return path
+    return FullModelExport(path, optimization)
 
 
 def _versions() -> dict[str, str]:
@@ -317,12 +360,18 @@ def export_onnx(
     opset: int = OPSET,
     overwrite: bool = False,
     optimize: bool = True,
+    require_optimized: bool = False,
 ) -> Path:
     """Export the PABEE model in `model_dir` to `output` (see the module docstring); returns `output`.
 
-    `optimize=False` leaves out onnxruntime's transformer optimizer. The folder is built beside `output` and moved
-    into place at the end, so a failed export leaves nothing.
+    `optimize=False` leaves out onnxruntime's transformer optimizer. Where the optimizer fails or changes the
+    graph's outputs, the graph stays plain: the manifest's `optimization` records why and a warning (logger
+    `pabee.onnx_export`) names the reason; with `require_optimized=True` that (or an optimizer that fused nothing)
+    is a `PabeeError` instead. The folder is built beside `output` and moved into place at the end, so a failed
+    export leaves nothing.
     """
+    if require_optimized and not optimize:
+        raise ValueError("require_optimized=True needs optimize=True.")
     require_onnx()
     output = Path(output)
     precision = quantize or "fp32"
@@ -334,6 +383,9 @@ def export_onnx(
     work = make_temp_folder(output.parent, f".{output.name}.")  # the umask's mode, which the export keeps
     try:
         layout = _write_graph(model, work / GRAPH, opset, optimize)
+        if require_optimized:
+            _require_fused(layout["optimization"], f"the export {output}")
+        unfused = _unfused(layout["optimization"]) if optimize else None  # --no_optimize is no news
         if precision == "int8":
             _quantize(work / GRAPH)
         tokenizer.save_pretrained(work)
@@ -347,6 +399,14 @@ def export_onnx(
         _replace(output, work, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if unfused is not None:  # after the export is in place: the warning names a folder that exists
+        logger.warning(
+            "onnxruntime's transformer optimizer did not fuse the export %s, which runs its graph as exported: %s "
+            '(recorded under "optimization" in %s)',
+            output,
+            unfused,
+            MANIFEST,
+        )
     return output
 
 
