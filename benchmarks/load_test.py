@@ -208,6 +208,7 @@ def measure(args: argparse.Namespace) -> dict:
     from transformers import AutoConfig
 
     import pabee  # noqa: F401 - registers the PABEE config
+    from pabee.provenance import portable_path
 
     requests = serving.bodies(common.sst2_sentences(args.glue_dir))
     batched = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms}
@@ -250,7 +251,10 @@ def measure(args: argparse.Namespace) -> dict:
         model_alone_runs=alone_runs,
         load_average_start=load_start,
         load_average_end=serving.load_average(),
-        provenance={"model": args.model, "data": str(Path(args.glue_dir) / "SST-2" / "dev.tsv")},
+        provenance={
+            "model": portable_path(args.model),
+            "data": portable_path(Path(args.glue_dir).resolve() / "SST-2" / "dev.tsv"),
+        },
     )
 
 

@@ -225,6 +225,8 @@ def summarize(runs: dict[str, list[dict]], args) -> tuple[dict, str]:
 
 
 def measure(args) -> dict:
+    from pabee.provenance import portable_path
+
     if args.client_cpus:
         os.sched_setaffinity(0, args.client_cpus)
     requests = serving.bodies(common.sst2_sentences(args.glue_dir))
@@ -249,14 +251,18 @@ def measure(args) -> dict:
         soak["max_queue"] = defaults[1]
         print(f"soak: {json.dumps(soak)}", flush=True)
     return common.report(
-        **{k: getattr(args, k) for k in ("model", "threads", "request_timeout", "rounds")},
+        model=portable_path(args.model),
+        **{k: getattr(args, k) for k in ("threads", "request_timeout", "rounds")},
         **{k: getattr(args, k) for k in ("light_load", "overload", "duration")},
         **{k: sorted(getattr(args, k) or []) or "all" for k in ("server_cpus", "client_cpus")},
         overload_results=table,
         verdict=verdict,
         runs=runs,
         soak=soak,
-        provenance={"model": args.model, "data": str(Path(args.glue_dir) / "SST-2" / "dev.tsv")},
+        provenance={
+            "model": portable_path(args.model),
+            "data": portable_path(Path(args.glue_dir).resolve() / "SST-2" / "dev.tsv"),
+        },
     )
 
 

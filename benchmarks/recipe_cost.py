@@ -73,6 +73,7 @@ def measure(args) -> dict:
 
     from pabee import PabeeForSequenceClassification, bundled_model_path
     from pabee.bench import time_variants
+    from pabee.provenance import portable_path
 
     torch.set_num_threads(args.threads)
     name = args.model or str(bundled_model_path())
@@ -105,7 +106,7 @@ def measure(args) -> dict:
             "median_ratio": statistics.median(ratios),
         }
     settings = {
-        "model": name,
+        "model": portable_path(name),
         "layers": model.num_layers,
         "pooling": model.config.pooling,
         "threads": args.threads,
@@ -116,7 +117,7 @@ def measure(args) -> dict:
         "seq_lens": [int(b["input_ids"].shape[1]) for b in data],
         "seed": args.seed,
     }
-    return common.report(settings=settings, recipes=results, provenance={"model": name})
+    return common.report(settings=settings, recipes=results, provenance={"model": portable_path(name)})
 
 
 def _spread(values: list[float]) -> dict[str, float]:

@@ -23,6 +23,7 @@ from slowdown_search import attacked, cached_trigger, exit_layers, layer_logits,
 from pabee.bench import time_variants
 from pabee.exits import ExitSpec, sweep_exit_layers
 from pabee.metrics import compute_metrics
+from pabee.provenance import portable_command, portable_path
 
 PERFECT = "perfect attack"  # settings whose names start so simulate it: attacked inputs only
 PLAIN, CAPPED, STATIC, NO_CAP, PERFECT_CAPPED = range(5)  # the settings' places in `exit_settings`
@@ -280,9 +281,13 @@ def stage_measure(args: Any) -> dict[str, Any]:
     for task in args.tasks:
         patience = json.loads((Path(args.models[task]) / "config.json").read_text())["patience"]
         trigger = {k: v for k, v in entries[task].items() if k != "provenance"}
-        tasks[task] = {"model": args.models[task], "model_config_patience": patience, "trigger": trigger}
+        tasks[task] = {
+            "model": portable_path(args.models[task]),
+            "model_config_patience": patience,
+            "trigger": trigger,
+        }
         tasks[task] |= {"model_alone": alone[task], "server": summarise(runs[task], args), "server_runs": runs[task]}
-    argv = sys.argv
+    argv = [portable_command(arg) for arg in sys.argv]
     return common.report(
         **{k: getattr(args, k) for k in ("patience", "max_exit_layer")},
         target_ratio=args.target,
@@ -298,5 +303,10 @@ def stage_measure(args: Any) -> dict[str, Any]:
         },
         load_average_start=load_start,
         load_average_end=serving.load_average(),
-        provenance={"models": args.models, "data": args.glue_dir, "triggers": args.triggers, "stage_command": argv},
+        provenance={
+            "models": {task: portable_path(model) for task, model in args.models.items()},
+            "data": portable_path(Path(args.glue_dir).resolve()),
+            "triggers": portable_path(Path(args.triggers).resolve()),
+            "stage_command": argv,
+        },
     )

@@ -253,6 +253,7 @@ def search_trigger(task: str, model_path: str, args: Any) -> dict[str, Any]:
     current trigger's logits. Every candidate kept is scored in context by a real full-depth pass.
     """
     from pabee.pipeline import pipeline
+    from pabee.provenance import portable_path
 
     torch.manual_seed(args.seed)
     pipe = pipeline(model_path)
@@ -271,7 +272,7 @@ def search_trigger(task: str, model_path: str, args: Any) -> dict[str, Any]:
         raise AssertionError(f"trigger {' '.join(names)!r} does not tokenize as inserted ids")
     return {
         "task": task,
-        "model": model_path,
+        "model": portable_path(model_path),
         "trigger": " ".join(names),
         "trigger_tokens": names,
         "train_sample_size": len(search.examples),
@@ -298,7 +299,7 @@ def cache_key(task: str, model_path: str, args: Any) -> dict[str, Any]:
 
 def stage_search(args: Any) -> None:
     """A trigger per task, searched unless one with these settings is cached (or --research)."""
-    from pabee.provenance import provenance, write_json
+    from pabee.provenance import portable_path, provenance, write_json
 
     torch.set_num_threads(args.threads)
     path = Path(args.triggers)
@@ -310,7 +311,7 @@ def stage_search(args: Any) -> None:
             print(f"[{task}] cached trigger {cached[0]['trigger']!r} (use --research to search again)", flush=True)
             continue
         entry = search_trigger(task, args.models[task], args)
-        entry |= {"key": key, "provenance": provenance(model=args.models[task])}
+        entry |= {"key": key, "provenance": provenance(model=portable_path(args.models[task]))}
         cache["triggers"] = [e for e in cache["triggers"] if e["key"] != key] + [entry]
         write_json(path, cache)
         print(f"[{task}] trigger {entry['trigger']!r} in {entry['search_seconds']:.0f} s -> {path}", flush=True)

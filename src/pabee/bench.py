@@ -265,24 +265,25 @@ def _load_texts(args: BenchArguments) -> tuple[list[tuple[str, str | None]], str
 
 
 def _load_model(args: BenchArguments) -> tuple[Runtime, Any, str]:
-    """The model in eval mode, its tokenizer, and how the report names it."""
+    """The model in eval mode, its tokenizer, and how the report names it (portably: `portable_path`)."""
     from transformers import AutoTokenizer
 
     from .folders import load_runtime, load_tokenizer
     from .pretrained import bundled_model_path
+    from .provenance import portable_path
 
     if args.backend == "onnxruntime":
         model = load_runtime(args.model, "onnxruntime", threads=args.threads)
-        return model, load_tokenizer(args.model), f"{args.model} (ONNX Runtime, {model.precision})"
+        return model, load_tokenizer(args.model), f"{portable_path(args.model)} (ONNX Runtime, {model.precision})"
     if args.model is None:
         torch.manual_seed(args.seed)
         path = str(bundled_model_path())
         model = PabeeForSequenceClassification.from_backbone(path)
         if args.attn_implementation:
             model.set_attn_implementation(args.attn_implementation)
-        label = f"{path} (fresh, untrained heads)"
+        label = f"{portable_path(path)} (fresh, untrained heads)"
     else:
-        path = label = args.model
+        path, label = args.model, portable_path(args.model)
         try:
             extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
             model = PabeeForSequenceClassification.from_pretrained(path, **extra)
@@ -408,14 +409,14 @@ def summarise(
     command: str | None,
 ) -> dict[str, Any]:
     """The JSON report from the raw timings (`report.bench_markdown` renders it)."""
-    from .provenance import provenance
+    from .provenance import portable_path, provenance
 
     batch_sizes = args.batch_size_list
     summary = {
         name: _summary(t, len(work.singles) if "bs1" in name else len(work.features)) for name, t in timings.items()
     }
     return {
-        "provenance": provenance(command, model=work.model_label, data=work.source),
+        "provenance": provenance(command, model=work.model_label, data=portable_path(work.source)),
         "settings": _settings(args, work),
         "check_full_vs_engine_max_abs_diff": max_diff,
         "variants": summary,

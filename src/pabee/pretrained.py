@@ -7,7 +7,9 @@ from pathlib import Path
 
 from transformers.utils import cached_file
 
-__all__ = ["bundled_model_path", "sentence_transformers_pooling"]
+__all__ = ["BUNDLED_MODEL_NAME", "bundled_model_path", "sentence_transformers_pooling"]
+
+BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what a result names the bundled model by
 
 
 def bundled_model_path() -> Path:

@@ -1,7 +1,8 @@
 """What every results file carries and how it is written: provenance (command, versions, hardware) and atomic writes.
 
 Every number we publish is written with what produced it, and files are replaced atomically so an interrupted
-run never leaves half a results file behind.
+run never leaves half a results file behind. The inputs a result names are named portably (`portable_path`), so
+the result reads the same on another machine.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import secrets
 import shlex
 import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +27,8 @@ __all__ = [
     "fsync_folder",
     "hardware",
     "make_temp_folder",
+    "portable_command",
+    "portable_path",
     "provenance",
     "versions",
     "write_atomic",
@@ -82,10 +87,72 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _bundled_model() -> tuple[str, str] | None:
+    """The bundled MiniLM's name and folder, or None when it is not installed (`pretrained` is imported only here:
+    it loads transformers, which this module's writers do not need)."""
+    from .pretrained import BUNDLED_MODEL_NAME, bundled_model_path
+
+    try:
+        return BUNDLED_MODEL_NAME, str(bundled_model_path())
+    except (ImportError, FileNotFoundError):
+        return None
+
+
+def _below(path: str, root: str) -> list[str] | None:
+    """The parts of `path` below `root` ([] for `root` itself), or None when `path` is not in it. Compared as
+    written and with symlinks resolved, so /tmp and its real folder (/private/tmp on macOS) count as one."""
+    for folder in dict.fromkeys((os.path.normpath(root), os.path.realpath(root))):
+        if folder == os.sep:  # the filesystem root anchors nothing
+            continue
+        for candidate in dict.fromkeys((os.path.normpath(path), os.path.realpath(path))):
+            if candidate == folder:
+                return []
+            if candidate.startswith(folder + os.sep):
+                return candidate[len(folder) + 1 :].split(os.sep)
+    return None
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """How a result names an input: the same on every machine, never this machine's absolute path.
+
+    - the bundled MiniLM's folder (or a file in it): the model's name, `sentence-transformers/all-MiniLM-L6-v2`
+      (`.../1_Pooling` after it for a path inside);
+    - in `$GLUE_DIR` (when set): `$GLUE_DIR/<rest>`;
+    - in the current folder (the repository, when a script runs from its root): relative to it (`runs/mrpc`);
+    - in the system's temporary folder: `$TMPDIR/<rest>`, marked as a place that does not last.
+
+    When several folders hold the path, the innermost wins. Anything else is returned as it is: a relative
+    path (already portable), a hub name such as `bert-base-uncased`, an absolute path elsewhere.
+    """
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        return text
+    bundled = _bundled_model()
+    if bundled is not None and (rest := _below(text, bundled[1])) is not None:
+        return "/".join([bundled[0], *rest])
+    glue = os.environ.get("GLUE_DIR")
+    roots = [("$GLUE_DIR", os.path.abspath(glue))] if glue else []
+    roots += [("", os.getcwd()), ("$TMPDIR", tempfile.gettempdir())]
+    found = [(rest, name) for name, root in roots if (rest := _below(text, root)) is not None]
+    if not found:
+        return text
+    rest, name = min(found, key=lambda item: len(item[0]))  # stable: on a tie the earlier root ($GLUE_DIR) wins
+    return "/".join([name, *rest]) if name else "/".join(rest) or "."
+
+
+_ABSOLUTE_PATH = re.compile(r"""(?<![^\s='"`(])/[^\s'"`;,)]+""")  # at the start, or after a space, =, quote or (
+
+
+def portable_command(text: str) -> str:
+    """`text` (a command line, a label) with every absolute path in it made portable by `portable_path`."""
+    return _ABSOLUTE_PATH.sub(lambda match: portable_path(match.group()), text)
+
+
 def provenance(command: str | None = None, **extra: Any) -> dict[str, Any]:
-    """Command line, date, versions and hardware, plus whatever the caller adds (model, data files, ...)."""
+    """Command line, date, versions and hardware, plus whatever the caller adds (model, data files, ...). The
+    command's absolute paths are made portable (`portable_command`); the caller makes its own values portable."""
     return {
-        "command": command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": portable_command(command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
         "versions": versions(),
