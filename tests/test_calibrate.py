@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import tiny_run_glue_argv
 
-from pabee.calibrate import choose_setting, split_halves
+from pabee.calibrate import auto_guarantee, choose_setting, split_halves
 from pabee.certify import Guarantee
 from pabee.cli import main
 from pabee.exits import ExitSpec
@@ -37,21 +37,21 @@ def test_the_halves_are_disjoint_cover_everything_and_follow_the_seed():
 
 def test_the_fewest_layers_within_the_drop_on_the_choosing_half(model_dir):
     model = load_model_folder(model_dir)  # 4 layers, two classes
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 200)
+    labels = np.random.default_rng(0).integers(0, 2, 200)
+    report = split_halves(200, seed=3)["report"]
     first = confident(labels, right=True)
-    first[::2] = confident(labels[::2], right=False)  # layer 1: wrong on half the examples
+    first[report] = confident(labels[report], right=False)  # layer 1: right on the choosing half only
     all_logits = np.stack([first] + [confident(labels, right=True)] * 3, axis=1)  # layers 2-4: right and sure
     specs = [ExitSpec("static", threshold=k) for k in (1, 2, 3, 4)]
     specs += [ExitSpec("patience", patience=p) for p in (1, 2)]
     result = choose_setting(model, all_logits, labels, get_task("SST-2"), specs, max_drop=1.0, seed=3)
     chosen = next(row for row in result["rows"] if row["chosen"])
-    assert (chosen["criterion"], chosen["setting"]) == ("static", "k=2")
-    assert chosen["report"]["score"] == pytest.approx(100.0) and result["halves"] == {"choose": 100, "report": 100}
+    # Chosen on the choosing half, where layer 1 looks perfect; had the reporting half chosen, k=2 would have won.
+    assert (chosen["criterion"], chosen["setting"]) == ("static", "k=1")
+    assert chosen["choose"]["score"] == pytest.approx(100.0) and chosen["report"]["score"] == pytest.approx(0.0)
+    assert result["halves"] == {"choose": 100, "report": 100}
     full = result["rows"][0]
     assert full["setting"] == "0 (full)" and full["choose"]["avg_exit_layer"] == 4.0
-    eligible = [r for r in result["rows"] if r["choose"]["score"] >= full["choose"]["score"] - 1.0]
-    assert chosen["choose"]["avg_exit_layer"] == min(r["choose"]["avg_exit_layer"] for r in eligible)
 
 
 def test_with_no_drop_allowed_nothing_worse_than_the_full_model_is_chosen(model_dir):
@@ -114,13 +114,19 @@ def test_calibrate_certifies_on_unlabelled_texts(model_dir, tmp_path, capsys):
     folder = shutil.copytree(model_dir, tmp_path / "model")
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(f"sentence number {i} is {'good' if i % 3 else 'bad'}" for i in range(40)) + "\n")
-    argv = ["calibrate", "--model", str(folder), "--input_file", str(texts), "--certify", "disagreement"]
+    argv = ["calibrate", "--model", str(folder), "--input_file", str(texts)]  # --certify auto: disagreement
     assert main([*argv, "--max_disagreement", "20", "--exit_criterion", "patience,static"]) == 0
     out = capsys.readouterr().out
     report = json.loads((folder / "calibration.json").read_text())
     assert report["halves"] == {"choose": 20, "report": 20} and report["certificate"]["risk"] == "disagreement"
+    rows = {(row["criterion"], row["setting"]): row for row in report["rows"]}
+    # Patience 3 of 4 layers never exits before the last: no answer changes, so 20 examples certify it
+    # (0.8^20 = 0.012 < 0.025, the level of each of the two rules); the choice is the fewest-layer certified one.
+    assert rows["patience", "3"]["certified"] and rows["patience", "3"]["choose"]["disagreement"] == 0.0
+    certified = [row for row in report["rows"] if row["certified"]]
     chosen = next(row for row in report["rows"] if row["chosen"])
-    assert chosen["certified"] and ("certified;" in out or "none certified" in out)
+    assert chosen["choose"]["avg_exit_layer"] == min(row["choose"]["avg_exit_layer"] for row in certified)
+    assert "certified: at most 20% of answers changed with 95% confidence" in out and "none certified" not in out
     markdown = (folder / "calibration.md").read_text()
     assert "Certified on one random half" in markdown and "Unlabelled texts" in markdown
 
@@ -131,7 +137,7 @@ def test_calibrate_writes_the_choice_and_a_report(model_dir, glue_dir, tmp_path,
     folder = shutil.copytree(model_dir, tmp_path / "model")
     before = json.loads((folder / "config.json").read_text())
     argv = ["calibrate", "--model", str(folder), "--task_name", "SST-2", "--data_dir", str(glue_dir / "SST-2")]
-    argv += ["--exit_criterion", "patience,static", "--max_drop", "2"]
+    argv += ["--exit_criterion", "patience,static", "--max_drop", "2", "--certify", "none"]
     assert main([*argv, "--dry_run"]) == 0
     assert json.loads((folder / "config.json").read_text()) == before
     assert "dry run, config unchanged" in capsys.readouterr().out
@@ -146,8 +152,44 @@ def test_calibrate_writes_the_choice_and_a_report(model_dir, glue_dir, tmp_path,
     changed = {k for k in before if before[k] != after.get(k)}
     assert changed <= {"exit_criterion", "patience", "exit_threshold", "max_exit_layer"}
     assert report["halves"] == {"choose": 436, "report": 436} and "written to" in out
+    assert "Not certified: within 2 points on the choosing half only" in out and "certificate" not in report
     markdown = (folder / "calibration.md").read_text()
     assert "measured on the other half (436), which the choice never saw" in markdown and "(chosen)" in markdown
+
+
+def test_auto_certifies_the_drop_only_where_the_examples_can():
+    # Two rules at delta 0.05: a 2-point drop needs 368 examples per half, a 1-point drop 741.
+    guarantee, caveat = auto_guarantee(2.0, 0.95, regression=False, examples=368, rules=2)
+    assert guarantee == Guarantee("drop", 0.02, 0.95) and caveat is None
+    guarantee, caveat = auto_guarantee(2.0, 0.95, regression=False, examples=367, rules=2)
+    assert guarantee is None and "needs at least 368 examples per half here, these give 367" in caveat
+    assert auto_guarantee(1.0, 0.95, False, 740, 2)[0] is None and auto_guarantee(1.0, 0.95, False, 741, 2)[0]
+    assert auto_guarantee(1.0, 0.95, False, 10_000, 3)[0] == Guarantee("drop", 0.01, 0.95)
+    guarantee, caveat = auto_guarantee(5.0, 0.95, regression=True, examples=10_000, rules=1)
+    assert guarantee is None and "correlation" in caveat
+    assert auto_guarantee(0.0, 0.95, False, 10_000, 1)[0] is None
+
+
+def test_calibrate_certifies_by_default_where_the_data_allow_and_says_so_where_not(model_dir, glue_dir, tmp_path,
+                                                                                   capsys):  # fmt: skip
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    argv = ["calibrate", "--model", str(folder), "--task_name", "SST-2", "--data_dir", str(glue_dir / "SST-2")]
+    argv += ["--exit_criterion", "patience,static", "--dry_run"]
+    assert main([*argv, "--max_drop", "2"]) == 0  # 436 per half certify a 2-point drop over two rules (368)
+    out = capsys.readouterr().out
+    report = json.loads((folder / "calibration.json").read_text())
+    assert report["certificate"]["risk"] == "drop" and report["certificate"]["bound"] == 0.02
+    rows = {(row["criterion"], row["setting"]): row for row in report["rows"]}
+    assert rows["patience", "3"]["certified"]  # never exits before layer 4 of 4: changes nothing, so certified
+    assert "certified: accuracy drop at most 2 point(s) with 95% confidence" in out
+    assert "Not certified" not in out and report["caveat"] is None
+    assert main([*argv, "--max_drop", "1"]) == 0  # ... but not a 1-point drop (741)
+    out = capsys.readouterr().out
+    report = json.loads((folder / "calibration.json").read_text())
+    assert "certificate" not in report and "needs at least 741 examples per half here, these give 436" in out
+    assert "Not certified" in (folder / "calibration.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -157,7 +199,7 @@ def test_calibrate_writes_the_choice_and_a_report(model_dir, glue_dir, tmp_path,
         ([], "Give one of --task_name"),
         (["--task_name", "SST-2", "--max_drop", "-1"], "--max_drop=-1.0 is invalid"),
         (["--task_name", "NOPE"], "NOPE"),
-        (["--input_file", "texts.txt"], "only --certify disagreement"),
+        (["--input_file", "texts.txt", "--certify", "drop"], "only --certify disagreement"),
         (["--task_name", "SST-2", "--certify", "drop", "--max_drop", "0"], "--certify drop needs a --max_drop"),
         (["--task_name", "SST-2", "--certify", "drop", "--confidence_level", "1.5"], "--confidence_level=1.5"),
         (["--task_name", "SST-2", "--certify", "disagreement", "--max_disagreement", "0"], "--max_disagreement=0"),
@@ -167,6 +209,18 @@ def test_bad_calibrate_flags_are_one_line(extra, message, model_dir, capsys):
     assert main(["calibrate", "--model", str(model_dir), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_run_glue_saves_the_full_model_unless_a_setting_is_chosen_on_data(tmp_path, minilm_tokenizer):
+    # The sweep's first patience used to become the default (MRPC: patience 1, 6.7 points under the full model).
+    argv, out = tiny_run_glue_argv(tmp_path, minilm_tokenizer, num_rows=40)
+    assert main([*argv, "--patience", "1,2"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["exit_criterion"], saved["patience"], saved["max_exit_layer"]) == ("patience", 0, None)
+    capped = [*argv, "--patience", "1", "--max_exit_layer", "1", "--output_dir", str(tmp_path / "capped")]
+    assert main(capped) == 0
+    saved = json.loads((tmp_path / "capped" / "config.json").read_text())
+    assert (saved["patience"], saved["max_exit_layer"]) == (0, 1)  # the user's worst-case cap is kept
 
 
 def test_run_glue_calibrates_on_held_out_training_examples(tmp_path, minilm_tokenizer, capsys):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pabee.cli import main, translate_seed_flags
+from pabee.cli import _RENAMED_FLAGS, main, translate_seed_flags
 
 
 def run(args: list[str]) -> int:
@@ -329,3 +329,85 @@ def test_own_data_files_regression(tmp_path, capsys):
     row = report["evaluations"][-1]["splits"]["dev"]["patiences"][1]
     assert row["patience"] == 1 and -1.0 <= row["spearman"] <= 1.0
     assert "| Patience | Pearson | Spearman |" in capsys.readouterr().out
+
+
+# --- every command's --help and a bad value of every typed flag ------------------------------------------------
+
+# What each command needs before a flag's value is even looked at (the value checks run after parsing).
+_REQUIRED = {
+    "run-glue": ["--task_name", "MRPC", "--output_dir", "unused"],
+    "predict": ["--model", "unused", "--input", "unused"],
+    "serve": ["--model", "unused"],
+    "calibrate": ["--model", "unused", "--task_name", "MRPC"],
+    "export": ["--model", "unused", "--output", "unused"],
+    "bench": [],
+}
+
+
+def _bad_values(command: str) -> list[tuple[str, str]]:
+    """(flag, value) pairs, one per typed flag of `command`, each a value its type or choices cannot take."""
+    from transformers.hf_argparser import string_to_bool
+
+    from pabee.cli import command_parser
+
+    cases = []
+    for action in command_parser(command)._actions:
+        flag = next((option for option in action.option_strings if option.startswith("--")), None)
+        if flag is None or action.nargs == 0 or flag in ("--help",):
+            continue
+        if action.choices:
+            cases.append((flag, "no-such-choice"))
+        elif action.type is string_to_bool:
+            cases.append((flag, "maybe"))
+        elif action.type in (int, float):
+            cases.append((flag, "many"))
+    return cases
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, (argv, err)
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [None, *sorted(_REQUIRED)])
+def test_every_command_renders_its_help(command, capsys):
+    argv = ["--help"] if command is None else [command, "--help"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pabee") and "Traceback" not in out
+    if command is not None:  # every flag is listed, each help string formatted (a bare % used to crash argparse)
+        assert all(flag in out for flag, _ in _bad_values(command))
+
+
+@pytest.mark.parametrize("command", sorted(_REQUIRED))
+def test_a_bad_value_of_every_typed_flag_is_one_line(command, capsys):
+    cases = _bad_values(command)
+    assert len(cases) >= 3  # the parser really was read
+    for flag, value in cases:
+        line = _one_line_error(capsys, [command, *_REQUIRED[command], flag, value])
+        named = _RENAMED_FLAGS.get(flag, flag)  # the research script's spellings are read as their new names
+        assert line.startswith(f"pabee {command}: error:") and named in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--patience", "-1"], "--patience '-1' is invalid"),
+        (["bench", "--threads", "0"], "--threads=0 is invalid"),
+        (["predict", "--model", "m", "--input", "i", "--patience", "-3"], "patience=-3 is invalid"),
+        (["predict", "--model", "m", "--input", "i", "--batch_size", "0"], "--batch_size=0 is invalid"),
+        (["serve", "--model", "m", "--max_queue", "0"], "--max_queue=0 is invalid"),
+        (["serve", "--model", "m", "--request_timeout", "0"], "--request_timeout=0.0 is invalid"),
+        (["calibrate", "--model", "m", "--task_name", "MRPC", "--max_drop", "-1"], "--max_drop=-1.0 is invalid"),
+        (["calibrate", "--model", "m", "--task_name", "MRPC", "--confidence_level", "1"], "--confidence_level=1.0"),
+        (["export", "--model", "m", "--output", "o", "--opset", "9"], "--opset=9 is invalid"),
+        (["run-glue", "--task_name", "MRPC", "--output_dir", "o", "--max_seq_length", "2"], "--max_seq_length 2"),
+        (["no-such-command"], "invalid choice: 'no-such-command'"),
+    ],
+)
+def test_a_value_no_command_could_use_is_one_line(argv, message, capsys):
+    assert message in _one_line_error(capsys, argv)

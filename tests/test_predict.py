@@ -33,12 +33,17 @@ def test_predict_on_the_sst2_dev_file(model_dir, glue_dir, tmp_path, capsys):
     sentences = [e["text"] for e in read_glue_tsv(get_task("SST-2"), source)]
     assert len(rows) == len(sentences) == 872
     assert [r["text"] for r in rows] == sentences and [r["line"] for r in rows[:2]] == [2, 3]
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err, setting = capsys.readouterr().err.strip().splitlines()[-2:]
     expected = pipeline(model_dir)(sentences)
     assert [{k: r[k] for k in ("label", "score", "exit_layer")} for r in rows] == expected
     average = sum(r["exit_layer"] for r in rows) / len(rows)
     assert err.startswith("pabee predict: 872 examples in ") and "examples/s" in err
     assert f"average exit layer {average:.2f} of 4" in err and err.endswith(f"wrote {out}")
+    # The tiny model was saved with patience 1 and never calibrated: say so, and how to check it.
+    assert setting == (
+        f"pabee predict: exit setting: patience 1, the model's default, not chosen on data here: check it with "
+        f"`pabee calibrate --model {model_dir} ... --dry_run`, or pass --patience 0 for the full model"
+    )
 
 
 def test_predict_pairs_from_the_rte_dev_file(model_dir, glue_dir, tmp_path):
@@ -89,7 +94,8 @@ def test_without_output_the_lines_go_to_stdout(model_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert [r["text"] for r in rows] == ["a fine film", "a dull film"]
-    assert all(r["exit_layer"] == 4 for r in rows) and "patience 0" in captured.err
+    assert all(r["exit_layer"] == 4 for r in rows)
+    assert "exit setting: full model (set by the flags; the model's own: patience 1)" in captured.err
 
 
 def test_exit_options_from_the_command_line(model_dir, tmp_path, capsys):
@@ -99,7 +105,7 @@ def test_exit_options_from_the_command_line(model_dir, tmp_path, capsys):
     argv = ["--model", model_dir, "--input", source, "--output", out]
     assert predict(*argv, "--exit_criterion", "static", "--exit_threshold", "3") == 0
     assert {r["exit_layer"] for r in read_jsonl(out)} == {3}
-    assert "exit_criterion static, exit_threshold 3.0" in capsys.readouterr().err
+    assert "exit setting: static k=3 (set by the flags; the model's own: patience 1)" in capsys.readouterr().err
     assert predict(*argv, "--overwrite", "--patience", "0", "--max_exit_layer", "2") == 0
     assert {r["exit_layer"] for r in read_jsonl(out)} == {2}
     assert predict(*argv, "--overwrite", "--dtype", "bfloat16", "--attn_implementation", "eager") == 0
@@ -195,3 +201,21 @@ def test_read_text_file_keeps_line_numbers_and_pairs(tmp_path):
     path.write_text("one\n\ntwo\tthree\r\n", encoding="utf-8")
     rows = read_text_file(path)
     assert [(r.line, r.text, r.text_pair) for r in rows] == [(1, "one", None), (3, "two", "three")]
+
+
+def test_the_exit_setting_says_where_it_came_from(tmp_path):
+    from pabee.exits import ExitSpec
+    from pabee.folders import exit_setting_note
+
+    full, confident = ExitSpec("patience", patience=0), ExitSpec("confidence", threshold=0.8)
+    assert exit_setting_note(tmp_path, full, full).startswith("full model, the model's default; for fewer layers")
+    assert f"`pabee calibrate --model {tmp_path} --task_name TASK" in exit_setting_note(tmp_path, full, full)
+    assert "not chosen on data here" in exit_setting_note(tmp_path, confident, confident)
+    (tmp_path / "calibration.md").write_text("# Calibration\n")
+    assert exit_setting_note(tmp_path, confident, confident) == (
+        f"confidence 0.8, the model's default, chosen by `pabee calibrate` ({tmp_path / 'calibration.md'})"
+    )
+    capped = ExitSpec("patience", patience=2, max_exit_layer=4)
+    assert exit_setting_note(tmp_path, capped, full) == (
+        "patience 2, at most 4 layers (set by the flags; the model's own: full model)"
+    )

@@ -40,11 +40,11 @@ def test_file_names_and_label_strings_are_what_the_glue_server_expects():
 
 
 @pytest.mark.parametrize("patience", [0, 1])
-def test_rte_test_set_submission_with_the_chosen_patience(glue_dir, tmp_path, minilm_tokenizer, patience):
-    model = save_tiny_text_model(tmp_path / "tiny", minilm_tokenizer)
+def test_rte_test_set_submission_with_the_models_own_setting(glue_dir, tmp_path, minilm_tokenizer, patience):
+    model = save_tiny_text_model(tmp_path / "tiny", minilm_tokenizer, patience=patience)
     out = tmp_path / "out"
     args = ["--task_name", "RTE", "--data_dir", glue_dir, "--model_name_or_path", model, "--do_predict"]
-    assert run(*args, "--patience", patience, "--output_dir", out) == 0
+    assert run(*args, "--patience", "2,3", "--output_dir", out) == 0  # the swept patiences are not the setting
     rows = read_submission(out / SUBMISSION_DIR / "RTE.tsv")
     test = read_glue_tsv(get_task("RTE"), glue_dir / "RTE" / "test.tsv", test=True)
     assert rows[0] == ["index", "prediction"] and len(rows) == len(test) + 1 == 3001
@@ -55,7 +55,7 @@ def test_rte_test_set_submission_with_the_chosen_patience(glue_dir, tmp_path, mi
     assert [r[1] for r in rows[1:51]] == [names[pipe.labels.index(a["label"])] for a in expected]
     assert {r[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
     summary = json.loads((out / "glue_submission.json").read_text())
-    assert summary["patience"] == patience and summary["files"]["RTE.tsv"]["examples"] == 3000
+    assert summary["exit_setting"]["patience"] == patience and summary["files"]["RTE.tsv"]["examples"] == 3000
     average = summary["files"]["RTE.tsv"]["avg_exit_layer"]
     assert average == 4.0 if patience == 0 else average < 4.0
 

@@ -52,19 +52,22 @@ def _at_least(args: object, name: str, minimum: float) -> None:
         raise PabeeError(f"--{name}={value!r} is invalid: use a {whole}number >= {minimum}.")
 
 
-CERTIFY_CHOICES = ["drop", "disagreement"]
+# auto: certify the accuracy drop --max_drop promises where the examples can (`pabee.calibrate.auto_guarantee`),
+# else choose uncertified and say so; none: always the uncertified choice.
+CERTIFY_CHOICES = ["auto", "drop", "disagreement", "none"]
 
 
 def guarantee_of(risk: str | None, max_drop: float | None, max_disagreement: float, confidence_level: float):
-    """The `pabee.certify.Guarantee` the flags ask for (None without --certify); the bounds are given in points
-    and percent, a guarantee holds shares. Bad values are one line."""
+    """The `pabee.certify.Guarantee` the flags ask for (None for auto, none or no --certify: auto is resolved
+    against the examples by `pabee.calibrate`); the bounds are given in points and percent, a guarantee holds
+    shares. Bad values are one line."""
     from .certify import Guarantee
 
     if not 0.0 < confidence_level < 1.0:
         raise PabeeError(f"--confidence_level={confidence_level!r} is invalid: use a probability in (0, 1).")
     if not 0.0 < max_disagreement < 100.0:
         raise PabeeError(f"--max_disagreement={max_disagreement!r} is invalid: use a percentage in (0, 100).")
-    if risk is None:
+    if risk not in ("drop", "disagreement"):
         return None
     if risk == "drop" and not (max_drop is not None and 0.0 < max_drop < 100.0):
         raise PabeeError(f"--certify drop needs a --max_drop in (0, 100) points; got {max_drop!r}.")
@@ -140,8 +143,8 @@ class RunGlueArguments(ExitSweepArguments):
     patience: str = field(
         default="1,2,3,4,5",
         metadata={
-            "help": "Comma-separated patiences to evaluate (0 = full model, always included). The first non-zero "
-            "one becomes the saved model's default patience."
+            "help": "Comma-separated patiences to evaluate (0 = full model, always included). The saved model "
+            "answers with the full model unless --calibrate_max_drop or --calibrate_certify chooses a setting."
         },
     )
     regression_threshold: float = field(default=0.1, metadata={"help": "Agreement threshold for regression."})
@@ -194,13 +197,17 @@ class RunGlueArguments(ExitSweepArguments):
         default=None,
         metadata={
             "help": "Calibrate after training like `pabee calibrate --certify`: only settings whose accuracy drop "
-            "(--calibrate_max_drop points) or disagreement with the full model (--calibrate_max_disagreement %) "
-            "is certified with --calibrate_confidence_level.",
+            "(--calibrate_max_drop points) or disagreement with the full model (--calibrate_max_disagreement, in "
+            "percent) is certified with --calibrate_confidence_level. Default with --calibrate_max_drop: auto "
+            "(certify the drop where the held-out examples can, else choose uncertified and say so).",
             "choices": CERTIFY_CHOICES,
         },
     )
     calibrate_max_disagreement: float = field(
-        default=2.0, metadata={"help": "With --calibrate_certify disagreement: most % of answers that may change."}
+        default=2.0,
+        metadata={
+            "help": "With --calibrate_certify disagreement: the largest share of answers that may change, in percent."
+        },
     )
     calibrate_confidence_level: float = field(
         default=0.95, metadata={"help": "With --calibrate_certify: probability that the bound holds."}
@@ -278,6 +285,11 @@ class RunGlueArguments(ExitSweepArguments):
     def calibrating(self) -> bool:
         """Whether the saved model's exit setting is chosen after training (--calibrate_max_drop or _certify)."""
         return self.calibrate_max_drop is not None or self.calibrate_certify is not None
+
+    @property
+    def auto_certify(self) -> bool:
+        """Whether the calibration certifies the drop where the held-out examples can (the default)."""
+        return self.calibrate_certify in (None, "auto")
 
     def guarantee(self):
         """What --calibrate_certify asks the choice to guarantee (None: choose as `pabee calibrate` does)."""
@@ -609,18 +621,22 @@ class CalibrateArguments(ExitSweepArguments):
         default=1.0,
         metadata={"help": "Most points of the task's metric the chosen setting may lose to the full model."},
     )
-    certify: str | None = field(
-        default=None,
+    certify: str = field(
+        default="auto",
         metadata={
             "help": "Choose only among settings certified by Learn then Test on the choosing half: the accuracy "
-            "drop against the full model (at most --max_drop points) or the share of answers that differ from "
-            "it (at most --max_disagreement %, needs no labels) holds with --confidence_level probability. With "
-            "none certified, the full model stays.",
+            "drop against the full model (drop: at most --max_drop points) or the share of answers that differ "
+            "from it (disagreement: at most --max_disagreement percent, needs no labels) holds with "
+            "--confidence_level probability; with none certified, the full model stays. auto (the default): "
+            "certify the drop where the examples can (else the uncertified choice, and the output says what it "
+            "does not promise), disagreement on --input_file; none: the fastest setting within --max_drop on the "
+            "choosing half, uncertified.",
             "choices": CERTIFY_CHOICES,
         },
     )
     max_disagreement: float = field(
-        default=2.0, metadata={"help": "With --certify disagreement: most % of answers that may change."}
+        default=2.0,
+        metadata={"help": "With --certify disagreement: the largest share of answers that may change, in percent."},
     )
     confidence_level: float = field(
         default=0.95, metadata={"help": "With --certify: probability that the bound holds (1 - delta)."}
@@ -648,6 +664,8 @@ class CalibrateArguments(ExitSweepArguments):
                 "Give one of --task_name (a GLUE task's dev set), --validation_file (your own labelled data) or "
                 "--input_file (unlabelled texts, with --certify disagreement)."
             )
+        if self.input_file is not None and self.certify == "auto":
+            self.certify = "disagreement"  # unlabelled texts: the only risk they can certify
         if self.input_file is not None and self.certify != "disagreement":
             raise PabeeError("--input_file holds no labels: only --certify disagreement can calibrate on it.")
         if self.task_name is not None:
@@ -662,7 +680,7 @@ class CalibrateArguments(ExitSweepArguments):
         _at_least(self, "max_seq_length", 2)
 
     def guarantee(self):
-        """What --certify asks the choice to guarantee (None: the fastest within --max_drop on the half)."""
+        """What --certify asks the choice to guarantee (None: auto, resolved against the examples, or none)."""
         return guarantee_of(self.certify, self.max_drop, self.max_disagreement, self.confidence_level)
 
 

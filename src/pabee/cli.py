@@ -1,7 +1,7 @@
 """The `pabee` command: a table of sub-commands, each a set of argument dataclasses (`pabee.arguments`) and a
 function that runs it. Flags are parsed with `HfArgumentParser`.
 
-An unknown or malformed flag prints the usage and exits with code 2; a bad value (`PabeeError`) is one line on
+An unknown or malformed flag is one line on stderr with exit code 2; a bad value (`PabeeError`) is one line on
 stderr with exit code 2, never a traceback.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import PabeeError, require_extra
 
-__all__ = ["COMMANDS", "Command", "main", "run_command", "translate_seed_flags"]
+__all__ = ["COMMANDS", "Command", "command_parser", "main", "run_command", "translate_seed_flags"]
 
 # The research script's spellings that TrainingArguments no longer has, rewritten before parsing.
 _RENAMED_FLAGS = {
@@ -23,6 +23,7 @@ _RENAMED_FLAGS = {
     "--per_gpu_eval_batch_size": "--per_device_eval_batch_size",
 }
 _FALSE = {"false", "no", "0", "n", "f"}
+_TRUE = {"true", "yes", "1", "y", "t"}
 
 
 def translate_seed_flags(argv: Sequence[str]) -> list[str]:
@@ -41,12 +42,26 @@ def translate_seed_flags(argv: Sequence[str]) -> list[str]:
             )
             if explicit is not None and not eq:
                 i += 1
+            if explicit is not None and explicit.lower() not in _TRUE | _FALSE:
+                raise PabeeError(f"--evaluate_during_training {explicit!r} is invalid: use true or false.")
             if explicit is None or explicit.lower() not in _FALSE:
                 out += ["--eval_strategy", "steps"]
         else:
             out.append(arg)
         i += 1
     return out
+
+
+class _OneLineErrors:
+    """An argparse parser whose usage errors are one line naming the flag, not the whole usage (run-glue's, with
+    `TrainingArguments`, runs to a hundred lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _TopParser(_OneLineErrors, argparse.ArgumentParser):
+    pass
 
 
 def _has_flag(argv: Sequence[str], flag: str) -> bool:
@@ -80,6 +95,8 @@ def _predict(parsed: tuple, command: str) -> int:
     result = run_predict(args)
     where = f"; wrote {args.output}" if args.output else ""
     print(f"pabee predict: {result['summary']}{where}", file=sys.stderr)
+    if result.get("exit_setting"):
+        print(f"pabee predict: exit setting: {result['exit_setting']}", file=sys.stderr)
     return 0
 
 
@@ -160,10 +177,11 @@ COMMANDS: dict[str, Command] = {
         _predict,
     ),
     "calibrate": Command(
-        "choose the fastest exit setting within --max_drop points of the full model (or certified), on data",
-        "Choose the fastest exit setting whose metric stays within --max_drop points of the full model (chosen on "
-        "one half of the data, reported on the other), or with --certify the fastest whose risk is certified, and "
-        "write it into the model's config.",
+        "choose the fastest exit setting certified within --max_drop points of the full model, on data",
+        "Choose the fastest exit setting certified to keep the full model's accuracy within --max_drop points (or "
+        "its answers within --max_disagreement percent), on one half of the data, report it on the other, and "
+        "write it into the model's config. Where the examples are too few to certify, the fastest setting within "
+        "--max_drop on the choosing half is taken and the output says it is not certified.",
         _arguments("CalibrateArguments"),
         _calibrate,
         required=("--model",),
@@ -184,15 +202,22 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def run_command(name: str, argv: Sequence[str]) -> int:
-    """Parse `argv` into the command's dataclasses and run it. An unknown or malformed flag prints the usage and
-    exits with code 2 (`SystemExit`); a bad value raises `PabeeError`."""
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The flag parser of the sub-command `name` (an `HfArgumentParser` over its dataclasses)."""
     from transformers import HfArgumentParser
 
     spec = COMMANDS[name]
+    parser_class = type("CommandParser", (_OneLineErrors, HfArgumentParser), {})
+    return parser_class(spec.arguments(), prog=f"pabee {name}", description=spec.description)
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    """Parse `argv` into the command's dataclasses and run it. An unknown or malformed flag is one line on stderr
+    and exit code 2 (`SystemExit`); a bad value raises `PabeeError`."""
+    spec = COMMANDS[name]
     command_line = shlex.join(["pabee", name, *argv])
     argv = spec.translate(argv) if spec.translate else list(argv)
-    parser = HfArgumentParser(spec.arguments(), prog=f"pabee {name}", description=spec.description)
+    parser = command_parser(name)
     if not any(a in ("-h", "--help") for a in argv):
         missing = [flag for flag in spec.required if not _has_flag(argv, flag)]
         if missing:
@@ -209,7 +234,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog="pabee", description="Patience-based early exit for transformer classifiers.")
+    top = _TopParser(prog="pabee", description="Patience-based early exit for transformer classifiers.")
     top.add_argument(
         "command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {c.summary}" for k, c in COMMANDS.items())
     )
@@ -221,7 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"pabee {__version__}")
         return 0
-    command = top.parse_args(argv[:1]).command
+    try:
+        command = top.parse_args(argv[:1]).command
+    except SystemExit as stop:  # an unknown command: one line already printed
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return run_command(command, argv[1:])
     except SystemExit as stop:  # argparse's usage errors (2) and --help (0)

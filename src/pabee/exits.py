@@ -509,8 +509,12 @@ class ExitSpec:
         """This spec with every override that is not `None` applied.
 
         A threshold belongs to its rule: switching `criterion` drops the stored threshold (the new rule's default
-        applies) unless `threshold` is given too.
+        applies) unless `threshold` is given too. A `patience` given alone means PABEE's rule: on a spec whose rule
+        takes no patience (a model calibrated to confidence 0.8, say), it switches to `patience` rather than being
+        ignored, so `patience=0` is the full model whatever the model's own setting.
         """
+        if patience is not None and criterion is None and self.criterion not in ("patience", "patience+confidence"):
+            criterion = "patience"
         spec = self
         if criterion is not None and criterion != self.criterion:
             spec = replace(self, criterion=criterion, threshold=None)
@@ -546,6 +550,21 @@ class ExitSpec:
         if self.criterion == "patience+confidence":
             return f"p{self.patience}, {_number(self.threshold)}"
         return _number(self.threshold)
+
+    @property
+    def title(self) -> str:
+        """The setting in words, for messages: `full model`, `patience 3`, `confidence 0.8, at most 4 layers`."""
+        if self.is_full_model:
+            name = "full model"
+        elif self.criterion == "static":
+            name = f"static k={_number(self.threshold)}"
+        elif self.criterion == "patience":
+            name = f"patience {self.patience}"
+        elif self.criterion == "patience+confidence":
+            name = f"patience {self.patience} + confidence {_number(self.threshold)}"
+        else:
+            name = f"{self.criterion} {_number(self.threshold)}"
+        return name + ("" if self.max_exit_layer is None else f", at most {self.max_exit_layer} layers")
 
     @property
     def key(self) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from .configuration import PabeeConfig
 from .errors import PabeeError
+from .exits import ExitSpec
 from .modeling import PabeeForSequenceClassification, Runtime
 from .onnx_model import OnnxPabeeModel
 from .provenance import file_digest
@@ -160,6 +161,25 @@ def load_config(folder: str | Path) -> PabeeConfig:
     if config.model_type != "pabee":
         raise PabeeError(f"{folder} holds a {config.model_type!r} model, not a PABEE model.")
     return config
+
+
+def exit_setting_note(folder: str | Path, spec: ExitSpec, own: ExitSpec) -> str:
+    """What `predict` and `serve` say about the exit setting they answer with: which one, where it came from, and
+    how to get a faster one that can be trusted (a saved setting not chosen on data may be a sweep's worst)."""
+    if spec != own:
+        return f"{spec.title} (set by the flags; the model's own: {own.title})"
+    if spec.is_full_model:
+        return (
+            f"full model, the model's default; for fewer layers with a guarantee, choose a setting on data: "
+            f"`pabee calibrate --model {folder} --task_name TASK --data_dir DIR` (or --input_file TEXTS)"
+        )
+    report = Path(folder) / "calibration.md"
+    if report.is_file():
+        return f"{spec.title}, the model's default, chosen by `pabee calibrate` ({report})"
+    return (
+        f"{spec.title}, the model's default, not chosen on data here: check it with `pabee calibrate --model "
+        f"{folder} ... --dry_run`, or pass --patience 0 for the full model"
+    )
 
 
 def load_model_folder(

@@ -23,7 +23,7 @@ from typing import Any
 from .arguments import PredictArguments
 from .data import read_text_file
 from .errors import PabeeError
-from .exits import ExitSpec
+from .folders import exit_setting_note
 from .pipeline import Example, PabeePipeline
 from .texts import example_problem
 
@@ -41,21 +41,12 @@ def _check_output(args: PredictArguments) -> Path | None:
     return out
 
 
-def _model_setting(spec: ExitSpec) -> str:
-    return f"patience {spec.patience}" if spec.criterion == "patience" else f"exit criterion {spec.criterion}"
-
-
 def _summary(answers: list[dict], seconds: float, pipe: PabeePipeline, problems: dict[int, str]) -> str:
     count, num_layers = len(answers), pipe.num_layers
     line = f"{count} examples in {seconds:.1f} s ({count / max(seconds, 1e-9):.1f} examples/s)"
     if count:
         average = sum(a["exit_layer"] for a in answers) / count
-        own = pipe.model.config.exit_spec
-        setting = ", ".join(f"{k} {v}" for k, v in pipe.exit_spec.changes_from(own).items())
-        setting = setting or f"{_model_setting(own)}, the model's default"
-        line += (
-            f"; average exit layer {average:.2f} of {num_layers} ({num_layers / average:.2f}x fewer layers; {setting})"
-        )
+        line += f"; average exit layer {average:.2f} of {num_layers} ({num_layers / average:.2f}x fewer layers)"
     labels = Counter(a["label"] for a in answers if isinstance(a["label"], str))
     if labels:
         line += "; labels: " + ", ".join(f"{name} {n}" for name, n in labels.most_common())
@@ -86,7 +77,7 @@ def run_predict(args: PredictArguments) -> dict[str, Any]:
     """Classify every example of `args.input`; write JSON lines to `args.output` (or stdout).
 
     Returns a summary: `examples` (classified), `errors` (lines not classified), `seconds`, `examples_per_s`,
-    `avg_exit_layer`, `summary` (the printed line).
+    `avg_exit_layer`, `summary` (the printed line), `exit_setting` (which setting answered, and where it came from).
     """
     import torch
 
@@ -121,4 +112,5 @@ def run_predict(args: PredictArguments) -> dict[str, Any]:
         "examples_per_s": len(answers) / max(seconds, 1e-9),
         "avg_exit_layer": sum(a["exit_layer"] for a in answers) / len(answers) if answers else None,
         "summary": _summary(answers, seconds, pipe, problems),
+        "exit_setting": exit_setting_note(args.model, pipe.exit_spec, pipe.model.config.exit_spec),
     }

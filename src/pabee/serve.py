@@ -122,6 +122,18 @@ def note_timeouts(args: ServeArguments) -> None:
         )
 
 
+def note_exit_setting(args: ServeArguments) -> None:
+    """Say which exit setting every answer comes from, and how to choose a faster one that can be trusted (after
+    the app is built: a folder that cannot be read has been reported by then)."""
+    from .folders import exit_setting_note, load_config
+
+    try:
+        note = exit_setting_note(args.model, args.exit_spec(), load_config(args.model).exit_spec)
+    except PabeeError:  # an app that serves something other than a model folder (tests' stand-ins)
+        return
+    print(f"pabee serve: exit setting: {note}", file=sys.stderr)
+
+
 def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], FastAPI] = app_from_args) -> None:
     """Serve until SIGINT/SIGTERM; shutdown drains (see the module docstring), then exits."""
     import uvicorn
@@ -140,6 +152,7 @@ def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], Fas
         app = app_factory(args)  # with several workers too: a bad model or option fails here, once
     except ValueError as error:
         raise PabeeError(str(error)) from None
+    note_exit_setting(args)
     if args.workers == 1:
         # A factory: uvicorn calls it once its signal handlers are in place, so the drain goes in front of them.
         uvicorn.run(lambda: drain_on_sigterm(app, args.drain_seconds), factory=True, **options)

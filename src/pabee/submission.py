@@ -18,7 +18,7 @@ import torch
 from .errors import DataError, PabeeError
 from .glue import GlueTask, get_task, task_dir
 from .pipeline import PabeePipeline
-from .provenance import write_atomic, write_json
+from .provenance import portable_path, write_atomic, write_json
 
 __all__ = [
     "SUBMISSION_DIR",
@@ -92,7 +92,8 @@ def predict_glue_test(
     data = load_glue(task, data_dir, train=False, evaluate=False, test=True)
     pipe = PabeePipeline(model, tokenizer, batch_size=batch_size, max_length=max_length)
     folder = Path(output_dir) / SUBMISSION_DIR
-    summary: dict[str, Any] = {"task": task.name, "patience": model.config.patience, "files": {}}
+    spec = model.config.exit_spec  # the model's own setting: the full model unless one was chosen on data
+    summary: dict[str, Any] = {"task": task.name, "exit_setting": spec.describe(with_cap=True), "files": {}}
     for split, dataset in data.test.items():
         pairs = dataset["text_pair"] if "text_pair" in dataset.column_names else [None] * len(dataset)
         logits, exit_layers = pipe.run(list(zip(dataset["text"], pairs, strict=True)), progress=True)
@@ -100,12 +101,12 @@ def predict_glue_test(
         write_submission_file(folder / name, dataset["idx"], format_predictions(task, logits))
         summary["files"][name] = {
             "split": split,
-            "source": data.sources.get(split),
+            "source": portable_path(data.sources[split]) if split in data.sources else None,
             "examples": len(dataset),
             "avg_exit_layer": float(exit_layers.float().mean()),
         }
         print(
-            f"{task.name} {split}: {len(dataset)} predictions (patience {model.config.patience}, average exit layer "
+            f"{task.name} {split}: {len(dataset)} predictions ({spec.title}, average exit layer "
             f"{summary['files'][name]['avg_exit_layer']:.2f}) -> {folder / name}"
         )
     write_json(Path(output_dir) / "glue_submission.json", summary)

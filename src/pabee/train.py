@@ -42,7 +42,7 @@ from .exits import ExitSpec
 from .glue import TaskSpec, get_task, task_dir
 from .modeling import PabeeForSequenceClassification
 from .pretrained import bundled_model_path
-from .provenance import file_digest, provenance, write_atomic, write_json
+from .provenance import file_digest, portable_path, provenance, write_atomic, write_json
 from .recipes import TwoStageCallback
 from .report import criteria_tables, run_glue_markdown, run_glue_plots
 
@@ -363,6 +363,7 @@ def load_model(args: RunGlueArguments, task: TaskSpec, name_or_path: str) -> Pab
         return PabeeForSequenceClassification.from_backbone(
             name_or_path,
             num_labels=task.num_labels,
+            patience=0,  # fresh classifiers: the full model until a setting is chosen on data
             regression_threshold=threshold,
             pooling=None if args.pooling == "auto" else args.pooling,
             id2label=task.id2label,
@@ -373,9 +374,11 @@ def load_model(args: RunGlueArguments, task: TaskSpec, name_or_path: str) -> Pab
         raise PabeeError(str(error)) from None
 
 
-def _default_exit(specs: list[ExitSpec]) -> ExitSpec:
-    """The setting the saved model answers with: the first criterion's first early-exit setting (capped)."""
-    return next((spec for spec in specs if not spec.is_full_model), specs[0])
+def _default_exit(args: RunGlueArguments) -> ExitSpec:
+    """The setting the saved model answers with until one is chosen on data (`--calibrate_*`, `pabee calibrate`):
+    the full model (under `--max_exit_layer`, if given). A swept setting is never the default: the sweep reports
+    every one on the same data, so the first of them may be the worst (MRPC patience 1: 6.7 points under full)."""
+    return ExitSpec("patience", 0).capped(args.max_exit_layer)
 
 
 def _tokenized(
@@ -404,8 +407,8 @@ def load(args: RunGlueArguments, training_args: TrainingArguments, name_or_path:
     set_seed(training_args.seed)  # before the fresh classifiers are initialised, so a run is reproducible
     model = load_model(args, data.task, name_or_path)
     specs = args.sweep_specs(model.config)
-    model.config.patience = args.patiences[1] if len(args.patiences) > 1 else 0
-    model.config.exit_spec = _default_exit(specs[args.criteria[0]])
+    if training_args.do_train:  # a folder only evaluated keeps its own setting
+        model.config.exit_spec = _default_exit(args)
     if training_args.do_train:  # the loss this run trains with, recorded in the saved config
         model.config.distillation_weight = args.distillation_weight
         model.config.distillation_temperature = args.distillation_temperature
@@ -493,8 +496,9 @@ def evaluate(args: RunGlueArguments, trainer: Trainer, setup: Setup) -> list[dic
             processing_class=setup.tokenizer,
         )
         splits = _split_results(args, evaluator, setup)
-        evaluations.append({"model": checkpoint.name, "path": str(checkpoint), "splits": splits})
-    evaluations.append({"model": "final", "path": str(output_dir), "splits": _split_results(args, trainer, setup)})
+        evaluations.append({"model": checkpoint.name, "path": portable_path(checkpoint), "splits": splits})
+    final = _split_results(args, trainer, setup)
+    evaluations.append({"model": "final", "path": portable_path(output_dir), "splits": final})
     return evaluations
 
 
@@ -505,7 +509,8 @@ def new_report(args: RunGlueArguments, setup: Setup, command: str | None, world_
     """The results skeleton, with the provenance of the run as it starts (`world_size`: the torchrun processes
     that trained and evaluated, since the global batch is theirs together); the stages fill in the rest."""
     task = setup.task
-    sources = {"model": setup.name_or_path, "data": setup.data.sources, "world_size": world_size}
+    data = {split: portable_path(path) for split, path in setup.data.sources.items()}  # as the result names them
+    sources = {"model": portable_path(setup.name_or_path), "data": data, "world_size": world_size}
     return {
         "task": task.name,
         "metrics": list(task.metrics),
@@ -538,7 +543,8 @@ def calibrate_saved_model(args: RunGlueArguments, setup: Setup, output_dir: Path
 
     pipe = PabeePipeline(setup.model, setup.tokenizer, max_length=args.max_seq_length)
     max_drop = 1.0 if args.calibrate_max_drop is None else args.calibrate_max_drop
-    settings = Calibration(args.sweep, max_drop, guarantee=args.guarantee())
+    auto = args.calibrate_confidence_level if args.auto_certify else None
+    settings = Calibration(args.sweep, max_drop, guarantee=args.guarantee(), auto_confidence=auto)
     report = calibrate(pipe, setup.task, setup.data.calibration, settings, output_dir, command)
     print(
         f"Calibrated on {len(setup.data.calibration)} held-out training examples: {summary_line(report, output_dir)}"

@@ -24,7 +24,7 @@ from ray import serve
 from ..arguments import ServeArguments
 from ..batching import MicroBatcher, Request
 from ..errors import PabeeError
-from ..serve import app_from_args, warn_if_open
+from ..serve import app_from_args, note_exit_setting, warn_if_open
 
 __all__ = ["PabeeServer", "ServeBatcher", "deployment", "run_ray_server"]
 
@@ -132,6 +132,7 @@ def run_ray_server(args: ServeArguments) -> None:
     if not os.path.isdir(args.model):
         raise PabeeError(f"--model {args.model} is not a folder.")
     warn_if_open(args)
+    note_exit_setting(args)
     connect(args.ray_address)
     _check_cpus(args)
     serve.start(http_options={"host": args.host, "port": args.port})
