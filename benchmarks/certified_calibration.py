@@ -35,6 +35,7 @@ import torch
 
 METHODS = ("uncertified", "certified drop", "certified disagreement", "fixed patience")
 CRITERIA = ("patience", "confidence", "entropy", "static")
+REGRESSION_CRITERIA = ("patience", "static")  # entropy and confidence need class probabilities
 
 
 def split(count: int, seed: int) -> dict[str, np.ndarray]:
@@ -58,7 +59,7 @@ def task_answers(task_name: str, folder: str, args) -> tuple[Any, Any, dict, np.
     logits = pipe.all_layer_logits(examples)
     sweep = ExitSweep(criteria=CRITERIA, patiences=tuple(range(model.num_layers)))
     if model.config.is_regression:
-        sweep = ExitSweep(criteria=("patience", "static"), patiences=sweep.patiences)
+        sweep = ExitSweep(criteria=REGRESSION_CRITERIA, patiences=sweep.patiences)
     specs = [spec for items in checked_specs(sweep, model.config).values() for spec in items]
     return model, get_task(task_name), answers_of(model, logits.numpy(), specs), labels
 
@@ -131,6 +132,8 @@ def summarize(splits: list[dict], layers: int, drop: float, disagreement: float)
 
 def measure_task(task_name: str, folder: str, args) -> dict[str, Any]:
     """All splits of one task, summarized per bound level."""
+    from pabee.provenance import portable_path
+
     model, task, answers, labels = task_answers(task_name, folder, args)
     splits = [judge(model, task, answers, labels, split(len(labels), seed), args) for seed in range(args.splits)]
     levels = {}
@@ -138,15 +141,18 @@ def measure_task(task_name: str, folder: str, args) -> dict[str, Any]:
         name = f"{drop:g} / {disagreement:g}"
         levels[name] = summarize([s[name] for s in splits], model.num_layers, drop, disagreement)
         print(f"{task_name} {name}: " + "; ".join(f"{m} {e['layers_saved']:.3f}" for m, e in levels[name].items()))
-    return {"model": folder, "examples": len(labels), "layers": model.num_layers, "levels": levels}
+    return {"model": portable_path(folder), "examples": len(labels), "layers": model.num_layers, "levels": levels}
 
 
 def measure(args) -> dict:
+    from pabee.provenance import portable_path
+
     torch.set_num_threads(args.threads)
     models = common.task_models(args)
     flags = {k: getattr(args, k) for k in ("splits", "max_drop", "max_disagreement", "confidence_level", "patience")}
     tasks = {name: measure_task(name, folder, args) for name, folder in models.items()}
-    return common.report(settings=flags, tasks=tasks, provenance={"models": models})
+    named = {task: portable_path(folder) for task, folder in models.items()}  # as a result names them
+    return common.report(settings=flags, tasks=tasks, provenance={"models": named})
 
 
 def render(report: dict) -> str:
@@ -172,7 +178,50 @@ def render(report: dict) -> str:
             rows += [
                 [f"{name} ({task['examples']})", level, method, *_cells(method, e)] for method, e in methods.items()
             ]
-    return "\n".join(lines + common.table(head, rows)) + "\n"
+    return "\n".join(lines + common.table(head, rows) + _summary(report)) + "\n"
+
+
+def _summary(report: dict) -> list[str]:
+    """What the table adds up to, per method and bound, and what the certifying halves could certify at all."""
+    from pabee.certify import Guarantee, min_examples
+
+    s, tasks = report["settings"], report["tasks"]
+    levels = _levels(s)
+    lines = ["", "## Summary", ""]
+    for method in METHODS[1:3]:
+        for level in levels:
+            kept = {name: t["levels"][level][method]["savings_kept"] for name, t in tasks.items()
+                    if method in t["levels"][level]}  # fmt: skip
+            worst = max(float(_violations(method, t["levels"][level][method]).split("%")[0])
+                        for t in tasks.values() if method in t["levels"][level])  # fmt: skip
+            spread = ", ".join(f"{name} {share:.0%}" for name, share in kept.items())
+            lines.append(f"- {method}, {level}: savings kept {spread}; violations at most {worst:.1f}%.")
+    uncertified = [
+        t["levels"][level]["uncertified"]["score_drop_violations"]
+        for t in tasks.values()
+        for level in levels[:2]
+        if "accuracy_drop_violations" in t["levels"][level]["uncertified"]
+    ]
+    lines.append(
+        f"- uncertified, classification tasks at the two smallest bounds: violations {min(uncertified):.1%}"
+        f"–{max(uncertified):.1%} of splits."
+    )
+    need = []
+    for rules, kinds in ((len(CRITERIA), ("drop", "disagreement")), (len(REGRESSION_CRITERIA), ("disagreement",))):
+        for kind in kinds:
+            bounds = s["max_drop"] if kind == "drop" else s["max_disagreement"]
+            counts = [min_examples(g := Guarantee(kind, b / 100, s["confidence_level"]), g.delta / rules)
+                      for b in bounds]  # fmt: skip
+            unit = "points" if kind == "drop" else "%"
+            need.append(f"{kind} {' / '.join(f'{b:g}' for b in bounds)} {unit} over {rules} rules: "
+                        f"{' / '.join(str(c) for c in counts)}")  # fmt: skip
+    halves = ", ".join(f"{name} {t['examples'] // 2}" for name, t in tasks.items())
+    lines.append(
+        "- Fewest examples per certifying half on which even a setting that never changes an answer is certified: "
+        + "; ".join(need)
+        + f". The certifying halves here: {halves}."
+    )
+    return lines
 
 
 def _levels(settings: dict) -> list[str]:

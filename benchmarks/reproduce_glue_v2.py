@@ -37,7 +37,7 @@ from pabee.calibrate import fastest_within, split_halves, task_score
 from pabee.checkpoints import CheckpointMarker, checkpoint_folders, checkpoint_step, complete_checkpoints
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
-from pabee.provenance import write_json
+from pabee.provenance import portable_command, write_json
 
 HYPER = {"epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "max_seq_length": 128, "seed": 42}
 PATIENCES = "1,2,3,4,5"
@@ -297,7 +297,7 @@ def analyse_task(task_name: str, glue_dir: str, work: Path) -> dict | None:
         analysis = analyse(model, logits, labels, task, predictions, halves)
         evaluated = json.loads((run_dir / "eval_results.json").read_text())
         analysis["train_seconds"] = evaluated["training"]["train_runtime"]
-        analysis["command"] = evaluated["provenance"]["command"]
+        analysis["command"] = portable_command(evaluated["provenance"]["command"])  # a run recorded before it was
         result["baseline"]["halves"] = analysis.pop("baseline")
         layers = layer_metrics(logits, labels, task, task.is_regression)
         analysis["layers"] = [task_score(row, task.metrics) for row in layers]
@@ -387,13 +387,21 @@ def time_run(pipe, analysed: dict, examples: list, logits, repeats: int) -> dict
         return pipe.run(examples, exit_spec=spec)
 
     variants = {label: (lambda _, setting=setting: run_setting(*setting)) for label, setting in specs.items()}
-    seconds = {label: float(np.median(t.passes)) for label, t in time_variants(variants, repeats, 1, 0).items()}
+    passes = {label: t.passes for label, t in time_variants(variants, repeats, 1, 0).items()}
     rows = {}
     for label, (spec, cut) in specs.items():
         _, exits = run_setting(spec, cut)
         swept = sweep_exit_layers(pipe.model.config.build_criterion(spec), logits)
-        rows[label] = {"seconds_median": seconds[label], "measured_speed_up": seconds["full"] / seconds[label]}
-        rows[label]["exit_layer_mismatches"] = int((exits != swept).sum())
+        per_round = common.ratios(passes, "full", label)  # rounds interleave the variants: pair them
+        rows[label] = {
+            "setting": spec.describe(with_cap=True),  # what was timed, so a row can be checked against its setting
+            "seconds_median": float(np.median(passes[label])),
+            "seconds_per_round": passes[label],
+            "measured_speed_up": float(np.median(passes["full"]) / np.median(passes[label])),
+            "speed_up_per_round": common.quartiles(per_round) if len(per_round) > 1 else None,
+            "layer_speed_up": pipe.model.num_layers / float(np.mean(np.asarray(exits))),  # on the examples timed
+            "exit_layer_mismatches": int((exits != swept).sum()),
+        }
     return rows
 
 

@@ -87,3 +87,75 @@ def test_the_static_target_counts_only_the_issues_tasks(v3):
     row = next(t for t in v3.targets(tasks) if t["target"].startswith("MPNet: adaptive beats static"))
     assert row["status"] == "met"  # RTE and SST-2 (a margin of exactly 1 point counts)
     assert row["detail"].startswith("3 of 3 tasks measured; PABEE, paper's loss 2/3;")
+
+
+# --- the comparisons, on hand-built analyses -------------------------------------------------------------------
+
+
+def _row(criterion: str, value: float, report_score: float, report_layer: float, choose_layer: float | None = None,
+         layers: int = 6) -> dict:  # fmt: skip
+    """One setting as `reproduce_glue_v2.analyse` records it: scores and layers on both halves."""
+    choose_layer = report_layer if choose_layer is None else choose_layer
+    spec = {"criterion": criterion, "patience": int(value) if criterion == "patience" else None,
+            "threshold": None if criterion == "patience" else value, "max_exit_layer": None}  # fmt: skip
+    return {
+        "criterion": criterion,
+        "setting": f"{value:g}",
+        "spec": spec,
+        "choose": {"score": 90.0, "avg_exit_layer": choose_layer, "speed_up": layers / choose_layer},
+        "report": {"score": report_score, "avg_exit_layer": report_layer, "speed_up": layers / report_layer},
+    }
+
+
+def _run(chosen: dict[str, int | None], **rows: list[dict]) -> dict:
+    """An analysed run: per criterion its rows and the index chosen on half 1 (None: nothing within)."""
+    static = [_row("static", k, 70.0 + 5 * k, k) for k in range(1, 7)]  # k=2: 80, k=3: 85, ...
+    criteria = {"static": {"rows": static, "chosen": None}, "patience": {"rows": [], "chosen": None}}
+    criteria |= {name: {"rows": found, "chosen": chosen.get(name)} for name, found in rows.items()}
+    return {"criteria": criteria, "seconds_per_step": 1.0}
+
+
+def test_static_truncation_is_read_between_its_neighbouring_layers(v3):
+    analysed = _run({})
+    assert v3.static_at(analysed, 3.0) == pytest.approx(85.0)
+    assert v3.static_at(analysed, 2.4) == pytest.approx(82.0)  # 80 + 0.4 x (85 - 80)
+
+
+def test_the_best_adaptive_setting_is_chosen_on_the_choosing_half_and_judged_on_the_other(v3):
+    # Confidence uses fewer layers on the choosing half (3.0 vs 4.0) though more on the reporting half (4.5 vs 4.0):
+    # the choice must follow half 1, the numbers half 2.
+    patience = [_row("patience", 2, 91.0, 4.0, choose_layer=4.0)]
+    confidence = [_row("confidence", 0.8, 88.5, 4.5, choose_layer=3.0)]
+    best = v3.best_within(_run({"patience": 0, "confidence": 0}, patience=patience, confidence=confidence), 90.0)
+    assert (best["criterion"], best["setting"]) == ("confidence", "0.8")
+    assert best["speed_up"] == pytest.approx(6 / 4.5) and best["score"] == 88.5
+    assert not best["within"]  # 88.5 < 90 - 1 on the reporting half
+    assert best["static_score"] == pytest.approx(92.5) and best["margin_over_static"] == pytest.approx(-4.0)
+    assert v3._kept_speed_up(best) == 1.0  # not within: nothing kept
+    assert v3._kept_speed_up({**best, "within": True}) == pytest.approx(6 / 4.5)
+    assert v3._kept_speed_up(None) == 1.0
+    assert v3.best_within(_run({"patience": None}, patience=patience), 90.0) is None
+
+
+def _analysis(paper: dict, recipe: dict, noise: float) -> dict:
+    return {"baseline": {"report": 90.0}, "noise": noise, "runs": {"pabee": paper, "alignment": recipe}}
+
+
+def test_a_recipe_gains_only_beyond_the_noise_of_the_half(v3):
+    # The same setting (confidence 0.8, 2x) lands 0.3 points apart, just under and just over the bar: the raw
+    # difference of kept speed-ups is +1.0x, but the paper's loss scores within the noise at that speed-up.
+    paper = _run({"confidence": 0}, confidence=[_row("confidence", 0.8, 88.8, 3.0), _row("confidence", 0.9, 90, 4)])
+    recipe = _run({"confidence": 0}, confidence=[_row("confidence", 0.8, 89.1, 3.0)])
+    summary = v3.summary(_analysis(paper, recipe, noise=2.0))["alignment"]
+    assert summary["raw_gain"] == pytest.approx(1.0) and summary["gain"] == pytest.approx(0.0)
+    # With a noise of 0.1 the paper's loss matches 89.1 only with confidence 0.9 (1.5x): the recipe gains 0.5x.
+    assert v3.matching_speed_up(paper, 89.1, 0.1) == pytest.approx(1.5)
+    assert v3.summary(_analysis(paper, recipe, noise=0.1))["alignment"]["gain"] == pytest.approx(0.5)
+
+
+def test_a_recipe_that_keeps_less_loses_what_the_paper_loss_keeps_beyond_noise(v3):
+    paper = _run({"patience": 0}, patience=[_row("patience", 2, 90.5, 2.0)])  # 3x, within the bar
+    recipe = _run({"patience": 0}, patience=[_row("patience", 2, 85.0, 2.0), _row("patience", 4, 90.0, 5.0)])
+    summary = v3.summary(_analysis(paper, recipe, noise=1.0))["alignment"]
+    # The recipe keeps nothing; at 90.5 - 1 it reaches 6 / 5 = 1.2x, so the paper's loss is 1.8x ahead.
+    assert summary["raw_gain"] == pytest.approx(-2.0) and summary["gain"] == pytest.approx(-1.8)
