@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from pabee import PabeeConfig, PabeeForSequenceClassification
-from pabee.exits import ExitCriterion
+from pabee.rules import ExitCriterion
 
 BACKBONE_TYPES = ("bert", "albert", "roberta", "distilbert", "electra", "deberta-v2", "mpnet")
 POOLER_TYPES = ("bert", "albert", "roberta", "mpnet")  # the others have no pooler of their own

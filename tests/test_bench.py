@@ -12,12 +12,11 @@ import pytest
 import torch
 from helpers import save_tiny_text_model
 
-from pabee import PabeeForSequenceClassification
+from pabee import ExitSpec, PabeeForSequenceClassification
 from pabee.arguments import BenchArguments
 from pabee.bench import NEVER_EXIT, make_batches, profile_early_exit, run_bench, time_variants
 from pabee.cli import main
 from pabee.errors import PabeeError
-from pabee.exits import ExitSpec
 from pabee.report import bench_markdown
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -155,7 +154,7 @@ def test_bench_times_several_exit_criteria(tiny_model_dir, tmp_path, capsys, ben
     assert targets["batched_over_bs1"]["measured"] is not None  # targets read the patience rows
     argv[argv.index("confidence=0.5,0.99")] = "confidence=2"
     assert main(argv + ["--overwrite_output_dir"]) == 2
-    assert "exit_threshold=2.0 is invalid for 'confidence'" in capsys.readouterr().err
+    assert "threshold 2.0 is invalid for 'confidence'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -210,7 +209,7 @@ def test_never_exiting_runs_every_head_and_matches_the_full_model(tiny_model_dir
         assert calls == [3], "patience 0 skips the early heads"
         calls.clear()
         before = _attributes(model)
-        heads = model(**batch, exit_criterion=NEVER_EXIT)
+        heads = model(**batch, exit_spec=NEVER_EXIT)
     assert calls == [0, 1, 2, 3] and heads.exit_layers.tolist() == [4] * 8
     torch.testing.assert_close(heads.logits, full.logits)
     assert _attributes(model) == before

@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import tiny_run_glue_argv
 
+from pabee import ExitSpec
 from pabee.calibrate import auto_guarantee, choose_setting, split_halves
 from pabee.certify import Guarantee
 from pabee.cli import main
-from pabee.exits import ExitSpec
 from pabee.folders import load_model_folder
 from pabee.glue import get_task
 

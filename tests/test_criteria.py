@@ -13,16 +13,18 @@ from pabee import (
     CRITERIA,
     ConfidenceCriterion,
     EntropyCriterion,
+    ExitSpec,
     PabeeConfig,
     PabeeForSequenceClassification,
     PatienceConfidenceCriterion,
     PatienceCriterion,
     StaticCriterion,
+    build_criterion,
+    exit_spec_from,
     logits_at_exit,
-    make_criterion,
     sweep_exit_layers,
 )
-from pabee.exits import confidence, entropy
+from pabee.rules import Traits, confidence, entropy
 
 
 def _two_class(margins: list[list[float]]) -> torch.Tensor:
@@ -121,12 +123,17 @@ def test_multi_label_patience_compares_label_sets():
     assert sweep_exit_layers(EntropyCriterion(0.2, problem_type=multi), unsure).tolist() == [5]
 
 
+def make_rule(name, patience=None, threshold=None, max_exit_layer=None, problem_type="single_label_classification"):
+    """A rule built the one way rules are built, for a model of `problem_type` and unknown depth."""
+    return build_criterion(ExitSpec(name, patience, threshold, max_exit_layer), Traits(problem_type))
+
+
 @pytest.mark.parametrize("name", list(CRITERIA))
 def test_tracker_keep_follows_the_remaining_rows(name):
     """Dropping exited rows mid-way, as the engine does, gives the decisions of tracking every row."""
     torch.manual_seed(0)
     logits = torch.randn(32, 6, 3) * 2
-    criterion = make_criterion(name, patience=1, threshold=3 if name == "static" else None)
+    criterion = make_rule(name, patience=1, threshold=3 if name == "static" else None)
     expected = sweep_exit_layers(criterion, logits).tolist()
     got = exit_layers_with_compaction(criterion, logits)
     assert got == expected
@@ -138,31 +145,31 @@ def test_tracker_keep_follows_the_remaining_rows(name):
     ("name", "kwargs", "message"),
     [
         ("fastest", {}, "exit_criterion='fastest' is unknown; choose one of patience, entropy"),
-        ("patience", {"patience": 2, "threshold": 0.5}, "exit_threshold does not apply to 'patience'"),
-        ("patience", {}, "'patience' needs patience"),
-        ("confidence", {"threshold": 1.5}, r"exit_threshold=1.5 is invalid for 'confidence'.*\(0, 1\]"),
-        ("confidence", {"threshold": 0}, "exit_threshold=0 is invalid for 'confidence'"),
-        ("entropy", {"threshold": -0.1}, "exit_threshold=-0.1 is invalid for 'entropy'"),
-        ("entropy", {"threshold": float("nan")}, "exit_threshold=nan is invalid for 'entropy'"),
-        ("patience+confidence", {"threshold": 0.9}, "'patience\\+confidence' needs patience"),
-        ("static", {}, r"'static' needs exit_threshold \(the layer k\)"),
-        ("static", {"threshold": 0}, "exit_threshold=0 is invalid for 'static'"),
-        ("static", {"threshold": 2.5}, "exit_threshold=2.5 is invalid for 'static'"),
+        ("patience", {"patience": 2, "threshold": 0.5}, "a threshold does not apply to 'patience'"),
+        ("patience", {}, "'patience' rule needs patience"),
+        ("confidence", {"threshold": 1.5}, r"threshold 1.5 is invalid for 'confidence'.*\(0, 1\]"),
+        ("confidence", {"threshold": 0}, "threshold 0 is invalid for 'confidence'"),
+        ("entropy", {"threshold": -0.1}, "threshold -0.1 is invalid for 'entropy'"),
+        ("entropy", {"threshold": float("nan")}, "threshold nan is invalid for 'entropy'"),
+        ("patience+confidence", {"threshold": 0.9}, "'patience\\+confidence' rule needs patience"),
+        ("static", {}, r"'static' rule needs a threshold \(the layer k\)"),
+        ("static", {"threshold": 0}, "threshold 0 is invalid for 'static'"),
+        ("static", {"threshold": 2.5}, "threshold 2.5 is invalid for 'static'"),
         ("confidence", {"max_exit_layer": 0}, "max_exit_layer=0 is invalid"),
-        ("entropy", {"problem_type": "regression"}, "'entropy' needs class probabilities.*regression"),
+        ("entropy", {"problem_type": "regression"}, "'entropy' rule needs class probabilities.*regression"),
         ("confidence", {"problem_type": "regression"}, "does not apply to regression; use 'patience' or 'static'"),
         ("patience+confidence", {"patience": 1, "problem_type": "regression"}, "does not apply to regression"),
     ],
 )
 def test_bad_criterion_settings_are_clear_errors(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        make_criterion(name, **kwargs)
+        make_rule(name, **kwargs)
 
 
 def test_regression_supports_patience_and_static():
     values = torch.tensor([[1.0, 1.05, 1.1, 1.4, 1.45, 1.5]]).unsqueeze(-1)
-    assert sweep_exit_layers(make_criterion("patience", patience=2, problem_type="regression"), values).tolist() == [3]
-    assert sweep_exit_layers(make_criterion("static", threshold=4, problem_type="regression"), values).tolist() == [4]
+    assert sweep_exit_layers(make_rule("patience", patience=2, problem_type="regression"), values).tolist() == [3]
+    assert sweep_exit_layers(make_rule("static", threshold=4, problem_type="regression"), values).tolist() == [4]
 
 
 # --- on models ------------------------------------------------------------------------------------------------
@@ -241,7 +248,8 @@ def test_criterion_is_stored_in_config_overridden_per_call_and_saved(tmp_path):
     assert other.exit_layers.tolist() != default.exit_layers.tolist()
     assert capped.exit_layers.tolist() == [1] * 16
     # switching rule for one call takes that rule's default threshold, not the stored one
-    assert model.get_exit_criterion(exit_criterion="entropy") == EntropyCriterion(0.1)
+    switched = exit_spec_from({"exit_criterion": "entropy"}, model.config.exit_spec)
+    assert build_criterion(switched, model.config) == EntropyCriterion(0.1)
     model.save_pretrained(tmp_path)
     loaded = PabeeForSequenceClassification.from_pretrained(tmp_path).eval()
     assert (loaded.config.exit_criterion, loaded.config.exit_threshold) == ("confidence", 0.52)
@@ -253,11 +261,11 @@ def test_criterion_is_stored_in_config_overridden_per_call_and_saved(tmp_path):
     ("kwargs", "message"),
     [
         ({"exit_criterion": "bogus"}, "exit_criterion='bogus' is unknown"),
-        ({"exit_criterion": "static"}, "'static' needs exit_threshold"),
+        ({"exit_criterion": "static"}, "'static' rule needs a threshold"),
         ({"exit_criterion": "static", "exit_threshold": 5}, "static exit at layer 5 is impossible: the model has 4"),
-        ({"exit_criterion": "entropy", "num_labels": 1}, "'entropy' needs class probabilities"),
+        ({"exit_criterion": "entropy", "num_labels": 1}, "'entropy' rule needs class probabilities"),
         ({"max_exit_layer": -1}, "max_exit_layer=-1 is invalid"),
-        ({"exit_threshold": 0.5}, "exit_threshold does not apply to 'patience'"),
+        ({"exit_threshold": 0.5}, "a threshold does not apply to 'patience'"),
     ],
 )
 def test_bad_criterion_config_is_a_clear_error(kwargs, message):
@@ -267,7 +275,7 @@ def test_bad_criterion_config_is_a_clear_error(kwargs, message):
 
 def test_bad_criterion_at_call_time_is_a_clear_error():
     model = tiny_model()
-    with pytest.raises(ValueError, match="exit_threshold=2 is invalid for 'confidence'"):
+    with pytest.raises(ValueError, match="threshold 2 is invalid for 'confidence'"):
         model(**random_batch(), exit_criterion="confidence", exit_threshold=2)
 
 
@@ -276,7 +284,7 @@ def test_from_backbone_stores_criterion(minilm_path):
         minilm_path, exit_criterion="entropy", exit_threshold=0.2, max_exit_layer=4
     )
     assert isinstance(model.config, PabeeConfig)
-    assert model.get_exit_criterion() == EntropyCriterion(0.2, max_exit_layer=4)
+    assert build_criterion(model.config.exit_spec, model.config) == EntropyCriterion(0.2, max_exit_layer=4)
 
 
 @pytest.mark.slow

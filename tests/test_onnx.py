@@ -19,9 +19,9 @@ import torch
 from helpers import BACKBONE_TYPES, SENTIMENT, random_batch, read_tsv_column, save_tiny_text_model, tiny_model
 
 import pabee
+from pabee import ExitSpec
 from pabee.cli import main
 from pabee.errors import PabeeError
-from pabee.exits import ExitSpec
 from pabee.folders import FORMAT_VERSION, MANIFEST, load_runtime, read_manifest
 from pabee.modeling import infer
 from pabee.onnx_export import FUSED_OPS, GRAPH, export_full_model, export_onnx

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import save_tiny_text_model
 
+from pabee import ExitSpec, build_criterion, exit_spec_from
 from pabee.errors import PabeeError
-from pabee.exits import ExitSpec
 from pabee.glue import get_task, read_glue_tsv
 from pabee.pipeline import PabeePipeline, pipeline, plan_batches
 
@@ -161,18 +161,18 @@ def test_exit_options_reach_the_engine_as_one_setting(model_dir, monkeypatch):
         return original(runtime, inputs, setting, **kwargs)
 
     def built(spec: ExitSpec):
-        return pipe.model.config.build_criterion(spec)
+        return build_criterion(spec, pipe.model.config)
 
     monkeypatch.setattr(pipeline_module, "infer", spy)
     pipe(["a film"])
     assert calls[-1] == built(own)
     pipe(["a film"], patience=3)
-    assert calls[-1] == built(own.merged(patience=3))
+    assert calls[-1] == built(exit_spec_from({"patience": 3}, own))
     fixed = pipeline(pipe.model, pipe.tokenizer, patience=2)
     fixed(["a film"])
-    assert calls[-1] == built(own.merged(patience=2))
+    assert calls[-1] == built(exit_spec_from({"patience": 2}, own))
     fixed(["a film"], patience=0)
-    assert calls[-1] == built(own.merged(patience=0))
+    assert calls[-1] == built(exit_spec_from({"patience": 0}, own))
     fixed(["a film"], exit_spec=ExitSpec("static", threshold=2))
     assert calls[-1] == built(ExitSpec("static", threshold=2))
 

@@ -204,7 +204,7 @@ def test_read_text_file_keeps_line_numbers_and_pairs(tmp_path):
 
 
 def test_the_exit_setting_says_where_it_came_from(tmp_path):
-    from pabee.exits import ExitSpec
+    from pabee import ExitSpec
     from pabee.folders import exit_setting_note
 
     full, confident = ExitSpec("patience", patience=0), ExitSpec("confidence", threshold=0.8)

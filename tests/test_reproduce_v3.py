@@ -17,7 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def v3() -> ModuleType:
-    """`benchmarks/reproduce_glue_v3.py`, which imports its sibling scripts from its own folder."""
+    """`benchmarks/reproduce_glue_v3.py`, which imports `common` from its own folder."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import reproduce_glue_v3
@@ -94,7 +94,7 @@ def test_the_static_target_counts_only_the_issues_tasks(v3):
 
 def _row(criterion: str, value: float, report_score: float, report_layer: float, choose_layer: float | None = None,
          layers: int = 6) -> dict:  # fmt: skip
-    """One setting as `reproduce_glue_v2.analyse` records it: scores and layers on both halves."""
+    """One setting as `reproduce_glue_v3.analyse` records it: scores and layers on both halves."""
     choose_layer = report_layer if choose_layer is None else choose_layer
     spec = {"criterion": criterion, "patience": int(value) if criterion == "patience" else None,
             "threshold": None if criterion == "patience" else value, "max_exit_layer": None}  # fmt: skip

@@ -25,7 +25,7 @@ from pabee.checkpoints import (
     mark_checkpoint_complete,
 )
 from pabee.errors import PabeeError
-from pabee.train import RUN_FILE, prepare_output_dir, run_identity
+from pabee.resume import RUN_FILE, prepare_output_dir, run_identity
 
 MODEL = "some/model"
 

@@ -66,7 +66,9 @@ def test_health_and_a_prediction(pipe, sst2_dev_sentences, rte_pairs):
 def test_the_server_uses_the_pipelines_exit_options(model_dir, sst2_dev_sentences):
     static = pipeline(model_dir, exit_criterion="static", exit_threshold=2)
     with TestClient(create_app(static, threads=1)) as client:
-        assert client.get("/health").json()["exit_options"] == {"exit_criterion": "static", "exit_threshold": 2}
+        setting = client.get("/health").json()["exit_setting"]
+        assert setting == {"patience": 1, "exit_criterion": "static", "exit_threshold": 2, "max_exit_layer": None,
+                           "title": "static k=2"}  # fmt: skip
         answers = client.post("/predict", json={"texts": sst2_dev_sentences[:8]}).json()["predictions"]
     assert {a["exit_layer"] for a in answers} == {2}
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from pabee.arguments import RunGlueArguments
+from pabee.arguments import RunGlueArguments, parse_criteria, parse_patiences, parse_thresholds
 from pabee.data import load_glue, tokenize
 from pabee.errors import PabeeError
 from pabee.evaluate import sweep_results
-from pabee.exits import ExitSpec, ExitSweep, confidence, entropy
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
-from pabee.sweeps import parse_criteria, parse_patiences, parse_thresholds
+from pabee.rules import confidence, entropy
+from pabee.settings import ExitSpec, ExitSweep
 
 
 def test_parse_patiences():
@@ -40,7 +40,8 @@ def test_parse_exit_settings():
     settings = sweep.specs(num_layers=4)
     assert [s.label for s in settings["patience+confidence"]] == ["p1, 0.9", "p3, 0.9"]
     assert [s.label for s in settings["static"]] == ["k=1", "k=2", "k=3", "k=4"]
-    assert settings["entropy"][0].options() == {
+    assert settings["entropy"][0].keywords() == {
+        "patience": None,
         "exit_criterion": "entropy",
         "exit_threshold": 0.01,
         "max_exit_layer": 2,
@@ -104,7 +105,7 @@ def test_sweep_equals_real_early_exit_on_sst2_dev(trained_minilm, minilm_tokeniz
     for name, rows in summary["criteria"].items():
         for setting, row in zip(settings[name], rows, strict=True):
             assert row["setting"] == setting.label
-            assert_real_inference_matches(row, **setting.options())
+            assert_real_inference_matches(row, exit_spec=setting)
         assert len({r["avg_exit_layer"] for r in rows}) == len(rows) or name == "static", f"{name}: vary thresholds"
     spread = [row["avg_exit_layer"] for row in summary["patiences"]]
     assert spread[1] < spread[2] < spread[3] < spread[4] < 6.0, "exits must vary with patience for this to mean much"

@@ -9,27 +9,26 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .backbones import ADAPTERS, EncoderAdapter, adapter_for
 from .configuration import PabeeConfig
-from .exits import (
-    CRITERIA,
-    ConfidenceCriterion,
-    EntropyCriterion,
-    ExitCriterion,
-    ExitSpec,
-    ExitSweep,
-    ExitTracker,
-    PatienceConfidenceCriterion,
-    PatienceCriterion,
-    StaticCriterion,
-    logits_at_exit,
-    make_criterion,
-    sweep_exit_layers,
-)
 from .folders import load_runtime
 from .hf_pipeline import EarlyExitClassificationPipeline
 from .hf_pipeline import register as _register_pipeline_task
 from .modeling import PabeeForSequenceClassification, PabeeOutput, PabeePreTrainedModel, Runtime, infer
 from .pipeline import PabeePipeline, pipeline
 from .pretrained import bundled_model_path
+from .rules import (
+    CRITERIA,
+    ConfidenceCriterion,
+    EntropyCriterion,
+    ExitCriterion,
+    ExitTracker,
+    PatienceConfidenceCriterion,
+    PatienceCriterion,
+    StaticCriterion,
+    build_criterion,
+    logits_at_exit,
+    sweep_exit_layers,
+)
+from .settings import ExitSpec, ExitSweep, exit_spec_from
 from .version import __version__
 
 AutoConfig.register(PabeeConfig.model_type, PabeeConfig, exist_ok=True)
@@ -58,11 +57,12 @@ __all__ = [
     "StaticCriterion",
     "__version__",
     "adapter_for",
+    "build_criterion",
     "bundled_model_path",
+    "exit_spec_from",
     "infer",
     "load_runtime",
     "logits_at_exit",
-    "make_criterion",
     "pipeline",
     "sweep_exit_layers",
 ]

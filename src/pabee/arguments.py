@@ -13,22 +13,38 @@ file) is checked by the command.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .backbones import ADAPTERS
 from .configuration import PabeeConfig
 from .errors import PabeeError, require_extra
-from .exits import ExitSpec, ExitSweep, check_max_exit_layer, check_patience, check_regression_threshold, keywords_of
-from .folders import ATTENTION_KERNELS, BACKENDS, DTYPES, load_config
+from .folders import ATTENTION_KERNELS, BACKENDS, DTYPES
 from .losses import check_distillation
 from .onnx_model import require_onnx
 from .pipeline import DEFAULT_MAX_LENGTH
 from .recipes import check_recipes, recipe_settings
-from .sweeps import checked_specs, parse_criteria, parse_int_list, parse_patiences, parse_thresholds
+from .rules import build_criterion
+from .settings import (
+    CRITERION_NAMES,
+    EXIT_KEYWORDS,
+    ExitSpec,
+    ExitSweep,
+    check_max_exit_layer,
+    check_patience,
+    check_regression_threshold,
+    exit_spec_from,
+)
 
 __all__ = [
     "API_KEY_VARIABLE",
+    "checked_specs",
+    "parse_criteria",
+    "parse_int_list",
+    "parse_patiences",
+    "parse_thresholds",
     "BenchArguments",
     "CalibrateArguments",
     "ExportArguments",
@@ -81,6 +97,97 @@ def _checked(check, *values) -> Any:
         return check(*values)
     except ValueError as error:
         raise PabeeError(str(error)) from None
+
+
+# --- the exit settings a command sweeps: --exit_criterion, --patience, --exit_threshold -> ExitSpecs -----------------
+#
+#     --exit_criterion patience,confidence,static     # default: patience
+#     --patience 1,2,3                                # patience and patience+confidence
+#     --exit_threshold confidence=0.8,0.9 static=2,4  # per rule; a bare list serves the only one that takes one
+#
+# A rule given no thresholds sweeps `settings.DEFAULT_SWEEPS` (static: every layer); `checked_specs` builds every
+# setting against the model, so a bad one stops the command before any work is done.
+
+
+def parse_int_list(value: str, flag: str, minimum: int) -> list[int]:
+    """`"1,2,3"` → `[1, 2, 3]` (repeats dropped, order kept), or a `PabeeError` naming the flag."""
+    numbers: list[int] = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not re.fullmatch(r"[-+]?\d+", part) or int(part) < minimum:
+            raise PabeeError(
+                f"{flag} {value!r} is invalid: {part!r} is not a whole number >= {minimum} "
+                "(use comma-separated numbers, e.g. 1,2,3)."
+            )
+        numbers.append(int(part))
+    return list(dict.fromkeys(numbers))
+
+
+def parse_patiences(value: str) -> list[int]:
+    """`--patience "3,4,5"` → `[3, 4, 5]`: whole numbers >= 0 (0 is the full model)."""
+    return parse_int_list(value, "--patience", 0)
+
+
+def parse_criteria(value: str) -> list[str]:
+    """`"patience,confidence"` → `["patience", "confidence"]`, each a known criterion, no repeats."""
+    names: list[str] = []
+    for part in str(value).split(","):
+        name = part.strip()
+        if name not in CRITERION_NAMES:
+            known = ", ".join(CRITERION_NAMES)
+            raise PabeeError(f"--exit_criterion {value!r}: {name!r} is unknown; choose from {known}.")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def parse_thresholds(values: Sequence[str] | str | None, criteria: Sequence[str]) -> dict[str, list[float]]:
+    """`["confidence=0.8,0.9", "static=2"]` → `{"confidence": [0.8, 0.9], "static": [2.0]}`.
+
+    A bare list (`["0.8,0.9"]`) is allowed when exactly one selected criterion takes thresholds.
+    """
+    if values is None:
+        return {}
+    if isinstance(values, str):
+        values = values.split()
+    takers = [c for c in criteria if c != "patience"]
+    out: dict[str, list[float]] = {}
+    for item in values:
+        name, eq, numbers = item.rpartition("=")
+        if not eq:
+            if len(takers) != 1:
+                raise PabeeError(
+                    f"--exit_threshold {item!r} does not say which criterion it is for; "
+                    f"write e.g. confidence={item} (selected: {', '.join(criteria)})."
+                )
+            name = takers[0]
+        if name not in takers:
+            raise PabeeError(
+                f"--exit_threshold {item!r}: {name!r} is not a selected criterion that takes thresholds "
+                f"({', '.join(takers) or 'none selected; add it to --exit_criterion'})."
+            )
+        parsed = []
+        for part in numbers.split(","):
+            if not re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", part):
+                raise PabeeError(f"--exit_threshold {item!r}: {part.strip()!r} is not a number.")
+            parsed.append(float(part))
+        out[name] = parsed
+    return out
+
+
+def checked_specs(sweep: ExitSweep, config: PabeeConfig) -> dict[str, list[ExitSpec]]:
+    """The sweep's settings for a model, each built into its criterion once, so a bad value stops the command
+    before any work is done."""
+    specs = sweep.specs(config.num_hidden_layers)
+    for name, items in specs.items():
+        if not items:
+            raise PabeeError(f"--exit_criterion {name}: nothing to evaluate (give it a non-zero --patience).")
+        for spec in items:
+            try:
+                build_criterion(spec, config)
+            except ValueError as error:
+                raise PabeeError(f"--exit_criterion {name}: {error}") from None
+    return specs
 
 
 @dataclass
@@ -254,8 +361,8 @@ class RunGlueArguments(ExitSweepArguments):
 
         if self.task_name is None and self.train_file is None and self.validation_file is None:
             raise PabeeError("Give --task_name (a GLUE task) or --train_file / --validation_file (your own data).")
-        if self.task_name is not None:
-            get_task(self.task_name)  # an unknown task fails before any folder is touched
+        # Looked up once, here (an unknown task fails before any folder is touched), then carried: `glue_task`.
+        self.glue_task = get_task(self.task_name) if self.task_name is not None else None
         # The full model (patience 0) is always evaluated, first: every table compares with it.
         self.patiences: list[int] = [0, *(p for p in parse_patiences(self.patience) if p != 0)]
         super().__post_init__()
@@ -410,22 +517,17 @@ class InferenceArguments:
         if self.patience is not None:
             _checked(check_patience, self.patience)
         _checked(check_max_exit_layer, self.max_exit_layer)
-        _checked(ExitSpec().with_keywords, keywords_of(self))  # an unknown criterion
+        # The exit flags given, as keywords over the model's own setting (which only loading the model reveals).
+        self.exit_keywords: dict[str, Any] = {name: getattr(self, name) for name in EXIT_KEYWORDS}
+        _checked(exit_spec_from, self.exit_keywords)  # an unknown criterion fails before any model loads
         _at_least(self, "threads", 1)
         _at_least(self, "max_seq_length", 2)
-
-    def exit_spec(self) -> ExitSpec:
-        """The model's own exit setting (from its folder's `config.json`) with the flags given applied."""
-        try:
-            return load_config(self.model).exit_spec.with_keywords(keywords_of(self))
-        except ValueError as error:
-            raise PabeeError(str(error)) from None
 
     def pipeline_options(self) -> dict[str, Any]:
         """`PabeePipeline.from_pretrained` keywords these flags set; the batch size is each command's own."""
         return {
             "max_length": self.max_seq_length,
-            "exit_spec": self.exit_spec(),
+            **self.exit_keywords,
             "dtype": self.dtype,
             "attn_implementation": self.attn_implementation,
             "backend": self.backend,

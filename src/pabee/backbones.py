@@ -1,21 +1,26 @@
 """Per-architecture adapters that let the early-exit engine step an encoder one layer at a time.
 
-This is the only module that reaches into transformers internals (embedding modules, layer lists, ALBERT's
-shared layer groups, attention-mask construction). Each adapter is stateless: it receives the encoder module on
-every call, so the model holds no second reference to its weights. Adding an architecture means one small
-subclass plus an entry in `ADAPTERS`; architectures whose layers look like BERT's (RoBERTa, ELECTRA) reuse it.
+This is the only module that reaches into transformers and torch internals (embedding modules, layer lists,
+ALBERT's shared layer groups, attention-mask construction, the attention kernel in use, whether a profiler runs).
+Each adapter is stateless: it receives the encoder module on every call, so the model holds no second reference to
+its weights. Adding an architecture means one small subclass plus an entry in `ADAPTERS`; architectures whose
+layers look like BERT's (RoBERTa, ELECTRA) reuse it.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.autograd import profiler
 from transformers.masking_utils import create_bidirectional_mask
 
 __all__ = [
     "ADAPTERS",
+    "attention_kernel",
+    "profiler_label",
     "AlbertAdapter",
     "BertAdapter",
     "DebertaV2Adapter",
@@ -211,3 +216,16 @@ def adapter_for(model_type: str) -> EncoderAdapter:
     except KeyError:
         supported = ", ".join(sorted(ADAPTERS))
         raise ValueError(f"No PABEE adapter for backbone type {model_type!r}; supported types: {supported}.") from None
+
+
+def attention_kernel(config: Any) -> str | None:
+    """The attention kernel an encoder config runs (`sdpa`, `eager`, ...): transformers keeps it only in the
+    private `_attn_implementation` (and sets it with `set_attn_implementation`); a benchmark records it."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def profiler_label(part: str) -> AbstractContextManager:
+    """A `record_function` label (`pabee.*`, read by `pabee bench --profile`) while a profiler runs;
+    `record_function` itself costs ~20 µs even when none does. torch says whether one runs only through the
+    private `_is_profiler_enabled` (assumed on where a torch version lacks it)."""
+    return profiler.record_function(part) if getattr(profiler, "_is_profiler_enabled", True) else nullcontext()

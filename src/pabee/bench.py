@@ -31,9 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .arguments import BenchArguments
+from .backbones import attention_kernel
 from .errors import PabeeError
-from .exits import ExitCriterion, ExitSpec, ExitSweep, ExitTracker
 from .modeling import PabeeForSequenceClassification, Runtime, infer
+from .rules import ExitCriterion, ExitTracker
+from .settings import ExitSpec, ExitSweep
 
 __all__ = ["NEVER_EXIT", "NeverExit", "full_forward", "make_batches", "profile_early_exit", "run_bench"]
 
@@ -396,7 +398,7 @@ def _settings(args: BenchArguments, work: Workload) -> dict[str, Any]:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
-        "attn_implementation": work.model.config.encoder_config._attn_implementation,
+        "attn_implementation": attention_kernel(work.model.config.encoder_config),
     }
 
 

@@ -24,17 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arguments import CalibrateArguments
+from .arguments import CalibrateArguments, checked_specs
 from .certify import Guarantee, certify, min_examples, risk_losses
 from .errors import PabeeError
 from .evaluate import exit_answers
-from .exits import ExitSpec, ExitSweep
 from .glue import TaskSpec, get_task
 from .metrics import compute_metrics, exit_statistics
 from .modeling import Runtime
 from .pipeline import PabeePipeline
 from .provenance import portable_path, provenance, write_atomic, write_json
-from .sweeps import checked_specs
+from .settings import ExitSpec, ExitSweep
 
 __all__ = [
     "Calibration",
@@ -403,7 +402,7 @@ def _write_exit_setting(path: Path, model: Runtime, spec: ExitSpec) -> None:
     """Change only the exit fields of `config.json` (atomically); everything else in it stays as it was."""
     model.config.exit_spec = spec
     saved = json.loads(path.read_text(encoding="utf-8"))
-    saved.update(model.config.exit_fields())
+    saved.update(spec.keywords())
     write_json(path, saved)
 
 

@@ -7,9 +7,10 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .exits import MULTI_LABEL, REGRESSION, SINGLE_LABEL, ExitCriterion, ExitSpec, keywords_of
 from .losses import check_distillation
 from .recipes import check_recipes, recipe_settings
+from .rules import MULTI_LABEL, REGRESSION, SINGLE_LABEL, build_criterion
+from .settings import EXIT_KEYWORDS, ExitSpec, exit_spec_from
 
 __all__ = ["POOLINGS", "PabeeConfig"]
 
@@ -28,7 +29,7 @@ class PabeeConfig(PreTrainedConfig):
         regression_threshold: for regression (`num_labels == 1`), two layers "agree" when their outputs differ
             by less than this.
         exit_criterion: the exit rule: `"patience"` (PABEE), `"entropy"`, `"confidence"`,
-            `"patience+confidence"` or `"static"` (see `pabee.exits`).
+            `"patience+confidence"` or `"static"` (see `pabee.settings`).
         exit_threshold: the rule's threshold (entropy in nats, top probability, or the layer k for `"static"`);
             `None` takes the rule's default. Unused by `"patience"`.
         max_exit_layer: no example uses more layers than this (bounds worst-case latency); `None`: no cap.
@@ -74,7 +75,7 @@ class PabeeConfig(PreTrainedConfig):
         check_recipes(**self.recipes)
         if self.two_stage and getattr(self.encoder_config, "num_hidden_layers", 2) < 2:
             raise ValueError(f"two_stage={self.two_stage!r} needs 2 layers or more: stage 2 trains the internal ones.")
-        self.build_criterion(self.exit_spec)  # validates patience, thresholds, the cap and the fit to the problem
+        build_criterion(self.exit_spec, self)  # validates patience, thresholds, the cap and the fit to the problem
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of {', '.join(POOLINGS)}.")
         if self.num_labels is None or self.num_labels < 1:
@@ -87,8 +88,8 @@ class PabeeConfig(PreTrainedConfig):
 
     @property
     def num_hidden_layers(self) -> int:
-        """Number of encoder layers, each with its own classifier."""
-        return self.encoder_config.num_hidden_layers
+        """Number of encoder layers, each with its own classifier (None before the encoder config is set)."""
+        return getattr(self.encoder_config, "num_hidden_layers", None)
 
     @property
     def is_regression(self) -> bool:
@@ -103,27 +104,14 @@ class PabeeConfig(PreTrainedConfig):
 
     @property
     def exit_spec(self) -> ExitSpec:
-        """The stored exit setting as one value; `config.json` keeps the flat fields, so old folders load."""
-        return ExitSpec(self.exit_criterion, self.patience, self.exit_threshold, self.max_exit_layer)
+        """The stored exit setting as one value; `config.json` keeps the four keywords as flat fields (the config
+        is an edge users type settings at), so old folders load."""
+        return exit_spec_from({name: getattr(self, name) for name in EXIT_KEYWORDS}, ExitSpec(patience=None))
 
     @exit_spec.setter
     def exit_spec(self, spec: ExitSpec) -> None:
-        self.exit_criterion, self.exit_threshold, self.max_exit_layer = (
-            spec.criterion,
-            spec.threshold,
-            spec.max_exit_layer,
-        )
-        if spec.patience is not None:  # a threshold rule keeps the stored patience for later switches
-            self.patience = spec.patience
-
-    def exit_fields(self) -> dict[str, Any]:
-        """The flat exit fields as `config.json` stores them (to change only those in a saved file)."""
-        return keywords_of(self)
-
-    def build_criterion(self, spec: ExitSpec) -> ExitCriterion:
-        """`spec` as a criterion for this model's problem type and depth (a `ValueError` if it does not fit)."""
-        layers = getattr(self.encoder_config, "num_hidden_layers", None)
-        return spec.build(self.problem, self.regression_threshold, layers)
+        for name, value in spec.keywords().items():  # every field, unset ones too: nothing of the old one stays
+            setattr(self, name, value)
 
     @property
     def dropout_prob(self) -> float:

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from .exits import ExitSpec, ExitSweep, logits_at_exit, sweep_exit_layers
 from .glue import TaskSpec
 from .metrics import compute_metrics, exit_statistics, predictions_from_logits
 from .modeling import Runtime
+from .rules import build_criterion, logits_at_exit, sweep_exit_layers
+from .settings import ExitSpec, ExitSweep
 
 __all__ = ["exit_answers", "layer_metrics", "metrics_during_training", "setting_row", "sweep_results"]
 
@@ -26,7 +27,7 @@ __all__ = ["exit_answers", "layer_metrics", "metrics_during_training", "setting_
 def exit_answers(model: Runtime, all_logits: torch.Tensor, spec: ExitSpec) -> tuple[np.ndarray, np.ndarray]:
     """What real early exit answers under `spec`, read off every layer's logits (a class id or value per example),
     and the 1-based layer each example exits at."""
-    exit_layers = sweep_exit_layers(model.config.build_criterion(spec), all_logits)
+    exit_layers = sweep_exit_layers(build_criterion(spec, model.config), all_logits)
     chosen = logits_at_exit(all_logits, exit_layers).numpy()
     return predictions_from_logits(chosen, model.config.is_regression), exit_layers.numpy()
 

@@ -20,10 +20,10 @@ import torch
 
 from .configuration import PabeeConfig
 from .errors import PabeeError
-from .exits import ExitSpec
 from .modeling import PabeeForSequenceClassification, Runtime
 from .onnx_model import OnnxPabeeModel
 from .provenance import file_digest
+from .settings import ExitSpec
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -183,17 +183,21 @@ def exit_setting_note(folder: str | Path, spec: ExitSpec, own: ExitSpec) -> str:
 
 
 def load_model_folder(
-    folder: str | Path, dtype: str | torch.dtype | None = None, attn_implementation: str | None = None
+    folder: str | Path,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    config: PabeeConfig | None = None,
 ) -> PabeeForSequenceClassification:
-    """A saved PABEE model in eval mode, quietly; a folder that is not one is a `PabeeError`."""
+    """A saved PABEE model in eval mode, quietly; a folder that is not one is a `PabeeError`. `config`: the
+    folder's, when the caller has read it already (a folder is read once per load)."""
     from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
-    load_config(folder)
+    config = config or load_config(folder)
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a command's or server's output
     try:
-        extra = {"dtype": dtype, "attn_implementation": attn_implementation}
+        extra = {"config": config, "dtype": dtype, "attn_implementation": attn_implementation}
         extra = {name: value for name, value in extra.items() if value is not None}
         return PabeeForSequenceClassification.from_pretrained(folder, **extra).eval()
     except (OSError, ValueError) as error:
@@ -218,4 +222,4 @@ def load_runtime(
         return load_model_folder(folder, dtype, attn_implementation)
     if dtype is not None or attn_implementation is not None:
         raise PabeeError("dtype and attn_implementation apply to the torch backend; export with --quantize.")
-    return OnnxPabeeModel(folder, read_manifest(folder), threads=threads)
+    return OnnxPabeeModel(folder, read_manifest(folder), threads=threads, config=load_config(folder))

@@ -9,7 +9,7 @@
 It is transformers' text-classification pipeline (same inputs, `top_k`, `function_to_apply`, `batch_size`,
 `device`) with each answer's exit layer added, inputs truncated to `max_length` tokens (128, as in training) unless
 `truncation` is given, and the exit settings accepted as keywords (`patience=2`; every name in
-`pabee.exits.EXIT_KEYWORDS`) at creation or per call. Plain `"text-classification"` works too,
+`pabee.settings.EXIT_KEYWORDS`) at creation or per call. Plain `"text-classification"` works too,
 without exit layers. `pabee.pipeline` is the faster choice for large inputs: it sorts texts by length before
 batching.
 """
@@ -21,8 +21,8 @@ from typing import Any
 from transformers import AutoModelForSequenceClassification, TextClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .exits import EXIT_KEYWORDS
 from .pipeline import DEFAULT_MAX_LENGTH, supported_length
+from .settings import EXIT_KEYWORDS
 
 __all__ = ["EarlyExitClassificationPipeline", "TASK", "register"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .exits import MULTI_LABEL, REGRESSION
+from .rules import MULTI_LABEL, REGRESSION
 
 __all__ = ["check_distillation", "distillation_loss", "label_loss", "layer_weighted_loss", "paper_layer_weights"]
 

@@ -11,24 +11,24 @@ routes gradients (`pabee.recipes`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.autograd import profiler
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, can_return_tuple
 
-from .backbones import EncoderAdapter, adapter_for
+from .backbones import EncoderAdapter, adapter_for, profiler_label
 from .configuration import POOLINGS, PabeeConfig
-from .exits import ExitCriterion, ExitSpec, check_patience, logits_at_exit, sweep_exit_layers
 from .losses import layer_weighted_loss
 from .pretrained import bundled_model_path, sentence_transformers_pooling
 from .recipes import HEADS_STAGE, alignment_loss, equilibrium, exit_example_weights, stage_layer_weights
+from .rules import ExitCriterion, build_criterion, logits_at_exit, sweep_exit_layers
+from .settings import ExitSpec, check_patience, exit_spec_from
 
 __all__ = [
     "PabeeForSequenceClassification",
@@ -91,24 +91,6 @@ class PabeePreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
-    def get_exit_criterion(
-        self,
-        exit_spec: ExitSpec | None = None,
-        *,
-        patience: int | None = None,
-        exit_criterion: str | ExitCriterion | None = None,
-        exit_threshold: float | None = None,
-        max_exit_layer: int | None = None,
-    ) -> ExitCriterion:
-        """The exit rule for a call: `exit_spec` (default: the config's) with the keyword overrides that are set.
-
-        A ready `ExitCriterion` passed as `exit_criterion` is used as it is (e.g. a benchmark's never-exit rule).
-        """
-        if isinstance(exit_criterion, ExitCriterion):
-            return exit_criterion
-        spec = (exit_spec or self.config.exit_spec).merged(exit_criterion, patience, exit_threshold, max_exit_layer)
-        return self.config.build_criterion(spec)
-
 
 class PabeeForSequenceClassification(PabeePreTrainedModel):
     """A pretrained encoder with a classifier after every layer and patience-based early exit.
@@ -167,7 +149,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
                 checkpoint was trained with if it says so (`"cls"` for regression on such a checkpoint), else the
                 encoder's own pooler (or `[CLS]` if it has none).
             exit_criterion: default exit rule: `"patience"`, `"entropy"`, `"confidence"`, `"patience+confidence"`
-                or `"static"` (see `pabee.exits`).
+                or `"static"` (see `pabee.settings`).
             exit_threshold: the rule's threshold (for `"static"`, the layer k); `None` is the rule's default.
             max_exit_layer: cap on the layers any example may use; `None` for no cap.
             config_kwargs: further `PabeeConfig` fields (`id2label`, `label2id`, `classifier_dropout`,
@@ -180,15 +162,14 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             raise ValueError(f"pooling={pooling!r} is not supported; choose one of {', '.join(POOLINGS)} or None.")
         name_or_path = bundled_model_path() if name_or_path is None else name_or_path
         encoder = AutoModel.from_pretrained(str(name_or_path))
+        keywords = {"patience": patience, "exit_criterion": exit_criterion, "exit_threshold": exit_threshold,
+                    "max_exit_layer": max_exit_layer}  # fmt: skip
         config = PabeeConfig(
             encoder_config=encoder.config,
             num_labels=num_labels,
-            patience=patience,
             regression_threshold=regression_threshold,
             pooling=pooling or "cls",  # resolved below once the config knows the problem type
-            exit_criterion=exit_criterion,
-            exit_threshold=exit_threshold,
-            max_exit_layer=max_exit_layer,
+            **exit_spec_from(keywords).keywords(),
             **config_kwargs,
         )
         pooling = pooling or _default_pooling(name_or_path, encoder, config.is_regression)
@@ -218,28 +199,30 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         patience: int | None = None,
-        exit_criterion: str | ExitCriterion | None = None,
+        exit_criterion: str | None = None,
         exit_threshold: float | None = None,
         max_exit_layer: int | None = None,
-        exit_spec: ExitSpec | None = None,
+        exit_spec: ExitSpec | ExitCriterion | None = None,
         output_all_logits: bool | None = None,
     ) -> PabeeOutput:
         """Classify a batch.
 
         Args:
-            exit_spec: the exit setting for this call (default: the config's `exit_spec`).
-            patience, exit_criterion, exit_threshold, max_exit_layer: override single fields of it for this call;
-                `exit_criterion` may also be a ready `ExitCriterion`.
+            exit_spec: the exit setting for this call (default: the config's `exit_spec`), or a ready rule (a
+                benchmark's never-exit rule, say), used as it is.
+            patience, exit_criterion, exit_threshold, max_exit_layer: the setting's fields as keywords, over
+                `exit_spec` for this call (`pabee.settings.exit_spec_from`), as `generate` takes a config's.
             output_all_logits: run every layer and return `all_logits` (implied in training and with `labels`);
                 `logits` and `exit_layers` are then read from those with the exit rule, as inference would give.
         """
-        criterion = self.get_exit_criterion(
-            exit_spec,
-            patience=patience,
-            exit_criterion=exit_criterion,
-            exit_threshold=exit_threshold,
-            max_exit_layer=max_exit_layer,
-        )
+        keywords = {"patience": patience, "exit_criterion": exit_criterion, "exit_threshold": exit_threshold,
+                    "max_exit_layer": max_exit_layer}  # fmt: skip
+        if isinstance(exit_spec, ExitCriterion):
+            if any(value is not None for value in keywords.values()):
+                raise ValueError("Exit keywords apply over an ExitSpec; a ready ExitCriterion is used as it is.")
+            criterion = exit_spec
+        else:
+            criterion = build_criterion(exit_spec_from(keywords, exit_spec or self.config.exit_spec), self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         inputs = {
@@ -427,11 +410,8 @@ def infer(
     `prefix`, without the early heads; every other rule climbs with `early_exit`. Right padding no row needs is
     cut first.
     """
-    criterion = (
-        setting
-        if isinstance(setting, ExitCriterion)
-        else runtime.config.build_criterion(setting or runtime.config.exit_spec)
-    )
+    config = runtime.config
+    criterion = setting if isinstance(setting, ExitCriterion) else build_criterion(setting or config.exit_spec, config)
     inputs = _with_attention_mask(inputs)
     num_layers = runtime.num_layers
     if all_layers:
@@ -520,12 +500,6 @@ def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel, regress
     if declared is not None:
         return "cls" if regression else declared
     return "pooler" if adapter.has_pooler(encoder) else "cls"
-
-
-def profiler_label(part: str) -> AbstractContextManager:
-    """A `record_function` label (`pabee.*`, read by `pabee bench --profile`) while a profiler runs;
-    `record_function` itself costs ~20 µs even when none does."""
-    return profiler.record_function(part) if getattr(profiler, "_is_profiler_enabled", True) else nullcontext()
 
 
 def _drop_rows(

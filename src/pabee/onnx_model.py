@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backbones import profiler_label
 from .configuration import PabeeConfig
 from .errors import PabeeError, require_extra
-from .modeling import profiler_label
 from .onnx_segments import Segments
 
 __all__ = ["OnnxPabeeModel", "require_onnx", "session_options"]
@@ -74,15 +74,22 @@ class OnnxPabeeModel:
         folder: a folder written by `pabee export`.
         manifest: its manifest, already verified (`pabee.folders.read_manifest`).
         threads: ONNX Runtime threads per session (default: its own choice).
+        config: the folder's `PabeeConfig`, when the caller has read it already.
     """
 
-    def __init__(self, folder: str | Path, manifest: Mapping[str, Any], threads: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        manifest: Mapping[str, Any],
+        threads: int | None = None,
+        config: PabeeConfig | None = None,
+    ) -> None:
         require_onnx()
         import onnx
 
         folder = Path(folder)
         self.manifest = manifest
-        self.config = PabeeConfig.from_pretrained(folder)
+        self.config = config or PabeeConfig.from_pretrained(folder)
         self.precision = manifest["precision"]
         names = manifest["boundaries"]
         self.hidden, self.mask_names, self.logits = names["hidden"], names["mask"], names["logits"]

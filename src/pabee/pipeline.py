@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .exits import EXIT_KEYWORDS, ExitSpec
 from .folders import load_runtime, load_tokenizer
 from .modeling import Runtime, infer
+from .rules import build_criterion
+from .settings import ExitSpec, exit_spec_from
 from .texts import example_problem
 
 __all__ = ["PabeePipeline", "as_example", "pipeline", "plan_batches", "supported_length"]
@@ -106,6 +107,7 @@ class PabeePipeline:
             what the model and tokenizer support.
         device: where to run a torch model (default: where it is).
         exit_spec: the exit setting for every call (default: the model config's), checked here.
+        exit_keywords: the setting's fields as keywords over `exit_spec` (`patience=2`; `pabee.settings`).
 
     Example:
         >>> classify = pabee.pipeline("runs/sst2")
@@ -123,6 +125,7 @@ class PabeePipeline:
         max_length: int = DEFAULT_MAX_LENGTH,
         device: str | torch.device | None = None,
         exit_spec: ExitSpec | None = None,
+        **exit_keywords: Any,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid: use a whole number >= 1.")
@@ -132,8 +135,8 @@ class PabeePipeline:
         self.tokenizer = tokenizer
         self.batch_size, self.batch_overhead = batch_size, batch_overhead
         self.max_length = supported_length(model, tokenizer, max_length)
-        self.exit_spec = exit_spec or model.config.exit_spec
-        model.config.build_criterion(self.exit_spec)  # bad values fail now, not on first use
+        self.exit_spec = exit_spec_from(exit_keywords, exit_spec or model.config.exit_spec)
+        self.criterion = build_criterion(self.exit_spec, model.config)  # bad values fail now, not on first use
 
     @classmethod
     def from_pretrained(
@@ -190,7 +193,7 @@ class PabeePipeline:
         )
         items = [inputs] if single else list(inputs)
         examples = [as_example(item, i) for i, item in enumerate(items)]
-        spec = self.call_spec(exit_spec, **exit_keywords)
+        spec = exit_spec_from(exit_keywords, exit_spec or self.exit_spec)
         logits, exit_layers = self.run(examples, batch_size=batch_size, progress=progress, exit_spec=spec)
         answers = self.format(logits, exit_layers)
         return answers[0] if single else answers
@@ -200,11 +203,9 @@ class PabeePipeline:
 
         Raises:
             ValueError: naming the first input that is not Unicode text (a lone surrogate), which the tokenizer
-                would refuse with an error that names no input, for all of them.
+                refuses with an error that names no input, for all of them. The texts are looked at only then:
+                callers that take texts from users (`pabee predict`, the server) check each one once, before.
         """
-        for i, (text, pair) in enumerate(examples):
-            if problem := example_problem(text, pair):
-                raise ValueError(f"Input {i}: {problem}; the tokenizer cannot take it.")
         features: list[dict[str, list[int]] | None] = [None] * len(examples)
         for is_pair in (False, True):
             rows = [i for i, (_, pair) in enumerate(examples) if (pair is not None) == is_pair]
@@ -212,7 +213,13 @@ class PabeePipeline:
                 continue
             texts = [examples[i][0] for i in rows]
             pairs = [examples[i][1] for i in rows] if is_pair else None
-            encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+            try:
+                encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+            except TypeError:  # the fast tokenizers' answer to a lone surrogate: say which input holds it
+                for i in rows:
+                    if problem := example_problem(*examples[i]):
+                        raise ValueError(f"Input {i}: {problem}; the tokenizer cannot take it.") from None
+                raise
             names = [name for name in MODEL_INPUTS if name in encoded]
             for j, i in enumerate(rows):
                 features[i] = {name: encoded[name][j] for name in names}
@@ -239,7 +246,8 @@ class PabeePipeline:
         lengths = [len(features[i]["input_ids"]) for i in order]
         if getattr(self.model, "training", False):  # a torch model trained further after the pipeline was made
             self.model.eval()
-        criterion = self.model.config.build_criterion(spec)  # once per call, not per forward pass
+        # Built once per call, not per forward pass; the pipeline's own setting was built when it was made.
+        criterion = self.criterion if spec == self.exit_spec else build_criterion(spec, self.model.config)
         for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
             rows = order[start:end]
             with torch.inference_mode():
@@ -265,10 +273,6 @@ class PabeePipeline:
                 out[torch.tensor(rows)] = result.all_logits.float().cpu()
                 bar.update(len(rows))
         return out
-
-    def call_spec(self, exit_spec: ExitSpec | None = None, **exit_keywords: Any) -> ExitSpec:
-        """The exit setting of one call: `exit_spec` (default: the pipeline's) with the keywords that are set."""
-        return (exit_spec or self.exit_spec).with_keywords(exit_keywords)
 
     def run(
         self,
@@ -334,11 +338,10 @@ def pipeline(
         >>> classify([("He left.", "He went away."), ("It rained.", "Stocks fell.")])
         [{'label': 'equivalent', 'score': 0.81, 'exit_layer': 3}, ...]
 
-    Keyword arguments are `PabeePipeline`'s, plus `backend`, `threads`, `dtype` and `attn_implementation` when
-    loading from a folder (an export from `pabee export` runs on ONNX Runtime); the exit setting is `exit_spec`,
-    or its fields as keywords (`patience=2`, any name in `pabee.exits.EXIT_KEYWORDS`) over the model's own.
+    Keyword arguments are `PabeePipeline`'s (the exit setting among them: `exit_spec`, or its fields as keywords
+    over the model's own, `patience=2`), plus `backend`, `threads`, `dtype` and `attn_implementation` when loading
+    from a folder (an export from `pabee export` runs on ONNX Runtime).
     """
-    keywords = {name: kwargs.pop(name) for name in EXIT_KEYWORDS if name in kwargs}
     loading = {name: kwargs.pop(name, None) for name in ("backend", "threads", "dtype", "attn_implementation")}
     if isinstance(model, (str, Path)):
         model, tokenizer = load_runtime(model, **loading), load_tokenizer(model)
@@ -348,5 +351,4 @@ def pipeline(
         for name, value in loading.items():
             if value is not None:
                 raise ValueError(f"{name}= applies when loading from a folder; set it on the model object instead.")
-    spec = (exit_spec or model.config.exit_spec).with_keywords(keywords)
-    return PabeePipeline(model, tokenizer, exit_spec=spec, **kwargs)
+    return PabeePipeline(model, tokenizer, exit_spec=exit_spec, **kwargs)

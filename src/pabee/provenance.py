@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "file_digest",
+    "file_identity",
     "fsync_folder",
     "hardware",
     "make_temp_folder",
@@ -167,6 +168,14 @@ def file_digest(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """A file by content, so a record can tell when an input changed: its path, size and SHA-256 (a file changed in
+    place, under the same path, is a different file), or that it is missing."""
+    if not path.is_file():
+        return {"path": str(path.resolve()), "missing": True}
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

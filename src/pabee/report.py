@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .exits import ExitSpec
 from .metrics import METRIC_LABELS
 from .provenance import write_atomic
+from .settings import ExitSpec
 
 __all__ = [
     "bench_markdown",

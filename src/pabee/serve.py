@@ -25,6 +25,7 @@ from .batching import MicroBatcher, forward_thread
 from .errors import PabeeError
 from .pipeline import PabeePipeline
 from .server import create_app
+from .settings import exit_spec_from
 
 __all__ = ["app_from_args", "drain_on_sigterm", "run_server", "warn_if_open"]
 
@@ -122,16 +123,20 @@ def note_timeouts(args: ServeArguments) -> None:
         )
 
 
-def note_exit_setting(args: ServeArguments) -> None:
-    """Say which exit setting every answer comes from, and how to choose a faster one that can be trusted (after
-    the app is built: a folder that cannot be read has been reported by then)."""
+def note_exit_setting(args: ServeArguments, app: FastAPI | None = None) -> None:
+    """Say which exit setting every answer comes from, and how to choose a faster one that can be trusted: the
+    app's pipeline's, or (Ray, whose replicas load their own) the folder's own with the flags over it."""
     from .folders import exit_setting_note, load_config
 
-    try:
-        note = exit_setting_note(args.model, args.exit_spec(), load_config(args.model).exit_spec)
-    except PabeeError:  # an app that serves something other than a model folder (tests' stand-ins)
-        return
-    print(f"pabee serve: exit setting: {note}", file=sys.stderr)
+    if app is not None:
+        pipe = getattr(getattr(app, "state", None), "pipeline", None)
+        if pipe is None:  # an app that serves no pipeline (a test's stand-in): nothing to say
+            return
+        spec, own = pipe.exit_spec, pipe.model.config.exit_spec
+    else:
+        own = load_config(args.model).exit_spec
+        spec = exit_spec_from(args.exit_keywords, own)
+    print(f"pabee serve: exit setting: {exit_setting_note(args.model, spec, own)}", file=sys.stderr)
 
 
 def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], FastAPI] = app_from_args) -> None:
@@ -152,7 +157,7 @@ def run_server(args: ServeArguments, app_factory: Callable[[ServeArguments], Fas
         app = app_factory(args)  # with several workers too: a bad model or option fails here, once
     except ValueError as error:
         raise PabeeError(str(error)) from None
-    note_exit_setting(args)
+    note_exit_setting(args, app)
     if args.workers == 1:
         # A factory: uvicorn calls it once its signal handlers are in place, so the drain goes in front of them.
         uvicorn.run(lambda: drain_on_sigterm(app, args.drain_seconds), factory=True, **options)

@@ -359,21 +359,29 @@ def create_app(
         executor=executor or forward_thread(threads),
         max_queue=max_queue,
     )
-    info = {  # what /health shows (never the API key, nor a file path)
-        "model": public_model_name(model_name or str(getattr(pipeline.model.config, "name_or_path", ""))),
-        "labels": pipeline.labels,
-        "num_layers": pipeline.num_layers,
-        "exit_options": pipeline.exit_spec.changes_from(pipeline.model.config.exit_spec),
+    limits = {
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,
         "max_texts_per_request": max_texts_per_request,
         "max_text_chars": max_text_chars,
         "max_queue": max_queue,
         "request_timeout": request_timeout,
-        "max_seq_length": pipeline.max_length,
     }
+    info = _health_info(pipeline, model_name, limits)
     lifespan = _lifespan(batcher, run, trim_memory_every)
     return _build_app(pipeline, batcher, lifespan, metrics, info, api_key, allowed_hosts)
+
+
+def _health_info(pipeline: PabeePipeline, model_name: str | None, limits: dict[str, Any]) -> dict[str, Any]:
+    """What /health shows: the model, its labels and exit setting, the limits (never the API key, nor a path)."""
+    return {
+        "model": public_model_name(model_name or str(getattr(pipeline.model.config, "name_or_path", ""))),
+        "labels": pipeline.labels,
+        "num_layers": pipeline.num_layers,
+        "exit_setting": {**pipeline.exit_spec.keywords(), "title": pipeline.exit_spec.title},
+        **limits,
+        "max_seq_length": pipeline.max_length,
+    }
 
 
 def _build_app(

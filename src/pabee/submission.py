@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import DataError, PabeeError
-from .glue import GlueTask, get_task, task_dir
+from .glue import GlueTask, task_dir
 from .pipeline import PabeePipeline
 from .provenance import portable_path, write_atomic, write_json
 
@@ -53,12 +53,12 @@ def write_submission_file(path: str | Path, indices: Sequence[Any], predictions:
     write_atomic(path, "\n".join(lines) + "\n")
 
 
-def check_predict_setup(task_name: str | None, data_dir: str | None, output_dir: str | Path, overwrite: bool) -> None:
-    """Fail before any training when `--do_predict` cannot work: no GLUE task, a missing test file, or a
-    submission folder from an earlier run that `--overwrite_output_dir` does not allow to replace."""
-    if task_name is None:
+def check_predict_setup(task: GlueTask | None, data_dir: str | None, output_dir: str | Path, overwrite: bool) -> None:
+    """Fail before any training when `--do_predict` cannot work: no GLUE task (`task` None: your own files), a
+    missing test file, or a submission folder from an earlier run that `--overwrite_output_dir` does not allow to
+    replace."""
+    if task is None:
         raise PabeeError("--do_predict writes GLUE test-set submission files; it needs --task_name.")
-    task = get_task(task_name)
     if data_dir is not None:
         folder = task_dir(task, data_dir)
         for split in task.test_splits:
@@ -72,7 +72,7 @@ def check_predict_setup(task_name: str | None, data_dir: str | None, output_dir:
 def predict_glue_test(
     model,
     tokenizer,
-    task_name: str,
+    task: GlueTask,
     data_dir: str | None,
     output_dir: str | Path,
     *,
@@ -86,7 +86,6 @@ def predict_glue_test(
     """
     from .data import load_glue
 
-    task = get_task(task_name)
     if model.config.num_labels != task.num_labels:
         raise PabeeError(f"The model has {model.config.num_labels} labels but {task.name} has {task.num_labels}.")
     data = load_glue(task, data_dir, train=False, evaluate=False, test=True)

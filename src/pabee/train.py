@@ -1,16 +1,15 @@
 """`pabee run-glue`: fine-tune a PABEE model with Trainer and evaluate it across exit settings.
 
 `run_glue` runs the stages in order — check, load, train, evaluate, write — each a function below, so every stage
-can be read (and changed) on its own. The flags check themselves (`pabee.arguments`); the evaluation lives in
-`pabee.evaluate` and the tables and plots in `pabee.report`.
+can be read (and changed) on its own. The flags check themselves (`pabee.arguments`); what makes a run the same run,
+and the checkpoint it resumes from, live in `pabee.resume`; the evaluation in `pabee.evaluate`, and the tables and
+plots in `pabee.report`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,52 +26,37 @@ from transformers import (
 )
 
 from .arguments import RunGlueArguments
-from .checkpoints import (
-    CHECKPOINT_MARKER,
-    CheckpointMarker,
-    checkpoint_folders,
-    checkpoint_step,
-    complete_checkpoints,
-    is_complete_checkpoint,
-)
-from .data import HUB_DATASET, TaskData, load_glue, load_user_files, tokenize
+from .checkpoints import CheckpointMarker, checkpoint_step, complete_checkpoints
+from .data import TaskData, load_glue, load_user_files, tokenize
 from .errors import PabeeError
 from .evaluate import metrics_during_training, sweep_results
-from .exits import ExitSpec
-from .glue import TaskSpec, get_task, task_dir
+from .glue import TaskSpec
 from .modeling import PabeeForSequenceClassification
 from .pretrained import bundled_model_path
-from .provenance import file_digest, portable_path, provenance, write_atomic, write_json
+from .provenance import portable_path, provenance, write_atomic, write_json
 from .recipes import TwoStageCallback
 from .report import criteria_tables, run_glue_markdown, run_glue_plots
+from .resume import RUN_FILE, prepare_output_dir_in_turn, run_identity
+from .settings import ExitSpec
 
-__all__ = [
-    "RESULT_FILES",
-    "RUN_FILE",
-    "load_model",
-    "load_task_data",
-    "prepare_output_dir",
-    "run_glue",
-    "run_identity",
-]
-
-RESULT_FILES = ("eval_results.json", "eval_results.md", "patience_curve.png", "exit_histograms.png")
-RUN_FILE = "pabee_run.json"  # what a training run in this folder is, so a resume cannot mix two runs
+__all__ = ["load_model", "load_task_data", "run_glue"]
 
 
 # --- check ---------------------------------------------------------------------------------------------------
 
 
-def join_cpu_processes(training_args: TrainingArguments) -> None:
+def join_cpu_processes(training_args: TrainingArguments) -> TrainingArguments:
     """Under torchrun without a GPU, make the processes one job: accelerate forms a (gloo) process group on CPU only
-    with `--use_cpu`, so without it each process trained alone and wrote the same folder. Set it, redo the setup."""
+    with `--use_cpu`, so without it each process trained alone and wrote the same folder. Returns the arguments to
+    train with: these, or a copy with `--use_cpu` set."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not launched or training_args.use_cpu or training_args.world_size > 1:
-        return
-    training_args.use_cpu = True
-    training_args.__dict__.pop("_setup_devices", None)  # Trainer's cached device setup, run again below
+        return training_args
+    # A copy, not the flag set in place: TrainingArguments sets its devices up once per object, and has done so above.
+    training_args = replace(training_args, use_cpu=True)
     if training_args.device.type != "cpu" or training_args.world_size == 1:
         raise PabeeError("torchrun started this process, but it could not join the others (no process group).")
+    return training_args
 
 
 def check(args: RunGlueArguments, training_args: TrainingArguments) -> None:
@@ -91,197 +75,7 @@ def check(args: RunGlueArguments, training_args: TrainingArguments) -> None:
     if training_args.do_predict:  # GLUE submission files: checked before training, written after it
         from .submission import check_predict_setup
 
-        check_predict_setup(args.task_name, args.data_dir, training_args.output_dir, args.overwrite_output_dir)
-
-
-def _non_empty(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
-# TrainingArguments that change what training computes (not where or how often it saves, logs or evaluates). The
-# length of training (--max_steps, --num_train_epochs) is left out: continuing a run for more steps from its last
-# checkpoint is what a user who asks for more steps wants.
-RESULT_HYPERPARAMETERS = (
-    "learning_rate",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "weight_decay",
-    "warmup_ratio",
-    "warmup_steps",
-    "lr_scheduler_type",
-    "optim",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "seed",
-    "data_seed",
-    "bf16",
-    "fp16",
-    "world_size",
-)
-WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin")  # what decides a local starting model
-
-
-def _file_identity(path: Path) -> dict[str, Any]:
-    """A file by content: a file changed in place (same path) is a different file."""
-    if not path.is_file():
-        return {"path": str(path.resolve()), "missing": True}
-    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": file_digest(path)}
-
-
-def _data_identity(args: RunGlueArguments) -> dict[str, Any]:
-    if args.task_name is None:
-        return {"train_file": _file_identity(Path(args.train_file)) if args.train_file else None}
-    task = get_task(args.task_name)
-    if args.data_dir is None:
-        return {"hub": f"{HUB_DATASET}/{task.hub_config}"}
-    return {"train_file": _file_identity(task_dir(task, args.data_dir) / "train.tsv")}
-
-
-def _model_identity(name_or_path: str) -> dict[str, Any]:
-    """A hub name as it is; a local folder by its config's and weights' content."""
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        return {"name": name_or_path}
-    files = sorted({p for pattern in WEIGHT_FILES for p in folder.glob(pattern) if p.is_file()})
-    return {"name": name_or_path, "files": {p.name: _file_identity(p) for p in files}}
-
-
-def _plain(value: Any) -> Any:
-    """A value as JSON keeps it, so a recorded identity compares equal to a computed one (enums as their text)."""
-    return value if isinstance(value, (int, float, bool, str, type(None))) else str(value)
-
-
-def run_identity(args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str) -> dict[str, Any]:
-    """What makes two training runs the same run, so that one may resume the other's checkpoints: the task, the
-    training data's content, the starting model's content, and every flag that changes the result."""
-    hyperparameters = {name: _plain(getattr(training_args, name, None)) for name in RESULT_HYPERPARAMETERS}
-    calibration = args.calibration_fraction if args.calibrating else None
-    hyperparameters |= {
-        "max_seq_length": args.max_seq_length,
-        "max_train_samples": args.max_train_samples,
-        "calibration_fraction": calibration,  # it takes its share out of the training data
-        "pooling": args.pooling,
-        "task_type": args.task_type,
-        "distillation_weight": args.distillation_weight,
-        "distillation_temperature": args.distillation_temperature,
-    }
-    # The exit-aware recipes only when on, so a run recorded before they existed is still the same run.
-    hyperparameters |= {name: value for name, value in args.recipes.items() if value}
-    return {
-        "task": get_task(args.task_name).name if args.task_name else None,
-        "data": _data_identity(args),
-        "model": _model_identity(name_or_path),
-        "hyperparameters": hyperparameters,
-    }
-
-
-def _differences(previous: Any, current: dict[str, Any]) -> str:
-    """Which parts of two run identities differ, in a few words for an error message."""
-    if not isinstance(previous, dict):
-        return "no record of what it was"
-    names = [key for key in current if key != "hyperparameters" and previous.get(key) != current[key]]
-    before = previous.get("hyperparameters") or {}
-    names += [name for name, value in current["hyperparameters"].items() if before.get(name) != value]
-    return "it differs in: " + ", ".join(names) if names else "a record this version does not read"
-
-
-def _check_same_run(where: str, recorded: Path, identity: dict[str, Any]) -> None:
-    """`where` (a folder of checkpoints, or a checkpoint) must belong to the run `identity` describes."""
-    try:
-        previous = json.loads(recorded.read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = None
-    if previous != identity:
-        raise PabeeError(
-            f"{where} holds checkpoints of another run ({_differences(previous, identity)}); pass "
-            "--overwrite_output_dir to start afresh there, or choose another folder."
-        )
-
-
-def _same_run_checkpoint(out: Path, identity: dict[str, Any], main_process: bool) -> str | None:
-    """The last complete checkpoint in `out` when it belongs to this run, or None when this run was killed before
-    it completed one (it starts afresh); checkpoints of another run are an error."""
-    try:
-        same_run = json.loads((out / RUN_FILE).read_text()) == identity
-    except (OSError, json.JSONDecodeError):
-        same_run = False
-    unfinished = same_run and not (out / "trainer_state.json").exists()  # a finished run saves its state there
-    if not checkpoint_folders(out) and not unfinished:
-        raise PabeeError(
-            f"--output_dir {out} exists and is not empty. Pass --overwrite_output_dir to replace its contents, "
-            "or choose another folder."
-        )
-    _check_same_run(f"--output_dir {out}", out / RUN_FILE, identity)
-    complete = complete_checkpoints(out, remove_incomplete=main_process, verbose=main_process)
-    if complete:
-        return str(complete[-1])
-    if main_process:
-        print(f"No complete checkpoint of this run in {out}: training from the start.")
-    return None
-
-
-def _checked_resume(resume: str, identity: dict[str, Any]) -> str:
-    """`--resume_from_checkpoint`, held to what the automatic resume is: complete, and of this run."""
-    checkpoint = Path(resume)
-    if not checkpoint.is_dir():
-        raise PabeeError(f"--resume_from_checkpoint {resume} is not a folder.")
-    if not is_complete_checkpoint(checkpoint):
-        raise PabeeError(
-            f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {CHECKPOINT_MARKER}, or files "
-            "changed since it was saved: a save cut short); resume from an earlier one."
-        )
-    _check_same_run(f"--resume_from_checkpoint {resume}", checkpoint.parent / RUN_FILE, identity)
-    return resume
-
-
-def prepare_output_dir(
-    args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str, identity: dict | None = None
-) -> str | None:
-    """Refuse to overwrite silently; return the checkpoint to resume from, if any.
-
-    A folder holding checkpoints of the same run (same task, data content, starting model and result-changing
-    flags: `run_identity`) is resumed from its last complete checkpoint (one a kill cut short is removed first);
-    checkpoints of any other run are an error, never silently continued. `--resume_from_checkpoint` is held to
-    the same two tests.
-    """
-    out = Path(training_args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise PabeeError(f"--output_dir {out} exists and is not a folder.")
-    resume = training_args.resume_from_checkpoint
-    if not training_args.do_train:
-        taken = [name for name in RESULT_FILES if (out / name).exists()]
-        if taken and not args.overwrite_output_dir:
-            raise PabeeError(
-                f"--output_dir {out} already holds {', '.join(taken)}; pass --overwrite_output_dir to replace them."
-            )
-        return None
-    identity = identity or run_identity(args, training_args, name_or_path)
-    if resume is not None:
-        return _checked_resume(resume, identity)
-    if not _non_empty(out):
-        return None
-    if not args.overwrite_output_dir:
-        return _same_run_checkpoint(out, identity, training_args.should_save)
-    if not training_args.should_save:  # the saving process has already emptied the folder (`_prepare_in_turn`)
-        return None
-    # Only what a previous run wrote: stale checkpoints would be resumed or evaluated as this run's.
-    for checkpoint in checkpoint_folders(out):
-        shutil.rmtree(checkpoint)
-    for name in (*RESULT_FILES, RUN_FILE, "trainer_state.json"):
-        (out / name).unlink(missing_ok=True)
-    return None
-
-
-def _prepare_in_turn(
-    args: RunGlueArguments, training_args: TrainingArguments, name_or_path: str, identity: dict | None
-) -> str | None:
-    """`prepare_output_dir` under torchrun: the saving process first (only it removes stale files), the others
-    after it, so they see the folder it left and reach the same checkpoint to resume from, or the same error."""
-    local = training_args.save_on_each_node  # the processes that save: one per node, or rank 0 alone
-    with training_args.main_process_first(local=local, desc="preparing the output folder"):
-        return prepare_output_dir(args, training_args, name_or_path, identity)
+        check_predict_setup(args.glue_task, args.data_dir, training_args.output_dir, args.overwrite_output_dir)
 
 
 # --- load ----------------------------------------------------------------------------------------------------
@@ -305,9 +99,9 @@ class Setup:
 
 
 def load_task_data(args: RunGlueArguments, training_args: TrainingArguments, labels=None) -> TaskData:
-    """The splits the flags ask for (a GLUE task, or your own files), cut to `--max_*_samples`."""
-    if args.task_name is not None:
-        task = get_task(args.task_name)
+    """The splits the flags ask for (`--task_name`'s GLUE task, or your own files), cut to `--max_*_samples`."""
+    task = args.glue_task
+    if task is not None:
         data = load_glue(task, args.data_dir, train=training_args.do_train, evaluate=training_args.do_eval, test=False)
     else:
         data = load_user_files(args.train_file, args.validation_file, args.task_type, labels=labels)
@@ -378,7 +172,7 @@ def _default_exit(args: RunGlueArguments) -> ExitSpec:
     """The setting the saved model answers with until one is chosen on data (`--calibrate_*`, `pabee calibrate`):
     the full model (under `--max_exit_layer`, if given). A swept setting is never the default: the sweep reports
     every one on the same data, so the first of them may be the worst (MRPC patience 1: 6.7 points under full)."""
-    return ExitSpec("patience", 0).capped(args.max_exit_layer)
+    return ExitSpec("patience", patience=0, max_exit_layer=args.max_exit_layer)
 
 
 def _tokenized(
@@ -460,7 +254,7 @@ def predict_test(args: RunGlueArguments, trainer: Trainer, setup: Setup) -> None
     from .submission import predict_glue_test
 
     sizes = {"max_length": args.max_seq_length, "batch_size": trainer.args.per_device_eval_batch_size}
-    predict_glue_test(setup.model, setup.tokenizer, args.task_name, args.data_dir, trainer.args.output_dir, **sizes)
+    predict_glue_test(setup.model, setup.tokenizer, setup.task, args.data_dir, trainer.args.output_dir, **sizes)
 
 
 # --- evaluate ------------------------------------------------------------------------------------------------
@@ -558,11 +352,11 @@ def run_glue(args: RunGlueArguments, training_args: TrainingArguments, command: 
     Under torchrun every process trains and takes its share of each evaluation (Trainer shards and gathers it);
     only the first writes the results and the submission files, and prints the tables.
     """
-    join_cpu_processes(training_args)
+    training_args = join_cpu_processes(training_args)
     check(args, training_args)
     name_or_path = args.model_name_or_path or str(bundled_model_path())
     identity = run_identity(args, training_args, name_or_path) if training_args.do_train else None
-    resume = _prepare_in_turn(args, training_args, name_or_path, identity)
+    resume = prepare_output_dir_in_turn(args, training_args, name_or_path, identity)
     setup = load(args, training_args, name_or_path)
     trainer = make_trainer(args, training_args, setup)
     report = new_report(args, setup, command, training_args.world_size)

@@ -31,10 +31,11 @@ import ray
 
 from ..arguments import PredictArguments
 from ..errors import PabeeError
-from ..exits import ExitSpec
 from ..folders import load_config
 from ..pipeline import DEFAULT_MAX_LENGTH, Example, PabeePipeline
 from ..provenance import write_atomic, write_json
+from ..rules import build_criterion
+from ..settings import ExitSpec, exit_spec_from
 from ..texts import example_problem, replace_surrogates
 
 __all__ = ["FORMATS", "PREDICTION_COLUMNS", "predict_dataset", "run_ray_predict"]
@@ -101,6 +102,18 @@ class _Predictor:
         return batch
 
 
+def resolved_spec(model: str | Path, exit_spec: ExitSpec | None, exit_keywords: dict[str, Any]) -> ExitSpec:
+    """The exit setting the actors run: keywords over `exit_spec` or the model's own, checked against the model
+    here, once, so a bad one fails before any actor starts."""
+    config = load_config(model)
+    try:
+        spec = exit_spec_from(exit_keywords, exit_spec or config.exit_spec)
+        build_criterion(spec, config)
+    except ValueError as error:
+        raise PabeeError(str(error)) from None
+    return spec
+
+
 def predict_dataset(
     dataset: ray.data.Dataset,
     model: str | Path,
@@ -115,6 +128,7 @@ def predict_dataset(
     backend: str | None = None,
     keep_columns: Sequence[str] | None = None,
     exit_spec: ExitSpec | None = None,
+    **exit_keywords: Any,
 ) -> ray.data.Dataset:
     """`dataset` with `label`, `score`, `exit_layer` and `error` columns added (lazily, as Ray Data does).
 
@@ -127,18 +141,15 @@ def predict_dataset(
         threads: torch (or ONNX Runtime) threads per actor; Ray reserves as many CPUs for it.
         keep_columns: the input columns the output keeps (default: all). Chosen here rather than with
             `select_columns`, which would be a step of its own that needs a CPU the actors may all hold.
-        exit_spec: the exit setting (default: the model's own).
+        exit_spec: the exit setting (default: the model's own); `exit_keywords` its fields over it (`patience=2`),
+            as `pabee.pipeline` takes them.
     """
     if not Path(model).is_dir():
         raise PabeeError(f"model {model} is not a folder.")
     for name, value in (("batch_size", batch_size), ("rows_per_call", rows_per_call), ("threads", threads)):
         if value < 1:
             raise ValueError(f"{name}={value} is invalid; use a whole number >= 1.")
-    if exit_spec is not None:
-        try:
-            load_config(model).build_criterion(exit_spec)
-        except ValueError as error:
-            raise PabeeError(f"exit_spec {exit_spec}: {error}") from None
+    exit_spec = resolved_spec(model, exit_spec, exit_keywords)
     _check_columns(dataset, [text_column, text_pair_column, *(keep_columns or ())], keep_columns)
     if concurrency is None:
         concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
@@ -320,7 +331,7 @@ def _plain(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _job(args: PredictArguments, root: Path) -> dict[str, Any]:
+def _job(args: PredictArguments, root: Path, spec: ExitSpec) -> dict[str, Any]:
     """What decides a shard's contents: a re-run with a different job must not mix its shards with these."""
     return {
         "model": str(Path(args.model).resolve()),
@@ -329,7 +340,7 @@ def _job(args: PredictArguments, root: Path) -> dict[str, Any]:
         "text_column": args.text_column,
         "text_pair_column": args.text_pair_column,
         "max_seq_length": args.max_seq_length,
-        "exit_spec": args.exit_spec().describe(with_cap=True),
+        "exit_spec": spec.describe(with_cap=True),
         "backend": args.backend,
         "dtype": args.dtype,
     }
@@ -376,11 +387,11 @@ class _OutputLock:
         self.file.close()  # releases the lock
 
 
-def _shards(args: PredictArguments, out: Path, files: Sequence[Path]) -> dict[str, Path]:
+def _shards(args: PredictArguments, out: Path, files: Sequence[Path], spec: ExitSpec) -> dict[str, Path]:
     """Every input's shard path in `out`, after checking the folder's job and tidying what this job's earlier
     runs left: their temporary files, and with `--overwrite` the old job's shards. Run under `_OutputLock`."""
     root = _common_parent(files)
-    job, recorded = _job(args, root), out / JOB_FILE
+    job, recorded = _job(args, root, spec), out / JOB_FILE
     previous = json.loads(recorded.read_text()) if recorded.is_file() else None
     if previous is not None and not args.overwrite and previous.get("job") != job:
         raise PabeeError(
@@ -430,13 +441,14 @@ def run_ray_predict(args: PredictArguments) -> dict[str, Any]:
     """`pabee predict --ray`: classify every row of the inputs into one shard per input file (see module doc)."""
     out = _output_folder(args)
     files = input_files(args.input, exclude=out)
+    spec = resolved_spec(args.model, None, args.exit_keywords)
     with _OutputLock(out):
-        return _run_locked(args, out, files)
+        return _run_locked(args, out, files, spec)
 
 
-def _run_locked(args: PredictArguments, out: Path, files: list[Path]) -> dict[str, Any]:
+def _run_locked(args: PredictArguments, out: Path, files: list[Path], spec: ExitSpec) -> dict[str, Any]:
     """`run_ray_predict` once the output folder is this job's."""
-    shards = _shards(args, out, files)
+    shards = _shards(args, out, files, spec)
     pending = {path: shard for path, shard in shards.items() if args.overwrite or not shard.is_file()}
     start = time.perf_counter()
     counts = {"examples": 0, "layers": 0, "errors": 0}
@@ -456,7 +468,7 @@ def _run_locked(args: PredictArguments, out: Path, files: list[Path]) -> dict[st
             max_length=args.max_seq_length,
             backend=args.backend,
             keep_columns=[*columns, "path"],
-            exit_spec=args.exit_spec(),
+            exit_spec=spec,
         )
         # the text columns are called `text` and `text_pair` in the output, as `pabee predict` writes them
         writer = _ShardWriter(pending, args.output_format, dict(zip(columns, ("text", "text_pair"), strict=False)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import exit_layers_with_compaction
 
-from pabee import ExitSpec, PatienceCriterion, logits_at_exit, sweep_exit_layers
+from pabee import PatienceCriterion, logits_at_exit, sweep_exit_layers
 
 
 def _one_hot_logits(predictions: list[list[int]], num_labels: int = 3) -> torch.Tensor:
@@ -104,14 +104,3 @@ def test_earliest_exit_is_where_the_rule_can_first_fire():
     for patience in (1, 2, 3, 4):
         criterion = PatienceCriterion(patience)
         assert int(sweep_exit_layers(criterion, agreeing).min()) == criterion.earliest_exit(6)
-
-
-def test_a_patience_given_alone_means_the_patience_rule():
-    calibrated = ExitSpec("confidence", threshold=0.8, max_exit_layer=5)
-    assert calibrated.merged(patience=0) == ExitSpec("patience", patience=0, max_exit_layer=5)
-    assert ExitSpec("static", threshold=3).merged(patience=0).is_full_model
-    assert calibrated.with_keywords({"patience": 3}).criterion == "patience"
-    assert calibrated.merged(threshold=0.9) == ExitSpec("confidence", threshold=0.9, max_exit_layer=5)
-    both = ExitSpec("patience+confidence", patience=2, threshold=0.9)
-    assert both.merged(patience=1) == ExitSpec("patience+confidence", patience=1, threshold=0.9)  # it takes one
-    assert calibrated.merged("entropy", patience=2).criterion == "entropy"  # an explicit rule wins
