@@ -47,11 +47,11 @@ def split(count: int, seed: int) -> dict[str, np.ndarray]:
 
 def task_answers(task_name: str, folder: str, args) -> tuple[Any, Any, dict, np.ndarray]:
     """The model, its task, every setting's answers on the dev set (from one full pass), and the labels."""
+    from pabee import ExitSweep
+    from pabee.arguments import checked_specs
     from pabee.calibrate import answers_of
-    from pabee.exits import ExitSweep
     from pabee.glue import get_task
     from pabee.pipeline import PabeePipeline
-    from pabee.sweeps import checked_specs
 
     pipe = PabeePipeline.from_pretrained(folder, backend="torch", batch_size=64)
     model = pipe.model
@@ -66,9 +66,9 @@ def task_answers(task_name: str, folder: str, args) -> tuple[Any, Any, dict, np.
 
 def judge(model, task, answers, labels, halves, args) -> dict[str, dict[str, dict[str, Any]]]:
     """Per bound level, each method's choice on one split with its held-out numbers."""
+    from pabee import ExitSpec
     from pabee.calibrate import choose_from, setting_rows
     from pabee.certify import Guarantee
-    from pabee.exits import ExitSpec
 
     confidence = args.confidence_level
     rows = setting_rows(model, task, answers, labels, halves)

@@ -4,8 +4,8 @@ MPNet (12 layers) (issue 26 item 4).
 Per backbone and task: plain fine-tuning (Trainer, one classifier) of the full model and of its first L/2 layers;
 PABEE with the paper's loss; PABEE with each exit-aware recipe (`pabee.recipes`, `RUNS`). Every PABEE run is read
 once on dev (every layer's logits); per criterion the setting with the fewest layers on average among those within
-1 point of plain fine-tuning is chosen on one dev half and reported on the other (v2's rule, split and honesty
-rules: `reproduce_glue_v2.analyse`). Static truncation is the PABEE model's own layer k answering every example.
+1 point of plain fine-tuning is chosen on one dev half and reported on the other (reproduction v2's rule, split and
+honesty rules: `analyse`). Static truncation is the PABEE model's own layer k answering every example.
 
 - adaptive vs static at equal mean layers: the best adaptive criterion's chosen setting (fewest layers on the
   choosing half) against static truncation's score at the same mean layer on the reporting half (linear between
@@ -31,20 +31,26 @@ MPNet's folder is what `benchmarks/fetch_mpnet.py` prints. `--runs` picks the PA
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 import common
 import numpy as np
-import reproduce_glue_v2 as v2
 
-from pabee.calibrate import split_halves
+from pabee.calibrate import fastest_within, split_halves, task_score
+from pabee.checkpoints import CheckpointMarker, checkpoint_folders, checkpoint_step, complete_checkpoints
 from pabee.glue import get_task
+from pabee.metrics import compute_metrics
 from pabee.provenance import hardware, write_json
 
-RUNS = {  # name → run-glue flags beside v2's hyper-parameters and pooling
+RUNS = {  # name → run-glue flags beside the hyper-parameters and pooling
     "pabee": [],
     "alignment": ["--alignment_weight", "0.1"],
     "equilibrium": ["--gradient_equilibrium", "true"],
@@ -58,19 +64,22 @@ LABELS = {
     "two_stage": "two stages (50/50)",
     "sample_weighting": "+ sample weighting (τ 1)",
 }
+MINILM = {"epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "max_seq_length": 128, "seed": 42}  # as v1 and v2
 # MPNet is a base-size model: the usual base-model learning rate instead of MiniLM's 1e-4, bf16 mixed precision
 # (Trainer's --bf16: 8.9 -> 4.3 s per batch of 32 MRPC pairs on an AVX-512-bf16 CPU, 2 threads) and a checkpoint
 # every 50 steps, so a run a session's end cuts off resumes in the next (a run is 30-70 minutes). Every MPNet
 # run, plain or PABEE, trains the same way; analysis and timing run in float32.
-HYPER = {
-    "minilm": v2.HYPER,
-    "mpnet": {**v2.HYPER, "learning_rate": 5e-5, "bf16": True, "checkpoint_steps": 50},
-}
+HYPER = {"minilm": MINILM, "mpnet": {**MINILM, "learning_rate": 5e-5, "bf16": True, "checkpoint_steps": 50}}
 # Training subsets (first N examples), per backbone: SST-2's 67k sentences are too many for these CPUs at all, and
 # MPNet's STS-B (~4 s a step) is cut to fit its three runs and baselines in one session.
 TRAIN_LIMITS = {"minilm": {"SST-2": 8000}, "mpnet": {"SST-2": 8000, "STS-B": 3000}}
+# Pair regression needs the [CLS] state (mean pooling: STS-B 73.6 vs 85.0 at full depth, glue_minilm.md).
+POOLING = {"STS-B": "cls"}
+CRITERIA = ("patience", "confidence", "entropy", "static")
 ADAPTIVE = ("patience", "confidence", "entropy")
-MAX_DROP = v2.MAX_DROP
+REGRESSION_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)  # STS-B's scores run 0-5
+MAX_DROP = 1.0  # points below plain fine-tuning
+SPLIT_SEED = 0
 
 
 def parse_backbone(text: str) -> tuple[str, str | None]:
@@ -94,33 +103,34 @@ def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, 
     layers = _num_layers(model_path)
     plain = _plain_trainer(backbone, model_path, task.name, glue_dir, folder, limit)
     plain("baseline", None)  # the analysis needs it; the first L/2 layers come after the PABEE runs
-    flags = ["--pooling", v2.POOLING.get(task.name, "mean")]
+    flags = ["--pooling", POOLING.get(task.name, "mean")]
     flags += [] if model_path is None else ["--model_name_or_path", model_path]
     flags += [] if limit is None else ["--max_train_samples", str(limit)]
     patiences = ",".join(str(p) for p in range(1, layers))
     for name in runs:
-        command = v2.run_glue_command(task.name, glue_dir, folder / name, [*flags, *RUNS[name]], HYPER[backbone],
-                                      patiences)  # fmt: skip
-        v2.run_once(folder, name, command, f"{backbone} {task.name}")
+        command = run_glue_command(task.name, glue_dir, folder / name, [*flags, *RUNS[name]], HYPER[backbone],
+                                   patiences)  # fmt: skip
+        run_once(folder, name, command, f"{backbone} {task.name}")
     plain(f"baseline_k{layers // 2}", layers // 2)
     # Plain fine-tuning of the first k layers static truncation picks: the smaller model a user would train instead.
     analysis = analyse_task(backbone, task.name, glue_dir, work)
-    if analysis and v2.train_truncated(task.name, analysis, glue_dir, work / backbone, limit, model_path=model_path,
-                                       hyper=HYPER[backbone]):  # fmt: skip
+    if analysis and any([plain(f"baseline_k{k}", k) for k in sorted(static_layers(analysis))]):
         analysis = analyse_task(backbone, task.name, glue_dir, work)
     return analysis is not None
 
 
 def _plain_trainer(backbone: str, model_path: str | None, task_name: str, glue_dir: str, folder: Path, limit):
-    """A function training plain fine-tuning to a depth (None: full) once, kept as `<name>.json` in `folder`."""
+    """A function training plain fine-tuning to a depth (None: full) once, kept as `<name>.json` in `folder`; it
+    says whether it trained."""
 
-    def plain(name: str, depth: int | None) -> None:
+    def plain(name: str, depth: int | None) -> bool:
         if (folder / f"{name}.json").exists():
-            return
+            return False
         print(f"[{backbone} {task_name}] {name}", flush=True)
-        result = v2.train_baseline(task_name, glue_dir, folder / name, limit, depth, model_path=model_path,
-                                   hyper=HYPER[backbone])  # fmt: skip
+        result = train_baseline(task_name, glue_dir, folder / name, limit, depth, model_path=model_path,
+                                hyper=HYPER[backbone])  # fmt: skip
         write_json(folder / f"{name}.json", result)
+        return True
 
     return plain
 
@@ -133,20 +143,148 @@ def _num_layers(model_path: str | None) -> int:
     return AutoConfig.from_pretrained(model_path or bundled_model_path()).num_hidden_layers
 
 
-# --- analysis ----------------------------------------------------------------------------------------------------
+def static_layers(analysis: dict) -> set[int]:
+    """The k that `static` chose in each run (layer k's own classifier for every example), below full depth."""
+    ks = set()
+    for analysed in analysis["runs"].values():
+        row = chosen_row(analysed, "static")
+        if row is not None and int(row["spec"]["threshold"]) < len(analysed["layers"]):
+            ks.add(int(row["spec"]["threshold"]))
+    return ks
+
+
+def train_baseline(
+    task_name: str,
+    glue_dir: str,
+    out: Path,
+    max_train_samples: int | None,
+    num_layers: int | None = None,
+    save: bool = False,
+    model_path: str | None = None,
+    hyper: dict | None = None,
+) -> dict:
+    """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row. With `num_layers` = k, only
+    the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
+    The dev predictions are returned too, in dev order, so the metric can be read on any subset. With `save`, the
+    model and its tokenizer are kept in `out` (the robustness benchmark attacks them). `model_path` (default: the
+    bundled MiniLM) and `hyper` (default: MiniLM's) serve the other backbone."""
+    import transformers as hf
+
+    from pabee import bundled_model_path
+    from pabee.metrics import predictions_from_logits
+
+    task, path, hyper = get_task(task_name), str(model_path or bundled_model_path()), hyper or MINILM
+    tokenizer = hf.AutoTokenizer.from_pretrained(path)
+    train, dev = _tokenized(task, glue_dir, tokenizer, hyper["max_seq_length"], max_train_samples)
+    hf.set_seed(hyper["seed"])
+    depth = {} if num_layers is None else {"num_hidden_layers": num_layers}
+    model = hf.AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None, **depth
+    )
+    collator = hf.DataCollatorWithPadding(tokenizer)
+    trainer = hf.Trainer(model=model, args=_training_arguments(out, hyper), train_dataset=train,
+                         data_collator=collator, callbacks=[CheckpointMarker()])  # fmt: skip
+    every = hyper.get("checkpoint_steps")
+    resume = complete_checkpoints(Path(out), remove_incomplete=True) if every and Path(out).is_dir() else []
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    seconds = time.perf_counter() - start
+    for checkpoint in checkpoint_folders(Path(out)):  # finished: its checkpoints (weights + optimizer) are spent
+        shutil.rmtree(checkpoint)
+    if save:
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
+    output = trainer.predict(dev)
+    preds = predictions_from_logits(output.predictions, task.is_regression)
+    return {
+        "task": task.name,
+        "metrics": compute_metrics(task.metrics, preds, output.label_ids),
+        "train_seconds": seconds,
+        "train_steps": trainer.state.global_step,
+        "resumed_from_step": checkpoint_step(resume[-1]) if resume else 0,
+        "train_examples": len(train),
+        "num_layers": model.config.num_hidden_layers,
+        "predictions": preds.tolist(),
+    }
+
+
+def _tokenized(task, glue_dir: str, tokenizer, max_length: int, max_train_samples: int | None) -> tuple:
+    """The task's training set (its first `max_train_samples`, if given) and dev set, tokenized."""
+    from pabee.data import load_glue, tokenize
+
+    data = load_glue(task, glue_dir, train=True, evaluate=True, test=False)
+    train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))
+    train = tokenize(train, tokenizer, max_length, split="train", cache_key=None)
+    return train, tokenize(data.eval["dev"], tokenizer, max_length, split="dev", cache_key=None)
+
+
+def _training_arguments(out: Path, hyper: dict):
+    """Trainer's arguments for `hyper`; with its `checkpoint_steps`, a run killed part-way resumes from its last
+    whole checkpoint (pabee.checkpoints' marker)."""
+    import torch
+    import transformers as hf
+
+    every = hyper.get("checkpoint_steps")
+    saving = {"save_strategy": "no"}
+    if every:
+        saving = {"save_strategy": "steps", "save_steps": every, "save_total_limit": 1}
+    return hf.TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=hyper["epochs"],
+        per_device_train_batch_size=hyper["batch_size"],
+        per_device_eval_batch_size=64,
+        learning_rate=hyper["learning_rate"],
+        seed=hyper["seed"],
+        bf16=hyper.get("bf16", False),
+        use_cpu=hyper.get("bf16", False) and not torch.cuda.is_available(),  # Trainer's bf16 on a CPU asks for it
+        **saving,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def run_glue_command(task_name: str, glue_dir: str, out: Path, extra: list[str], hyper: dict, patiences: str) -> list:
+    """`pabee run-glue` training and evaluating one task with `hyper` and `patiences`, the final model kept in
+    `out`."""
+    import torch
+
+    every = hyper.get("checkpoint_steps")  # then a killed run resumes (run-glue's own resume) instead of restarting
+    saving = ["--save_strategy", "steps", "--save_steps", str(every), "--save_total_limit", "1"] if every else \
+        ["--save_strategy", "no", "--overwrite_output_dir"]  # fmt: skip
+    cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    return [
+        *(sys.executable, "-m", "pabee", "run-glue", "--task_name", task_name, "--data_dir", glue_dir),
+        *("--do_train", "--do_eval", "--patience", patiences, "--seed", str(hyper["seed"])),
+        *("--num_train_epochs", str(hyper["epochs"]), "--per_device_train_batch_size", str(hyper["batch_size"])),
+        *("--learning_rate", str(hyper["learning_rate"]), "--max_seq_length", str(hyper["max_seq_length"])),
+        *(["--bf16", "true", *cpu] if hyper.get("bf16") else []),
+        *saving, *("--output_dir", str(out), *extra),
+    ]  # fmt: skip
+
+
+def run_once(folder: Path, name: str, command: list[str], tag: str) -> None:
+    """Run a `pabee run-glue` command into `folder / name`, its output in `folder / name.log`; skipped when that run
+    already finished (its eval_results.json exists), so a reproduction resumes where it stopped."""
+    if (folder / name / "eval_results.json").exists():
+        return
+    print(f"[{tag}] {name}", flush=True)
+    with open(folder / f"{name}.log", "a") as log:  # appended: a resumed run keeps the killed one's log
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    for checkpoint in checkpoint_folders(folder / name):  # finished: checkpoints kept only to resume are spent
+        shutil.rmtree(checkpoint)
+
+
+# --- analysis: every setting read off one pass, chosen on one half, reported on the other ------------------------
 
 
 def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> dict | None:
     """`analysis.json`: plain fine-tuning on both halves and every finished PABEE run analysed."""
-    from pabee.evaluate import layer_metrics
-    from pabee.modeling import PabeeForSequenceClassification
-
     task = get_task(task_name)
     folder = work / backbone / task.folder
     if not (folder / "baseline.json").exists():
         return None
     examples, labels = common.glue_split(task.name, glue_dir)
-    halves = split_halves(len(labels), v2.SPLIT_SEED)
+    halves = split_halves(len(labels), SPLIT_SEED)
     baseline = json.loads((folder / "baseline.json").read_text())
     predictions = np.asarray(baseline["predictions"])
     result = {
@@ -157,28 +295,91 @@ def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> di
         "baseline": _plain(task, baseline, labels, halves),
         "truncated": {},
         "runs": {},
-        "noise": v2.bootstrap_spread(task, predictions, labels, halves["report"]),
+        "noise": bootstrap_spread(task, predictions, labels, halves["report"]),
     }
     for path in sorted(folder.glob("baseline_k*.json")):
         plain = json.loads(path.read_text())
         result["truncated"][plain["num_layers"]] = _plain(task, plain, labels, halves)
     for name in RUNS:
-        run_dir = folder / name
-        if not (run_dir / "eval_results.json").exists():
-            continue
-        model = PabeeForSequenceClassification.from_pretrained(run_dir).eval()
-        logits = v2.dev_logits(run_dir, examples)
-        analysis = v2.analyse(model, logits, labels, task, predictions, halves)
-        analysis.pop("baseline")
-        training = json.loads((run_dir / "eval_results.json").read_text())["training"]
-        analysis.update(_timing(training["train_runtime"], training["global_step"], training.get("resumed_from_step")))
-        analysis["layers"] = [
-            v2.task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
-        ]
-        analysis["num_layers"] = model.num_layers
-        result["runs"][name] = analysis
+        if (folder / name / "eval_results.json").exists():
+            bar = result["baseline"]["choose"] - MAX_DROP
+            result["runs"][name] = _analyse_run(folder / name, task, examples, labels, halves, bar)
     write_json(folder / "analysis.json", result)
     return result
+
+
+def _analyse_run(run_dir: Path, task, examples: list, labels: np.ndarray, halves: dict, bar: float) -> dict:
+    """One PABEE run: every setting (`analyse`), its training time per step, each layer's classifier alone."""
+    from pabee.evaluate import layer_metrics
+    from pabee.modeling import PabeeForSequenceClassification
+
+    model = PabeeForSequenceClassification.from_pretrained(run_dir).eval()
+    logits = dev_logits(run_dir, examples)
+    analysis = analyse(model, logits, labels, task, halves, bar)
+    training = json.loads((run_dir / "eval_results.json").read_text())["training"]
+    analysis.update(_timing(training["train_runtime"], training["global_step"], training.get("resumed_from_step")))
+    analysis["layers"] = [
+        task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
+    ]
+    analysis["num_layers"] = model.num_layers
+    return analysis
+
+
+def score_of(task, predictions: np.ndarray, labels: np.ndarray, index: np.ndarray) -> float:
+    """`task_score` of some predictions on the examples at `index`."""
+    return task_score(compute_metrics(task.metrics, predictions[index], labels[index]), task.metrics)
+
+
+def dev_logits(run_dir: Path, examples: list) -> np.ndarray:
+    """Every layer's dev logits `[N, layers, labels]`, computed once and kept beside the model."""
+    from pabee.pipeline import PabeePipeline
+
+    path = run_dir / "dev_all_logits.npy"
+    if not path.exists():
+        pipe = PabeePipeline.from_pretrained(run_dir, backend="torch", max_length=MINILM["max_seq_length"])
+        logits = pipe.all_layer_logits(examples).numpy()
+        with open(path.with_suffix(".tmp"), "wb") as f:
+            np.save(f, logits)
+        os.replace(path.with_suffix(".tmp"), path)
+    return np.load(path)
+
+
+def analyse(model, logits: np.ndarray, labels: np.ndarray, task, halves: dict, bar: float) -> dict:
+    """Per criterion: every setting scored on both halves, and the one chosen on the first half (fewest layers on
+    average among those scoring at least `bar` there, MAX_DROP points below plain fine-tuning; None when none
+    does)."""
+    import torch
+
+    from pabee import ExitSweep
+    from pabee.calibrate import score_setting
+
+    layers = model.num_layers
+    logits = torch.as_tensor(logits)
+    out = {}
+    criteria = [c for c in CRITERIA if not task.is_regression or c in ("patience", "static")]
+    for name, specs in ExitSweep(tuple(criteria), tuple(range(layers))).specs(layers).items():
+        rows = []
+        for spec in specs:
+            # For regression, "agree" means closer than a threshold: patience is swept over both.
+            sweep = REGRESSION_THRESHOLDS if task.is_regression and name == "patience" and spec.patience else (None,)
+            for threshold in sweep:
+                row = {**spec.describe(), "spec": asdict(spec), "regression_threshold": threshold}
+                if threshold is not None:
+                    model.config.regression_threshold = threshold
+                    row["setting"] = f"{spec.label}, t={threshold:g}"
+                for half, index in halves.items():
+                    row[half] = score_setting(model, logits[index], labels[index], task, spec)
+                rows.append(row)
+        chosen = fastest_within(rows, bar)
+        out[name] = {"rows": rows, "chosen": None if chosen is None else rows.index(chosen)}
+    return {"criteria": out}
+
+
+def bootstrap_spread(task, predictions: np.ndarray, labels: np.ndarray, index: np.ndarray, draws: int = 1000) -> float:
+    """Standard deviation of plain fine-tuning's score over bootstrap resamples of the reporting half: how far a
+    score on a half this size moves by the luck of the draw alone, to hold against the 1-point bar."""
+    rng = np.random.default_rng(0)
+    return float(np.std([score_of(task, predictions, labels, rng.choice(index, len(index))) for _ in range(draws)]))
 
 
 def _plain(task, trained: dict, labels: np.ndarray, halves: dict) -> dict:
@@ -194,7 +395,7 @@ def _plain(task, trained: dict, labels: np.ndarray, halves: dict) -> dict:
     return {
         "num_layers": trained["num_layers"],
         **(_timing(trained["train_seconds"], steps, trained.get("resumed_from_step")) if steps else timing),
-        **{half: v2.score_of(task, predictions, labels, index) for half, index in halves.items()},
+        **{half: score_of(task, predictions, labels, index) for half, index in halves.items()},
         **share,
     }
 
@@ -212,7 +413,77 @@ def _timing(seconds: float, steps: int, resumed_from_step: int | None) -> dict:
     return {"seconds_per_step": per_step, "train_seconds": per_step * steps}
 
 
+# --- timing the chosen settings ----------------------------------------------------------------------------------
+
+
+def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: int) -> None:
+    """`timing.json`: each run's chosen settings against its full model, real early exit on the reporting half
+    (length-sorted batches of 32, `threads` threads, variants interleaved)."""
+    import torch
+
+    from pabee.pipeline import PabeePipeline
+
+    folder = work / get_task(task_name).folder
+    analysis = json.loads((folder / "analysis.json").read_text())
+    torch.set_num_threads(threads)
+    examples, _ = common.glue_split(task_name, glue_dir)
+    index = split_halves(len(examples), SPLIT_SEED)["report"]
+    timing = common.report(threads=threads, repeats=repeats, runs={})
+    for name, analysed in analysis["runs"].items():
+        pipe = PabeePipeline.from_pretrained(folder / name, backend="torch", batch_size=32)
+        logits = torch.as_tensor(np.load(folder / name / "dev_all_logits.npy")[index])
+        timing["runs"][name] = time_run(pipe, analysed, [examples[i] for i in index], logits, repeats)
+    write_json(folder / "timing.json", timing)
+
+
+def time_run(pipe, analysed: dict, examples: list, logits, repeats: int) -> dict:
+    """One run's full model and chosen settings, timed interleaved; their exit layers are checked against the ones
+    read off the one-pass `logits`."""
+    from pabee import ExitSpec, build_criterion, sweep_exit_layers
+    from pabee.bench import time_variants
+
+    threshold = pipe.model.config.regression_threshold
+    specs = {"full": (ExitSpec("patience", patience=0), threshold)}
+    for criterion, result in analysed["criteria"].items():
+        if result["chosen"] is not None:
+            row = result["rows"][result["chosen"]]
+            specs[criterion] = (ExitSpec(**row["spec"]), row.get("regression_threshold") or threshold)
+
+    def run_setting(spec: ExitSpec, cut: float) -> tuple:
+        pipe.model.config.regression_threshold = cut
+        return pipe.run(examples, exit_spec=spec)
+
+    variants = {label: (lambda _, setting=setting: run_setting(*setting)) for label, setting in specs.items()}
+    passes = {label: t.passes for label, t in time_variants(variants, repeats, 1, 0).items()}
+    rows = {}
+    for label, (spec, cut) in specs.items():
+        _, exits = run_setting(spec, cut)
+        swept = sweep_exit_layers(build_criterion(spec, pipe.model.config), logits)
+        per_round = common.ratios(passes, "full", label)  # rounds interleave the variants: pair them
+        rows[label] = {
+            "setting": spec.describe(with_cap=True),  # what was timed, so a row can be checked against its setting
+            "seconds_median": float(np.median(passes[label])),
+            "seconds_per_round": passes[label],
+            "measured_speed_up": float(np.median(passes["full"]) / np.median(passes[label])),
+            "speed_up_per_round": common.quartiles(per_round) if len(per_round) > 1 else None,
+            "layer_speed_up": pipe.model.num_layers / float(np.mean(np.asarray(exits))),  # on the examples timed
+            "exit_layer_mismatches": int((exits != swept).sum()),
+        }
+    return rows
+
+
 # --- the comparisons ---------------------------------------------------------------------------------------------
+
+
+def chosen_row(analysed: dict, criterion: str) -> dict | None:
+    result = analysed["criteria"][criterion]
+    return None if result["chosen"] is None else result["rows"][result["chosen"]]
+
+
+def best_adaptive(analysed: dict) -> tuple[str, dict] | None:
+    """The adaptive criterion whose chosen setting uses the fewest layers on the choosing half (chosen there too)."""
+    found = [(c, row) for c in ADAPTIVE if c in analysed["criteria"] and (row := chosen_row(analysed, c))]
+    return min(found, key=lambda item: item[1]["choose"]["avg_exit_layer"], default=None)
 
 
 def static_at(analysed: dict, layer: float) -> float:
@@ -227,7 +498,7 @@ def static_at(analysed: dict, layer: float) -> float:
 def best_within(analysed: dict, base: float) -> dict | None:
     """The adaptive criterion's chosen setting with the fewest layers on the choosing half, with its reporting-half
     speed-up, score, whether it stays within MAX_DROP of plain there, and the static score at its mean layer."""
-    best = v2.best_adaptive(analysed)
+    best = best_adaptive(analysed)
     if best is None:
         return None
     criterion, row = best
@@ -249,7 +520,7 @@ def summary(analysis: dict) -> dict:
     base = analysis["baseline"]["report"]
     out = {}
     for name, analysed in analysis["runs"].items():
-        patience = v2.chosen_row(analysed, "patience")
+        patience = chosen_row(analysed, "patience")
         out[name] = {
             "patience": None if patience is None else {
                 "setting": patience["setting"], "speed_up": patience["report"]["speed_up"],
@@ -308,50 +579,57 @@ NAMES = {"minilm": "MiniLM", "mpnet": "MPNet"}
 def targets(tasks: dict) -> list[dict]:
     """Each target of issue 26 judged on what has been measured: met, missed (by how much) or open (not measured).
     The bars are the issue's; per-run counts are given for every run, so no run is picked after the fact."""
-    out = []
-    for task in MPNET_SPEED_TASKS:
-        analysis = tasks.get(f"mpnet {task}")
-        for kind, bar in (("patience", TARGETS["patience_speed_up"]), ("best", TARGETS["adaptive_speed_up"])):
-            label = "patience" if kind == "patience" else "best adaptive criterion"
-            name = f"MPNet {task}: {label} within 1 point at ≥ {bar:g}x"
-            if analysis is None:
-                out.append({"target": name, "status": "open", "detail": "not measured"})
-                continue
-            found = {run: row[kind] for run, row in analysis["summary"].items()}
-            kept = {run: _kept_speed_up(row) for run, row in found.items()}
-            run = max(kept, key=kept.get)
-            status = "met" if kept[run] >= bar else "missed"
-            short = "" if status == "met" else f"; short by {bar - kept[run]:.2f}x"
-            runs = "; ".join(
-                f"{LABELS[r]} " + ("none" if row is None else f"{row.get('criterion', 'patience')} {_x(row)}")
-                for r, row in found.items()
-            )
-            out.append({"target": name, "status": status,
-                        "detail": f"best kept {kept[run]:.2f}x ({LABELS[run]}){short}. {runs}"})  # fmt: skip
-    for backbone, need in TARGETS["static_tasks"].items():
-        expected = TARGET_TASKS[backbone]
-        keys = [f"{backbone} {task}" for task in expected if f"{backbone} {task}" in tasks]
-        counts = {}
-        for key in keys:
-            for run, row in tasks[key]["summary"].items():
-                counts.setdefault(run, []).append(_beats_static(row))
-        best = max(counts, key=lambda r: sum(counts[r]), default=None)
-        wins = 0 if best is None else sum(counts[best])
-        name = f"{NAMES[backbone]}: adaptive beats static by ≥ 1 point on ≥ {need} of {len(expected)} tasks"
-        status = "met" if wins >= need else ("open" if len(keys) < len(expected) else "missed")
-        detail = ", ".join(f"{LABELS[r]} {sum(c)}/{len(c)}" for r, c in counts.items()) or "not measured"
-        extra = [k for k in tasks if k.startswith(f"{backbone} ") and k.split(" ", 1)[1] not in expected]
-        detail += "".join(
-            f"; beside the target, {key}: "
-            + ", ".join(
-                f"{LABELS[r]} {'beats' if _beats_static(row) else 'does not'}"
-                for r, row in tasks[key]["summary"].items()
-            )
-            for key in extra
+    out = [_speed_target(tasks, task, kind) for task in MPNET_SPEED_TASKS for kind in ("patience", "best")]
+    out += [_static_target(tasks, backbone, need) for backbone, need in TARGETS["static_tasks"].items()]
+    return [*out, _recipe_target(tasks)]
+
+
+def _speed_target(tasks: dict, task: str, kind: str) -> dict:
+    """MPNet on `task`: the patience (`kind` "patience") or best adaptive ("best") setting kept within the bar."""
+    bar = TARGETS["patience_speed_up" if kind == "patience" else "adaptive_speed_up"]
+    label = "patience" if kind == "patience" else "best adaptive criterion"
+    name = f"MPNet {task}: {label} within 1 point at ≥ {bar:g}x"
+    analysis = tasks.get(f"mpnet {task}")
+    if analysis is None:
+        return {"target": name, "status": "open", "detail": "not measured"}
+    found = {run: row[kind] for run, row in analysis["summary"].items()}
+    kept = {run: _kept_speed_up(row) for run, row in found.items()}
+    run = max(kept, key=kept.get)
+    status = "met" if kept[run] >= bar else "missed"
+    short = "" if status == "met" else f"; short by {bar - kept[run]:.2f}x"
+    runs = "; ".join(
+        f"{LABELS[r]} " + ("none" if row is None else f"{row.get('criterion', 'patience')} {_x(row)}")
+        for r, row in found.items()
+    )
+    return {"target": name, "status": status, "detail": f"best kept {kept[run]:.2f}x ({LABELS[run]}){short}. {runs}"}
+
+
+def _static_target(tasks: dict, backbone: str, need: int) -> dict:
+    """Adaptive beats static truncation on `need` of the backbone's target tasks (others reported beside it)."""
+    expected = TARGET_TASKS[backbone]
+    keys = [f"{backbone} {task}" for task in expected if f"{backbone} {task}" in tasks]
+    counts = {}
+    for key in keys:
+        for run, row in tasks[key]["summary"].items():
+            counts.setdefault(run, []).append(_beats_static(row))
+    best = max(counts, key=lambda r: sum(counts[r]), default=None)
+    wins = 0 if best is None else sum(counts[best])
+    name = f"{NAMES[backbone]}: adaptive beats static by ≥ 1 point on ≥ {need} of {len(expected)} tasks"
+    status = "met" if wins >= need else ("open" if len(keys) < len(expected) else "missed")
+    detail = ", ".join(f"{LABELS[r]} {sum(c)}/{len(c)}" for r, c in counts.items()) or "not measured"
+    extra = [k for k in tasks if k.startswith(f"{backbone} ") and k.split(" ", 1)[1] not in expected]
+    detail += "".join(
+        f"; beside the target, {key}: "
+        + ", ".join(
+            f"{LABELS[r]} {'beats' if _beats_static(row) else 'does not'}" for r, row in tasks[key]["summary"].items()
         )
-        out.append(
-            {"target": name, "status": status, "detail": f"{len(keys)} of {len(expected)} tasks measured; {detail}"}
-        )
+        for key in extra
+    )
+    return {"target": name, "status": status, "detail": f"{len(keys)} of {len(expected)} tasks measured; {detail}"}
+
+
+def _recipe_target(tasks: dict) -> dict:
+    """A recipe's gain over the paper's loss, beyond noise, at a bounded cost, on enough task × backbone pairs."""
     gains = {}
     for key, analysis in tasks.items():
         for run, row in analysis["summary"].items():
@@ -371,8 +649,7 @@ def targets(tasks: dict) -> list[dict]:
     )  # fmt: skip
     name = (f"a recipe adds ≥ 0.3x within 1 point, beyond the half's noise, on ≥ {need} task×backbone pairs at "
             "≤ 10% cost")  # fmt: skip
-    out.append({"target": name, "status": status, "detail": f"{measured} pairs measured; {detail or 'none'}"})
-    return out
+    return {"target": name, "status": status, "detail": f"{measured} pairs measured; {detail or 'none'}"}
 
 
 def _beats_static(row: dict) -> bool:
@@ -483,7 +760,7 @@ def _task_section(key: str, analysis: dict, timing: dict) -> list[str]:
     for name, analysed in analysis["runs"].items():
         measured = timing.get("runs", {}).get(name, {})
         full = analysed["criteria"]["patience"]["rows"][0]
-        for criterion, row in [("full model", full), *((c, v2.chosen_row(analysed, c)) for c in analysed["criteria"])]:
+        for criterion, row in [("full model", full), *((c, chosen_row(analysed, c)) for c in analysed["criteria"])]:
             if row is None:
                 rows.append([LABELS[name], criterion, "none within 1 point", "", "", "", "", ""])
                 continue
@@ -521,7 +798,7 @@ def above_layer_ratio(report: dict) -> tuple[int, list[str]]:
             for criterion, measured in rows.items():
                 if criterion == "full":
                     continue
-                layers = v2.chosen_row(analysis["runs"][name], criterion)["report"]["speed_up"]
+                layers = chosen_row(analysis["runs"][name], criterion)["report"]["speed_up"]
                 timed += 1
                 if measured["measured_speed_up"] > layers:
                     above.append(f"{key} {LABELS[name]} {criterion} {measured['measured_speed_up']:.2f}x "
@@ -586,7 +863,7 @@ def measure(args) -> dict:
         if args.phase == "analyse" or (args.phase == "all" and not analysed):
             analyse_task(backbone, task, args.glue_dir, work)
         if args.phase in ("all", "time") and (work / backbone / get_task(task).folder / "analysis.json").exists():
-            v2.time_task(task, args.glue_dir, work / backbone, args.threads, args.repeats)
+            time_task(task, args.glue_dir, work / backbone, args.threads, args.repeats)
     report = collect(work)
     plot(report, Path(args.output).with_suffix(".png"))
     return report

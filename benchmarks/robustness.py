@@ -11,7 +11,7 @@ recipes attack, per task, four classifiers, each seen as users see it (the attac
 - static: the same model answering every query from layer k, k the PABEE setting's mean exit layer on the
   attacked examples, rounded (static truncation at the same mean layer);
 - plain: the encoder fine-tuned the usual way (Trainer, one classifier on the pooler; the same hyper-parameters
-  and data as the PABEE model, as `reproduce_glue_v2.py` trains its baseline), trained here once and kept in
+  and data as the PABEE model, as `reproduce_glue_v3.py` trains its baseline), trained here once and kept in
   `--work_dir`.
 
 The examples are the first `--examples` of the reporting half of dev (`pabee.calibrate.split_halves`, seed 0);
@@ -167,7 +167,7 @@ def wrapper(textattack, answerer: Answerer):
 
 def plain_model(task_name: str, glue_dir: str, work: Path) -> tuple[Path, dict]:
     """The plain fine-tuned model of the task, trained once (and kept) under `work`."""
-    from reproduce_glue_v2 import train_baseline
+    from reproduce_glue_v3 import train_baseline
 
     from pabee.glue import get_task
 
@@ -182,8 +182,8 @@ def plain_model(task_name: str, glue_dir: str, work: Path) -> tuple[Path, dict]:
 
 def choose_patience(pipe, examples, labels, task, max_drop: float) -> tuple[Any, dict, np.ndarray]:
     """The fewest-layers patience within `max_drop` of the full model on the choosing half, and the report half."""
+    from pabee import ExitSpec
     from pabee.calibrate import choose_setting, split_halves
-    from pabee.exits import ExitSpec
 
     all_logits = pipe.all_layer_logits(examples).numpy()
     specs = [ExitSpec("patience", patience=p) for p in PATIENCES]
@@ -248,7 +248,7 @@ def summarize(records: list[dict]) -> dict:
 
 def run_task(textattack, task_name: str, folder: str, args) -> dict:
     """Choose the setting, then run every attack on every classifier of one task."""
-    from pabee.exits import ExitSpec
+    from pabee import ExitSpec
     from pabee.glue import get_task
     from pabee.pipeline import PabeePipeline
     from pabee.provenance import portable_path
@@ -285,9 +285,10 @@ def run_task(textattack, task_name: str, folder: str, args) -> dict:
 
 def attack_examples(text: str, recipe: str) -> int:
     """How many examples `recipe` attacks, from --examples ("300", or "deepwordbug=300,pruthi=100")."""
-    from reproduce_glue_v2 import parse_limits
-
-    limits = parse_limits(text)
+    limits = {}  # a bare number applies to every recipe ("*")
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, number = item.rpartition("=")
+        limits[name or "*"] = int(number)
     if recipe not in ATTACKS or recipe not in limits and "*" not in limits:
         raise SystemExit(f"--attacks/--examples: say how many examples {recipe!r} attacks (one of {sorted(ATTACKS)})")
     return limits.get(recipe, limits.get("*"))
@@ -454,8 +455,18 @@ def render(data: dict) -> str:
         "Difference: PABEE's after-attack accuracy minus the other's, with its exact 95% interval.",
         "",
     ]
-    claims = []
     tests = claim_tests(data)
+    lines += _claims_table(data, tests) + ["", claim_summary(tests, data)]
+    lines += [f"\n{note}" for note in data.get("notes", [])]
+    for task_name, task in data["tasks"].items():
+        lines += _task_section(task_name, task, data["settings"]["examples"])
+    lines += ["", "## Exit layers under attack", "", _layers_text(data), ""]
+    return "\n".join(lines)
+
+
+def _claims_table(data: dict, tests: list[dict]) -> list[str]:
+    """One row per paired test: after-attack accuracies, the difference, the discordant split, p-values, verdict."""
+    claims = []
     for test in tests:
         task, rows = data["tasks"][test["task"]], data["tasks"][test["task"]]["attacks"][test["recipe"]]
         pabee, other = rows["pabee"], rows[test["other"]]
@@ -467,42 +478,41 @@ def render(data: dict) -> str:
             f"{test['p']:.3f}", f"{test['p_holm']:.3f}", f"{_f(pabee['queries'])} vs {_f(other['queries'])}",
             f"**{verdict(test)}**",
         ])  # fmt: skip
-    lines += common.table(
+    return common.table(
         ["Task", "Attack", "Comparison", "After-attack acc.", "Difference [95%]", "Kept by one only", "p",
          "p, Holm", "Queries", "Claim"],
         claims,
     )  # fmt: skip
-    lines += ["", claim_summary(tests, data)]
-    lines += [f"\n{note}" for note in data.get("notes", [])]
-    for task_name, task in data["tasks"].items():
-        choose, plain = task["chosen"]["choose"], task["plain_training"]
-        lines += [
-            "",
-            f"## {task_name}",
-            "",
-            "Attacked: the first "
-            + ", ".join(f"{min(n, len(task['dev_indices']))} ({r})" for r, n in data["settings"]["examples"].items())
-            + f" of the reporting half of dev ({len(task['dev_indices'])} examples listed in the JSON). PABEE setting "
-            f"`{task['setting']}` (chosen on the other half: {_f(choose['score'])} at "
-            f"{_f(choose['avg_exit_layer'], 2)} layers); static truncation at layer {task['static_layer']}. Plain "
-            f"fine-tuning: {plain['num_layers']} layers, {plain['train_examples']} training examples, "
-            f"{plain['train_seconds'] / 60:.1f} min to train.",
-            "",
-        ]
-        rows = []
-        for recipe, variants in task["attacks"].items():
-            for name, r in variants.items():
-                numbers = [_f(r[key]) for key in ("clean_accuracy", "after_attack_accuracy", "success_rate")]
-                numbers.append(_f(r["queries"]))
-                layers = [_f(r[key], 2) for key in ("clean_layer_attacked", "final_layer", "query_layers")]
-                rows.append([recipe, name, *numbers, *layers, f"{r['seconds'] / 60:.1f}"])
-        lines += common.table(
-            ["Attack", "Classifier", "Clean acc.", "After-attack acc.", "Success rate", "Queries",
-             "Layer, clean", "Layer, attacked text", "Layer, all queries", "Minutes"],
-            rows,
-        )  # fmt: skip
-    lines += ["", "## Exit layers under attack", "", _layers_text(data), ""]
-    return "\n".join(lines)
+
+
+def _task_section(task_name: str, task: dict, examples: dict[str, int]) -> list[str]:
+    """One task: what was attacked and with which setting, then each attack × classifier."""
+    choose, plain = task["chosen"]["choose"], task["plain_training"]
+    lines = [
+        "",
+        f"## {task_name}",
+        "",
+        "Attacked: the first "
+        + ", ".join(f"{min(n, len(task['dev_indices']))} ({r})" for r, n in examples.items())
+        + f" of the reporting half of dev ({len(task['dev_indices'])} examples listed in the JSON). PABEE setting "
+        f"`{task['setting']}` (chosen on the other half: {_f(choose['score'])} at "
+        f"{_f(choose['avg_exit_layer'], 2)} layers); static truncation at layer {task['static_layer']}. Plain "
+        f"fine-tuning: {plain['num_layers']} layers, {plain['train_examples']} training examples, "
+        f"{plain['train_seconds'] / 60:.1f} min to train.",
+        "",
+    ]
+    rows = []
+    for recipe, variants in task["attacks"].items():
+        for name, r in variants.items():
+            numbers = [_f(r[key]) for key in ("clean_accuracy", "after_attack_accuracy", "success_rate")]
+            numbers.append(_f(r["queries"]))
+            layers = [_f(r[key], 2) for key in ("clean_layer_attacked", "final_layer", "query_layers")]
+            rows.append([recipe, name, *numbers, *layers, f"{r['seconds'] / 60:.1f}"])
+    return lines + common.table(
+        ["Attack", "Classifier", "Clean acc.", "After-attack acc.", "Success rate", "Queries",
+         "Layer, clean", "Layer, attacked text", "Layer, all queries", "Minutes"],
+        rows,
+    )  # fmt: skip
 
 
 def _layers_text(data: dict) -> str:

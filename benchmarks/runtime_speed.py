@@ -31,10 +31,9 @@ import common
 import numpy as np
 import torch
 
-from pabee import infer, load_runtime
+from pabee import ExitSpec, infer, load_runtime
 from pabee.bench import make_batches
 from pabee.calibrate import choose_setting, split_halves, task_score
-from pabee.exits import ExitSpec
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
 
