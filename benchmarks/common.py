@@ -170,13 +170,9 @@ def ratios(seconds: dict[str, list[float]], base: str, variant: str) -> list[flo
 RENDERED = {  # results stems (glob) → the script whose `render` makes their .md from their .json
     "runtime_speed*": "runtime_speed",
     "serve_sst2*": "load_test",
-    "overload*": "overload",
-    "soak_15min": "overload",
-    "slowdown": "slowdown",
     "glue_v3": "reproduce_glue_v3",
     "certified_calibration": "certified_calibration",
     "robustness": "robustness",
-    "recipe_cost*": "recipe_cost",
 }
 
 
