@@ -16,7 +16,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
 from pabee.pipeline import pipeline
-from pabee.server import RequestError, create_app, parse_predict_body
+from pabee.bodies import RequestError, parse_predict_body
+from pabee.server import create_app
 
 MAX_TEXTS, MAX_CHARS = 4, 50
 
@@ -41,7 +42,7 @@ def has_surrogate(item: str | list[str]) -> bool:
 
 def parse(body: bytes) -> list | RequestError:
     try:
-        return parse_predict_body(body, MAX_TEXTS, MAX_CHARS)
+        return parse_predict_body(body, MAX_TEXTS, MAX_CHARS).examples
     except RequestError as error:
         return error
 

@@ -67,7 +67,7 @@ def test_the_server_uses_the_pipelines_exit_options(model_dir, sst2_dev_sentence
     static = pipeline(model_dir, exit_criterion="static", exit_threshold=2)
     with TestClient(create_app(static, threads=1)) as client:
         setting = client.get("/health").json()["exit_setting"]
-        assert setting == {"patience": 1, "exit_criterion": "static", "exit_threshold": 2, "max_exit_layer": None,
+        assert setting == {"patience": None, "exit_criterion": "static", "exit_threshold": 2, "max_exit_layer": None,
                            "title": "static k=2"}  # fmt: skip
         answers = client.post("/predict", json={"texts": sst2_dev_sentences[:8]}).json()["predictions"]
     assert {a["exit_layer"] for a in answers} == {2}
@@ -213,7 +213,7 @@ def test_metrics_parse_and_count_requests_texts_and_exit_layers(pipe, sst2_dev_s
     assert samples[("pabee_batch_size_sum", ())] == 20
 
 
-def echo(examples):
+def echo(examples, settings=None):
     """A batch function answering all texts in one chunk."""
     return [(range(len(examples)), [{"text": text} for text, _ in examples])]
 
@@ -221,7 +221,7 @@ def echo(examples):
 def test_micro_batcher_respects_the_batch_size_and_keeps_requests_whole():
     sizes = []
 
-    def run(examples):
+    def run(examples, settings):
         sizes.append(len(examples))
         return echo(examples)
 
@@ -242,7 +242,7 @@ def test_micro_batcher_respects_the_batch_size_and_keeps_requests_whole():
 def test_micro_batcher_answers_a_request_as_soon_as_its_texts_are_done(second_chunk_fails):
     release = threading.Event()
 
-    def run(examples):
+    def run(examples, settings):
         yield [0], [{"text": examples[0][0]}]
         release.wait(10)
         if second_chunk_fails:
@@ -275,7 +275,7 @@ def test_micro_batcher_answers_a_request_as_soon_as_its_texts_are_done(second_ch
 def test_micro_batcher_retries_a_failed_batch_request_by_request():
     calls = []
 
-    def run(examples):
+    def run(examples, settings):
         calls.append([text for text, _ in examples])
         if any(text.startswith("boom") for text, _ in examples):
             raise ValueError("a bad text")
@@ -558,3 +558,136 @@ def test_the_server_says_which_exit_setting_answers(model_dir, capsys):
     assert err.startswith("pabee serve: exit setting: patience 1, the model's default, not chosen on data here")
     note_exit_setting(ServeArguments(model=str(model_dir), patience=0))
     assert "exit setting: full model (set by the flags; the model's own: patience 1)" in capsys.readouterr().err
+
+
+# --- exit settings per request, chosen by load, and the clients users already have (issue 42) ------------------
+
+
+def test_requests_with_different_exit_settings_share_batches_and_each_gets_its_own_answers(pipe, sst2_dev_sentences):
+    app = create_app(pipe, max_wait_ms=300, max_batch_size=64, threads=1, allow_request_exit=True)
+    texts = sst2_dev_sentences[:24]
+    options = [
+        None,
+        {"patience": 0},
+        "full",
+        {"exit_criterion": "static", "exit_threshold": 2},
+        {"exit_criterion": "confidence", "exit_threshold": 0.55},
+        {"patience": 2, "max_exit_layer": 3},
+    ]
+    bodies = [{"texts": texts[4 * i : 4 * i + 4], "return_exit_setting": True} | ({"exit": o} if o else {})
+              for i, o in enumerate(options)]  # fmt: skip
+    with TestClient(app) as client:
+        batches_before = _batches(client)
+        with concurrent_requests(client, bodies) as responses:
+            pass
+        assert _batches(client) - batches_before < len(bodies)  # they shared micro-batches
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200
+        spec = app.state.exit_choice.for_request(body.get("exit")) or pipe.exit_spec
+        alone = pipe(body["texts"], exit_spec=spec)  # the same texts run alone, with the same setting
+        got = response.json()["predictions"]
+        assert_answers(got, alone)
+        assert {a["exit_setting"] for a in got} == {spec.title}
+
+
+def _batches(client) -> float:
+    return metric_samples(client.get("/metrics").text)[("pabee_batch_requests_count", ())]
+
+
+@contextmanager
+def concurrent_requests(client, bodies: list[dict]):
+    """POST every body to /predict at once (threads), yielding the responses in order once all are back."""
+    responses: list = [None] * len(bodies)
+
+    def post(i: int) -> None:
+        responses[i] = client.post("/predict", json=bodies[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    yield responses
+
+
+@pytest.mark.parametrize(
+    ("allow", "exit_option", "status", "message"),
+    [
+        (False, {"patience": 2}, 403, "--allow_request_exit"),
+        (True, {"patients": 2}, 422, "'exit': Unknown exit option 'patients'"),
+        (True, {"exit_criterion": "static"}, 422, "'exit': the 'static' rule needs a threshold"),
+        (True, {"exit_criterion": "static", "exit_threshold": 7}, 422, "static exit at layer 7 is impossible"),
+        (True, {"patience": -1}, 422, "'exit': patience=-1 is invalid"),
+        (True, {"patience": 1.5}, 422, "'exit': patience must be a whole number"),
+        (True, "fastest", 422, "'exit' must be \"full\" or an object"),
+        (True, [1], 422, "'exit' must be \"full\" or an object"),
+    ],
+)
+def test_a_bad_exit_option_is_named_and_refused(pipe, allow, exit_option, status, message):
+    with TestClient(create_app(pipe, threads=1, allow_request_exit=allow)) as client:
+        response = client.post("/predict", json={"texts": ["a film"], "exit": exit_option})
+        assert response.status_code == status and message in response.json()["detail"]
+        assert client.post("/predict", json={"texts": ["a film"]}).status_code == 200
+
+
+def test_under_load_the_server_walks_down_its_ladder_and_never_below_the_floor(pipe, sst2_dev_sentences):
+    from pabee import ExitSpec
+    from pabee.load_control import Ladder, Rung
+
+    ladder = Ladder(
+        (Rung(ExitSpec("static", threshold=3), 0.01, 3.0), Rung(ExitSpec("static", threshold=2), 0.02, 2.0),
+         Rung(ExitSpec("static", threshold=1), 0.10, 1.0)), 4,
+    ).floored(0.05)  # static k=1 changed 10% of the answers: never chosen  # fmt: skip
+    full = pipeline(pipe.model, pipe.tokenizer, patience=0)  # the server's own setting: the top of the ladder
+    app = create_app(full, threads=1, max_wait_ms=20, ladder=ladder, latency_target_ms=0.01)
+    bodies = [{"texts": sst2_dev_sentences[i : i + 4], "return_exit_setting": True} for i in range(0, 64, 4)]
+    with TestClient(app) as client:
+        assert client.get("/health").json()["exit_setting"]["title"] == "full model"  # the pipeline's own on top
+        for _ in range(3):  # a target no batch can meet: every decision steps down, as far as the floor allows
+            with concurrent_requests(client, bodies) as responses:
+                assert all(r.status_code == 200 for r in responses)
+            time.sleep(0.6)  # the controller's dwell time
+        settings = {a["exit_setting"] for r in responses for a in r.json()["predictions"]}
+        health = client.get("/health").json()
+        samples = metric_samples(client.get("/metrics").text)
+    assert health["exit_setting"]["title"] == "static k=2" and settings <= {"full model", "static k=3", "static k=2"}
+    assert [rung["setting"] for rung in health["exit_ladder"]] == ["full model", "static k=3", "static k=2"]
+    assert samples[("pabee_exit_switches_total", ())] >= 1 and samples[("pabee_exit_rung", ())] == 2
+    assert not any("static k=1" in str(labels) for _, labels in samples)
+
+
+def test_text_embeddings_inference_and_inference_api_bodies(pipe, rte_pairs):
+    texts = ["a gripping, funny film", "dull and long", "it was fine"]
+    with TestClient(create_app(pipe, threads=1)) as client:
+        ours = client.post("/predict", json={"texts": texts}).json()["predictions"]
+        tei = client.post("/predict", json={"inputs": texts}).json()
+        one = client.post("/predict", json={"inputs": texts[0]}).json()
+        pair = client.post("/predict", json={"inputs": rte_pairs[0]}).json()
+        raw = client.post("/predict", json={"inputs": texts[0], "raw_scores": True, "truncate": True}).json()
+        hub = client.post("/", json={"inputs": texts, "parameters": {"top_k": 1}}).json()
+        hub_all = client.post("/", json={"inputs": texts[0]}).json()
+        refused = client.post("/", json={"inputs": texts[0], "parameters": {"function_to_apply": "tanh"}})
+    assert [items[0]["label"] for items in tei] == [a["label"] for a in ours]
+    assert [items[0]["score"] for items in tei] == pytest.approx([a["score"] for a in ours], abs=1e-6)
+    assert [i["label"] for i in one] == [i["label"] for i in tei[0]] and len(one) == 2  # alone, as in the batch
+    assert [i["score"] for i in one] == pytest.approx([i["score"] for i in tei[0]], abs=1e-6)
+    assert sum(item["score"] for item in one) == pytest.approx(1.0)
+    assert set(one[0]) == {"score", "label"} and len(pair) == 2  # a two-text list is a pair, as TEI reads it
+    assert [item["label"] for item in raw] == [item["label"] for item in one] and sum(i["score"] for i in raw) != 1
+    assert [[item["label"] for item in items] for items in hub] == [[a["label"]] for a in ours]
+    assert [[i["label"] for i in items] for items in hub_all] == [[i["label"] for i in one]]
+    assert refused.status_code == 422 and "function_to_apply" in refused.json()["detail"]
+
+
+def test_the_hubs_own_inference_client_reads_the_servers_answers(model_dir, tmp_path):
+    from huggingface_hub import InferenceClient
+
+    with server_process(["--model", model_dir, "--threads", "1"], tmp_path / "server.log") as (_, url):
+        client = InferenceClient(base_url=url)
+        answer = client.text_classification("a gripping, funny film")
+        top = client.text_classification("a gripping, funny film", top_k=1)
+        ours = httpx.post(f"{url}/predict", json={"texts": ["a gripping, funny film"]}, timeout=30).json()
+    assert [item.label for item in answer] in (["positive", "negative"], ["negative", "positive"])
+    assert answer[0].score >= answer[1].score and sum(item.score for item in answer) == pytest.approx(1.0)
+    assert [item.label for item in top] == [ours["predictions"][0]["label"]]
+    assert top[0].score == pytest.approx(ours["predictions"][0]["score"], abs=1e-6)

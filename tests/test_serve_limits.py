@@ -262,7 +262,7 @@ def test_a_body_of_a_million_empty_objects_is_refused_without_being_parsed():
     import time
     import tracemalloc
 
-    from pabee.server import RequestError, parse_predict_body
+    from pabee.bodies import RequestError, parse_predict_body
 
     body = b'{"texts": [' + b",".join([b"{}"] * 1_000_000) + b"]}"
     tracemalloc.start()
@@ -286,7 +286,7 @@ def test_a_body_of_a_million_empty_objects_is_refused_without_being_parsed():
     ],
 )
 def test_cheap_refusals_do_not_refuse_valid_bodies_with_many_commas_in_their_texts(body):
-    from pabee.server import RequestError, parse_predict_body
+    from pabee.bodies import RequestError, parse_predict_body
 
     try:
         parse_predict_body(body, 64, 5000)

@@ -190,6 +190,25 @@ def checked_specs(sweep: ExitSweep, config: PabeeConfig) -> dict[str, list[ExitS
     return specs
 
 
+def parse_ladder(text: str) -> list[ExitSpec]:
+    """`--exit_ladder "full;confidence=0.9;confidence=0.8;patience=2"` → settings, top first: `full` is the full
+    model, `RULE=VALUE` a rule with its threshold (for `patience`, its patience). A bad one is a `PabeeError`."""
+    specs = []
+    for part in (p.strip() for p in str(text).split(";") if p.strip()):
+        if part == "full":
+            specs.append(ExitSpec("patience", patience=0))
+            continue
+        rule, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value):
+            raise PabeeError(f"--exit_ladder {text!r}: {part!r} is not 'full' or RULE=NUMBER (e.g. confidence=0.8).")
+        keywords = {"exit_criterion": rule}
+        keywords |= {"patience": int(float(value))} if rule == "patience" else {"exit_threshold": float(value)}
+        specs.append(_checked(exit_spec_from, keywords))
+    if not specs:
+        raise PabeeError(f"--exit_ladder {text!r} lists no setting.")
+    return specs
+
+
 @dataclass
 class ExitSweepArguments:
     """The exit settings `run-glue` evaluates and `bench` times; `--patience` is each command's own."""
@@ -653,10 +672,36 @@ class ServeArguments(RayArguments, InferenceArguments):
             "Hosts get 400, which defeats DNS rebinding. Default: any."
         },
     )
+    latency_target_ms: float | None = field(
+        default=None,
+        metadata={
+            "help": "Choose each micro-batch's exit setting by load so requests are answered within this many ms: "
+            "down the exit ladder when the target is at risk, back up when there is room (default: one setting)."
+        },
+    )
+    exit_ladder: str | None = field(
+        default=None,
+        metadata={
+            "help": "The settings load may choose from, top first, e.g. 'full;confidence=0.9;confidence=0.8' "
+            "(default: the model folder's exit_ladder.json, which pabee calibrate writes, measured)."
+        },
+    )
+    max_disagreement: float = field(
+        default=2.0,
+        metadata={
+            "help": "With --latency_target_ms: the floor; no measured setting that changed more than this share of "
+            "the full model's answers (in percent, on calibration data) is ever chosen by load."
+        },
+    )
+    allow_request_exit: bool = field(
+        default=False,
+        metadata={"help": 'Let a request choose its own exit setting ("exit": {...} or "full" in its body).'},
+    )
 
     def __post_init__(self) -> None:
         InferenceArguments.__post_init__(self)
         RayArguments.__post_init__(self)
+        self._check_exit_control()
         if self.ray and self.workers != 1:
             raise PabeeError("--workers is uvicorn's; with --ray, use --replicas.")
         if not self.ray and self.replicas != 1:
@@ -685,6 +730,15 @@ class ServeArguments(RayArguments, InferenceArguments):
         if self.graceful_timeout is None:
             self.graceful_timeout = self.request_timeout
         self._check_access()
+
+    def _check_exit_control(self) -> None:
+        if self.latency_target_ms is not None and not self.latency_target_ms > 0:
+            raise PabeeError(f"--latency_target_ms={self.latency_target_ms!r} is invalid: use a number of ms > 0.")
+        if self.exit_ladder is not None and self.latency_target_ms is None:
+            raise PabeeError("--exit_ladder is walked by load: give --latency_target_ms too.")
+        if not 0.0 < self.max_disagreement <= 100.0:
+            raise PabeeError(f"--max_disagreement={self.max_disagreement!r} is invalid: use a percentage in (0, 100].")
+        self.ladder_specs: list[ExitSpec] | None = None if self.exit_ladder is None else parse_ladder(self.exit_ladder)
 
     def _check_access(self) -> None:
         if self.api_key is None:

@@ -51,14 +51,19 @@ class Request:
     examples: list[Example]
     future: asyncio.Future
     arrived: float
+    setting: Any = None  # the caller's own setting (opaque here; None: the batcher's `choose` picks)
     answers: list[dict | None] = field(default_factory=list)
     missing: int = 0
     started: bool = False
     withdrawn: bool = False
 
 
-# The batch function: texts → chunks `(positions among the texts, their answers)` as its forward passes end.
-BatchRunner = Callable[[list[Example]], Iterable[tuple[Sequence[int], list[dict]]]]
+# The batch function: texts and each text's setting → chunks `(positions among the texts, their answers)` as its
+# forward passes end.
+BatchRunner = Callable[[list[Example], list[Any]], Iterable[tuple[Sequence[int], list[dict]]]]
+# Picks the setting of a batch's texts that came without one, from the texts waiting (the batch's included) and
+# the seconds its oldest request has waited.
+Chooser = Callable[[int, float], Any]
 
 
 def forward_thread(threads: int | None = None) -> ThreadPoolExecutor:
@@ -88,10 +93,15 @@ class MicroBatcher:
     at once with `Overloaded` (a request always fits an empty queue). A caller that stops waiting (a timeout,
     a client gone) takes its texts out of the queue if their batch has not started, so they cost nothing.
 
+    Each request may carry its own setting (opaque to the batcher: an exit setting, for the server); for those
+    that do not, `choose` picks one per batch from the queue it sees, and `run` gets every text's setting.
+
     Args:
-        run: the batch function; runs in the worker thread.
+        run: the batch function `(texts, settings)`; runs in the worker thread.
         on_batch: called on the event loop after each successful batch with
-            `(num_requests, answers, seconds)`; for metrics.
+            `(num_requests, answers, seconds, chosen)` (`chosen`: what `choose` picked, None if it did not run);
+            for metrics.
+        choose: the setting of the texts that came without one (default: None, which `run` takes as its own).
         executor: the single worker thread to run batches in (default: a new one); see `forward_thread`.
     """
 
@@ -100,18 +110,19 @@ class MicroBatcher:
         run: BatchRunner,
         max_batch_size: int,
         max_wait: float,
-        on_batch: Callable[[int, list[dict], float], None] | None = None,
+        on_batch: Callable[[int, list[dict], float, Any], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         executor: ThreadPoolExecutor | None = None,
         max_queue: int | None = None,
         on_withdraw: Callable[[int], None] | None = None,
+        choose: Chooser | None = None,
     ) -> None:
         if max_batch_size < 1 or max_wait < 0 or (max_queue is not None and max_queue < 1):
             raise ValueError(
                 f"max_batch_size={max_batch_size} and max_queue={max_queue} must be >= 1, max_wait={max_wait} >= 0."
             )
         self.run, self.max_batch_size, self.max_wait, self.max_queue = run, max_batch_size, max_wait, max_queue
-        self.on_batch, self.on_failure, self.on_withdraw = on_batch, on_failure, on_withdraw
+        self.on_batch, self.on_failure, self.on_withdraw, self.choose = on_batch, on_failure, on_withdraw, choose
         self._texts_per_second: float | None = None  # recent throughput, for Retry-After
         self._executor = executor or forward_thread()
         self._pending: deque[Request] = deque()  # admitted, waiting for the gathering loop
@@ -165,10 +176,11 @@ class MicroBatcher:
         """Run `fn` in the forward thread (e.g. a warm-up), in turn with the batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def submit(self, examples: list[Example]) -> list[dict]:
-        """One request's texts → their answers (raises `BatchFailed`, `Overloaded`, `ShuttingDown`). A caller that
-        stops waiting (a timeout, a client gone) takes its texts out of the queue if their batch has not started."""
-        request = self.admit(examples)
+    async def submit(self, examples: list[Example], setting: Any = None) -> list[dict]:
+        """One request's texts (with its own `setting`, or None) → their answers (raises `BatchFailed`,
+        `Overloaded`, `ShuttingDown`). A caller that stops waiting (a timeout, a client gone) takes its texts out
+        of the queue if their batch has not started."""
+        request = self.admit(examples, setting)
         try:
             return await self.gather(request)
         except asyncio.CancelledError:
@@ -177,7 +189,7 @@ class MicroBatcher:
 
     # --- admission control -----------------------------------------------------------------------------------
 
-    def admit(self, examples: list[Example]) -> Request:
+    def admit(self, examples: list[Example], setting: Any = None) -> Request:
         """Refuse a request now (`ShuttingDown`, `Overloaded`) or count its texts as queued and return it."""
         if self._closing or not self._open:
             raise ShuttingDown("The server is shutting down.")
@@ -185,7 +197,7 @@ class MicroBatcher:
             raise self.overloaded()
         self._waiting += len(examples)
         loop = asyncio.get_running_loop()
-        return Request(examples, loop.create_future(), loop.time())
+        return Request(examples, loop.create_future(), loop.time(), setting)
 
     def withdraw(self, request: Request) -> None:
         """Uncount a request that leaves before its batch started (nothing to do once it has started)."""
@@ -278,26 +290,40 @@ class MicroBatcher:
         request cannot fail its neighbours. Nothing is raised here, so one bad batch never takes the server down."""
         for request in requests:
             self._begin(request)
+        waiting = self._waiting  # still queued behind this batch
         batch = [request for request in requests if not request.future.done()]
-        error = await self._run_together(batch) if batch else None
+        chosen = self._choose(batch, waiting) if batch else None
+        error = await self._run_together(batch, chosen) if batch else None
         if error is None:
             return
         for request in [request for request in batch if not request.future.done()]:
-            alone = error if len(batch) == 1 else await self._run_together([request])
+            alone = error if len(batch) == 1 else await self._run_together([request], chosen)
             if alone is not None and not request.future.done():
                 failed = BatchFailed(f"{type(alone).__name__}: {alone}")
                 failed.__cause__ = alone
                 request.future.set_exception(failed)
 
-    async def _run_together(self, batch: list[Request]) -> Exception | None:
-        """Run `batch`'s texts as one call of the batch function, answering each request as its texts are done;
-        the error the call raised (reported to `on_failure`), or None."""
+    def _choose(self, batch: list[Request], waiting: int) -> Any:
+        """What `choose` picks for this batch's texts that came without a setting (None: no chooser, or none
+        came without one), from every text waiting, this batch's included, and its oldest request's age."""
+        if self.choose is None or all(request.setting is not None for request in batch):
+            return None
+        texts = waiting + sum(len(request.examples) for request in batch)
+        oldest = asyncio.get_running_loop().time() - min(request.arrived for request in batch)
+        return self.choose(texts, oldest)
+
+    async def _run_together(self, batch: list[Request], chosen: Any = None) -> Exception | None:
+        """Run `batch`'s texts as one call of the batch function (texts without a setting of their own take
+        `chosen`), answering each request as its texts are done; the error the call raised (reported to
+        `on_failure`), or None."""
         loop = asyncio.get_running_loop()
         owners = []  # position in the batch → (request, index among its texts)
         for request in batch:
             request.answers, request.missing = [None] * len(request.examples), len(request.examples)
             owners += [(request, i) for i in range(len(request.examples))]
         examples = [e for request in batch for e in request.examples]
+        settings = [request.setting if request.setting is not None else chosen
+                    for request in batch for _ in request.examples]  # fmt: skip
         answers: list[dict | None] = [None] * len(examples)
         missing = len(examples)
         start = time.perf_counter()
@@ -316,10 +342,10 @@ class MicroBatcher:
                 seconds = time.perf_counter() - start
                 self._record_rate(len(answers), seconds)
                 if self.on_batch is not None:
-                    self.on_batch(len(batch), answers, seconds)
+                    self.on_batch(len(batch), answers, seconds, chosen)
 
         def work() -> None:  # in the worker thread; `deliver` calls run on the loop in order, before it resumes
-            for positions, chunk in self.run(examples):
+            for positions, chunk in self.run(examples, settings):
                 loop.call_soon_threadsafe(deliver, positions, chunk)
 
         try:

@@ -29,6 +29,7 @@ from .certify import Guarantee, certify, min_examples, risk_losses
 from .errors import PabeeError
 from .evaluate import exit_answers
 from .glue import TaskSpec, get_task
+from .load_control import LADDER_FILE
 from .metrics import compute_metrics, exit_statistics
 from .modeling import Runtime
 from .pipeline import PabeePipeline
@@ -364,15 +365,42 @@ def calibrate(
     )
     result["caveat"] = caveat
     chosen = next(row for row in result["rows"] if row["chosen"])
-    if not dry_run:
-        _write_exit_setting(folder / "config.json", model, chosen["spec"])
     model_name = portable_path(folder)
     report = {"provenance": provenance(command, model=model_name, task=task.name), "dry_run": dry_run, **result}
+    if not dry_run:
+        _write_exit_setting(folder / "config.json", model, chosen["spec"])
+        write_json(folder / LADDER_FILE, exit_ladder(result, report["provenance"]))
     for row in report["rows"]:
         row.pop("spec")
     write_json(folder / "calibration.json", report)
     write_atomic(folder / "calibration.md", render(report, task))
     return report
+
+
+def exit_ladder(result: dict[str, Any], provenance_of: dict[str, Any]) -> dict[str, Any]:
+    """`exit_ladder.json`, what `pabee serve --latency_target_ms` walks by load: the settings no other beats on the
+    choosing half in both layers and answers changed, most layers first under the full model, each with the
+    share of the full model's answers it changed and its mean exit layer on the reporting half, and whether a
+    disagreement certificate covers it."""
+    rows = result["rows"]
+    certified = result.get("certificate", {}).get("risk") == "disagreement"
+
+    def cost(row: dict[str, Any]) -> tuple[float, float]:
+        return row["choose"]["avg_exit_layer"], row["choose"]["disagreement"]
+
+    def beaten(row: dict[str, Any]) -> bool:
+        mine = cost(row)
+        return any(cost(o) != mine and cost(o)[0] <= mine[0] and cost(o)[1] <= mine[1] for o in rows)
+
+    front = {cost(row): row for row in reversed(rows[1:]) if not beaten(row)}  # one per cost: the first listed
+    front = [rows[0], *sorted(front.values(), key=lambda row: -cost(row)[0])]  # the full model on top
+    rungs = [
+        {**row["spec"].keywords(), "disagreement": row["report"]["disagreement"] / 100,
+         "layers": row["report"]["avg_exit_layer"], "certified": bool(certified and row.get("certified"))}
+        for row in front
+    ]  # fmt: skip
+    measured = f"disagreement and layers on the reporting half ({result['halves']['report']} examples)"
+    return {"rungs": rungs, "measured": measured, "provenance": provenance_of}
 
 
 def summary_line(report: dict[str, Any], folder: str | Path) -> str:

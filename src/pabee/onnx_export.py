@@ -47,6 +47,7 @@ __all__ = ["GRAPH", "OPSET", "FullModelExport", "export_full_model", "export_onn
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+CARRIED = ("exit_ladder.json", "calibration.md", "calibration.json")  # what the export keeps of the model folder
 PRECISIONS = ("fp32", "int8")
 GRAPH = "model.onnx"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -390,6 +391,9 @@ def export_onnx(
             _quantize(work / GRAPH)
         tokenizer.save_pretrained(work)
         model.config.save_pretrained(work)
+        for name in CARRIED:  # measured on the model, true of the export too (fp32; int8 answers may differ)
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, work / name)
         files = {p.name: file_digest(p) for p in sorted(work.iterdir()) if p.is_file()}
         manifest = {"format": FORMAT_VERSION, "precision": precision, "opset": opset, "source": str(model_dir)}
         if precision == "int8":

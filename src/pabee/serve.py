@@ -17,12 +17,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from .arguments import API_KEY_VARIABLE, ServeArguments
 from .batching import MicroBatcher, forward_thread
 from .errors import PabeeError
+from .load_control import LADDER_FILE, Ladder, Rung
 from .pipeline import PabeePipeline
 from .server import create_app
 from .settings import exit_spec_from
@@ -30,6 +32,21 @@ from .settings import exit_spec_from
 __all__ = ["app_from_args", "drain_on_sigterm", "run_server", "warn_if_open"]
 
 ENV_CONFIG = "PABEE_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
+
+
+def exit_ladder(args: ServeArguments, num_layers: int) -> Ladder | None:
+    """The settings load may choose from: `--exit_ladder`'s, else the model folder's `exit_ladder.json` (from
+    `pabee calibrate`, measured), under the `--max_disagreement` floor; None without `--latency_target_ms` or a
+    ladder (then load can only queue)."""
+    if args.latency_target_ms is None:
+        return None
+    if args.ladder_specs is not None:
+        ladder = Ladder(tuple(Rung(spec) for spec in args.ladder_specs), num_layers)
+    elif (Path(args.model) / LADDER_FILE).is_file():
+        ladder = Ladder.from_file(Path(args.model) / LADDER_FILE, num_layers)
+    else:
+        return None
+    return ladder.floored(args.max_disagreement / 100)
 
 
 def app_from_args(args: ServeArguments, batcher_class: type[MicroBatcher] = MicroBatcher) -> FastAPI:
@@ -43,6 +60,9 @@ def app_from_args(args: ServeArguments, batcher_class: type[MicroBatcher] = Micr
     pipe = pipe.result()
     return create_app(
         pipe,
+        ladder=exit_ladder(args, pipe.num_layers),
+        latency_target_ms=args.latency_target_ms,
+        allow_request_exit=args.allow_request_exit,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_texts_per_request=args.max_texts_per_request,

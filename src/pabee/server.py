@@ -42,9 +42,7 @@ import ctypes
 import ctypes.util
 import functools
 import hmac
-import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -60,10 +58,12 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from .batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown, forward_thread
+from .bodies import Body, RequestError, parse_hf_body, parse_predict_body, shaped_answers
+from .load_control import ExitChoice, Ladder, LoadController, Rung
 from .pipeline import Example, PabeePipeline
-from .texts import text_problem
+from .settings import ExitSpec
 
-__all__ = ["RequestError", "check_api_key", "create_app", "parse_predict_body", "public_model_name"]
+__all__ = ["check_api_key", "create_app", "public_model_name"]
 
 logger = logging.getLogger(__name__)
 CLIENT_GONE = 499  # the status nginx logs for a client that hung up first; counted in the metrics, never sent
@@ -73,110 +73,71 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DRAIN_LIMIT = 64 * 2**20  # bytes of an oversized body read (and dropped) so its client gets the 413
 
 _TEXT = {"type": "string"}
-# The body /predict takes, for the OpenAPI schema (the handler parses it itself, to answer in its own words).
-PREDICT_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["texts"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "texts": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {
-                                "oneOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 2, "maxItems": 2}]
-                            },
-                        }
-                    },
-                }
-            }
+_PAIR = {"type": "array", "items": _TEXT, "minItems": 2, "maxItems": 2}
+_TEXTS = {"type": "array", "minItems": 1, "items": {"oneOf": [_TEXT, _PAIR]}}
+_EXIT = {  # a request's own exit setting (`pabee.settings` keywords), or "full"
+    "oneOf": [
+        {"type": "string", "enum": ["full"]},
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "patience": {"type": "integer", "minimum": 0},
+                "exit_criterion": {"type": "string"},
+                "exit_threshold": {"type": "number"},
+                "max_exit_layer": {"type": "integer", "minimum": 1},
+            },
         },
-    }
+    ]
 }
 
 
-class RequestError(Exception):
-    """A bad request: answered with `status` and `{"detail": message}`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+def _body_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI operation's JSON body (the handlers parse bodies themselves, to answer in their own words)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal
-
-
-def _check_item_count(body: bytes, max_texts: int) -> None:
-    """413 for a body holding more JSON values than `max_texts` texts could, found without parsing it.
-
-    Parsing builds every value: a million `{}` (3.7 MB) took 150 ms of the event loop and 90 MiB. A valid body
-    has at most 2 separators per text outside its strings (between items, inside a pair) and at most 2 strings per
-    text; byte counts (memchr speed) clear most bodies, and only a body with few strings is scanned string by
-    string (many strings would make that scan the slow part).
-    """
-    bound = 2 * max_texts
-    if body.count(b",") <= bound:
-        return
-    message = f"The body holds more JSON values than {max_texts} texts could; the limit is {max_texts} texts."
-    if body.count(b'"') - body.count(b'\\"') > 2 * (2 * bound + 1):  # escaped quotes are not string ends
-        raise RequestError(413, message)
-    if _STRING.sub(b'""', body).count(b",") > bound:
-        raise RequestError(413, message)
-
-
-def parse_predict_body(body: bytes, max_texts: int, max_chars: int) -> list[Example]:
-    """Validate a `/predict` body; `RequestError` (400/413/422) says what is wrong and where."""
-    _check_item_count(body, max_texts)
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(400, f"The body is not valid JSON: {error}.") from None
-    except RecursionError:  # thousands of nested brackets: the parser gives up, and so do we
-        raise RequestError(400, "The body is not valid JSON for this API: it is nested too deeply.") from None
-    if not isinstance(payload, dict):
-        raise RequestError(422, 'The body must be a JSON object like {"texts": ["a text", ...]}.')
-    unknown = sorted(set(payload) - {"texts"})
-    if unknown:
-        raise RequestError(422, f"Unknown field(s) {', '.join(map(repr, unknown))}; the only field is 'texts'.")
-    texts = payload.get("texts")
-    if not isinstance(texts, list):
-        raise RequestError(422, "'texts' must be a list of strings or [text, text_pair] pairs.")
-    if not texts:
-        raise RequestError(422, "'texts' is empty; send at least one text.")
-    if len(texts) > max_texts:
-        raise RequestError(413, f"{len(texts)} texts in one request; the limit is {max_texts}.")
-    examples = [_example(i, item, max_chars) for i, item in enumerate(texts)]
-    for i, example in enumerate(examples):  # after every size check: a 413 wherever the long text is
-        _check_text(i, example)
-    return examples
-
-
-def _example(i: int, item: Any, max_chars: int) -> Example:
-    """One item of 'texts' checked for its shape (422) and each part's length (413)."""
-    if isinstance(item, str):
-        parts = [item]
-    elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
-        parts = item
-    else:
-        raise RequestError(422, f"texts[{i}] must be a string or a [text, text_pair] pair of two strings.")
-    for j, part in enumerate(parts):
-        if len(part) > max_chars:
-            field = f"texts[{i}]" if len(parts) == 1 else f"texts[{i}][{j}]"
-            raise RequestError(413, f"{field} has {len(part)} characters; the limit is {max_chars}.")
-    return parts[0], parts[1] if len(parts) == 2 else None
-
-
-def _check_text(i: int, example: Example) -> None:
-    """422 naming a part that is not Unicode text: a lone surrogate escape is legal JSON, but the tokenizer would
-    refuse it for the whole micro-batch, failing every request batched with this one."""
-    for j, part in enumerate(example):
-        if part is not None and (problem := text_problem(part)):
-            field = f"texts[{i}]" if example[1] is None else f"texts[{i}][{j}]"
-            raise RequestError(422, f"{field}: {problem}; send Unicode text (escapes \\ud800-\\udfff only in pairs).")
+PREDICT_OPENAPI = _body_schema(
+    {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["texts"],
+                "additionalProperties": False,
+                "properties": {"texts": _TEXTS, "exit": _EXIT, "return_exit_setting": {"type": "boolean"}},
+            },
+            {  # text-embeddings-inference's /predict
+                "type": "object",
+                "required": ["inputs"],
+                "additionalProperties": False,
+                "properties": {
+                    "inputs": {"oneOf": [_TEXT, _PAIR, _TEXTS]},
+                    "raw_scores": {"type": "boolean"},
+                    "truncate": {"type": "boolean"},
+                    "truncation_direction": {"type": "string"},
+                },
+            },
+        ]
+    }
+)
+HF_OPENAPI = _body_schema(  # the Hugging Face Inference API's text classification
+    {
+        "type": "object",
+        "required": ["inputs"],
+        "additionalProperties": False,
+        "properties": {
+            "inputs": {"oneOf": [_TEXT, {"type": "array", "minItems": 1, "items": _TEXT}]},
+            "parameters": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "top_k": {"type": "integer", "minimum": 1},
+                    "function_to_apply": {"type": "string", "enum": ["softmax", "sigmoid", "none"]},
+                },
+            },
+        },
+    }
+)
 
 
 class _Metrics:
@@ -215,6 +176,12 @@ class _Metrics:
             "pabee_client_disconnects", "/predict clients that hung up before their answer.", registry=r
         )
         Gauge("pabee_queued_texts", "Texts waiting for a batch.", registry=r).set_function(queued)
+        self.rung = Gauge(
+            "pabee_exit_rung", "The exit ladder's rung in use (0: the top; with --latency_target_ms).", registry=r
+        )
+        self.switches = Counter("pabee_exit_switches", "Times the load controller changed the rung.", registry=r)
+        self.by_setting = Counter("pabee_texts_by_exit_setting", "Texts answered, by exit setting.", ["setting"],
+                                  registry=r)  # fmt: skip
 
     def batch_done(self, num_requests: int, answers: list[dict], seconds: float) -> None:
         self.batch_size.observe(len(answers))
@@ -223,6 +190,7 @@ class _Metrics:
         self.texts.inc(len(answers))
         for answer in answers:
             self.exit_layer.observe(answer["exit_layer"])
+            self.by_setting.labels(answer["_setting"].title).inc()
         self.layers.inc(sum(answer["exit_layer"] for answer in answers))
 
 
@@ -265,7 +233,7 @@ def _lifespan(batcher: MicroBatcher, run: Callable[[list[Example]], Iterator], t
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
-        await batcher.call_in_worker(lambda: list(run([("warm up", None)])))
+        await batcher.call_in_worker(lambda: list(run([("warm up", None)], [None])))
         trimming = asyncio.create_task(_trim_memory(batcher, trim_every)) if trim_every else None
         yield
         if trimming is not None:
@@ -328,8 +296,15 @@ def create_app(
     executor: ThreadPoolExecutor | None = None,
     batcher_class: type[MicroBatcher] = MicroBatcher,
     trim_memory_every: float | None = 60.0,
+    ladder: Ladder | None = None,
+    latency_target_ms: float | None = None,
+    allow_request_exit: bool = False,
 ) -> FastAPI:
-    """The FastAPI app serving `pipeline` (its exit options apply to every request).
+    """The FastAPI app serving `pipeline` (its exit setting answers every request that brings none).
+
+    With `latency_target_ms`, the setting of each micro-batch is chosen by load from `ladder` (default: the
+    pipeline's setting alone), its top rung the pipeline's setting (`pabee.load_control`); with
+    `allow_request_exit`, a request's own `"exit"` is honoured as sent.
 
     `max_queue` (texts) and `request_timeout` (seconds) bound the waiting (503 / 504 beyond them; None: no
     bound); with `api_key`, /predict, /metrics and /openapi.json need `Authorization: Bearer <api_key>` (and
@@ -344,20 +319,25 @@ def create_app(
     if api_key is not None:
         check_api_key(api_key)
 
-    def run(examples: list[Example]) -> Iterator[tuple[list[int], list[dict]]]:
-        for rows, logits, exit_layers in pipeline.run_batches(examples, batch_size=max_batch_size):
-            yield rows, pipeline.format(logits, exit_layers)
-
     metrics = _Metrics(pipeline.num_layers, queued=lambda: batcher.queued)
+    choice = _exit_choice(pipeline, ladder, latency_target_ms, allow_request_exit, metrics)
+    run = _batch_function(pipeline, choice, max_batch_size)
+
+    def on_batch(requests: int, answers: list[dict], seconds: float, chosen: ExitSpec | None) -> None:
+        metrics.batch_done(requests, answers, seconds)
+        at_chosen = sum(answer["_setting"] == chosen for answer in answers)
+        choice.observe(chosen, at_chosen, len(answers), seconds)
+
     batcher = batcher_class(
         run,
         max_batch_size,
         max_wait_ms / 1000,
-        on_batch=metrics.batch_done,
+        on_batch=on_batch,
         on_failure=_batch_failed(metrics),
         on_withdraw=metrics.dropped.inc,
         executor=executor or forward_thread(threads),
         max_queue=max_queue,
+        choose=choice.choose if choice.controller is not None else None,
     )
     limits = {
         "max_batch_size": max_batch_size,
@@ -367,21 +347,75 @@ def create_app(
         "max_queue": max_queue,
         "request_timeout": request_timeout,
     }
-    info = _health_info(pipeline, model_name, limits)
+    info = _health_info(pipeline, model_name, limits, choice, latency_target_ms)
     lifespan = _lifespan(batcher, run, trim_memory_every)
-    return _build_app(pipeline, batcher, lifespan, metrics, info, api_key, allowed_hosts)
+    app = _build_app(pipeline, batcher, lifespan, metrics, info, api_key, allowed_hosts, choice)
+    app.state.exit_choice = choice
+    return app
 
 
-def _health_info(pipeline: PabeePipeline, model_name: str | None, limits: dict[str, Any]) -> dict[str, Any]:
-    """What /health shows: the model, its labels and exit setting, the limits (never the API key, nor a path)."""
-    return {
+def _exit_choice(
+    pipeline: PabeePipeline, ladder: Ladder | None, latency_target_ms: float | None, allow: bool, metrics: _Metrics
+) -> ExitChoice:
+    """The server's exit settings: the pipeline's, or a ladder walked by load, and whether clients may choose."""
+    if latency_target_ms is None:
+        if ladder is not None:
+            raise ValueError("An exit ladder is walked by load: give latency_target_ms too.")
+        return ExitChoice(pipeline.exit_spec, pipeline.model.config, allow_request_exit=allow)
+    ladder = (ladder or Ladder((Rung(pipeline.exit_spec),), pipeline.num_layers)).with_top(pipeline.exit_spec)
+
+    def switched(previous: int, rung: int, waiting: float) -> None:
+        metrics.switches.inc()
+        logger.info(
+            "exit setting: %s -> %s (a request arriving now would wait %.0f ms; target %.0f ms)",
+            ladder.rungs[previous].spec.title, ladder.rungs[rung].spec.title, 1000 * waiting, latency_target_ms,
+        )  # fmt: skip
+
+    controller = LoadController(ladder, latency_target_ms / 1000, on_switch=switched)
+    metrics.rung.set_function(lambda: controller.rung)
+    return ExitChoice(pipeline.exit_spec, pipeline.model.config, controller, allow_request_exit=allow)
+
+
+def _batch_function(pipeline: PabeePipeline, choice: ExitChoice, max_batch_size: int) -> Callable:
+    """The batcher's batch function: the texts grouped by the setting each runs (its request's, or the one the
+    server chose), each group as padding-aware forwards; every answer keeps its setting and its logits (`_setting`,
+    `_logits`) for the response and the metrics, which strip them."""
+
+    def run(examples: list[Example], settings: list[ExitSpec | None]) -> Iterator[tuple[list[int], list[dict]]]:
+        groups: dict[ExitSpec, list[int]] = {}
+        for position, spec in enumerate(settings):
+            groups.setdefault(spec or choice.current, []).append(position)
+        for spec, positions in groups.items():
+            texts = [examples[i] for i in positions]
+            for rows, logits, exit_layers in pipeline.run_batches(texts, batch_size=max_batch_size, exit_spec=spec):
+                answers = pipeline.format(logits, exit_layers)
+                for answer, row in zip(answers, logits.tolist(), strict=True):
+                    answer["_setting"], answer["_logits"] = spec, row
+                yield [positions[r] for r in rows], answers
+
+    return run
+
+
+def _health_info(
+    pipeline: PabeePipeline,
+    model_name: str | None,
+    limits: dict[str, Any],
+    choice: ExitChoice,
+    latency_target_ms: float | None,
+) -> dict[str, Any]:
+    """What /health shows that does not change: the model, its labels, the limits, how exit settings are chosen
+    (never the API key, nor a path). The setting in use is added per call."""
+    info = {
         "model": public_model_name(model_name or str(getattr(pipeline.model.config, "name_or_path", ""))),
         "labels": pipeline.labels,
         "num_layers": pipeline.num_layers,
-        "exit_setting": {**pipeline.exit_spec.keywords(), "title": pipeline.exit_spec.title},
         **limits,
         "max_seq_length": pipeline.max_length,
+        "allow_request_exit": choice.allow_request_exit,
     }
+    if choice.controller is not None:
+        info |= {"latency_target_ms": latency_target_ms, "exit_ladder": choice.controller.ladder.describe()}
+    return info
 
 
 def _build_app(
@@ -392,6 +426,7 @@ def _build_app(
     info: dict[str, Any],
     api_key: str | None,
     allowed_hosts: Sequence[str] | None,
+    choice: ExitChoice,
 ) -> FastAPI:
     """The app around the batcher: routes, then the middleware (the host check outermost)."""
     key = api_key.encode() if api_key else None
@@ -399,7 +434,7 @@ def _build_app(
     app = FastAPI(title="pabee", summary="PABEE early-exit classification", lifespan=lifespan, **hidden)
     app.state.pipeline, app.state.batcher, app.state.metrics = pipeline, batcher, metrics
     app.state.draining = threading.Event()
-    _add_routes(app, batcher, metrics, info, key)
+    _add_routes(app, _Answering(batcher, metrics, info, choice, pipeline), key)
     if key:
         _add_keyed_schema(app, metrics, key)
     app.add_middleware(_RefuseWhenFull, batcher=batcher, metrics=metrics, api_key=key)
@@ -481,28 +516,51 @@ async def _unless_client_leaves(request: Request, work: Awaitable[list[dict]]) -
     return answer.result()
 
 
-async def _answer_predict(
-    request: Request, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], max_body: int
-) -> Response:
-    """Parse, queue and answer one /predict request (every failure as its JSON status)."""
-    try:
-        if not _is_json(request.headers.get("content-type")):
-            raise RequestError(415, "Send the body as JSON with 'Content-Type: application/json'.")
-        examples = parse_predict_body(
-            await _read_body(request, max_body), info["max_texts_per_request"], info["max_text_chars"]
-        )
-        return JSONResponse({"predictions": await _unless_client_leaves(request, batcher.submit(examples))})
-    except RequestError as error:
-        return _error(error.status, error.message)
-    except Overloaded as error:
-        return _refusal(error, metrics)
-    except BatchFailed:  # the error itself is in the server's log, never in a response
-        return _error(500, "Inference failed for this request; the server's log has the error.")
-    except ShuttingDown as error:
-        return _error(503, str(error))
-    except (_ClientGone, ClientDisconnect):
-        metrics.gone.inc()
-        return Response(status_code=CLIENT_GONE)  # for the metrics: nobody is there to receive it
+class _Answering:
+    """What answering a request needs: the batcher, the metrics, the limits, the exit choice, the labels."""
+
+    def __init__(
+        self, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], choice: ExitChoice, pipeline: Any
+    ) -> None:
+        self.batcher, self.metrics, self.info, self.choice = batcher, metrics, info, choice
+        self.labels, self.problem = pipeline.labels, pipeline.model.config.problem
+        # Each JSON-escaped character takes at most 6 bytes; beyond that the body cannot be a valid request.
+        self.max_body = 6 * info["max_texts_per_request"] * (2 * info["max_text_chars"] + 8) + 4096
+
+    async def answer(self, request: Request, parse: Callable[[bytes, int, int], Body]) -> Response:
+        """Parse, queue and answer one request (every failure as its JSON status)."""
+        try:
+            if not _is_json(request.headers.get("content-type")):
+                raise RequestError(415, "Send the body as JSON with 'Content-Type: application/json'.")
+            body = parse(await _read_body(request, self.max_body), self.info["max_texts_per_request"],
+                         self.info["max_text_chars"])  # fmt: skip
+            setting = self._setting(body)
+            answers = await _unless_client_leaves(request, self.batcher.submit(body.examples, setting))
+            return JSONResponse(shaped_answers(body, answers, self.labels, self.problem))
+        except RequestError as error:
+            return _error(error.status, error.message)
+        except Overloaded as error:
+            return _refusal(error, self.metrics)
+        except BatchFailed:  # the error itself is in the server's log, never in a response
+            return _error(500, "Inference failed for this request; the server's log has the error.")
+        except ShuttingDown as error:
+            return _error(503, str(error))
+        except (_ClientGone, ClientDisconnect):
+            self.metrics.gone.inc()
+            return Response(status_code=CLIENT_GONE)  # for the metrics: nobody is there to receive it
+
+    def _setting(self, body: Body) -> ExitSpec | None:
+        """The request's own exit setting (403 when clients may not choose, 422 when it does not fit)."""
+        try:
+            return self.choice.for_request(body.exit)
+        except PermissionError as error:
+            raise RequestError(403, str(error)) from None
+        except ValueError as error:
+            raise RequestError(422, f"'exit': {error}") from None
+
+    def health(self) -> dict[str, Any]:
+        current = self.choice.current
+        return {**self.info, "exit_setting": {**current.keywords(), "title": current.title}}
 
 
 class _RefuseWhenFull:
@@ -516,45 +574,49 @@ class _RefuseWhenFull:
         self.app, self.batcher, self.metrics, self.key = app, batcher, metrics, api_key
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or not self.batcher.full:
+        if scope["type"] != "http" or scope["path"] not in ("/predict", "/") or not self.batcher.full:
             return await self.app(scope, receive, send)
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         if not _authorized(authorization, self.key):
             return await self.app(scope, receive, send)  # a stranger hears 401, not how busy we are
         await _refusal(self.batcher.overloaded(), self.metrics)(scope, receive, send)
-        self.metrics.requests.labels("/predict", "503").inc()
+        self.metrics.requests.labels(scope["path"], "503").inc()
 
 
-def _add_routes(
-    app: FastAPI, batcher: MicroBatcher, metrics: _Metrics, info: dict[str, Any], key: bytes | None
-) -> None:
-    """`POST /predict`, `GET /health` and `GET /metrics`, as the module docstring describes."""
-    timeout = info["request_timeout"]
-    # Each JSON-escaped character takes at most 6 bytes; beyond that the body cannot be a valid request.
-    max_body = 6 * info["max_texts_per_request"] * (2 * info["max_text_chars"] + 8) + 4096
+def _add_routes(app: FastAPI, answering: _Answering, key: bytes | None) -> None:
+    """`POST /predict` (pabee's and TEI's bodies), `POST /` (the Inference API's), `GET /health` and
+    `GET /metrics`, as the module docstring describes."""
+    batcher, metrics, timeout = answering.batcher, answering.metrics, answering.info["request_timeout"]
 
-    @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
-    async def predict(request: Request) -> Response:
+    async def answered(request: Request, endpoint: str, parse: Callable[[bytes, int, int], Body]) -> Response:
         start = time.perf_counter()
         if not _authorized(request.headers.get("authorization"), key):
             response = _unauthorized()
         else:
             try:
                 async with asyncio.timeout(timeout):
-                    response = await _answer_predict(request, batcher, metrics, info, max_body)
+                    response = await answering.answer(request, parse)
             except TimeoutError:
                 metrics.timeouts.inc()
                 response = _error(504, f"No answer within --request_timeout {timeout} s; the request was dropped.")
-        metrics.requests.labels("/predict", str(response.status_code)).inc()
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.observe(time.perf_counter() - start)
         return response
+
+    @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
+    async def predict(request: Request) -> Response:
+        return await answered(request, "/predict", parse_predict_body)
+
+    @app.post("/", openapi_extra=HF_OPENAPI)
+    async def text_classification(request: Request) -> Response:
+        return await answered(request, "/", parse_hf_body)
 
     @app.get("/health")
     async def health() -> Response:
         status = "shutting down" if batcher.closing else "draining" if app.state.draining.is_set() else "ok"
         code = 200 if status == "ok" else 503
         metrics.requests.labels("/health", str(code)).inc()
-        return JSONResponse({"status": status, **info}, status_code=code)
+        return JSONResponse({"status": status, **answering.health()}, status_code=code)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request) -> Response:

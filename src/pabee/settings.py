@@ -121,6 +121,8 @@ class ExitSpec:
             raise ValueError(
                 f"exit_criterion={self.criterion!r} is unknown; choose one of {', '.join(CRITERION_NAMES)}."
             )
+        if self.criterion not in PATIENCE_RULES:  # one setting, one value: a rule without patience holds none
+            object.__setattr__(self, "patience", None)
 
     def keywords(self) -> dict[str, Any]:
         """The setting as the keywords users type (`config.json`'s fields), unset ones as None."""
