@@ -169,9 +169,9 @@ def ratios(seconds: dict[str, list[float]], base: str, variant: str) -> list[flo
 
 RENDERED = {  # results stems (glob) → the script whose `render` makes their .md from their .json
     "runtime_speed*": "runtime_speed",
+    "adaptive_serving*": "adaptive_serving",
     "serve_sst2*": "load_test",
     "glue_v3": "reproduce_glue_v3",
-    "certified_calibration": "certified_calibration",
     "robustness": "robustness",
 }
 

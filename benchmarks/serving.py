@@ -189,3 +189,39 @@ async def healthy(port: int) -> bool:
         return (await get(port, "/health"))[0] == 200
     except OSError:
         return False
+
+
+async def open_loop(port: int, requests: list[bytes], segments: list[tuple[float, float]], seed: int = 0,
+                    connections: int = 200) -> list[tuple]:  # fmt: skip
+    """Arrivals that do not wait for answers: for each `(seconds, rate)` segment, Poisson arrivals at `rate` a
+    second, each sending a random body of `requests` on a free keep-alive connection of a pool (waiting for one
+    counts as latency). The pool hands out the connection freed last, so a light load keeps few open, and holds
+    fewer than `pabee serve`'s --max_connections (256): refusals are the server's admission control, not
+    uvicorn's connection limit, which idle keep-alive connections count against. Rows `(scheduled, answered,
+    status, body, index of the request sent)`, times relative to the start."""
+    loop, rng, rows = asyncio.get_running_loop(), random.Random(seed), []
+    pool: asyncio.LifoQueue = asyncio.LifoQueue()
+    for _ in range(connections):
+        pool.put_nowait(Connection(port))
+
+    async def send(scheduled: float, index: int) -> None:
+        connection = await pool.get()
+        try:
+            status, answer = await connection.request("POST", "/predict", requests[index])
+        except (OSError, asyncio.IncompleteReadError):
+            status, answer = 0, b""
+        finally:
+            pool.put_nowait(connection)
+        rows.append((scheduled, loop.time() - start, status, answer, index))
+
+    start, at, tasks = loop.time(), 0.0, []
+    for seconds, rate in segments:
+        end = at + seconds
+        while (at := at + rng.expovariate(rate)) < end:
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            tasks.append(asyncio.ensure_future(send(at, rng.randrange(len(requests)))))
+        at = end
+    await asyncio.gather(*tasks)
+    while not pool.empty():
+        await pool.get_nowait().close()
+    return rows

@@ -152,6 +152,11 @@ def test_calibrate_writes_the_choice_and_a_report(model_dir, glue_dir, tmp_path,
     changed = {k for k in before if before[k] != after.get(k)}
     assert changed <= {"exit_criterion", "patience", "exit_threshold", "max_exit_layer"}
     assert report["halves"] == {"choose": 436, "report": 436} and "written to" in out
+    ladder = json.loads((folder / "exit_ladder.json").read_text())["rungs"]  # for pabee serve --latency_target_ms
+    assert ladder[0] | {"layers": 4.0} == {"patience": 0, "exit_criterion": "patience", "exit_threshold": None,
+                                           "max_exit_layer": None, "disagreement": 0.0, "layers": 4.0,
+                                           "certified": False}  # fmt: skip
+    assert len(ladder) >= 2 and all(a["layers"] >= b["layers"] for a, b in zip(ladder, ladder[1:], strict=False))
     assert "Not certified: within 2 points on the choosing half only" in out and "certificate" not in report
     markdown = (folder / "calibration.md").read_text()
     assert "measured on the other half (436), which the choice never saw" in markdown and "(chosen)" in markdown

@@ -61,10 +61,17 @@ def test_no_flapping_within_the_dwell_time_and_back_up_when_there_is_room():
     assert control.choose(queued=0, oldest_wait=0.0).rung == 2
     assert control.choose(queued=40, oldest_wait=0.05).rung == 2
     clock.now += 0.6
-    # Light again: up one rung at a time, each after the dwell time, while the rung above keeps under 40 ms.
+    # Light again: up one rung at a time, each once the rung above has kept under 40 ms for 2 s in a row.
+    assert control.choose(queued=1, oldest_wait=0.001).rung == 2  # room seen from now on
+    clock.now += 1.0
+    assert control.choose(queued=1, oldest_wait=0.001).rung == 2
+    clock.now += 1.0
     assert control.choose(queued=1, oldest_wait=0.001).rung == 1
+    clock.now += 1.0
+    assert control.choose(queued=6, oldest_wait=0.005).rung == 1  # no room (65 ms at the top): counts anew
+    clock.now += 1.5
     assert control.choose(queued=1, oldest_wait=0.001).rung == 1
-    clock.now += 0.6
+    clock.now += 2.0
     assert control.choose(queued=1, oldest_wait=0.001).rung == 0
     assert switches == [(0, 2), (2, 1), (1, 0)]
 

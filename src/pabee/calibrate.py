@@ -420,7 +420,7 @@ def summary_line(report: dict[str, Any], folder: str | Path) -> str:
     line = (
         f"{chosen['criterion']} {chosen['setting']}: {certified}{quality}, "
         f"{held_out['avg_exit_layer']:.2f} layers on average; "
-        + ("dry run, config unchanged" if report["dry_run"] else f"written to {folder}/config.json")
+        + ("dry run, config unchanged" if report["dry_run"] else f"written to {folder}/config.json and {LADDER_FILE}")
         + f"; report: {folder}/calibration.md"
     )
     return line + (f"\n  {report['caveat'][0].upper()}{report['caveat'][1:]}" if report.get("caveat") else "")

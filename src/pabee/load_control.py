@@ -115,8 +115,9 @@ class LoadController:
     a rung: `queued / rate(rung)`. Rates are learned per rung from finished batches (texts per second, a moving
     average); a rung not measured yet is estimated from a measured one by the ratio of their mean layers (time
     grows with the layers run). Step down when the predicted wait exceeds `step_down` × the target (to the
-    highest rung whose prediction fits, so a sudden step is met at once); step up one rung when the rung above
-    would keep the wait under `step_up` × the target; at most one switch per `min_dwell` seconds.
+    highest rung whose prediction fits, so a sudden step is met at once); step up one rung once the rung above
+    would have kept the wait under `step_up` × the target for `climb_after` seconds in a row (quick down, slow
+    up: near a rung's capacity it does not flap); at most one switch per `min_dwell` seconds.
     """
 
     ladder: Ladder
@@ -124,11 +125,13 @@ class LoadController:
     step_down: float = 0.8
     step_up: float = 0.4
     min_dwell: float = 0.5
+    climb_after: float = 2.0
     clock: Callable[[], float] = time.monotonic
     on_switch: Callable[[int, int, float], None] | None = None
     rung: int = 0
     _rates: dict[int, float] = field(default_factory=dict)
     _last_switch: float = float("-inf")
+    _room_since: float | None = None  # since when the rung above would have kept within step_up x the target
 
     def __post_init__(self) -> None:
         if not self.latency_target > 0:
@@ -158,17 +161,19 @@ class LoadController:
         """The rung for the next micro-batch, given the texts waiting (this batch's too) and the oldest's age."""
         now = self.clock()
         current = self.predicted_wait(self.rung, queued, oldest_wait)
+        room = self.rung > 0 and self.predicted_wait(self.rung - 1, queued, oldest_wait) < (
+            self.step_up * self.latency_target
+        )
+        self._room_since = (self._room_since if self._room_since is not None else now) if room else None
         target = self.rung
         if now - self._last_switch >= self.min_dwell:
             if current > self.step_down * self.latency_target:
                 target = self._lowest_needed(queued, oldest_wait)
-            elif self.rung > 0 and self.predicted_wait(self.rung - 1, queued, oldest_wait) < (
-                self.step_up * self.latency_target
-            ):
+            elif room and now - self._room_since >= self.climb_after:
                 target = self.rung - 1
         if target == self.rung:
             return Decision(self.rung, current)
-        previous, self.rung, self._last_switch = self.rung, target, now
+        previous, self.rung, self._last_switch, self._room_since = self.rung, target, now, None
         if self.on_switch is not None:
             self.on_switch(previous, target, current)
         return Decision(target, current, switched=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import signal
 import sys
@@ -49,8 +50,19 @@ def exit_ladder(args: ServeArguments, num_layers: int) -> Ladder | None:
     return ladder.floored(args.max_disagreement / 100)
 
 
+def _log_to_stderr() -> None:
+    """pabee's own log lines (a switch of exit setting, a failed forward) beside uvicorn's, in its style."""
+    log = logging.getLogger("pabee")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def app_from_args(args: ServeArguments, batcher_class: type[MicroBatcher] = MicroBatcher) -> FastAPI:
     """Load the model and build the app as `pabee serve` configures it."""
+    _log_to_stderr()
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     executor = forward_thread(threads)
     options = args.pipeline_options()

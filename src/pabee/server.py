@@ -300,11 +300,9 @@ def create_app(
     latency_target_ms: float | None = None,
     allow_request_exit: bool = False,
 ) -> FastAPI:
-    """The FastAPI app serving `pipeline` (its exit setting answers every request that brings none).
-
-    With `latency_target_ms`, the setting of each micro-batch is chosen by load from `ladder` (default: the
-    pipeline's setting alone), its top rung the pipeline's setting (`pabee.load_control`); with
-    `allow_request_exit`, a request's own `"exit"` is honoured as sent.
+    """The FastAPI app serving `pipeline` (its exit setting answers every request that brings none). With
+    `latency_target_ms`, each micro-batch's setting is chosen by load from `ladder`, its top rung the pipeline's
+    (`pabee.load_control`); with `allow_request_exit`, a request's own `"exit"` is honoured as sent.
 
     `max_queue` (texts) and `request_timeout` (seconds) bound the waiting (503 / 504 beyond them; None: no
     bound); with `api_key`, /predict, /metrics and /openapi.json need `Authorization: Bearer <api_key>` (and
@@ -323,35 +321,36 @@ def create_app(
     choice = _exit_choice(pipeline, ladder, latency_target_ms, allow_request_exit, metrics)
     run = _batch_function(pipeline, choice, max_batch_size)
 
-    def on_batch(requests: int, answers: list[dict], seconds: float, chosen: ExitSpec | None) -> None:
-        metrics.batch_done(requests, answers, seconds)
-        at_chosen = sum(answer["_setting"] == chosen for answer in answers)
-        choice.observe(chosen, at_chosen, len(answers), seconds)
-
     batcher = batcher_class(
         run,
         max_batch_size,
         max_wait_ms / 1000,
-        on_batch=on_batch,
+        on_batch=_batch_done(metrics, choice),
         on_failure=_batch_failed(metrics),
         on_withdraw=metrics.dropped.inc,
         executor=executor or forward_thread(threads),
         max_queue=max_queue,
         choose=choice.choose if choice.controller is not None else None,
     )
-    limits = {
-        "max_batch_size": max_batch_size,
-        "max_wait_ms": max_wait_ms,
-        "max_texts_per_request": max_texts_per_request,
-        "max_text_chars": max_text_chars,
-        "max_queue": max_queue,
-        "request_timeout": request_timeout,
-    }
+    limits = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "max_queue": max_queue,
+              "max_texts_per_request": max_texts_per_request, "max_text_chars": max_text_chars,
+              "request_timeout": request_timeout}  # fmt: skip
     info = _health_info(pipeline, model_name, limits, choice, latency_target_ms)
     lifespan = _lifespan(batcher, run, trim_memory_every)
     app = _build_app(pipeline, batcher, lifespan, metrics, info, api_key, allowed_hosts, choice)
     app.state.exit_choice = choice
     return app
+
+
+def _batch_done(metrics: _Metrics, choice: ExitChoice) -> Callable[[int, list[dict], float, Any], None]:
+    """After each batch: the metrics, and the controller learns its rung's rate (when every text ran on it)."""
+
+    def done(requests: int, answers: list[dict], seconds: float, chosen: ExitSpec | None) -> None:
+        metrics.batch_done(requests, answers, seconds)
+        at_chosen = sum(answer["_setting"] == chosen for answer in answers)
+        choice.observe(chosen, at_chosen, len(answers), seconds)
+
+    return done
 
 
 def _exit_choice(
