@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
-from pabee.pipeline import pipeline
 from pabee.bodies import RequestError, parse_predict_body
+from pabee.pipeline import pipeline
 from pabee.server import create_app
 
 MAX_TEXTS, MAX_CHARS = 4, 50
