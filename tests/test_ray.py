@@ -239,6 +239,7 @@ def test_ray_serve_answers_as_pabee_serve_does(ray_cluster, model_dir, sst2_dev_
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         options = {"threads": 1, "api_key": "s3cret", "max_texts_per_request": 8, "max_queue": 16}
+        options |= {"latency_target_ms": 5000.0, "exit_ladder": "full;static=2", "allow_request_exit": True}
         serve.run(deployment(str(model_dir), replicas=2, **options), name="pabee", route_prefix="/")
         key = {"Authorization": "Bearer s3cret"}
         bodies = [
@@ -262,7 +263,16 @@ def test_ray_serve_answers_as_pabee_serve_does(ray_cluster, model_dir, sst2_dev_
                 want = reference.post("/predict", content=body, headers=key)
                 assert (got.status_code, got.json()) == (want.status_code, want.json())
                 assert 400 <= got.status_code < 500
-            assert ray.get("/health").json()["max_queue"] == 16
+            health = ray.get("/health").json()
+            assert health["max_queue"] == 16 and health["latency_target_ms"] == 5000.0  # the replicas walk a ladder
+            assert [rung["setting"] for rung in health["exit_ladder"]] == ["patience 1", "static k=2"]
+            own = {
+                "texts": texts[:3],
+                "exit": {"exit_criterion": "static", "exit_threshold": 2},
+                "return_exit_setting": True,
+            }
+            chosen = ray.post("/predict", json=own, headers=key).json()["predictions"]
+            assert {(a["exit_layer"], a["exit_setting"]) for a in chosen} == {(2, "static k=2")}
             assert "pabee_texts_total" in ray.get("/metrics", headers=key).text
     finally:
         serve.shutdown()
