@@ -6,7 +6,10 @@ Fixtures live in `conftest.py`; plain helpers live here, so no test module impor
 from __future__ import annotations
 
 import csv
+import importlib
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from transformers import (
@@ -206,3 +209,15 @@ def assert_run_glue_refuses(flags: list[str], message: str, output_dir: Path, er
     assert main(argv) == 2
     err = err_of()
     assert message in err and "Traceback" not in err and not output_dir.exists()
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """`benchmarks/<name>.py` imported as the scripts run (they import their siblings, `common`, from their folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))

@@ -16,7 +16,15 @@ from types import ModuleType
 
 import pytest
 import torch
-from helpers import BACKBONE_TYPES, SENTIMENT, random_batch, read_tsv_column, save_tiny_text_model, tiny_model
+from helpers import (
+    BACKBONE_TYPES,
+    SENTIMENT,
+    benchmark_script,
+    random_batch,
+    read_tsv_column,
+    save_tiny_text_model,
+    tiny_model,
+)
 
 import pabee
 from pabee import ExitSpec
@@ -164,7 +172,6 @@ def test_a_shared_thread_pool_gives_the_same_answers(tmp_path, model_dir, sst2_d
     """With more than one thread the sessions share one process-wide pool (its own process here, since ONNX
     Runtime sizes that pool once per process); the answers do not change."""
     import subprocess
-    import sys
 
     export_onnx(model_dir, tmp_path / "onnx")
     source = tmp_path / "in.txt"
@@ -377,8 +384,6 @@ def test_the_optimizer_fuses_the_export_and_early_exit_makes_few_calls(exports, 
 
 # --- onnxruntime's optimizer: recorded, warned about, or required (issue 39) -------------------------------------
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
 def failing_optimizer(monkeypatch) -> str:
@@ -394,14 +399,7 @@ def failing_optimizer(monkeypatch) -> str:
 
 @pytest.fixture(scope="module")
 def runtime_speed() -> ModuleType:
-    """`benchmarks/runtime_speed.py`, which imports `common` from its own folder."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import runtime_speed
-
-        return runtime_speed
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_script("runtime_speed")
 
 
 def _fused(graph: Path) -> dict[str, int]:

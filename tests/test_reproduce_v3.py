@@ -3,28 +3,18 @@ plain baseline whose training collapsed to one answer (so its score is not read 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from helpers import benchmark_script
 
 from pabee.glue import get_task
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def v3() -> ModuleType:
-    """`benchmarks/reproduce_glue_v3.py`, which imports `common` from its own folder."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import reproduce_glue_v3
-
-        return reproduce_glue_v3
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_script("reproduce_glue_v3")
 
 
 def test_subsets_are_named_per_task_and_backbone(v3):

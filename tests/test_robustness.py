@@ -3,24 +3,15 @@ the size of the difference each comparison still allows."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def robustness() -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import robustness
-
-        return robustness
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_script("robustness")
 
 
 def test_holm_adjusts_step_down_and_keeps_the_order(robustness):
