@@ -134,8 +134,9 @@ def test_a_requests_own_setting_is_checked_against_the_model():
     assert choice.for_request({"patience": 2}) == ExitSpec("patience", patience=2)
     for bad, message in (
         ({"patients": 2}, "Unknown exit option 'patients'"),
-        ({"patience": "2"}, "patience must be a whole number"),
-        ({"patience": True}, "patience must be a whole number"),
+        ({"patience": "2"}, "patience='2' is invalid: use a whole number"),
+        ({"patience": True}, "patience=True is invalid: use a whole number"),
+        ({"max_exit_layer": 2.5}, "max_exit_layer=2.5 is invalid: use a whole number"),
         ({"exit_threshold": "high"}, "the threshold must be a number"),
         ({"exit_threshold": 1.5}, "threshold 1.5 is invalid for 'confidence'"),
         ({"exit_criterion": "static", "exit_threshold": 9}, "static exit at layer 9 is impossible"),

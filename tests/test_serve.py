@@ -618,7 +618,7 @@ def concurrent_requests(client, bodies: list[dict]):
         (True, {"exit_criterion": "static"}, 422, "'exit': the 'static' rule needs a threshold"),
         (True, {"exit_criterion": "static", "exit_threshold": 7}, 422, "static exit at layer 7 is impossible"),
         (True, {"patience": -1}, 422, "'exit': patience=-1 is invalid"),
-        (True, {"patience": 1.5}, 422, "'exit': patience must be a whole number"),
+        (True, {"patience": 1.5}, 422, "'exit': patience=1.5 is invalid: use a whole number"),
         (True, "fastest", 422, "'exit' must be \"full\" or an object"),
         (True, [1], 422, "'exit' must be \"full\" or an object"),
     ],

@@ -109,6 +109,9 @@ def _checked(check, *values) -> Any:
 # setting against the model, so a bad one stops the command before any work is done.
 
 
+NUMBER = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # a decimal number as a flag may spell it (no inf, no nan)
+
+
 def parse_int_list(value: str, flag: str, minimum: int) -> list[int]:
     """`"1,2,3"` → `[1, 2, 3]` (repeats dropped, order kept), or a `PabeeError` naming the flag."""
     numbers: list[int] = []
@@ -168,7 +171,7 @@ def parse_thresholds(values: Sequence[str] | str | None, criteria: Sequence[str]
             )
         parsed = []
         for part in numbers.split(","):
-            if not re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", part):
+            if not re.fullmatch(rf"\s*{NUMBER}\s*", part):
                 raise PabeeError(f"--exit_threshold {item!r}: {part.strip()!r} is not a number.")
             parsed.append(float(part))
         out[name] = parsed
@@ -199,7 +202,7 @@ def parse_ladder(text: str) -> list[ExitSpec]:
             specs.append(ExitSpec("patience", patience=0))
             continue
         rule, eq, value = (x.strip() for x in part.partition("="))
-        if not eq or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value):
+        if not eq or not re.fullmatch(NUMBER, value):
             raise PabeeError(f"--exit_ladder {text!r}: {part!r} is not 'full' or RULE=NUMBER (e.g. confidence=0.8).")
         keywords = {"exit_criterion": rule}
         keywords |= {"patience": int(float(value))} if rule == "patience" else {"exit_threshold": float(value)}

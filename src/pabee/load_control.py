@@ -17,9 +17,8 @@ is given, so tests drive it with a simulated clock and queue.
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from .rules import build_criterion
 from .settings import EXIT_KEYWORDS, ExitSpec, exit_spec_from
 
 __all__ = ["LADDER_FILE", "Decision", "ExitChoice", "Ladder", "LoadController", "Rung"]
-
-logger = logging.getLogger(__name__)
 
 LADDER_FILE = "exit_ladder.json"  # in a model folder: written by `pabee calibrate`, read by `pabee serve`
 
@@ -194,10 +191,6 @@ class LoadController:
         previous = self._rates.get(index)
         self._rates[index] = rate if previous is None else 0.7 * previous + 0.3 * rate
 
-    def counts(self) -> Sequence[float]:
-        """Learned rates per rung (for /health), None where not measured."""
-        return [self._rates.get(i) for i in range(len(self.ladder.rungs))]
-
 
 class ExitChoice:
     """Which exit setting each text of a micro-batch runs: a request's own, when the operator allows clients to
@@ -239,21 +232,19 @@ class ExitChoice:
                 "(pabee serve --allow_request_exit)."
             )
         spec = ExitSpec("patience", patience=0) if option == "full" else exit_spec_from(option, self.default)
-        for name, value in (("patience", spec.patience), ("max_exit_layer", spec.max_exit_layer)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be a whole number; got {value!r}.")
         if spec.threshold is not None and (
             isinstance(spec.threshold, bool) or not isinstance(spec.threshold, (int, float))
         ):
             raise ValueError(f"the threshold must be a number; got {spec.threshold!r}.")
-        build_criterion(spec, self.model)
+        build_criterion(spec, self.model)  # patience and max_exit_layer: whole numbers in range
         return spec
 
     def choose(self, queued: int, oldest_wait: float) -> ExitSpec:
         """The setting of a micro-batch's texts that came without their own."""
         if self.controller is None:
             return self.default
-        return self.controller.ladder.rungs[self.controller.choose(queued, oldest_wait).rung].spec
+        self.controller.choose(queued, oldest_wait)
+        return self.controller.spec
 
     def observe(self, chosen: ExitSpec | None, texts_at_chosen: int, texts: int, seconds: float) -> None:
         """A batch took `seconds`: teach the controller the rate of its rung when every text ran on it."""

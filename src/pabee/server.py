@@ -58,7 +58,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from .batching import BatchFailed, MicroBatcher, Overloaded, ShuttingDown, forward_thread
-from .bodies import Body, RequestError, parse_hf_body, parse_predict_body, shaped_answers
+from .bodies import FUNCTIONS, Body, RequestError, parse_hf_body, parse_predict_body, shaped_answers
 from .load_control import ExitChoice, Ladder, LoadController, Rung
 from .pipeline import Example, PabeePipeline
 from .settings import ExitSpec
@@ -132,7 +132,7 @@ HF_OPENAPI = _body_schema(  # the Hugging Face Inference API's text classificati
                 "additionalProperties": False,
                 "properties": {
                     "top_k": {"type": "integer", "minimum": 1},
-                    "function_to_apply": {"type": "string", "enum": ["softmax", "sigmoid", "none"]},
+                    "function_to_apply": {"type": "string", "enum": list(FUNCTIONS)},
                 },
             },
         },
