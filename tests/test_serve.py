@@ -21,10 +21,12 @@ import torch
 from fastapi.testclient import TestClient
 from helpers import metric_samples
 
+from pabee import ExitSpec
 from pabee.arguments import ServeArguments
 from pabee.batching import BatchFailed, MicroBatcher, ShuttingDown
 from pabee.cli import main
 from pabee.glue import get_task, read_glue_tsv
+from pabee.load_control import Ladder, Rung
 from pabee.pipeline import PabeePipeline, pipeline
 from pabee.serve import app_from_args
 from pabee.server import create_app
@@ -351,6 +353,10 @@ def test_an_unknown_flag_is_one_line_and_exits_2(argv, capsys):
         (["serve", "--model", "m", "--max_wait_ms=-1"], "--max_wait_ms=-1.0 is invalid"),
         (["serve", "--model", "m", "--threads", "0"], "--threads=0 is invalid"),
         (["predict", "--model", "m", "--input", "x", "--max_exit_layer", "0"], "max_exit_layer=0 is invalid"),
+        (
+            ["serve", "--model", "m", "--latency_target_ms", "100", "--exit_ladder", "full;patience=2.5"],
+            "'patience=2.5': a patience is a whole number",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_and_exit_code_2(argv, message, capsys):
@@ -631,9 +637,6 @@ def test_a_bad_exit_option_is_named_and_refused(pipe, allow, exit_option, status
 
 
 def test_under_load_the_server_walks_down_its_ladder_and_never_below_the_floor(pipe, sst2_dev_sentences):
-    from pabee import ExitSpec
-    from pabee.load_control import Ladder, Rung
-
     ladder = Ladder(
         (Rung(ExitSpec("static", threshold=3), 0.01, 3.0), Rung(ExitSpec("static", threshold=2), 0.02, 2.0),
          Rung(ExitSpec("static", threshold=1), 0.10, 1.0)), 4,
@@ -691,3 +694,18 @@ def test_the_hubs_own_inference_client_reads_the_servers_answers(model_dir, tmp_
     assert answer[0].score >= answer[1].score and sum(item.score for item in answer) == pytest.approx(1.0)
     assert [item.label for item in top] == [ours["predictions"][0]["label"]]
     assert top[0].score == pytest.approx(ours["predictions"][0]["score"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rung", "message"),
+    [
+        (ExitSpec("static", threshold=20), "static exit at layer 20 is impossible"),
+        (ExitSpec("confidence", threshold=1.5), "threshold 1.5 is invalid for 'confidence'"),
+        (ExitSpec("patience", patience=-1), "patience=-1 is invalid"),
+    ],
+)
+def test_a_ladder_setting_the_model_cannot_run_stops_the_server_at_start(pipe, rung, message):
+    # Otherwise it would start, then fail every batch once load walked down to that rung.
+    ladder = Ladder((Rung(rung),), pipe.num_layers)
+    with pytest.raises(ValueError, match=rf"exit ladder's setting '{re.escape(rung.title)}'.*{re.escape(message)}"):
+        create_app(pipe, threads=1, ladder=ladder, latency_target_ms=100)

@@ -204,8 +204,10 @@ def parse_ladder(text: str) -> list[ExitSpec]:
         rule, eq, value = (x.strip() for x in part.partition("="))
         if not eq or not re.fullmatch(NUMBER, value):
             raise PabeeError(f"--exit_ladder {text!r}: {part!r} is not 'full' or RULE=NUMBER (e.g. confidence=0.8).")
+        if rule == "patience" and not re.fullmatch(r"[-+]?\d+", value):
+            raise PabeeError(f"--exit_ladder {text!r}: {part!r}: a patience is a whole number (e.g. patience=2).")
         keywords = {"exit_criterion": rule}
-        keywords |= {"patience": int(float(value))} if rule == "patience" else {"exit_threshold": float(value)}
+        keywords |= {"patience": int(value)} if rule == "patience" else {"exit_threshold": float(value)}
         specs.append(_checked(exit_spec_from, keywords))
     if not specs:
         raise PabeeError(f"--exit_ladder {text!r} lists no setting.")

@@ -201,7 +201,8 @@ class ExitChoice:
     Args:
         default: the server's setting at light load (the pipeline's).
         model: the model's config (what a request's setting is checked against: `pabee.rules.build_criterion`).
-        controller: picks a rung per micro-batch (None: always `default`).
+        controller: picks a rung per micro-batch (None: always `default`); each rung is checked against `model`
+            here, so a setting the model cannot run stops the server at start, not a batch under load.
     """
 
     def __init__(
@@ -214,6 +215,12 @@ class ExitChoice:
         self.default, self.model, self.controller = default, model, controller
         self.allow_request_exit = allow_request_exit
         self._rungs = {} if controller is None else {r.spec: i for i, r in enumerate(controller.ladder.rungs)}
+        for spec in self._rungs:  # at start: a rung the model cannot run would fail every batch load sends to it
+            try:
+                build_criterion(spec, model)
+            except ValueError as error:
+                message = f"The exit ladder's setting {spec.title!r} does not fit this model: {error}"
+                raise ValueError(message) from None
 
     @property
     def current(self) -> ExitSpec:
