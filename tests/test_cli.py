@@ -341,6 +341,7 @@ _REQUIRED = {
     "calibrate": ["--model", "unused", "--task_name", "MRPC"],
     "export": ["--model", "unused", "--output", "unused"],
     "bench": [],
+    "add-exits": ["--model", "unused", "--output_dir", "unused", "--task_name", "MRPC"],
 }
 
 
@@ -407,6 +408,21 @@ def test_a_bad_value_of_every_typed_flag_is_one_line(command, capsys):
         (["export", "--model", "m", "--output", "o", "--opset", "9"], "--opset=9 is invalid"),
         (["run-glue", "--task_name", "MRPC", "--output_dir", "o", "--max_seq_length", "2"], "--max_seq_length 2"),
         (["no-such-command"], "invalid choice: 'no-such-command'"),
+        (["add-exits", "--model", "m", "--output_dir", "o"], "Give one of --task_name"),
+        (
+            ["add-exits", "--model", "m", "--output_dir", "o", "--input_file", "f", "--task_name", "MRPC"],
+            "Give one of",
+        ),
+        (["add-exits", "--model", "m", "--output_dir", "o", "--task_name", "MRPC", "--label_weight", "-1"], "-1.0 is"),
+        (["add-exits", "--model", "m", "--output_dir", "o", "--task_name", "MRPC", "--learning_rate", "0"], "> 0"),
+        (
+            ["add-exits", "--model", "m", "--output_dir", "o", "--input_file", "f", "--max_disagreement", "2"],
+            "give --calibration_file",
+        ),
+        (
+            ["add-exits", "--model", "m", "--output_dir", "o", "--task_name", "MRPC", "--max_disagreement", "100"],
+            "--max_disagreement=100.0 is invalid",
+        ),
     ],
 )
 def test_a_value_no_command_could_use_is_one_line(argv, message, capsys):

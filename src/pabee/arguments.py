@@ -40,6 +40,7 @@ from .settings import (
 
 __all__ = [
     "API_KEY_VARIABLE",
+    "AddExitsArguments",
     "checked_specs",
     "parse_criteria",
     "parse_int_list",
@@ -843,6 +844,95 @@ class CalibrateArguments(ExitSweepArguments):
     def guarantee(self):
         """What --certify asks the choice to guarantee (None: auto, resolved against the examples, or none)."""
         return guarantee_of(self.certify, self.max_drop, self.max_disagreement, self.confidence_level)
+
+
+@dataclass
+class AddExitsArguments(ExitSweepArguments):
+    """Flags of `pabee add-exits`: the classifier, the texts its exits learn from, how long they train and, with
+    --max_disagreement, the certified setting written into the result."""
+
+    model: str = field(
+        default=None, metadata={"help": "A fine-tuned Hugging Face sequence classifier (folder or hub id)."}
+    )
+    output_dir: str = field(default=None, metadata={"help": "New folder for the model with exits."})
+    task_name: str | None = field(default=None, metadata={"help": "GLUE task whose train split the exits learn from."})
+    data_dir: str | None = field(default=None, metadata={"help": "GLUE TSV folder (task folder or GLUE root)."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Your labelled data instead (csv, tsv or jsonl: text, text_pair, label)."}
+    )
+    input_file: str | None = field(
+        default=None,
+        metadata={"help": "Unlabelled texts instead (.txt one per line, a tab splits a pair; .tsv, .csv, .jsonl)."},
+    )
+    max_examples: int | None = field(default=None, metadata={"help": "Use only the first N training texts."})
+    pooling: str = field(
+        default="mean",
+        metadata={"help": "What each new exit reads from its layer.", "choices": ["mean", "cls", "pooler"]},
+    )
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs over the cached states."})
+    max_steps: int = field(default=-1, metadata={"help": "Training steps (overrides --num_train_epochs if > 0)."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Texts per training step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam's learning rate for the exits."})
+    seed: int = field(default=42, metadata={"help": "Seed of the exits' initialisation and the data order."})
+    distillation_temperature: float = field(
+        default=2.0, metadata={"help": "Temperature of the classifier's softened answers the exits learn."}
+    )
+    label_weight: float = field(
+        default=0.5, metadata={"help": "Weight of the label loss beside distillation, where labels exist (0: off)."}
+    )
+    max_disagreement: float | None = field(
+        default=None,
+        metadata={
+            "help": "Then choose the fastest exit setting certified to change at most this percentage of the "
+            "classifier's answers (with --confidence_level), on held-out texts, and write it into the folder."
+        },
+    )
+    confidence_level: float = field(default=0.95, metadata={"help": "Probability that the certified bound holds."})
+    calibration_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Texts the exits never saw, to certify on (default with --task_name: its dev set; same formats "
+            "as --input_file)."
+        },
+    )
+    max_seq_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Tokens per text."})
+    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass of the frozen model."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model is None or self.output_dir is None:
+            raise PabeeError("Give --model (a fine-tuned classifier) and --output_dir (a new folder).")
+        sources = [self.task_name, self.train_file, self.input_file]
+        if sum(source is not None for source in sources) != 1:
+            raise PabeeError(
+                "Give one of --task_name (a GLUE task's train split), --train_file (your labelled data) or "
+                "--input_file (unlabelled texts) for the exits to learn from."
+            )
+        if self.task_name is not None:
+            from .glue import get_task
+
+            get_task(self.task_name)
+        if self.max_disagreement is not None:
+            guarantee_of("disagreement", None, self.max_disagreement, self.confidence_level)
+            if self.task_name is None and self.calibration_file is None:
+                raise PabeeError("--max_disagreement certifies on texts the exits never saw: give --calibration_file.")
+        for name in ("learning_rate", "distillation_temperature"):
+            if not getattr(self, name) > 0:
+                raise PabeeError(f"--{name}={getattr(self, name)!r} is invalid: use a number > 0.")
+        if not self.num_train_epochs > 0 and self.max_steps <= 0:
+            raise PabeeError(f"--num_train_epochs={self.num_train_epochs!r} is invalid: use a number > 0.")
+        if not self.label_weight >= 0:
+            raise PabeeError(f"--label_weight={self.label_weight!r} is invalid: use a number >= 0.")
+        for name in ("per_device_train_batch_size", "batch_size", "threads", "max_examples"):
+            _at_least(self, name, 1)
+        _at_least(self, "max_seq_length", 2)
+
+    def guarantee(self):
+        """The disagreement bound --max_disagreement asks the setting to keep (None: no calibration)."""
+        if self.max_disagreement is None:
+            return None
+        return guarantee_of("disagreement", None, self.max_disagreement, self.confidence_level)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Per-architecture adapters that let the early-exit engine step an encoder one layer at a time.
 
 This is the only module that reaches into transformers and torch internals (embedding modules, layer lists,
-ALBERT's shared layer groups, attention-mask construction, the attention kernel in use, whether a profiler runs).
+ALBERT's shared layer groups, attention-mask construction, each family's own classification head, the attention
+kernel in use, whether a profiler runs).
 Each adapter is stateless: it receives the encoder module on every call, so the model holds no second reference to
 its weights. Adding an architecture means one small subclass plus an entry in `ADAPTERS`; architectures whose
 layers look like BERT's (RoBERTa, ELECTRA) reuse it.
@@ -28,6 +29,7 @@ __all__ = [
     "ElectraAdapter",
     "EncoderAdapter",
     "MPNetAdapter",
+    "RobertaAdapter",
     "adapter_for",
 ]
 
@@ -79,11 +81,27 @@ class EncoderAdapter:
         """The encoder's own pooler applied to the `[CLS]` state."""
         raise NotImplementedError
 
+    # The family's own sequence-classification head, which `pabee add-exits` keeps as the last exit so that the
+    # full depth answers exactly as the user's model did. Its modules carry the names the family's
+    # `*ForSequenceClassification` gives them, so that model's non-encoder weights load into it unchanged.
+    head_uses_pooler: ClassVar[bool] = False  # the head reads the encoder's pooler (built only then)
+
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        """The family's classification head for `config` (its `num_labels`), freshly initialised."""
+        raise NotImplementedError
+
+    def run_head(self, encoder: nn.Module, head: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
+        """The family's classification head on the last layer's states `(B, T, H)` → logits `(B, C)`."""
+        if self.head_uses_pooler:  # BERT, ALBERT: dropout and a linear layer over the pooler
+            return head["classifier"](head["dropout"](self.pool(encoder, hidden)))
+        return head["classifier"](hidden)  # the dense-activation heads that read `[CLS]` themselves
+
 
 class BertAdapter(EncoderAdapter):
     """BERT and the encoders built like it: RoBERTa (and XLM-R, CamemBERT), ELECTRA (no pooler)."""
 
-    model_types = ("bert", "roberta", "xlm-roberta", "camembert")
+    model_types = ("bert",)
+    head_uses_pooler = True
 
     def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
         return encoder.encoder.layer[index](hidden, mask)
@@ -91,11 +109,29 @@ class BertAdapter(EncoderAdapter):
     def pool(self, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return encoder.pooler(hidden)
 
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        dropout = getattr(config, "classifier_dropout", None)
+        return _pooled_head(config, config.hidden_dropout_prob if dropout is None else dropout)
+
+
+class RobertaAdapter(BertAdapter):
+    """RoBERTa, XLM-R and CamemBERT: BERT's layers, but their classifier is a dense-tanh head on `<s>`, not the
+    pooler (the three families' head classes are the same module under three names)."""
+
+    model_types = ("roberta", "xlm-roberta", "camembert")
+    head_uses_pooler = False
+
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
+
+        return nn.ModuleDict({"classifier": RobertaClassificationHead(config)})
+
 
 class AlbertAdapter(EncoderAdapter):
     """ALBERT projects embeddings up to the hidden size and shares weights across layer groups."""
 
     model_types = ("albert",)
+    head_uses_pooler = True
 
     def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask) -> torch.Tensor:
         hidden = super().embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
@@ -111,12 +147,21 @@ class AlbertAdapter(EncoderAdapter):
     def pool(self, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return encoder.pooler_activation(encoder.pooler(hidden[:, 0]))
 
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        return _pooled_head(config, config.classifier_dropout_prob)
+
 
 class ElectraAdapter(BertAdapter):
     """ELECTRA's discriminator: BERT layers, an optional projection of small embeddings, no pooler."""
 
     model_types = ("electra",)
     pooler_available = False
+    head_uses_pooler = False
+
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        from transformers.models.electra.modeling_electra import ElectraClassificationHead
+
+        return nn.ModuleDict({"classifier": ElectraClassificationHead(config)})
 
     def embed(self, encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask) -> torch.Tensor:
         hidden = super().embed(encoder, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
@@ -135,6 +180,19 @@ class DistilBertAdapter(EncoderAdapter):
 
     def run_layer(self, encoder: nn.Module, index: int, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
         return encoder.transformer.layer[index](hidden, mask)
+
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        return nn.ModuleDict(
+            {
+                "pre_classifier": nn.Linear(config.dim, config.dim),
+                "classifier": nn.Linear(config.dim, config.num_labels),
+                "dropout": nn.Dropout(config.seq_classif_dropout),
+            }
+        )
+
+    def run_head(self, encoder: nn.Module, head: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(head["pre_classifier"](hidden[:, 0]))
+        return head["classifier"](head["dropout"](pooled))
 
 
 class DebertaV2Adapter(EncoderAdapter):
@@ -172,6 +230,22 @@ class DebertaV2Adapter(EncoderAdapter):
             output = stack.conv(hidden, output, mask["padding"])
         return output
 
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        from transformers.models.deberta_v2.modeling_deberta_v2 import ContextPooler
+
+        pooler = ContextPooler(config)
+        dropout = getattr(config, "cls_dropout", None)
+        return nn.ModuleDict(
+            {
+                "pooler": pooler,
+                "classifier": nn.Linear(pooler.output_dim, config.num_labels),
+                "dropout": nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout),
+            }
+        )
+
+    def run_head(self, encoder: nn.Module, head: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
+        return head["classifier"](head["dropout"](head["pooler"](hidden)))
+
 
 class MPNetAdapter(EncoderAdapter):
     """MPNet: no token types, and a relative position bias shared by every layer. The bias depends only on the
@@ -194,11 +268,24 @@ class MPNetAdapter(EncoderAdapter):
     def pool(self, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return encoder.pooler(hidden)
 
+    def build_head(self, config: Any) -> nn.ModuleDict:
+        from transformers.models.mpnet.modeling_mpnet import MPNetClassificationHead
+
+        return nn.ModuleDict({"classifier": MPNetClassificationHead(config)})
+
+
+def _pooled_head(config: Any, dropout: float) -> nn.ModuleDict:
+    """BERT's and ALBERT's head: dropout and one linear layer over the encoder's pooler."""
+    return nn.ModuleDict(
+        {"dropout": nn.Dropout(dropout), "classifier": nn.Linear(config.hidden_size, config.num_labels)}
+    )
+
 
 ADAPTERS: dict[str, EncoderAdapter] = {
     model_type: adapter
     for adapter in (
         BertAdapter(),
+        RobertaAdapter(),
         AlbertAdapter(),
         ElectraAdapter(),
         DistilBertAdapter(),

@@ -119,6 +119,27 @@ def _calibrate(parsed: tuple, command: str) -> int:
     return 0
 
 
+def _add_exits(parsed: tuple, command: str) -> int:
+    from .add_exits import run_add_exits
+
+    (args,) = parsed
+    record = run_add_exits(args, command)
+    seconds = record["seconds"]
+    print(
+        f"pabee add-exits: wrote {args.output_dir} ({record['data']['examples']} texts: states "
+        f"{seconds['states']:.0f} s, exits trained in {seconds['training']:.0f} s); at full depth it answers as "
+        f"{args.model} does"
+    )
+    if "calibration" in record:
+        print(f"pabee add-exits: {record['calibration']}")
+    else:
+        print(
+            "pabee add-exits: it answers at full depth until a setting is chosen: "
+            f"pabee calibrate --model {args.output_dir} --input_file TEXTS"
+        )
+    return 0
+
+
 def _export(parsed: tuple, command: str) -> int:
     from .onnx_export import export_onnx
 
@@ -185,6 +206,15 @@ COMMANDS: dict[str, Command] = {
         _arguments("CalibrateArguments"),
         _calibrate,
         required=("--model",),
+    ),
+    "add-exits": Command(
+        "add trained early exits to a fine-tuned Hugging Face classifier, its full-depth answers unchanged",
+        "Add an exit after every layer of a fine-tuned Hugging Face sequence classifier, trained to agree with its "
+        "answers (backbone and head frozen, so at full depth it answers exactly as before), and with "
+        "--max_disagreement choose the fastest setting certified to change at most that share of its answers.",
+        _arguments("AddExitsArguments"),
+        _add_exits,
+        required=("--model", "--output_dir"),
     ),
     "export": Command(
         "export a model to ONNX for early exit on ONNX Runtime (fp32 or int8)",
@@ -258,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pabee {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = "; run the same command again to resume from the last checkpoint" if command == "run-glue" else ""
+        resumable = command in ("run-glue", "add-exits")
+        hint = "; run the same command again to resume from the last checkpoint" if resumable else ""
         print(f"pabee {command}: interrupted{hint}.", file=sys.stderr)
         return 130
 

@@ -48,6 +48,10 @@ class PabeeConfig(PreTrainedConfig):
             internal classifiers on the frozen backbone (DeeBERT); 0: one joint stage.
         sample_weighting_temperature: τ > 0 weights each example's loss at layer i by how near i is to the layer
             it exits at (COSEE-style); 0: off.
+        original_head: the last layer answers with the wrapped classifier's own head (its pooling and layers, as
+            its family's `*ForSequenceClassification` has them), not a PABEE classifier: a `pabee add-exits`
+            model, whose full depth answers exactly as the classifier it was made from; `pooling` is then what the
+            internal exits read.
     """
 
     model_type = "pabee"
@@ -68,6 +72,7 @@ class PabeeConfig(PreTrainedConfig):
     gradient_equilibrium: bool = False
     two_stage: float = 0.0
     sample_weighting_temperature: float = 0.0
+    original_head: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -4,12 +4,13 @@ Whatever runs the layers (this torch model, or ONNX Runtime sessions in `pabee.o
 embeds, builds the layers' attention mask and runs one layer with its exit head. `infer` is the one function that
 turns a batch and an exit setting into answers for any runtime (every layer, the plain forward to a fixed layer,
 or the early-exit loop `early_exit`); the torch `forward` and the pipeline both call it. Training (a `forward`
-with `labels`) runs its own pass over every layer, `_every_layer`: the loss needs the pooled states too, and
+with `labels`) runs its own pass over every layer, `every_layer`: the loss needs the pooled states too, and
 routes gradients (`pabee.recipes`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from .backbones import EncoderAdapter, adapter_for, profiler_label
 from .configuration import POOLINGS, PabeeConfig
 from .losses import layer_weighted_loss
-from .pretrained import bundled_model_path, sentence_transformers_pooling
+from .pretrained import bundled_model_path, load_classifier, sentence_transformers_pooling
 from .recipes import HEADS_STAGE, alignment_loss, equilibrium, exit_example_weights, stage_layer_weights
 from .rules import ExitCriterion, build_criterion, logits_at_exit, sweep_exit_layers
 from .settings import ExitSpec, check_patience, exit_spec_from
@@ -115,11 +116,16 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             raise ValueError(
                 f"pooling='pooler' needs a pooler and {enc_config.model_type!r} has none; use 'cls' or 'mean'."
             )
-        self.encoder = AutoModel.from_config(enc_config, **self.adapter.build_kwargs(config.pooling == "pooler"))
+        own_head = config.original_head
+        with_pooler = config.pooling == "pooler" or (own_head and self.adapter.head_uses_pooler)
+        self.encoder = AutoModel.from_config(enc_config, **self.adapter.build_kwargs(with_pooler))
         self.dropout = nn.Dropout(config.dropout_prob)
+        self._num_layers = enc_config.num_hidden_layers  # read on the hot path: an attribute, not the config
+        # One classifier per layer; with `original_head` the last layer's is the classifier's own `head` instead.
         self.classifiers = nn.ModuleList(
-            nn.Linear(enc_config.hidden_size, config.num_labels) for _ in range(enc_config.num_hidden_layers)
+            nn.Linear(enc_config.hidden_size, config.num_labels) for _ in range(self._num_layers - own_head)
         )
+        self.head: nn.ModuleDict | None = self.adapter.build_head(_head_config(config)) if own_head else None
         # Two stages (`config.two_stage`): which one this step trains, set by `pabee.recipes.TwoStageCallback`;
         # None is one joint stage (the paper's loss over every layer).
         self.training_stage: int | None = None
@@ -185,9 +191,55 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             raise RuntimeError(f"Encoder weights did not fit: missing {missing}, unexpected {unexpected}.")
         return model
 
+    @classmethod
+    def from_classifier(cls, name_or_path: str | Path, pooling: str = "mean", **config_kwargs: Any):
+        """A fine-tuned Hugging Face sequence classifier with an exit after every layer but the last, which stays
+        the classifier's own head: at full depth this model answers exactly as the classifier did.
+
+        The new exits start untrained (`pabee.exit_training` trains them from the classifier's own answers; `pabee
+        add-exits` does both) and the model answers with the full depth (patience 0) until a setting is chosen.
+
+        Args:
+            name_or_path: folder or hub id of a `*ForSequenceClassification` of a family pabee has an adapter for.
+            pooling: what the internal exits read: `"mean"` (masked mean of the token states: on a frozen MiniLM,
+                heads on the mean read layers 1-3 far better than on `[CLS]`), `"cls"` or `"pooler"`.
+            config_kwargs: further `PabeeConfig` fields (an exit setting, `classifier_dropout`, ...).
+        """
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; choose one of {', '.join(POOLINGS)}.")
+        original = load_classifier(name_or_path)
+        source = original.config
+        if pooling == "pooler" and not adapter_for(source.model_type).head_uses_pooler:
+            raise ValueError(f"pooling='pooler': a {type(original).__name__} has no pooler; use 'mean' or 'cls'.")
+        config = PabeeConfig(
+            encoder_config=source,
+            num_labels=source.num_labels,
+            id2label=source.id2label,
+            label2id=source.label2id,
+            problem_type=source.problem_type,
+            pooling=pooling,
+            original_head=True,
+            **{"patience": 0, **config_kwargs},
+        )
+        config.name_or_path = str(name_or_path)
+        config.pad_token_id = getattr(source, "pad_token_id", None)
+        model = cls(config)
+        prefix = original.base_model_prefix + "."
+        encoder = original.base_model.state_dict()
+        head = {k: v for k, v in original.state_dict().items() if not k.startswith(prefix)}
+        try:
+            model.encoder.load_state_dict(encoder)
+            model.head.load_state_dict(head)
+        except RuntimeError as error:
+            kind = type(original).__name__
+            raise ValueError(
+                f"{name_or_path}: the head of this {kind} is not the one its family has ({error})."
+            ) from None
+        return model.eval()
+
     @property
     def num_layers(self) -> int:
-        return len(self.classifiers)  # one per layer; the config's attribute access costs more on the hot path
+        return self._num_layers
 
     @can_return_tuple
     def forward(
@@ -279,6 +331,8 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
 
     def classify(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Classifier `layer` (0-based) on hidden states `(B, T, H)` of that layer → logits `(B, C)`."""
+        if self.head is not None and layer == self._num_layers - 1:
+            return self.adapter.run_head(self.encoder, self.head, hidden)  # the classifier's own head
         return self.classifiers[layer](self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
 
     def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
@@ -309,19 +363,19 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
     ) -> PabeeOutput:
         """Every layer, as `infer(all_layers=True)` reads them, plus the loss; `logits` and `exit_layers` read off
         the detached `all_logits` with the exit rule."""
-        per_layer, pooled = self._every_layer(inputs)
+        per_layer, pooled = self.every_layer(inputs)
         all_logits = torch.stack(per_layer, dim=1)  # (B, L, C)
         exit_layers = sweep_exit_layers(criterion, all_logits.detach())
         loss = self._loss(per_layer, pooled, exit_layers, labels)
         logits = logits_at_exit(all_logits, exit_layers)
         return PabeeOutput(loss=loss, logits=logits, all_logits=all_logits, exit_layers=exit_layers)
 
-    def _every_layer(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The loss pass: every layer with its classifier, giving each layer's logits `(B, C)` and the pooled state
-        `(B, H)` its classifier read (the alignment term's input). The same computations in the same order as
-        `prefix`, so dropout draws alike; in training, gradient equilibrium routes the gradient between layers, and
-        in two stages' second the backbone runs without gradients (frozen: its weights get none, and Adam's
-        momentum cannot move them)."""
+    def every_layer(self, inputs: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The loss pass (and the exits' cache, `pabee.exit_training`): every layer with its classifier, giving each
+        layer's logits `(B, C)` and the pooled state `(B, H)` its classifier read (the alignment term's input). The
+        same computations in the same order as `prefix`, so dropout draws alike; in training, gradient equilibrium
+        routes the gradient between layers, and in two stages' second the backbone runs without gradients (frozen:
+        its weights get none, and Adam's momentum cannot move them)."""
         attention_mask, num_layers = inputs["attention_mask"], self.num_layers
         balance = self.training and self.config.gradient_equilibrium
         backbone = torch.no_grad() if self.stage == HEADS_STAGE else nullcontext()
@@ -335,7 +389,10 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
                 read, onward = equilibrium(hidden, layer, num_layers) if balance else (hidden, hidden)
                 state = self.pool(read, attention_mask)
             pooled.append(state)
-            logits.append(self.classifiers[layer](self.dropout(state)))
+            if self.head is not None and layer == num_layers - 1:
+                logits.append(self.adapter.run_head(self.encoder, self.head, read))
+            else:
+                logits.append(self.classifiers[layer](self.dropout(state)))
             hidden = onward
         return logits, pooled
 
@@ -487,6 +544,13 @@ def _trim_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Right-padded inputs cut to the longest row: padding columns nobody needs are never computed."""
     length = _kept_length(inputs["attention_mask"])
     return inputs if length is None else {name: value[:, :length] for name, value in inputs.items()}
+
+
+def _head_config(config: PabeeConfig) -> Any:
+    """The encoder's config with this model's labels: what the family's classification head is built from."""
+    head_config = copy.deepcopy(config.encoder_config)
+    head_config.num_labels = config.num_labels
+    return head_config
 
 
 def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel, regression: bool) -> str:

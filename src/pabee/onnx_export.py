@@ -38,7 +38,7 @@ from torch import nn
 from .errors import PabeeError
 from .folders import FORMAT_VERSION, MANIFEST, load_model_folder, load_tokenizer
 from .modeling import PabeeForSequenceClassification
-from .onnx_model import require_onnx
+from .onnx_model import require_onnx, session_options
 from .provenance import file_digest, fsync_folder, make_temp_folder
 from .version import __version__
 
@@ -239,8 +239,8 @@ def _max_difference(plain: Path, optimized: Path, outputs: list[str]) -> float:
 
     feed = {name: value.numpy() for name, value in _example_inputs().items()}
     results = []
-    for path in (plain, optimized):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for path in (plain, optimized):  # the process-wide thread pool where one exists (sessions must then use it)
+        session = ort.InferenceSession(str(path), session_options(None), providers=["CPUExecutionProvider"])
         wanted = {i.name for i in session.get_inputs()}
         results.append(session.run(outputs, {name: value for name, value in feed.items() if name in wanted}))
     return max(_difference(a, b) for a, b in zip(*results, strict=True))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import cached_file
 
-__all__ = ["BUNDLED_MODEL_NAME", "bundled_model_path", "sentence_transformers_pooling"]
+from .backbones import ADAPTERS
+
+__all__ = ["BUNDLED_MODEL_NAME", "bundled_model_path", "load_classifier", "sentence_transformers_pooling"]
 
 BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what a result names the bundled model by
 
@@ -72,3 +75,32 @@ def sentence_transformers_pooling(name_or_path: str | Path) -> str | None:
                 return "cls"
             return None
     return None
+
+
+def load_classifier(name_or_path: str | Path) -> PreTrainedModel:
+    """A fine-tuned Hugging Face sequence classifier of a family pabee has an adapter for, loaded whole; a
+    `ValueError` of one sentence saying what is wrong and what is supported otherwise (a PABEE model, an encoder
+    without a classification head, an architecture without adapter, a head whose weights are not all there)."""
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{name_or_path}: no Hugging Face model there ({str(error).splitlines()[0]}).") from None
+    if config.model_type == "pabee":
+        raise ValueError(f"{name_or_path} is already a PABEE model with exits; give the plain classifier.")
+    supported = ", ".join(sorted(ADAPTERS))
+    if config.model_type not in ADAPTERS:
+        raise ValueError(
+            f"{name_or_path}: pabee has no adapter for {config.model_type!r} models; supported: {supported}."
+        )
+    architectures = config.architectures or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        named = ", ".join(architectures) or "no architecture"
+        raise ValueError(
+            f"{name_or_path} is not a sequence classifier (its config names {named}); add exits to a fine-tuned "
+            f"*ForSequenceClassification of {supported}, or train a PABEE model from an encoder with pabee run-glue."
+        )
+    model, info = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), output_loading_info=True)
+    missing = [key for key in info["missing_keys"] if not key.endswith("position_ids")]
+    if missing:
+        raise ValueError(f"{name_or_path}: weights missing from the checkpoint: {', '.join(sorted(missing)[:4])}.")
+    return model.eval()
