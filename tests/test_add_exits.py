@@ -111,6 +111,12 @@ def test_add_exits_command_on_texts_then_certified_setting(tmp_path, minilm_toke
     code, _, err = _run(capsys, "--model", str(tmp_path / "plain"), "--output_dir", str(out), "--input_file",
                         str(tmp_path / "texts.txt"))  # fmt: skip
     assert code == 2 and "exists and is not empty" in err
+    # the folder is a PABEE model like any other: predict answers with the certified setting
+    assert main(["predict", "--model", str(out), "--input", str(tmp_path / "held_out.txt"), "--output",
+                 str(tmp_path / "answers.jsonl")]) == 0  # fmt: skip
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 400 and "chosen by `pabee calibrate`" in capsys.readouterr().err
+    assert {answer["exit_layer"] for answer in answers} <= {1, 2, 3, 4}
 
 
 def test_an_unfinished_run_resumes_from_its_cache(tmp_path, minilm_tokenizer, sentences, capsys):
@@ -184,3 +190,16 @@ def test_an_exported_add_exits_model_answers_as_the_classifier(tmp_path, minilm_
         torch.testing.assert_close(infer(runtime, batch, None).logits, reference, rtol=0, atol=1e-4)
         spec = ExitSpec("patience", patience=1)
         assert torch.equal(infer(runtime, batch, spec).exit_layers, model(**batch, patience=1).exit_layers)
+
+
+def test_a_regression_classifier_certifies_among_the_rules_it_can_use(tmp_path, minilm_tokenizer, sentences, capsys):
+    _tiny_bert_classifier(tmp_path / "plain", minilm_tokenizer, num_labels=1)
+    (tmp_path / "texts.txt").write_text("\n".join(sentences[:200]) + "\n")
+    (tmp_path / "held_out.txt").write_text("\n".join(sentences[200:600]) + "\n")
+    out = tmp_path / "exits"
+    code, stdout, err = _run(capsys, "--model", str(tmp_path / "plain"), "--output_dir", str(out), "--input_file",
+                             str(tmp_path / "texts.txt"), "--num_train_epochs", "2", "--max_disagreement", "20",
+                             "--calibration_file", str(tmp_path / "held_out.txt"))  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "calibration.json").read_text())
+    assert {row["criterion"] for row in report["rows"]} == {"patience"}  # confidence needs classes: left out

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainingArguments, set_seed
 
-from .arguments import AddExitsArguments
+from .arguments import ADD_EXITS_CRITERIA, AddExitsArguments
 from .calibrate import Calibration, calibrate, summary_line
 from .checkpoints import checkpoint_folders, complete_checkpoints
 from .errors import PabeeError
@@ -31,6 +32,8 @@ from .glue import TaskSpec, get_task
 from .modeling import PabeeForSequenceClassification
 from .pipeline import PabeePipeline
 from .provenance import file_identity, portable_path, provenance, write_json
+from .rules import CRITERIA
+from .settings import ExitSweep
 
 __all__ = ["RECORD_FILE", "RUN_FILE", "run_add_exits"]
 
@@ -159,6 +162,14 @@ def _exits(args: AddExitsArguments, out: Path, command: str) -> tuple[PabeeForSe
     return model, tokenizer, record
 
 
+def _sweep(args: AddExitsArguments, config) -> ExitSweep:
+    """The settings to certify among: the flags', less the default's rules that need classes for regression."""
+    sweep = args.sweep
+    if config.is_regression and args.exit_criterion == ADD_EXITS_CRITERIA:
+        sweep = replace(sweep, criteria=tuple(c for c in sweep.criteria if CRITERIA[c].supports_regression))
+    return sweep
+
+
 def run_add_exits(args: AddExitsArguments, command: str) -> dict[str, Any]:
     """`pabee add-exits`: the model with exits in `--output_dir`, then (with `--max_disagreement`) its certified
     setting. Returns the record written as `add_exits.json`."""
@@ -177,7 +188,7 @@ def run_add_exits(args: AddExitsArguments, command: str) -> dict[str, Any]:
             out, backend="torch", batch_size=args.batch_size, max_length=args.max_seq_length
         )
         task, rows = _calibration_rows(args, model.config)
-        settings = Calibration(args.sweep, max_drop=0.0, seed=args.seed, guarantee=args.guarantee())
+        settings = Calibration(_sweep(args, model.config), max_drop=0.0, seed=args.seed, guarantee=args.guarantee())
         report = calibrate(pipe, task, rows, settings, out, command)
         record["calibration"] = summary_line(report, out)
     write_json(out / RECORD_FILE, record)

@@ -846,11 +846,21 @@ class CalibrateArguments(ExitSweepArguments):
         return guarantee_of(self.certify, self.max_drop, self.max_disagreement, self.confidence_level)
 
 
+ADD_EXITS_CRITERIA = "patience,confidence"  # distilled exits are calibrated: confidence often exits sooner
+
+
 @dataclass
 class AddExitsArguments(ExitSweepArguments):
     """Flags of `pabee add-exits`: the classifier, the texts its exits learn from, how long they train and, with
     --max_disagreement, the certified setting written into the result."""
 
+    exit_criterion: str = field(
+        default=ADD_EXITS_CRITERIA,
+        metadata={
+            "help": "Comma-separated exit criteria --max_disagreement chooses among (patience, entropy, confidence, "
+            "patience+confidence, static); a regression model leaves out those that need classes."
+        },
+    )
     model: str = field(
         default=None, metadata={"help": "A fine-tuned Hugging Face sequence classifier (folder or hub id)."}
     )
