@@ -1,8 +1,9 @@
 """Exits for the model a user already has: `pabee add-exits` on plainly fine-tuned classifiers, measured.
 
-Per task: the bundled MiniLM fine-tuned as a user would (transformers' Trainer, `BertForSequenceClassification`,
-lr 5e-5, batch 32, seed 42; 3 epochs, SST-2 1), then `pabee add-exits` on the task's train split (its defaults).
-Then, with the GLUE dev set as the reporting data (never used to choose):
+Per pair: the backbone fine-tuned as a user would (transformers' Trainer, `*ForSequenceClassification`, lr 5e-5,
+batch 32, seed 42; MiniLM 3 epochs, SST-2 1; MPNet 1 epoch, SST-2 on its first 8,000 sentences), then `pabee
+add-exits` with its defaults on the same training texts. Then, with the GLUE dev set as the reporting data (never
+used to choose):
 
 - full depth against the original model on every dev example: largest logit difference, answers that differ;
 - the fastest setting (patience 1..L-1, confidence 0.5..0.99) certified at <= 1% and <= 2% disagreement with the
@@ -10,20 +11,25 @@ Then, with the GLUE dev set as the reporting data (never used to choose):
   speed-up, disagreement and metric, and its measured speed-up at batch 32 (length-sorted dev batches, interleaved
   rounds, median and quartiles) on torch (over the same model at full depth) and on ONNX Runtime int8 (over the
   whole graph optimized by onnxruntime's transformer optimizer and quantized, what a user deploys without pabee);
-- against the frozen model truncated at layer k with a head trained the same way (each exit used alone, static k),
-  at the adaptive setting's mean layers (linear between the two nearest k: the mix of two static models that has
-  exactly those mean layers);
-- wall time of the plain fine-tuning and of add-exits (the pass over the texts and the exits' training).
+- (a) the frozen model truncated at layer k with a head trained the same way (its exit used alone, static k), at the
+  adaptive setting's mean layers (linear between the two nearest k: the mix of two static models that has exactly
+  those mean layers): score and disagreement;
+- (b) with --student: the plain model's first k layers (k: the <= 2% setting's mean layers, rounded), every weight
+  trained, distilled from the full model on the same texts with the same schedule;
+- wall time of the plain fine-tuning, of add-exits (the pass over the texts and the exits' training) and of (b).
 
-Resumable: each task's models and result stay in --work; a finished task is not run again.
+Resumable: each pair's models and result stay in --work; a finished pair is not run again.
 
-    python benchmarks/add_exits.py --task SST-2 --task MRPC --task CoLA --task RTE --task STS-B --threads 2
+    python benchmarks/add_exits.py --task MRPC --task SST-2 --task MPNet:SST-2 --task CoLA --task RTE \\
+        --task STS-B --student MRPC --threads 2 --rounds 5
 """
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
@@ -41,23 +47,54 @@ from pabee.metrics import compute_metrics
 from pabee.pipeline import PabeePipeline
 
 EPOCHS = {"SST-2": 1.0}  # others: 3
+# MPNet costs ~5.7x MiniLM a step: its plain fine-tuning runs one epoch, on SST-2 over its first 8,000 sentences.
+MPNET = {"epochs": 1.0, "examples": {"SST-2": 8000}}
+
+
+@dataclass
+class Pair:
+    """A backbone × task: where its models live and how its plain classifier is fine-tuned."""
+
+    model: str
+    task: str
+    backbone: str
+    folder: Path
+    epochs: float
+    examples: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, args) -> "Pair":
+        model, _, task = text.rpartition(":")
+        if model in ("", "MiniLM"):
+            return cls("MiniLM", task, str(bundled_model_path()), Path(args.work) / task, EPOCHS.get(task, 3.0))
+        if model != "MPNet":
+            raise SystemExit(f"--task {text}: the models are MiniLM and MPNet")
+        examples = MPNET["examples"].get(task)
+        return cls(model, task, args.mpnet, Path(args.work) / f"MPNet-{task}", MPNET["epochs"], examples)
+
+
 BOUNDS = (0.01, 0.02)
 CONFIDENCES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
-def finetune(task_name: str, glue_dir: str, folder: Path) -> float:
-    """The plain classifier a user has: MiniLM fine-tuned with Trainer; returns its wall time in seconds."""
+def train_split(pair: Pair, glue_dir: str) -> tuple[list, np.ndarray]:
+    examples, labels = common.glue_split(pair.task, glue_dir, "train")
+    return examples[: pair.examples], labels[: pair.examples]
+
+
+def finetune(pair: Pair, glue_dir: str) -> float:
+    """The plain classifier a user has: the backbone fine-tuned with Trainer; returns its wall time in seconds."""
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
-    task = get_task(task_name)
-    examples, labels = common.glue_split(task_name, glue_dir, "train")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path())
+    task, folder = get_task(pair.task), pair.folder
+    examples, labels = train_split(pair, glue_dir)
+    tokenizer = AutoTokenizer.from_pretrained(pair.backbone)
     encoded = tokenizer([t for t, _ in examples], [p for _, p in examples] if task.is_pair else None,
                         truncation=True, max_length=128)  # fmt: skip
     data = datasets.Dataset.from_dict({**encoded, "labels": labels.tolist()})
-    model = AutoModelForSequenceClassification.from_pretrained(bundled_model_path(), num_labels=task.num_labels)
-    args = training_arguments(folder / "trainer", task_name)
+    model = AutoModelForSequenceClassification.from_pretrained(pair.backbone, num_labels=task.num_labels)
+    args = training_arguments(folder / "trainer", pair.epochs)
     started = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer)).train()
     seconds = time.perf_counter() - started
@@ -67,7 +104,7 @@ def finetune(task_name: str, glue_dir: str, folder: Path) -> float:
     return seconds
 
 
-def student(task_name: str, glue_dir: str, folder: Path, layers: int) -> dict:
+def student(pair: Pair, glue_dir: str, layers: int) -> dict:
     """(b) The plain model's first `layers` layers, every weight trainable, distilled from the full model on the
     same train texts with the exits' loss (KL at T=2 + 0.5 x the label loss) and the plain fine-tuning's schedule;
     its dev score and wall time (the teacher's pass over the texts included)."""
@@ -76,9 +113,9 @@ def student(task_name: str, glue_dir: str, folder: Path, layers: int) -> dict:
 
     from pabee.losses import distillation_loss, label_loss
 
-    task = get_task(task_name)
+    task, folder = get_task(pair.task), pair.folder
     problem = "regression" if task.is_regression else "single_label_classification"
-    examples, labels = common.glue_split(task_name, glue_dir, "train")
+    examples, labels = train_split(pair, glue_dir)
     started = time.perf_counter()
     teacher = original_logits(folder / "plain", examples)
     tokenizer = AutoTokenizer.from_pretrained(folder / "plain")
@@ -94,13 +131,13 @@ def student(task_name: str, glue_dir: str, folder: Path, layers: int) -> dict:
             return (loss, logits) if return_outputs else loss
 
     model = AutoModelForSequenceClassification.from_pretrained(folder / "plain", num_hidden_layers=layers)
-    args = training_arguments(folder / "student_trainer", task_name)
+    args = training_arguments(folder / "student_trainer", pair.epochs)
     args.remove_unused_columns = False
     Distil(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer)).train()
     seconds = time.perf_counter() - started
     model.save_pretrained(folder / f"student{layers}")
     tokenizer.save_pretrained(folder / f"student{layers}")
-    dev, dev_labels = common.glue_split(task_name, glue_dir)
+    dev, dev_labels = common.glue_split(pair.task, glue_dir)
     logits = original_logits(folder / f"student{layers}", dev).numpy()
     from pabee.metrics import predictions_from_logits
 
@@ -109,13 +146,13 @@ def student(task_name: str, glue_dir: str, folder: Path, layers: int) -> dict:
     return {"layers": layers, "score": score, "seconds": seconds}
 
 
-def training_arguments(output_dir: Path, task_name: str):
+def training_arguments(output_dir: Path, epochs: float):
     """The plain fine-tuning's schedule (what a user runs), shared by the student."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=EPOCHS.get(task_name, 3.0),
+        num_train_epochs=epochs,
         per_device_train_batch_size=32,
         learning_rate=5e-5,
         seed=42,
@@ -125,14 +162,20 @@ def training_arguments(output_dir: Path, task_name: str):
     )
 
 
-def add_exits(task_name: str, glue_dir: str, folder: Path) -> dict:
+def add_exits(pair: Pair, glue_dir: str) -> dict:
+    """`pabee add-exits` on the pair's train split (the same texts the plain fine-tuning saw), its defaults."""
     from pabee.cli import main
 
-    argv = ["add-exits", "--model", str(folder / "plain"), "--output_dir", str(folder / "exits"),
-            "--task_name", task_name, "--data_dir", f"{glue_dir}/{task_name}"]  # fmt: skip
+    record = pair.folder / "exits" / "add_exits.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    argv = ["add-exits", "--model", str(pair.folder / "plain"), "--output_dir", str(pair.folder / "exits"),
+            "--task_name", pair.task, "--data_dir", f"{glue_dir}/{pair.task}"]  # fmt: skip
+    if pair.examples:
+        argv += ["--max_examples", str(pair.examples)]
     if main(argv) != 0:
-        raise SystemExit(f"add-exits failed on {task_name}")
-    return json.loads((folder / "exits" / "add_exits.json").read_text())
+        raise SystemExit(f"add-exits failed on {pair.model} {pair.task}")
+    return json.loads(record.read_text())
 
 
 def test_texts(task_name: str, glue_dir: str) -> list[tuple[str, str | None]]:
@@ -199,17 +242,26 @@ def static_at(static: list[float], layers: float) -> float:
     return (1 - share) * static[low - 1] + share * static[low] if low >= 1 else static[0]
 
 
+def export_int8(folder: Path, work: Path) -> None:
+    """The int8 export and the int8 whole graph, in a process of their own: onnxruntime's optimizer opens sessions
+    with their own threads, which ONNX Runtime refuses once an earlier pair's timing made the process-wide pool."""
+    code = (
+        "import sys; from pathlib import Path; from pabee.onnx_export import export_full_model, export_onnx; "
+        "folder, work = Path(sys.argv[1]), Path(sys.argv[2]); "
+        "export_onnx(folder, work / 'int8', quantize='int8', require_optimized=True); "
+        "export_full_model(folder, work / 'whole.onnx', 'int8', require_optimized=True)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(folder), str(work)], check=True)
+
+
 def speed(folder: Path, specs: dict[str, ExitSpec], examples: list, tokenizer, threads: int, rounds: int) -> dict:
     """Measured speed-up of each setting at batch 32, all timed interleaved: on torch over the same model at full
     depth, on ORT int8 over the whole graph optimized and quantized (what a user deploys without pabee)."""
-    from pabee.onnx_export import export_full_model, export_onnx
-
     features = common.features(tokenizer, examples)
     batches = make_batches(features, 32, tokenizer.pad_token_id or 0, True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        export_onnx(folder, work / "int8", quantize="int8", require_optimized=True)
-        export_full_model(folder, work / "whole.onnx", "int8", require_optimized=True)
+        export_int8(folder, work)
         torch_model, ort_model = load_runtime(folder), load_runtime(work / "int8", threads=threads)
         variants = {
             "torch full": runtime_speed.engine(torch_model, ExitSpec("patience", patience=0)),
@@ -228,24 +280,29 @@ def speed(folder: Path, specs: dict[str, ExitSpec], examples: list, tokenizer, t
     return out
 
 
-def measure_task(task_name: str, args) -> dict:
-    folder = Path(args.work) / task_name
-    done = folder / "result.json"
-    result = json.loads(done.read_text()) if done.is_file() else evaluate_task(task_name, folder, args)
-    if task_name in args.student and "student" not in result:
+def measure_task(text: str, args) -> dict:
+    pair = Pair.parse(text, args)
+    done = pair.folder / "result.json"
+    result = json.loads(done.read_text()) if done.is_file() else evaluate_task(pair, args)
+    result.setdefault("model", pair.model)
+    if "static_disagreement" not in result:
+        result["static_disagreement"] = static_disagreements(pair, args.glue_dir)
+        for row in result["certified"].values():
+            row["static_disagreement"] = static_at(result["static_disagreement"], row["mean_layers"])
+    if text in args.student and "student" not in result:
         layers = min(result["layers"] - 1, max(1, round(result["certified"]["2%"]["mean_layers"])))
-        result["student"] = student(task_name, args.glue_dir, folder, layers)
+        result["student"] = student(pair, args.glue_dir, layers)
         result["student"]["static_score"] = result["static"][layers - 1]
     common_dump(done, result)
     return result
 
 
-def evaluate_task(task_name: str, folder: Path, args) -> dict:
+def evaluate_task(pair: Pair, args) -> dict:
+    task_name, folder = pair.task, pair.folder
     if not (folder / "plain").is_dir():
-        finetune(task_name, args.glue_dir, folder)
+        finetune(pair, args.glue_dir)
     plain_seconds = json.loads((folder / "finetune.json").read_text())["seconds"]
-    record = add_exits(task_name, args.glue_dir, folder) if not (folder / "exits" / "add_exits.json").is_file() else \
-        json.loads((folder / "exits" / "add_exits.json").read_text())  # fmt: skip
+    record = add_exits(pair, args.glue_dir)
     task = get_task(task_name)
     examples, labels = common.glue_split(task_name, args.glue_dir)
     pipe = PabeePipeline.from_pretrained(folder / "exits", backend="torch", batch_size=64)
@@ -257,7 +314,8 @@ def evaluate_task(task_name: str, folder: Path, args) -> dict:
     statics = [dev_row(model, task, dev_logits, labels, ExitSpec("static", threshold=k), full)["score"]
                for k in range(1, model.num_layers + 1)]  # fmt: skip
     result = {
-        "task": task_name, "layers": model.num_layers, "train_examples": record["data"]["examples"],
+        "task": task_name, "model": pair.model, "layers": model.num_layers, "epochs": pair.epochs,
+        "train_examples": record["data"]["examples"],
         "seconds": {"plain_finetune": plain_seconds, **record["seconds"]},
         "full_depth": {"max_logit_diff": float((dev_logits[:, -1] - reference).abs().max()),
                        "answers_differ": answers_differ(model, full, reference)},
@@ -276,6 +334,17 @@ def evaluate_task(task_name: str, folder: Path, args) -> dict:
         row["speed"] = timed.get(name)
         print(f"{task_name} <= {name}: {row}", file=sys.stderr, flush=True)
     return result
+
+
+def static_disagreements(pair: Pair, glue_dir: str) -> list[float]:
+    """Per layer k, the share of dev answers (in percent) the frozen model cut at k (with its exit) changes."""
+    examples, labels = common.glue_split(pair.task, glue_dir)
+    pipe = PabeePipeline.from_pretrained(pair.folder / "exits", backend="torch", batch_size=64)
+    model, task = pipe.model, get_task(pair.task)
+    logits = pipe.all_layer_logits(examples)
+    full = exit_answers(model, logits, ExitSpec("patience", patience=0))[0]
+    specs = [ExitSpec("static", threshold=k) for k in range(1, model.num_layers + 1)]
+    return [dev_row(model, task, logits, labels, spec, full)["disagreement"] for spec in specs]
 
 
 def answers_differ(model, full: np.ndarray, reference: torch.Tensor) -> int:
@@ -297,14 +366,119 @@ def measure(args) -> dict:
     return common.report(tasks=tasks, provenance={"command": " ".join(["python", *sys.argv])})
 
 
+def _name(t: dict) -> str:
+    return f"{t.get('model', 'MiniLM')} {t['task']}"
+
+
+def _ratio(cell: dict | None) -> str:
+    return "—" if cell is None else f"{cell['median']:.2f}x ({cell['q1']:.2f}–{cell['q3']:.2f})"
+
+
+def _certified_rows(tasks: list[dict]) -> list[list]:
+    rows = []
+    for t in tasks:
+        for bound, r in t["certified"].items():
+            speed = r.get("speed") or {}
+            ort = speed.get("ORT int8")
+            share = f"{ort['median'] / r['layer_speed_up']:.2f}" if ort else "—"
+            rows.append([_name(t), f"≤ {bound}", r["setting"], f"{r['mean_layers']:.2f} ({r['layer_speed_up']:.2f}x)",
+                         _ratio(speed.get("torch")), _ratio(ort), share, f"{r['disagreement']:.1f}%",
+                         f"{r['score']:.1f} ({t['static'][-1]:.1f})", f"{r['static_score']:.1f}",
+                         f"{r['score'] - r['static_score']:+.2f}", f"{r['static_disagreement']:.1f}%"])  # fmt: skip
+    return rows
+
+
+def _cost(t: dict) -> float:
+    """add-exits' wall time over the plain fine-tuning's."""
+    return (t["seconds"]["states"] + t["seconds"]["training"]) / t["seconds"]["plain_finetune"]
+
+
+def _targets(tasks: list[dict]) -> list[str]:
+    exact = all(t["full_depth"]["max_logit_diff"] <= 1e-5 and not t["full_depth"]["answers_differ"] for t in tasks)
+    lines = [f"- Full depth equals the original on every dev example of every task: {'met' if exact else 'missed'}."]
+    for t in tasks:
+        r = t["certified"]["2%"]
+        ort = (r.get("speed") or {}).get("ORT int8")
+        share = (
+            f"{ort['median']:.2f}x measured on ORT int8, {ort['median'] / r['layer_speed_up']:.2f} of it"
+            if ort
+            else "no setting to time"
+        )
+        goal = {"MiniLM SST-2": " (target 1.8x)", "MPNet SST-2": " (target 2.2x)"}.get(_name(t), "")
+        lines.append(f"- {_name(t)} at ≤ 2%: {r['layer_speed_up']:.2f}x fewer layers{goal}; {share} (target 0.9).")
+    wins = [_name(t) for t in tasks if t["certified"]["2%"]["score"] - t["certified"]["2%"]["static_score"] >= 1.0]
+    lines.append(
+        f"- Adaptive (≤ 2%) beats static truncation at equal mean layers by ≥ 1 point on {len(wins)} of "
+        f"{len(tasks)} pairs ({', '.join(wins) or 'none'}; target: 5 of 7)."
+    )
+    costs = ", ".join(f"{_name(t)} {100 * _cost(t):.0f}%" for t in tasks)
+    lines.append(f"- add-exits' wall time over the plain fine-tuning's (target ≤ 20%): {costs}.")
+    return lines  # fmt: skip
+
+
+def _cost_row(t: dict) -> list:
+    seconds = t["seconds"]
+    both = f"{seconds['states']:.0f} + {seconds['training']:.0f} s"
+    epochs = t.get("epochs", EPOCHS.get(t["task"], 3.0))
+    plain = f"{seconds['plain_finetune']:.0f} s ({epochs:g} epoch{'s' if epochs != 1 else ''})"
+    return [_name(t), t["train_examples"], plain, both, f"{100 * _cost(t):.0f}%"]
+
+
+CERTIFIED_HEAD = ["Task", "Bound", "Setting", "Mean layers", "torch", "ORT int8", "Share", "Disagreement",
+                  "Score (full)", "Static", "Adaptive − static", "Static disagreement"]  # fmt: skip
+CERTIFIED_NOTE = (
+    "Speed-up at batch 32 over dev, median of the rounds (quartiles): torch over the same model at full depth; ORT "
+    "int8 over the whole graph optimized and quantized. Share: ORT's measured speed-up over the layer speed-up. "
+    "Static: the frozen model cut at layer k with its exit (trained alike), mixed between the two nearest k so as "
+    "to use the same mean layers: its score, and the share of the original's answers it changes."
+)
+
+
+def _student_rows(tasks: list[dict]) -> list[list]:
+    return [[_name(t), t["student"]["layers"], f"{t['student']['score']:.1f}", f"{t['student']['static_score']:.1f}",
+             f"{t['certified']['2%']['score']:.1f} ({t['certified']['2%']['mean_layers']:.2f})",
+             f"{t['student']['seconds']:.0f} s"] for t in tasks if "student" in t]  # fmt: skip
+
+
 def render(report: dict) -> str:
-    lines = common.heading("Exits for the model you already have", report["provenance"], "MiniLM, GLUE dev")
-    return "\n".join(lines) + "\n" + json.dumps(report["tasks"], indent=1) + "\n"
+    tasks = report["tasks"]
+    setup = "MiniLM (6 layers) and MPNet (12) fine-tuned with Trainer, then `pabee add-exits`; GLUE dev reports."
+    lines = common.heading("Exits for the model you already have (`pabee add-exits`)", report["provenance"], setup)
+    lines += ["## Targets", "", *_targets(tasks), "", "## Full depth against the original model (GLUE dev)", ""]
+    lines += common.table(["Task", "Largest logit difference", "Answers that differ"],
+                          [[_name(t), f"{t['full_depth']['max_logit_diff']:.1e}", t["full_depth"]["answers_differ"]]
+                           for t in tasks])  # fmt: skip
+    lines += [
+        "",
+        "## Certified settings (on the unlabelled test texts, δ 0.05), reported on dev",
+        "",
+        CERTIFIED_NOTE,
+        "",
+    ]
+    lines += common.table(CERTIFIED_HEAD, _certified_rows(tasks))
+    lines += ["", "## Wall time", ""]
+    lines += common.table(["Task", "Train texts", "Plain fine-tuning", "add-exits: states + training", "Share"],
+                          [_cost_row(t) for t in tasks])  # fmt: skip
+    if _student_rows(tasks):
+        lines += [
+            "",
+            "## Against a student: the first k layers distilled from the full model, every weight trained",
+            "",
+        ]
+        lines += common.table(["Task", "k", "Student", "Static k (frozen)", "Adaptive ≤ 2% (mean layers)",
+                               "Student wall time"], _student_rows(tasks))  # fmt: skip
+    statics = "; ".join(f"{_name(t)} " + " / ".join(f"{x:.1f}" for x in t["static"]) for t in tasks)
+    return "\n".join([*lines, "", f"Static scores at k = 1, 2, ... (dev): {statics}."]) + "\n"
 
 
 def main() -> None:
     parser = common.parser(__doc__, "add_exits", threads=2, rounds=5)
-    parser.add_argument("--task", action="append", default=[], help="GLUE task (repeatable).")
+    parser.add_argument("--task", action="append", default=[], help="[MiniLM:|MPNet:]TASK (repeatable).")
+    parser.add_argument(
+        "--mpnet",
+        default=str(Path.home() / ".cache/pabee/all-mpnet-base-v2/all-mpnet-base-v2"),
+        help="all-mpnet-base-v2 (benchmarks/fetch_mpnet.py puts it there).",
+    )
     parser.add_argument("--student", action="append", default=[], help="Tasks to train the student (b) on.")
     parser.add_argument("--work", default="runs/add_exits", help="Models and per-task results (resumable).")
     common.write_report(parser.parse_args(), measure, render)
