@@ -89,14 +89,19 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def _certified_run(tmp_path, sentences, capsys, texts: int, epochs: int, bound: int) -> tuple[int, str, str]:
+    """add-exits on the first `texts` sentences of `tmp_path/plain`, certified on the next 400, into tmp_path/exits."""
+    (tmp_path / "texts.txt").write_text("\n".join(sentences[:texts]) + "\n")
+    (tmp_path / "held_out.txt").write_text("\n".join(sentences[texts : texts + 400]) + "\n")
+    return _run(capsys, "--model", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "exits"), "--input_file",
+                str(tmp_path / "texts.txt"), "--num_train_epochs", str(epochs), "--max_disagreement", str(bound),
+                "--calibration_file", str(tmp_path / "held_out.txt"))  # fmt: skip
+
+
 def test_add_exits_command_on_texts_then_certified_setting(tmp_path, minilm_tokenizer, sentences, capsys):
     original = _tiny_bert_classifier(tmp_path / "plain", minilm_tokenizer)
-    (tmp_path / "texts.txt").write_text("\n".join(sentences[:300]) + "\n")
-    (tmp_path / "held_out.txt").write_text("\n".join(sentences[300:700]) + "\n")
     out = tmp_path / "exits"
-    code, stdout, err = _run(capsys, "--model", str(tmp_path / "plain"), "--output_dir", str(out), "--input_file",
-                             str(tmp_path / "texts.txt"), "--num_train_epochs", "3", "--max_disagreement", "10",
-                             "--calibration_file", str(tmp_path / "held_out.txt"))  # fmt: skip
+    code, stdout, err = _certified_run(tmp_path, sentences, capsys, texts=300, epochs=3, bound=10)
     assert code == 0, err
     assert "at full depth it answers as" in stdout and "certified" in stdout
     record = json.loads((out / "add_exits.json").read_text())
@@ -194,12 +199,7 @@ def test_an_exported_add_exits_model_answers_as_the_classifier(tmp_path, minilm_
 
 def test_a_regression_classifier_certifies_among_the_rules_it_can_use(tmp_path, minilm_tokenizer, sentences, capsys):
     _tiny_bert_classifier(tmp_path / "plain", minilm_tokenizer, num_labels=1)
-    (tmp_path / "texts.txt").write_text("\n".join(sentences[:200]) + "\n")
-    (tmp_path / "held_out.txt").write_text("\n".join(sentences[200:600]) + "\n")
-    out = tmp_path / "exits"
-    code, stdout, err = _run(capsys, "--model", str(tmp_path / "plain"), "--output_dir", str(out), "--input_file",
-                             str(tmp_path / "texts.txt"), "--num_train_epochs", "2", "--max_disagreement", "20",
-                             "--calibration_file", str(tmp_path / "held_out.txt"))  # fmt: skip
+    code, _, err = _certified_run(tmp_path, sentences, capsys, texts=200, epochs=2, bound=20)
     assert code == 0, err
-    report = json.loads((out / "calibration.json").read_text())
+    report = json.loads((tmp_path / "exits" / "calibration.json").read_text())
     assert {row["criterion"] for row in report["rows"]} == {"patience"}  # confidence needs classes: left out
