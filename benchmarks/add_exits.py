@@ -284,11 +284,6 @@ def measure_task(text: str, args) -> dict:
     pair = Pair.parse(text, args)
     done = pair.folder / "result.json"
     result = json.loads(done.read_text()) if done.is_file() else evaluate_task(pair, args)
-    result.setdefault("model", pair.model)
-    if "static_disagreement" not in result:
-        result["static_disagreement"] = static_disagreements(pair, args.glue_dir)
-        for row in result["certified"].values():
-            row["static_disagreement"] = static_at(result["static_disagreement"], row["mean_layers"])
     if text in args.student and "student" not in result:
         layers = min(result["layers"] - 1, max(1, round(result["certified"]["2%"]["mean_layers"])))
         result["student"] = student(pair, args.glue_dir, layers)
@@ -311,21 +306,23 @@ def evaluate_task(pair: Pair, args) -> dict:
     test_logits = pipe.all_layer_logits(test_texts(task_name, args.glue_dir))
     reference = original_logits(folder / "plain", examples)
     full = exit_answers(model, dev_logits, ExitSpec("patience", patience=0))[0]
-    statics = [dev_row(model, task, dev_logits, labels, ExitSpec("static", threshold=k), full)["score"]
-               for k in range(1, model.num_layers + 1)]  # fmt: skip
+    cuts = [dev_row(model, task, dev_logits, labels, ExitSpec("static", threshold=k), full)
+            for k in range(1, model.num_layers + 1)]  # fmt: skip
+    statics, static_changed = [c["score"] for c in cuts], [c["disagreement"] for c in cuts]
     result = {
         "task": task_name, "model": pair.model, "layers": model.num_layers, "epochs": pair.epochs,
         "train_examples": record["data"]["examples"],
         "seconds": {"plain_finetune": plain_seconds, **record["seconds"]},
         "full_depth": {"max_logit_diff": float((dev_logits[:, -1] - reference).abs().max()),
                        "answers_differ": answers_differ(model, full, reference)},
-        "static": statics, "certified": {}, "test_texts": len(test_logits),
+        "static": statics, "static_disagreement": static_changed, "certified": {}, "test_texts": len(test_logits),
     }  # fmt: skip
     specs = {}
     for bound in BOUNDS:
         spec = certified(model, task, test_logits.numpy(), bound)
         row = dev_row(model, task, dev_logits, labels, spec, full)
         row["static_score"] = static_at(statics, row["mean_layers"])
+        row["static_disagreement"] = static_at(static_changed, row["mean_layers"])
         result["certified"][f"{bound:.0%}"] = row
         if not spec.is_full_model:
             specs[f"{bound:.0%}"] = spec
@@ -334,17 +331,6 @@ def evaluate_task(pair: Pair, args) -> dict:
         row["speed"] = timed.get(name)
         print(f"{task_name} <= {name}: {row}", file=sys.stderr, flush=True)
     return result
-
-
-def static_disagreements(pair: Pair, glue_dir: str) -> list[float]:
-    """Per layer k, the share of dev answers (in percent) the frozen model cut at k (with its exit) changes."""
-    examples, labels = common.glue_split(pair.task, glue_dir)
-    pipe = PabeePipeline.from_pretrained(pair.folder / "exits", backend="torch", batch_size=64)
-    model, task = pipe.model, get_task(pair.task)
-    logits = pipe.all_layer_logits(examples)
-    full = exit_answers(model, logits, ExitSpec("patience", patience=0))[0]
-    specs = [ExitSpec("static", threshold=k) for k in range(1, model.num_layers + 1)]
-    return [dev_row(model, task, logits, labels, spec, full)["disagreement"] for spec in specs]
 
 
 def answers_differ(model, full: np.ndarray, reference: torch.Tensor) -> int:
@@ -367,7 +353,7 @@ def measure(args) -> dict:
 
 
 def _name(t: dict) -> str:
-    return f"{t.get('model', 'MiniLM')} {t['task']}"
+    return f"{t['model']} {t['task']}"
 
 
 def _ratio(cell: dict | None) -> str:
@@ -419,7 +405,7 @@ def _targets(tasks: list[dict]) -> list[str]:
 def _cost_row(t: dict) -> list:
     seconds = t["seconds"]
     both = f"{seconds['states']:.0f} + {seconds['training']:.0f} s"
-    epochs = t.get("epochs", EPOCHS.get(t["task"], 3.0))
+    epochs = t["epochs"]
     plain = f"{seconds['plain_finetune']:.0f} s ({epochs:g} epoch{'s' if epochs != 1 else ''})"
     return [_name(t), t["train_examples"], plain, both, f"{100 * _cost(t):.0f}%"]
 
