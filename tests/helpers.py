@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 from transformers import (
     AlbertConfig,
@@ -158,10 +159,10 @@ def exit_layers_with_compaction(criterion: ExitCriterion, all_logits: torch.Tens
     batch_size, num_layers, _ = all_logits.shape
     if not criterion.can_exit_early(num_layers):
         return [criterion.exit_limit(num_layers)] * batch_size
-    tracker = criterion.tracker(batch_size, "cpu")
-    rows, got = torch.arange(batch_size), [criterion.exit_limit(num_layers)] * batch_size
+    tracker = criterion.tracker(batch_size)
+    rows, got = np.arange(batch_size), [criterion.exit_limit(num_layers)] * batch_size
     for layer in range(criterion.exit_limit(num_layers) - 1):
-        leaving = tracker.update(all_logits[rows, layer])
+        leaving = tracker.update(all_logits[torch.from_numpy(rows), layer])
         for r in rows[leaving].tolist():
             got[r] = layer + 1
         tracker.keep(~leaving)

@@ -184,6 +184,24 @@ def test_a_shared_thread_pool_gives_the_same_answers(tmp_path, model_dir, sst2_d
     assert all(abs(r["score"] - a["score"]) < 1e-5 for r, a in zip(lines, expected, strict=True))
 
 
+@pytest.mark.slow
+def test_an_export_in_a_process_with_the_shared_pool_is_still_optimized(tmp_path, model_dir):
+    """Once a process's ONNX Runtime has the shared pool it refuses sessions with threads of their own, which the
+    transformer optimizer opens; the export then optimizes in a child process and is fused all the same."""
+    import subprocess
+
+    export_onnx(model_dir, tmp_path / "first")
+    code = (
+        "import json, sys; from pabee.folders import load_runtime; from pabee.onnx_export import export_onnx; "
+        "from pabee.onnx_model import shared_pool_exists; load_runtime(sys.argv[1], threads=2); "
+        "assert shared_pool_exists(); export_onnx(sys.argv[2], sys.argv[3], require_optimized=True)"
+    )
+    argv = [sys.executable, "-c", code, str(tmp_path / "first"), str(model_dir), str(tmp_path / "second")]
+    subprocess.run(argv, check=True, capture_output=True)
+    optimization = read_manifest(tmp_path / "second")["optimization"]
+    assert optimization["applied"] and optimization["fused"]["Attention"] > 0, optimization
+
+
 def test_bench_times_the_onnx_backend(tmp_path, model_dir, glue_dir, capsys):
     export_onnx(model_dir, tmp_path / "onnx")
     argv = ["bench", "--model", str(tmp_path / "onnx"), "--backend", "onnxruntime", "--task_name", "SST-2"]
@@ -508,3 +526,72 @@ def test_the_runtime_report_says_what_was_fused_and_counts_each_target(runtime_s
     new = rs.render(report | {"tasks": [task | {"graphs": graphs}]})
     assert "not recorded" not in new
     assert f"- {rs.BASE}: 4 Attention, 8 SkipLayerNormalization\n- {rs.PLAIN}: left plain (optimize=False)" in new
+
+
+# --- one sentence in one call: the exit rule inside the graph (issue 43) --------------------------------------------
+
+ONE_CALL_SETTINGS = [
+    ExitSpec(patience=1),
+    ExitSpec(patience=2),
+    ExitSpec(patience=1, max_exit_layer=3),
+    ExitSpec("confidence", threshold=0.52),
+    ExitSpec("entropy", threshold=0.69),
+    ExitSpec("patience+confidence", patience=1, threshold=0.51),
+]
+
+
+@pytest.mark.parametrize("model_type", BACKBONE_TYPES)
+def test_one_sentence_in_one_call_exits_as_the_loop_and_torch(exports, model_type):
+    """At batch size 1 a logit rule runs inside one graph (nested `If`s): every sentence exits at the layer, and
+    with the logits, of the engine's loop on ONNX Runtime and of torch, under every rule the graph holds."""
+    model, folder = exports[model_type]
+    onnx = load_runtime(folder, threads=1)
+    batch = _batch(model_type)
+    for spec in ONE_CALL_SETTINGS:
+        for row in range(len(batch["input_ids"])):
+            length = int(batch["attention_mask"][row].sum())
+            single = {k: v[row : row + 1, :length] for k, v in batch.items()}
+            onnx.one_call = True
+            got = infer(onnx, single, spec)
+            onnx.one_call = False
+            loop = infer(onnx, single, spec)
+            with torch.no_grad():
+                expected = model(**single, exit_spec=spec)
+            assert got.exit_layers.tolist() == loop.exit_layers.tolist() == expected.exit_layers.tolist(), spec
+            torch.testing.assert_close(got.logits, loop.logits, atol=1e-6, rtol=0)
+            torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
+    assert {key[1] for key in onnx._sessions if key[0] == "exit graph"} == {s.criterion for s in ONE_CALL_SETTINGS}
+    assert infer(onnx, batch, ExitSpec(patience=1)).exit_layers.tolist()  # a batch of 12 climbs in the loop
+
+
+def test_the_loop_on_onnx_runtime_hands_numpy_between_the_layers(exports, monkeypatch):
+    """Batches that climb in the engine's loop reach ONNX Runtime as numpy arrays at every step, the rule reads
+    numpy, and the answers still come back as torch tensors."""
+    import numpy as np
+
+    _, folder = exports["deberta-v2"]  # a backbone whose layer mask has parts the mask segment recomputes
+    onnx = load_runtime(folder, threads=1)
+    seen = []
+    step, layer_mask = onnx.step, onnx.layer_mask
+
+    def checked_step(layer, hidden, mask, attention_mask):
+        seen.append(all(isinstance(x, np.ndarray) for x in (hidden, attention_mask, *mask.values())))
+        return step(layer, hidden, mask, attention_mask)
+
+    def checked_mask(hidden, attention_mask):
+        seen.append(isinstance(hidden, np.ndarray) and isinstance(attention_mask, np.ndarray))
+        return layer_mask(hidden, attention_mask)
+
+    monkeypatch.setattr(onnx, "step", checked_step)
+    monkeypatch.setattr(onnx, "layer_mask", checked_mask)
+    out = infer(onnx, _batch("deberta-v2"), ExitSpec("confidence", threshold=0.52))
+    assert seen and all(seen)
+    assert isinstance(out.logits, torch.Tensor) and out.exit_layers.dtype == torch.long
+
+
+def test_onnx_runtime_takes_token_ids_only(exports):
+    _, folder = exports["bert"]
+    onnx = load_runtime(folder, threads=1)
+    batch = _batch("bert")
+    with pytest.raises(ValueError, match="takes input_ids; position_ids and inputs_embeds are torch's"):
+        infer(onnx, {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]})

@@ -104,3 +104,24 @@ def test_earliest_exit_is_where_the_rule_can_first_fire():
     for patience in (1, 2, 3, 4):
         criterion = PatienceCriterion(patience)
         assert int(sweep_exit_layers(criterion, agreeing).min()) == criterion.earliest_exit(6)
+
+
+def test_the_readers_answer_in_the_kind_of_array_they_are_given_and_trackers_in_numpy():
+    """ONNX Runtime's loop hands the rules numpy, torch's hands tensors: the same numbers either way, and a
+    tracker's decision is a numpy bool array whatever it read."""
+    import numpy as np
+
+    from pabee.rules import ConfidenceCriterion, confidence, entropy, predictions
+
+    logits = torch.tensor([[2.0, -1.0], [0.1, 0.2], [-3.0, 3.0]])
+    for reader in (confidence, entropy, predictions):
+        from_torch = reader(logits, "single_label_classification")
+        from_numpy = reader(logits.numpy(), "single_label_classification")
+        assert isinstance(from_torch, torch.Tensor) and isinstance(from_numpy, np.ndarray)
+        assert np.allclose(from_torch.numpy(), from_numpy)
+    for given in (logits, logits.numpy()):
+        for criterion in (PatienceCriterion(1), ConfidenceCriterion(0.9)):
+            tracker = criterion.tracker(3)
+            first, second = tracker.update(given), tracker.update(given)
+            assert first.dtype == np.bool_ and second.dtype == np.bool_
+            assert second.tolist() == ([True, True, True] if criterion.name == "patience" else [True, False, True])

@@ -34,7 +34,7 @@ from .arguments import BenchArguments
 from .backbones import attention_kernel
 from .errors import PabeeError
 from .modeling import PabeeForSequenceClassification, Runtime, infer
-from .rules import ExitCriterion, ExitTracker
+from .rules import Array, ExitCriterion, ExitTracker, as_numpy
 from .settings import ExitSpec, ExitSweep
 
 __all__ = ["NEVER_EXIT", "NeverExit", "full_forward", "make_batches", "profile_early_exit", "run_bench"]
@@ -63,16 +63,15 @@ class NeverExit(ExitCriterion):
 
     name = "never"
 
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+    def tracker(self, batch_size: int) -> ExitTracker:
         return _NeverExitTracker()
 
 
 class _NeverExitTracker(ExitTracker):
-    def update(self, logits: torch.Tensor) -> torch.Tensor:
-        logits.argmax(dim=-1)  # the same work as a real decision
-        return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    def update(self, logits: Array) -> np.ndarray:
+        return as_numpy(logits).argmax(axis=-1) < 0  # the same work as a real decision, and never True
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def keep(self, rows: np.ndarray) -> None:
         pass
 
 

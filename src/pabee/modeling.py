@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
@@ -28,7 +29,7 @@ from .configuration import POOLINGS, PabeeConfig
 from .losses import layer_weighted_loss
 from .pretrained import bundled_model_path, load_classifier, sentence_transformers_pooling
 from .recipes import HEADS_STAGE, alignment_loss, equilibrium, exit_example_weights, stage_layer_weights
-from .rules import ExitCriterion, build_criterion, logits_at_exit, sweep_exit_layers
+from .rules import Array, ExitCriterion, build_criterion, logits_at_exit, sweep_exit_layers
 from .settings import ExitSpec, check_patience, exit_spec_from
 
 __all__ = [
@@ -291,6 +292,14 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
 
     # --- the Runtime interface the engine drives -------------------------------------------------------------
 
+    def native_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch as it is: this runtime's arrays are torch tensors."""
+        return dict(inputs)
+
+    def exit_in_one_call(self, inputs: Mapping[str, torch.Tensor], criterion: ExitCriterion) -> None:
+        """None: torch climbs with the engine's loop (its layers are Python calls anyway)."""
+        return None
+
     def prefix(
         self, inputs: Mapping[str, torch.Tensor | None], layers: int, heads: bool = True
     ) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
@@ -428,28 +437,33 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
 
 class Runtime(Protocol):
     """What the engine needs from whatever runs the layers: this torch model, or ONNX Runtime sessions
-    (`pabee.onnx_model`). Tensors cross this boundary as torch tensors; a runtime converts inside."""
+    (`pabee.onnx_model`). Between the layers, hidden states and masks stay in the runtime's own arrays (torch
+    tensors here, numpy for ONNX Runtime), so a runtime never converts inside the loop; the engine's own
+    bookkeeping is numpy, and `infer` answers in torch tensors."""
 
     config: PabeeConfig
 
     @property
     def num_layers(self) -> int: ...
 
-    def prefix(
-        self, inputs: Mapping[str, torch.Tensor | None], layers: int, heads: bool = True
-    ) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
-        """Embed the batch (`input_ids`, `attention_mask`, ...) and run the first `layers` layers for every row:
-        the hidden states `(B, T, H)` after them, the layer mask the later layers take, and each of those layers'
-        logits `(B, C)` (with `heads=False`, the last layer's alone). Every row runs these layers, so a runtime
-        may run them in one call."""
+    def native_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Array]:
+        """The batch (`input_ids`, `attention_mask`, ...) as this runtime's arrays, converted once."""
 
-    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    def prefix(self, inputs: Mapping[str, Array], layers: int, heads: bool = True) -> tuple[Array, Any, list[Array]]:
+        """Embed the batch and run the first `layers` layers for every row: the hidden states `(B, T, H)` after
+        them, the layer mask the later layers take, and each of those layers' logits `(B, C)` (with
+        `heads=False`, the last layer's alone). Every row runs these layers, so a runtime may run them in one
+        call."""
+
+    def layer_mask(self, hidden: Array, attention_mask: Array) -> Any:
         """The layer mask for a batch whose rows or columns changed (after compaction); passed to `step` as is."""
 
-    def step(
-        self, layer: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, layer: int, hidden: Array, mask: Any, attention_mask: Array) -> tuple[Array, Array]:
         """Layer `layer` (0-based) and its exit head: new hidden states and logits `(B, C)`."""
+
+    def exit_in_one_call(self, inputs: Mapping[str, Array], criterion: ExitCriterion) -> tuple[Array, Array] | None:
+        """The whole climb in one call where the runtime can (logits `(B, C)`, exit layers `(B,)`), or None: the
+        engine's loop climbs. ONNX Runtime answers one sentence under a logit rule so (`pabee.onnx_exit_graph`)."""
 
 
 def infer(
@@ -469,10 +483,10 @@ def infer(
     """
     config = runtime.config
     criterion = setting if isinstance(setting, ExitCriterion) else build_criterion(setting or config.exit_spec, config)
-    inputs = _with_attention_mask(inputs)
+    inputs = runtime.native_inputs(_with_attention_mask(inputs))
     num_layers = runtime.num_layers
     if all_layers:
-        all_logits = torch.stack(runtime.prefix(inputs, num_layers)[2], dim=1)  # (B, L, C)
+        all_logits = torch.stack([_tensor(x) for x in runtime.prefix(inputs, num_layers)[2]], dim=1)  # (B, L, C)
         exit_layers = sweep_exit_layers(criterion, all_logits.detach())
         return InferOutput(logits_at_exit(all_logits, exit_layers), exit_layers, all_logits)
     right_padded = _is_right_padded(inputs["attention_mask"])
@@ -480,47 +494,57 @@ def infer(
         inputs = _trim_inputs(inputs)
     if not criterion.can_exit_early(num_layers):
         limit = criterion.exit_limit(num_layers)
-        logits = runtime.prefix(inputs, limit, heads=False)[2][-1]
+        logits = _tensor(runtime.prefix(inputs, limit, heads=False)[2][-1])
         return InferOutput(logits, torch.full((logits.shape[0],), limit, dtype=torch.long, device=logits.device))
+    answered = runtime.exit_in_one_call(inputs, criterion)
+    if answered is not None:
+        return InferOutput(_tensor(answered[0]), _tensor(answered[1]))
     return InferOutput(*early_exit(runtime, inputs, criterion, right_padded))
 
 
 def early_exit(
-    runtime: Runtime, inputs: Mapping[str, torch.Tensor], criterion: ExitCriterion, right_padded: bool = False
+    runtime: Runtime, inputs: Mapping[str, Array], criterion: ExitCriterion, right_padded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Climb layer by layer; rows that exit are written out and removed from the batch.
 
-    The one exit loop, whatever runs the layers. The layers before the rule's `earliest_exit` run for every row in
-    one `prefix` (their logits still feed the rule); then one `step` per layer. Its parts carry
+    The one exit loop, whatever runs the layers (`inputs` in the runtime's arrays, `Runtime.native_inputs`). The
+    layers before the rule's `earliest_exit` run for every row in one `prefix` (their logits still feed the rule);
+    then one `step` per layer. The loop's own state (rows still running, exit layers, the rule's counters) is numpy:
+    at batch size 1 a torch operation costs several times a numpy one. Its parts carry
     `torch.profiler.record_function` labels (`pabee.*`), which `pabee bench --profile` reads.
 
     Returns:
-        logits `(B, C)` at each row's exit layer and the 1-based exit layers `(B,)`.
+        logits `(B, C)` at each row's exit layer and the 1-based exit layers `(B,)`, as torch tensors.
     """
     attention_mask = inputs["attention_mask"]
-    batch_size, device = attention_mask.shape[0], attention_mask.device
+    batch_size = attention_mask.shape[0]
     limit = criterion.exit_limit(runtime.num_layers)
     first = criterion.earliest_exit(runtime.num_layers)
-    exit_layers = torch.full((batch_size,), limit, dtype=torch.long, device=device)  # (B,)
-    rows = torch.arange(batch_size, device=device)  # (b,) original index of each row still running
-    tracker = criterion.tracker(batch_size, device)
+    exit_layers = np.full(batch_size, limit, dtype=np.int64)
+    rows = np.arange(batch_size)  # original index of each row still running
+    tracker = criterion.tracker(batch_size)
     hidden, mask, prefix_logits = runtime.prefix(inputs, first)  # (B, T, H), per layer (B, C)
     with profiler_label("pabee.exit_bookkeeping"):
         for logits in prefix_logits[:-1]:
             tracker.update(logits)  # no row can leave before `first`; the rule still counts these layers
-    logits = prefix_logits[-1]
-    logits_out = logits.new_empty(batch_size, logits.shape[-1])
+    logits, logits_out = prefix_logits[-1], None
     for layer in range(first - 1, limit):
         if layer >= first:
             hidden, logits = runtime.step(layer, hidden, mask, attention_mask)  # (b, t, H), (b, C)
         with profiler_label("pabee.exit_bookkeeping"):
-            leaving = tracker.update(logits) if layer < limit - 1 else torch.ones_like(rows, dtype=torch.bool)
+            leaving = tracker.update(logits) if layer < limit - 1 else np.ones(len(rows), dtype=bool)
             if not leaving.any():
                 continue
         with profiler_label("pabee.compaction"):
-            logits_out[rows[leaving]] = logits[leaving]
-            exit_layers[rows[leaving]] = layer + 1
             staying = ~leaving
+            if logits_out is None and not staying.any():  # the whole batch leaves at one layer (batch size 1)
+                exit_layers[:] = layer + 1
+                logits_out = logits
+                break
+            if logits_out is None:
+                logits_out = _empty_rows(logits, batch_size)
+            _put_rows(logits_out, rows[leaving], _take_rows(logits, leaving))
+            exit_layers[rows[leaving]] = layer + 1
             if not staying.any():
                 break
             rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
@@ -528,7 +552,8 @@ def early_exit(
             tracker.keep(staying)
         with profiler_label("pabee.attention_masks"):
             mask = runtime.layer_mask(hidden, attention_mask)
-    return logits_out, exit_layers
+    logits_out = _tensor(logits_out)
+    return logits_out, torch.from_numpy(exit_layers).to(logits_out.device)
 
 
 def _with_attention_mask(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
@@ -540,7 +565,7 @@ def _with_attention_mask(inputs: Mapping[str, torch.Tensor | None]) -> dict[str,
     return inputs
 
 
-def _trim_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _trim_inputs(inputs: dict[str, Array]) -> dict[str, Array]:
     """Right-padded inputs cut to the longest row: padding columns nobody needs are never computed."""
     length = _kept_length(inputs["attention_mask"])
     return inputs if length is None else {name: value[:, :length] for name, value in inputs.items()}
@@ -567,40 +592,62 @@ def _default_pooling(name_or_path: str | Path, encoder: PreTrainedModel, regress
 
 
 def _drop_rows(
-    staying: torch.Tensor, rows: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor, right_padded: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    staying: np.ndarray, rows: np.ndarray, hidden: Array, attention_mask: Array, right_padded: bool
+) -> tuple[np.ndarray, Array, Array]:
     """Compact the batch to the rows still running (and cut padding nobody needs any more)."""
-    rows, attention_mask = rows[staying], attention_mask[staying]
+    rows, attention_mask = rows[staying], _take_rows(attention_mask, staying)
     if right_padded:  # cut the columns before copying the rows
         hidden, attention_mask = _trim_padding(hidden, attention_mask)
-    return rows, _gather_rows(hidden, staying), attention_mask
+    return rows, _take_rows(hidden, staying), attention_mask
 
 
-def _gather_rows(hidden: torch.Tensor, staying: torch.Tensor) -> torch.Tensor:
-    """`hidden[staying]`, on the CPU as a single-threaded numpy copy. torch's gather of a batch this size is a
-    parallel region: its pool's threads then spin for a while after it, taking the cores from the runtime's next
-    call (ONNX Runtime's own threads)."""
-    if hidden.device.type != "cpu" or hidden.requires_grad or hidden.dtype == torch.bfloat16:  # numpy has no bf16
-        return hidden[staying]
-    return torch.from_numpy(hidden.numpy()[staying.numpy()])
+def _take_rows(array: Array, keep: np.ndarray) -> Array:
+    """`array[keep]` for a bool numpy mask. A CPU tensor is copied by numpy, single-threaded: torch's gather of a
+    batch this size is a parallel region, whose threads then spin for a while after it, taking the cores from the
+    runtime's next call."""
+    if isinstance(array, np.ndarray):
+        return array[keep]
+    if array.device.type != "cpu" or array.requires_grad or array.dtype == torch.bfloat16:  # numpy has no bf16
+        return array[torch.from_numpy(keep).to(array.device)]
+    return torch.from_numpy(array.numpy()[keep])
 
 
-def _is_right_padded(attention_mask: torch.Tensor) -> bool:
+def _empty_rows(like: Array, batch_size: int) -> Array:
+    """Room for `batch_size` rows shaped and typed as `like`'s rows, in its kind of array."""
+    if isinstance(like, np.ndarray):
+        return np.empty((batch_size, *like.shape[1:]), dtype=like.dtype)
+    return like.new_empty(batch_size, *like.shape[1:])
+
+
+def _put_rows(out: Array, rows: np.ndarray, values: Array) -> None:
+    """`out[rows] = values` for integer numpy `rows`."""
+    if isinstance(out, np.ndarray):
+        out[rows] = values
+    else:
+        out[torch.from_numpy(rows).to(out.device)] = values
+
+
+def _tensor(array: Array) -> torch.Tensor:
+    """A runtime's array as a torch tensor (numpy: shared memory, no copy)."""
+    return torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+
+
+def _is_right_padded(attention_mask: Array) -> bool:
     """True when every row is ones followed by zeros, so trailing columns can be cut safely."""
     if attention_mask.all():  # no padding at all (one example, or equal lengths): one cheap check
         return True
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
-def _trim_padding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _trim_padding(hidden: Array, attention_mask: Array) -> tuple[Array, Array]:
     """Drop the padding columns beyond the longest remaining row (right padding only)."""
     length = _kept_length(attention_mask)
     return (hidden, attention_mask) if length is None else (hidden[:, :length], attention_mask[:, :length])
 
 
-def _kept_length(attention_mask: torch.Tensor) -> int | None:
+def _kept_length(attention_mask: Array) -> int | None:
     """The longest row of a right-padded mask, when the columns beyond it can be cut; None when some row fills
     the width (one cheap check first)."""
     if attention_mask[:, -1].any():
         return None
-    return int(attention_mask.sum(dim=1).max())
+    return int(attention_mask.sum(-1).max())

@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -38,7 +40,7 @@ from torch import nn
 from .errors import PabeeError
 from .folders import FORMAT_VERSION, MANIFEST, load_model_folder, load_tokenizer
 from .modeling import PabeeForSequenceClassification
-from .onnx_model import require_onnx, session_options
+from .onnx_model import require_onnx, session_options, shared_pool_exists
 from .provenance import file_digest, fsync_folder, make_temp_folder
 from .version import __version__
 
@@ -190,23 +192,12 @@ def _quiet() -> Iterator[None]:
 def _optimize(path: Path, model: PabeeForSequenceClassification, outputs: list[str]) -> dict[str, Any]:
     """onnxruntime's transformer optimizer on the graph at `path`, kept only if every output of the optimized graph
     equals the plain graph's (within 1e-4 on the example inputs). Returns what it fused, or why it was not kept."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
     config = model.config.encoder_config
-    options = FusionOptions("bert")
-    options.use_raw_attention_mask(True)  # a raw (B, T) mask: any row or column subset of the batch stays valid
     candidate = path.with_suffix(".optimized.onnx")
+    job = (str(path), str(candidate), config.num_attention_heads, config.hidden_size)
     try:
-        with _quiet():
-            optimized = optimize_model(
-                str(path),
-                model_type="bert",
-                num_heads=config.num_attention_heads,
-                hidden_size=config.hidden_size,
-                optimization_options=options,
-            )
-            optimized.save_model_to_file(str(candidate))
+        # Its sessions need threads of their own, which ONNX Runtime refuses once this process has the shared pool.
+        fused = _optimized_copy_apart(*job) if shared_pool_exists() else _optimized_copy(*job)
         difference = _max_difference(path, candidate, outputs)
     except Exception as error:  # an optimizer that cannot handle a backbone leaves its graph plain
         candidate.unlink(missing_ok=True)
@@ -215,8 +206,36 @@ def _optimize(path: Path, model: PabeeForSequenceClassification, outputs: list[s
         candidate.unlink()
         return {"applied": False, "reason": f"optimized outputs differ by {difference:.2g}"}
     os.replace(candidate, path)
+    return {"applied": True, "model_type": "bert", "fused": fused}
+
+
+def _optimized_copy_apart(*job: Any) -> dict[str, int]:
+    """`_optimized_copy` in a fresh Python process (a plain subprocess: nothing of the caller's script re-runs)."""
+    code = (
+        "import json, sys; from pabee.onnx_export import _optimized_copy; "
+        "print(json.dumps(_optimized_copy(*json.loads(sys.argv[1]))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _optimized_copy(path: str, candidate: str, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """The optimizer's graph of `path` written to `candidate`; the fused operators it holds, by type. Runs in a
+    process of its own when this one's ONNX Runtime already has the shared thread pool."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.use_raw_attention_mask(True)  # a raw (B, T) mask: any row or column subset of the batch stays valid
+    with _quiet():
+        optimized = optimize_model(
+            path, model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options
+        )
+        optimized.save_model_to_file(candidate)
     fused = Counter(node.op_type for node in optimized.model.graph.node if node.op_type in FUSED_OPS)
-    return {"applied": True, "model_type": "bert", "fused": dict(sorted(fused.items()))}
+    return dict(sorted(fused.items()))
 
 
 def _unfused(optimization: dict[str, Any]) -> str | None:

@@ -20,9 +20,11 @@ import torch
 from .backbones import profiler_label
 from .configuration import PabeeConfig
 from .errors import PabeeError, require_extra
+from .onnx_exit_graph import EXIT_GRAPH_RULES, build_exit_graph
 from .onnx_segments import Segments
+from .rules import SINGLE_LABEL, ExitCriterion
 
-__all__ = ["OnnxPabeeModel", "require_onnx", "session_options"]
+__all__ = ["OnnxPabeeModel", "require_onnx", "session_options", "shared_pool_exists"]
 
 
 def require_onnx() -> None:
@@ -53,6 +55,11 @@ def session_options(threads: int | None, shared_pool: bool = False):
     # Threads that spin after their session's call would steal the cores of the next session's call.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+def shared_pool_exists() -> bool:
+    """Whether this process's ONNX Runtime has the shared thread pool (every later session must then use it)."""
+    return bool(_SHARED_POOL)
 
 
 def _make_shared_pool(threads: int) -> bool:
@@ -96,6 +103,10 @@ class OnnxPabeeModel:
         self.segments = Segments(onnx.load(str(folder / manifest["graph"])))
         self.options = session_options(threads, shared_pool=True)
         self._sessions: dict[tuple, _Session] = {}
+        # One sentence in one call of the exit graph (`pabee.onnx_exit_graph`) where its rule allows: off, because
+        # it measured slower than the loop's call per layer (ONNX Runtime 1.32 CPU: each `If` costs more than the
+        # `run` it saves; runtime_speed.md), and early exit is only worth its speed.
+        self.one_call = False
         # Layer 1 always runs inside a prefix (with the embeddings, which the optimizer may have fused into it),
         # so only the later layers are cut on their own.
         boundary = ["attention_mask", *self.mask_names]
@@ -110,46 +121,74 @@ class OnnxPabeeModel:
     def num_layers(self) -> int:
         return len(self.logits)
 
-    # --- the Runtime interface --------------------------------------------------------------------------------
+    # --- the Runtime interface: numpy arrays in and out ------------------------------------------------------------
 
-    def prefix(
-        self, inputs: Mapping[str, torch.Tensor | None], layers: int, heads: bool = True
-    ) -> tuple[torch.Tensor | None, dict[str, np.ndarray] | None, list[torch.Tensor]]:
-        """Embeddings and the first `layers` layers in one session. Without `heads` only the last layer's logits
-        come back (hidden states and mask None): with `layers` the last layer, that is the whole optimized graph."""
+    def native_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The batch as int64 numpy arrays, the graph's input type (`token_type_ids` zeros where not given): the
+        exit loop then runs without a torch operation between the layers."""
         if inputs.get("position_ids") is not None or inputs.get("inputs_embeds") is not None:
             raise ValueError("The ONNX Runtime backend takes input_ids; position_ids and inputs_embeds are torch's.")
-        feed = _model_inputs(inputs)
+        input_ids = _int64(inputs["input_ids"])
+        token_type_ids = inputs.get("token_type_ids")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": _int64(inputs["attention_mask"]),
+            "token_type_ids": np.zeros_like(input_ids) if token_type_ids is None else _int64(token_type_ids),
+        }
+
+    def prefix(
+        self, inputs: Mapping[str, np.ndarray], layers: int, heads: bool = True
+    ) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None, list[np.ndarray]]:
+        """Embeddings and the first `layers` layers in one session. Without `heads` only the last layer's logits
+        come back (hidden states and mask None): with `layers` the last layer, that is the whole optimized graph."""
         carry = heads and layers < self.num_layers  # what the later layers need from this call
         outputs = [*(self.logits[:layers] if heads else [self.logits[layers - 1]])]
         outputs += [self.hidden[layers], *self.mask_needed] if carry else []
         session = self._session(("prefix", layers, heads), outputs, ["input_ids", "attention_mask", "token_type_ids"])
+        inputs = {name: np.ascontiguousarray(value) for name, value in inputs.items()}  # trimmed: column views
         with profiler_label("pabee.layers"):
-            results = dict(zip(outputs, session.run(feed), strict=True))
-        logits = [torch.from_numpy(results[name]) for name in outputs if name in self.logits]
+            results = session.run(inputs)
+        logits = results[:layers] if heads else results[:1]
         if not carry:
             return None, None, logits
-        mask = {"attention_mask": feed["attention_mask"], **{name: results[name] for name in self.mask_needed}}
-        return torch.from_numpy(results[self.hidden[layers]]), mask, logits
+        mask = dict(zip(self.mask_needed, results[layers + 1 :], strict=True))
+        mask["attention_mask"] = inputs["attention_mask"]
+        return results[layers], mask, logits
 
-    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
+    def layer_mask(self, hidden: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
         """The padding mask, and the mask parts the layer segments read (recomputed by the mask segment; none
         where the optimizer's fused attention reads the padding mask itself)."""
-        mask = {"attention_mask": _int64(attention_mask)}
+        mask = {"attention_mask": np.ascontiguousarray(attention_mask)}
         if self.mask_needed:
             session = self._session(("mask",), self.mask_needed, [self.hidden[0], "attention_mask"])
-            feed = {self.hidden[0]: np.ascontiguousarray(hidden.numpy()), **mask}
+            feed = {self.hidden[0]: np.ascontiguousarray(hidden), **mask}
             mask.update(zip(self.mask_needed, session.run(feed), strict=True))
         return mask
 
     def step(
-        self, layer: int, hidden: torch.Tensor, mask: dict[str, np.ndarray], attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, layer: int, hidden: np.ndarray, mask: dict[str, np.ndarray], attention_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One layer and its exit head: one session call."""
         session = self._session(("layer", layer), self._layer_outputs(layer), self.layer_inputs[layer])
         with profiler_label("pabee.layers"):
-            hidden_out, logits = session.run({self.hidden[layer]: np.ascontiguousarray(hidden.numpy()), **mask})
-        return torch.from_numpy(hidden_out), torch.from_numpy(logits)
+            hidden_out, logits = session.run({**mask, self.hidden[layer]: np.ascontiguousarray(hidden)})
+        return hidden_out, logits
+
+    def exit_in_one_call(
+        self, inputs: Mapping[str, np.ndarray], criterion: ExitCriterion
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """One sentence's whole climb in one call of the exit graph (`pabee.onnx_exit_graph`), or None where the
+        engine's loop climbs instead: a batch of more rows, a rule the graph does not hold, or `one_call` off."""
+        if not (self.one_call and inputs["input_ids"].shape[0] == 1 and _in_graph(criterion)):
+            return None
+        session = self._exit_session(criterion.name)
+        feed = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+        feed["exit_patience"] = np.array([getattr(criterion, "patience", 0)], dtype=np.int64)
+        feed["exit_threshold"] = np.array([getattr(criterion, "threshold", 0.0)], dtype=np.float32)
+        feed["exit_limit"] = np.array([criterion.exit_limit(self.num_layers)], dtype=np.int64)
+        with profiler_label("pabee.layers"):
+            logits, exit_layer = session.run(feed)
+        return logits, exit_layer
 
     # --- segments -------------------------------------------------------------------------------------------
 
@@ -159,18 +198,26 @@ class OnnxPabeeModel:
     def _session(self, key: tuple, outputs: list[str], available: list[str]) -> _Session:
         """The session of a segment, cut and made the first time it is needed."""
         if key not in self._sessions:
-            import onnxruntime as ort
-
             inputs = self.segments.inputs_for(outputs, available)
-            model = self.segments.cut(inputs, outputs)
-            try:
-                session = ort.InferenceSession(
-                    model.SerializeToString(), self.options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as error:
-                raise PabeeError(f"ONNX Runtime cannot run the segment {key} of the export: {error}") from None
-            self._sessions[key] = _Session(session, inputs, outputs)
+            self._sessions[key] = _Session(self._open(key, self.segments.cut(inputs, outputs)), inputs, outputs)
         return self._sessions[key]
+
+    def _exit_session(self, rule: str) -> _Session:
+        """The exit graph's session for `rule`, built the first time a sentence needs it."""
+        key = ("exit graph", rule)
+        if key not in self._sessions:
+            model = build_exit_graph(self.segments, self.manifest["boundaries"], rule)
+            inputs = [value.name for value in model.graph.input]
+            self._sessions[key] = _Session(self._open(key, model), inputs, ["logits", "exit_layer"])
+        return self._sessions[key]
+
+    def _open(self, key: tuple, model: Any) -> Any:
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(model.SerializeToString(), self.options, providers=["CPUExecutionProvider"])
+        except Exception as error:
+            raise PabeeError(f"ONNX Runtime cannot run the segment {key} of the export: {error}") from None
 
 
 class _Session:
@@ -183,15 +230,11 @@ class _Session:
         return self.session.run(self.outputs, {name: feed[name] for name in self.inputs})
 
 
-def _model_inputs(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
-    input_ids = inputs["input_ids"]
-    token_type_ids = inputs.get("token_type_ids")
-    return {
-        "input_ids": _int64(input_ids),
-        "attention_mask": _int64(inputs["attention_mask"]),
-        "token_type_ids": _int64(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids),
-    }
+def _in_graph(criterion: ExitCriterion) -> bool:
+    """Whether the exit graph holds `criterion`: a rule it builds, on single-label logits."""
+    return criterion.name in EXIT_GRAPH_RULES and criterion.problem_type == SINGLE_LABEL
 
 
-def _int64(tensor: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(tensor.numpy(), dtype=np.int64)
+def _int64(array: torch.Tensor | np.ndarray) -> np.ndarray:
+    values = array.numpy() if isinstance(array, torch.Tensor) else array
+    return np.ascontiguousarray(values, dtype=np.int64)

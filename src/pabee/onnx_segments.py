@@ -44,6 +44,22 @@ class Segments:
                 raise PabeeError(f"the exported graph cannot be cut before {', '.join(outputs)}: it needs {name!r}")
         return sorted(needed, key=lambda name: self._order.index(name) if name in self._order else len(self._order))
 
+    def nodes_for(self, outputs: Sequence[str], available: Collection[str]) -> list[Any]:
+        """The nodes that compute `outputs` from `available` names (and constants), in the graph's order."""
+        wanted, seen, pending = set(), set(), list(outputs)
+        while pending:
+            name = pending.pop()
+            if not name or name in seen or name in available or name in self._constants:
+                continue
+            seen.add(name)
+            node = self._producers.get(name)
+            if node is None:
+                raise PabeeError(f"the exported graph cannot be cut before {', '.join(outputs)}: it needs {name!r}")
+            if id(node) not in wanted:
+                wanted.add(id(node))
+                pending.extend([*node.input, *_outer_names(node)])
+        return [node for node in self.model.graph.node if id(node) in wanted]
+
     def cut(self, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
         """The segment from `inputs` to `outputs` as a model of its own."""
         from onnx.utils import Extractor

@@ -64,47 +64,66 @@ PROBLEM_TYPES = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
 
 # These read a layer's logits between two layers of a runtime: small arrays, computed in numpy. torch's reductions
 # (softmax, max, argmax) may wake its thread pool even for a (32, 2) tensor, and next to ONNX Runtime's threads,
-# still spinning after the layer's call, each then took ~8 ms instead of microseconds (MRPC, batch 32, 2 cores).
-# One implementation serves real inference and the one-pass sweep alike, so the two read the same numbers.
+# still spinning after the layer's call, each then took ~8 ms instead of microseconds (MRPC, batch 32, 2 cores);
+# and at batch size 1 a torch operation costs several microseconds where numpy's costs one. One implementation
+# serves real inference and the one-pass sweep alike, so the two read the same numbers. Each takes torch or numpy
+# logits and answers in the same kind.
+
+Array = torch.Tensor | np.ndarray
 
 
-def predictions(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+def predictions(logits: Array, problem_type: str) -> Array:
     """The answer a layer gives: the class `[rows]`, the label set `[rows, labels]` (bool) or the value `[rows]`."""
-    if problem_type == REGRESSION:
-        return logits.squeeze(-1)
-    if problem_type == MULTI_LABEL:
-        return logits > 0
-    return _back(_numpy(logits).argmax(axis=-1), logits)
+    return _like(_predictions(as_numpy(logits), problem_type), logits)
 
 
-def confidence(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+def confidence(logits: Array, problem_type: str) -> Array:
     """Top softmax probability; for multi-label, the least sure label's `max(p, 1 - p)` (every label must be sure)."""
-    x = _numpy(logits)
+    return _like(_confidence(as_numpy(logits), problem_type), logits)
+
+
+def entropy(logits: Array, problem_type: str) -> Array:
+    """Prediction entropy in nats; for multi-label, the largest per-label (Bernoulli) entropy."""
+    return _like(_entropy(as_numpy(logits), problem_type), logits)
+
+
+def _predictions(x: np.ndarray, problem_type: str) -> np.ndarray:
+    if problem_type == REGRESSION:
+        return x[:, 0]
+    if problem_type == MULTI_LABEL:
+        return x > 0
+    return x.argmax(axis=-1)
+
+
+def _confidence(x: np.ndarray, problem_type: str) -> np.ndarray:
     if problem_type == MULTI_LABEL:
         p = 1 / (1 + np.exp(-x))
-        return _back(np.maximum(p, 1 - p).min(axis=-1), logits)
+        return np.maximum(p, 1 - p).min(axis=-1)
     p = np.exp(x - x.max(axis=-1, keepdims=True))
-    return _back((p / p.sum(axis=-1, keepdims=True)).max(axis=-1), logits)
+    return (p / p.sum(axis=-1, keepdims=True)).max(axis=-1)
 
 
-def entropy(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
-    """Prediction entropy in nats; for multi-label, the largest per-label (Bernoulli) entropy."""
-    x = _numpy(logits)
+def _entropy(x: np.ndarray, problem_type: str) -> np.ndarray:
     if problem_type == MULTI_LABEL:
         p = 1 / (1 + np.exp(-x))
         per_label = p * np.logaddexp(0, -x) + (1 - p) * np.logaddexp(0, x)  # -(p log p + (1 - p) log(1 - p))
-        return _back(per_label.max(axis=-1), logits)
+        return per_label.max(axis=-1)
     shifted = x - x.max(axis=-1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return _back(-(np.exp(log_p) * log_p).sum(axis=-1), logits)
+    return -(np.exp(log_p) * log_p).sum(axis=-1)
 
 
-def _numpy(logits: torch.Tensor) -> np.ndarray:
+def as_numpy(logits: Array) -> np.ndarray:
+    """Logits as a float32 numpy array (a view where they already are one, or a CPU tensor)."""
+    if isinstance(logits, np.ndarray):
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
     return logits.detach().to("cpu", torch.float32).numpy()
 
 
-def _back(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """numpy results as a tensor where the logits are (a view on the CPU)."""
+def _like(values: np.ndarray, like: Array) -> Array:
+    """numpy results as the kind of array the logits were (a tensor on their device)."""
+    if isinstance(like, np.ndarray):
+        return values
     return torch.from_numpy(np.ascontiguousarray(values)).to(like.device)
 
 
@@ -112,28 +131,28 @@ def _back(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 
 class ExitTracker(ABC):
-    """Per-example exit state for one batch during one forward pass."""
+    """Per-example exit state for one batch during one forward pass, held in numpy whatever runs the layers."""
 
     @abstractmethod
-    def update(self, logits: torch.Tensor) -> torch.Tensor:
-        """Feed one layer's logits `[rows, num_labels]` for the rows still running; return a bool `[rows]` that
-        is True where the row may exit at this layer."""
+    def update(self, logits: Array) -> np.ndarray:
+        """Feed one layer's logits `[rows, num_labels]` (torch or numpy) for the rows still running; return a
+        bool numpy array `[rows]` that is True where the row may exit at this layer."""
 
     @abstractmethod
-    def keep(self, rows: torch.Tensor) -> None:
-        """Forget the rows that left the batch; `rows` is a bool mask over the current rows."""
+    def keep(self, rows: np.ndarray) -> None:
+        """Forget the rows that left the batch; `rows` is a bool numpy mask over the current rows."""
 
 
 class _StatelessTracker(ExitTracker):
     """A rule that looks at the current layer only (entropy, confidence, never)."""
 
-    def __init__(self, decide: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, decide: Callable[[np.ndarray], np.ndarray]) -> None:
         self.decide = decide
 
-    def update(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.decide(logits)
+    def update(self, logits: Array) -> np.ndarray:
+        return self.decide(as_numpy(logits))
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def keep(self, rows: np.ndarray) -> None:
         pass
 
 
@@ -142,39 +161,39 @@ class _AgreementTracker(ExitTracker):
 
     def __init__(
         self,
+        batch_size: int,
         patience: int,
         problem_type: str,
         regression_threshold: float,
         min_confidence: float | None,
-        counter: torch.Tensor,
     ) -> None:
         self.patience = patience
         self.problem_type = problem_type
         self.regression_threshold = regression_threshold
         self.min_confidence = min_confidence
-        self.counter = counter
-        self.previous: torch.Tensor | None = None
+        self.counter = np.zeros(batch_size, dtype=np.int64)
+        self.previous: np.ndarray | None = None
 
-    def update(self, logits: torch.Tensor) -> torch.Tensor:
-        # Few tensor operations: at batch size 1 each costs microseconds, comparable with a small layer's share.
-        prediction = predictions(logits, self.problem_type)
+    def update(self, logits: Array) -> np.ndarray:
+        x = as_numpy(logits)
+        prediction = _predictions(x, self.problem_type)
         previous, self.previous = self.previous, prediction
         if previous is None:  # the first layer agrees with nothing: the counter stays 0
-            return torch.zeros_like(self.counter, dtype=torch.bool)
+            return np.zeros(len(self.counter), dtype=bool)
         if self.problem_type == REGRESSION:
-            agree = (prediction - previous).abs() < self.regression_threshold
+            agree = np.abs(prediction - previous) < self.regression_threshold
         elif self.problem_type == MULTI_LABEL:
-            agree = (prediction == previous).all(dim=-1)
+            agree = (prediction == previous).all(axis=-1)
         else:
             agree = prediction == previous
         if self.min_confidence is not None:
-            agree &= confidence(logits, self.problem_type) >= self.min_confidence
+            agree &= _confidence(x, self.problem_type) >= self.min_confidence
         self.counter = (self.counter + 1) * agree  # +1 where the layer agrees, back to 0 where it does not
         if self.patience == 0:
-            return torch.zeros_like(agree)
+            return np.zeros(len(agree), dtype=bool)
         return self.counter >= self.patience
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def keep(self, rows: np.ndarray) -> None:
         self.counter = self.counter[rows]
         if self.previous is not None:
             self.previous = self.previous[rows]
@@ -216,7 +235,7 @@ class ExitCriterion(ABC):
         return cls(threshold, problem_type=problem_type, max_exit_layer=spec.max_exit_layer)
 
     @abstractmethod
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
+    def tracker(self, batch_size: int) -> ExitTracker:
         """Fresh per-example state for a batch of `batch_size` examples."""
 
     def exit_limit(self, num_layers: int) -> int:
@@ -256,9 +275,8 @@ class _AgreementCriterion(ExitCriterion):
     def earliest_exit(self, num_layers: int) -> int:
         return min(self.patience + 1, self.exit_limit(num_layers))
 
-    def _tracker(self, batch_size, device, regression_threshold: float, min_confidence: float | None) -> ExitTracker:
-        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return _AgreementTracker(self.patience, self.problem_type, regression_threshold, min_confidence, counter)
+    def _tracker(self, batch_size: int, regression_threshold: float, min_confidence: float | None) -> ExitTracker:
+        return _AgreementTracker(batch_size, self.patience, self.problem_type, regression_threshold, min_confidence)
 
 
 @dataclass(frozen=True)
@@ -288,8 +306,8 @@ class PatienceCriterion(_AgreementCriterion):
         patience = _need(spec.patience, cls.name, "patience")
         return cls(patience, regression_threshold, problem_type=problem_type, max_exit_layer=spec.max_exit_layer)
 
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        return self._tracker(batch_size, device, self.regression_threshold, None)
+    def tracker(self, batch_size: int) -> ExitTracker:
+        return self._tracker(batch_size, self.regression_threshold, None)
 
 
 def _check_probability(threshold: float, name: str) -> float:
@@ -319,8 +337,8 @@ class PatienceConfidenceCriterion(_AgreementCriterion):
         threshold = cls.default_threshold if spec.threshold is None else spec.threshold
         return cls(patience, threshold, problem_type=problem_type, max_exit_layer=spec.max_exit_layer)
 
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        return self._tracker(batch_size, device, 0.0, self.threshold)
+    def tracker(self, batch_size: int) -> ExitTracker:
+        return self._tracker(batch_size, 0.0, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -341,8 +359,8 @@ class EntropyCriterion(ExitCriterion):
         if number is None or number < 0:
             raise ValueError(f"threshold {self.threshold!r} is invalid for 'entropy': use a number >= 0 (nats).")
 
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        return _StatelessTracker(lambda logits: entropy(logits, self.problem_type) < self.threshold)
+    def tracker(self, batch_size: int) -> ExitTracker:
+        return _StatelessTracker(lambda logits: _entropy(logits, self.problem_type) < self.threshold)
 
 
 @dataclass(frozen=True)
@@ -358,8 +376,8 @@ class ConfidenceCriterion(ExitCriterion):
         super().__post_init__()
         _check_probability(self.threshold, self.name)
 
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        return _StatelessTracker(lambda logits: confidence(logits, self.problem_type) >= self.threshold)
+    def tracker(self, batch_size: int) -> ExitTracker:
+        return _StatelessTracker(lambda logits: _confidence(logits, self.problem_type) >= self.threshold)
 
 
 @dataclass(frozen=True)
@@ -394,8 +412,8 @@ class StaticCriterion(ExitCriterion):
     def earliest_exit(self, num_layers: int) -> int:
         return self.exit_limit(num_layers)
 
-    def tracker(self, batch_size: int, device: torch.device | str) -> ExitTracker:
-        return _StatelessTracker(lambda logits: torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
+    def tracker(self, batch_size: int) -> ExitTracker:
+        return _StatelessTracker(lambda logits: np.zeros(len(logits), dtype=bool))
 
 
 CRITERIA: dict[str, type[ExitCriterion]] = {
@@ -450,13 +468,15 @@ def sweep_exit_layers(criterion: ExitCriterion, all_logits: torch.Tensor) -> tor
     exit_layers = torch.full((batch_size,), limit, dtype=torch.long, device=all_logits.device)
     if not criterion.can_exit_early(num_layers):
         return exit_layers
-    tracker = criterion.tracker(batch_size, all_logits.device)
-    running = torch.ones(batch_size, dtype=torch.bool, device=all_logits.device)
+    tracker = criterion.tracker(batch_size)
+    layers = as_numpy(all_logits)
+    exits = np.full(batch_size, limit, dtype=np.int64)
+    running = np.ones(batch_size, dtype=bool)
     for layer in range(limit - 1):
-        leaving = tracker.update(all_logits[:, layer]) & running
-        exit_layers[leaving] = layer + 1
+        leaving = tracker.update(layers[:, layer]) & running
+        exits[leaving] = layer + 1
         running &= ~leaving
-    return exit_layers
+    return torch.from_numpy(exits).to(all_logits.device)
 
 
 def logits_at_exit(all_logits: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
