@@ -136,12 +136,8 @@ class _Rule:
         self.layers: list[int] = []
 
     def inputs(self) -> list:
-        h, t = self.helper, self.types
-        return [
-            h.make_tensor_value_info("exit_patience", t.INT64, [1]),
-            h.make_tensor_value_info("exit_threshold", t.FLOAT, [1]),
-            h.make_tensor_value_info("exit_limit", t.INT64, [1]),
-        ]
+        kinds = (self.types.INT64, self.types.FLOAT, self.types.INT64)
+        return [self.helper.make_tensor_value_info(n, k, [1]) for n, k in zip(SETTING_INPUTS, kinds, strict=True)]
 
     def constants(self) -> list:
         """Each layer's number (the exit layer it answers, and the limit's test), the counter's 0 and 1."""
