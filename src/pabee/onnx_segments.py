@@ -29,7 +29,18 @@ class Segments:
     def inputs_for(self, outputs: Sequence[str], available: Collection[str]) -> list[str]:
         """The names among `available` that `outputs` depend on, in the graph's order. A `PabeeError` when they
         also depend on a graph input that is not available: the graph cannot be cut there."""
-        needed, seen, pending = set(), set(), list(outputs)
+        needed, _ = self._walk(outputs, available)
+        return sorted(needed, key=lambda name: self._order.index(name) if name in self._order else len(self._order))
+
+    def nodes_for(self, outputs: Sequence[str], available: Collection[str]) -> list[Any]:
+        """The nodes that compute `outputs` from `available` names (and constants), in the graph's order."""
+        _, nodes = self._walk(outputs, available)
+        return [node for node in self.model.graph.node if id(node) in nodes]
+
+    def _walk(self, outputs: Sequence[str], available: Collection[str]) -> tuple[set[str], set[int]]:
+        """Back from `outputs` to `available` names: the available names they read, and the ids of the nodes
+        between; a `PabeeError` where they need a graph input that is not available."""
+        needed, nodes, seen, pending = set(), set(), set(), list(outputs)
         while pending:
             name = pending.pop()
             if not name or name in seen:
@@ -38,27 +49,12 @@ class Segments:
             if name in available:
                 needed.add(name)
             elif name in self._producers:
-                pending.extend(self._producers[name].input)
-                pending.extend(_outer_names(self._producers[name]))
+                node = self._producers[name]
+                nodes.add(id(node))
+                pending.extend([*node.input, *_outer_names(node)])
             elif name not in self._constants:
                 raise PabeeError(f"the exported graph cannot be cut before {', '.join(outputs)}: it needs {name!r}")
-        return sorted(needed, key=lambda name: self._order.index(name) if name in self._order else len(self._order))
-
-    def nodes_for(self, outputs: Sequence[str], available: Collection[str]) -> list[Any]:
-        """The nodes that compute `outputs` from `available` names (and constants), in the graph's order."""
-        wanted, seen, pending = set(), set(), list(outputs)
-        while pending:
-            name = pending.pop()
-            if not name or name in seen or name in available or name in self._constants:
-                continue
-            seen.add(name)
-            node = self._producers.get(name)
-            if node is None:
-                raise PabeeError(f"the exported graph cannot be cut before {', '.join(outputs)}: it needs {name!r}")
-            if id(node) not in wanted:
-                wanted.add(id(node))
-                pending.extend([*node.input, *_outer_names(node)])
-        return [node for node in self.model.graph.node if id(node) in wanted]
+        return needed, nodes
 
     def cut(self, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
         """The segment from `inputs` to `outputs` as a model of its own."""
