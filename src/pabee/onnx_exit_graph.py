@@ -4,7 +4,8 @@ At batch size 1 the segments of `pabee.onnx_segments` cost one `run` per layer, 
 Here the whole climb is one graph: layer 1 and its head run, the rule's test on its logits is a few ONNX operators,
 and an `If` either answers with that layer's logits or runs the next layer inside its `else` branch, and so on to
 the last layer. The layers' nodes are those of the exported graph, cut at the same boundary names, so they keep
-its fusions and quantization; the weights stay in the outer graph, which the branches read.
+its fusions and quantization; the weights stay in the outer graph, which the branches read. (Moving each layer's
+weights into its own branch measured no faster in a throwaway check.)
 
 Measured (runtime_speed.md), it is slower than the engine's loop on ONNX Runtime 1.32's CPU provider: each `If`
 costs more than the `run` it saves. So it is off by default (`OnnxPabeeModel.one_call`), kept for the benchmark that
@@ -47,17 +48,6 @@ def build_exit_graph(segments: Segments, boundaries: dict[str, list[str]], rule:
         wanted = [logits[layer - 1], hidden[layer], *(boundaries["mask"] if layer == 1 else [])]
         layer_nodes.append(segments.nodes_for(wanted, produced))
         produced |= {name for node in layer_nodes[-1] for name in node.output}
-    # A weight only one layer reads lives in that layer's branch: ONNX Runtime pre-packs a graph's own initializers
-    # for its kernels, not the ones a branch reads from the graph around it.
-    owner: dict[str, set[int]] = {}
-    for layer, nodes in enumerate(layer_nodes, start=1):
-        for name in _read(nodes):
-            owner.setdefault(name, set()).add(layer)
-    weights: dict[int, list] = {layer: [] for layer in range(1, layers + 1)}
-    for tensor in source.initializer:
-        layers_reading = owner.get(tensor.name, set())
-        if layers_reading:
-            weights[max(layers_reading) if len(layers_reading) == 1 else 1].append(tensor)
     rules = _Rule(rule, helper, TensorProto)
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "labels"]),
@@ -87,15 +77,16 @@ def build_exit_graph(segments: Segments, boundaries: dict[str, list[str]], rule:
             )
         if layer > 1:
             climbed = _outputs(helper, TensorProto, f"out_logits_{layer}", f"out_layer_{layer}")
-            branch = helper.make_graph(nodes, f"climb_{layer}", [], climbed, initializer=weights[layer])
+            branch = helper.make_graph(nodes, f"climb_{layer}", [], climbed)
     nodes += [
         helper.make_node("Identity", ["out_logits_1"], ["logits"]),
         helper.make_node("Identity", ["out_layer_1"], ["exit_layer"]),
     ]
-    read = _read(nodes)
+    read = _read(nodes)  # what no layer reads stays out (ONNX Runtime warns of unused initializers)
     constants = [node for node in rules.constants() if node.output[0] in read]
+    weights = [tensor for tensor in source.initializer if tensor.name in read]
     graph = helper.make_graph(
-        [*constants, *nodes], "pabee_exit_graph", [*source.input, *rules.inputs()], outputs, initializer=weights[1]
+        [*constants, *nodes], "pabee_exit_graph", [*source.input, *rules.inputs()], outputs, initializer=weights
     )
     model = helper.make_model(graph, opset_imports=list(segments.model.opset_import))
     model.ir_version = segments.model.ir_version
@@ -178,7 +169,8 @@ class _Rule:
                 h.make_node("Less", [f"exit_entropy_{k}", "exit_threshold"], [f"exit_sure_{k}"]),
             ]
             if k == 1:
-                out.insert(0, h.make_node("Constant", [], ["exit_axis"], value=h.make_tensor("a", 7, [1], [1])))
+                axis = h.make_tensor("a", self.types.INT64, [1], [1])
+                out.insert(0, h.make_node("Constant", [], ["exit_axis"], value=axis))
             tests.append(f"exit_sure_{k}")
         else:  # patience, patience+confidence: a counter of agreeing layers
             out.append(h.make_node("ArgMax", [logits], [f"exit_pred_{k}"], axis=1, keepdims=0))
@@ -196,10 +188,11 @@ class _Rule:
                     h.make_node("Add", [f"exit_count_{k - 1}", "exit_one"], [f"exit_next_{k}"]),
                     h.make_node("Mul", [f"exit_next_{k}", f"exit_agree_int_{k}"], [f"exit_count_{k}"]),
                 ]
+            if k == 1:  # patience 0 never exits early: tested once, read by every layer
+                out.append(h.make_node("Greater", ["exit_patience", "exit_zero"], ["exit_patient"]))
             out += [
                 h.make_node("GreaterOrEqual", [f"exit_count_{k}", "exit_patience"], [f"exit_reached_{k}"]),
-                h.make_node("Greater", ["exit_patience", "exit_zero"], [f"exit_patient_{k}"]),
-                h.make_node("And", [f"exit_reached_{k}", f"exit_patient_{k}"], [f"exit_counted_{k}"]),
+                h.make_node("And", [f"exit_reached_{k}", "exit_patient"], [f"exit_counted_{k}"]),
             ]
             tests.append(f"exit_counted_{k}")
         out += [
