@@ -123,7 +123,10 @@ def test_int8_export_quantizes_the_weight_products_and_stays_close(tmp_path, mod
     ops = [node.op_type for node in graph.node]
     # per layer (4): the fused attention's query/key/value product, then attention output and both feed-forward
     assert ops.count("QAttention") == 4 and ops.count("MatMulInteger") >= 3 * 4, ops
-    assert "MatMul" not in ops and "Attention" not in ops  # no float weight product is left
+    assert "Attention" not in ops
+    float_products = [node for node in graph.node if node.op_type in ("MatMul", "Gemm")]
+    # the exit heads' small products stay float (quantizing them costs more than it saves); no other one does
+    assert len(float_products) == 4 and all(".classifiers." in node.input[1] for node in float_products)
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     for node in graph.node:  # a weight zero point per output column: per-channel quantization
         if node.op_type == "MatMulInteger" and node.input[1] in shapes:
@@ -595,3 +598,66 @@ def test_onnx_runtime_takes_token_ids_only(exports):
     batch = _batch("bert")
     with pytest.raises(ValueError, match="takes input_ids; position_ids and inputs_embeds are torch's"):
         infer(onnx, {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]})
+
+
+class _FixedPlan:
+    """A call plan that always groups the layers the same way (`ends`: the last layer of each call)."""
+
+    def __init__(self, ends: list[int]) -> None:
+        self.fixed, self.recorded = ends, []
+
+    def ends(self, first: int, limit: int) -> list[int]:
+        return [end for end in self.fixed if first <= end < limit] + [limit]
+
+    def record(self, exit_layer: int) -> None:
+        self.recorded.append(exit_layer)
+
+
+@pytest.mark.parametrize("model_type", BACKBONE_TYPES)
+def test_layers_grouped_into_calls_exit_as_one_layer_a_call(exports, model_type, monkeypatch):
+    """However a call plan groups one sentence's layers into calls, the rule reads every layer in turn: the exit
+    layer and the logits are those of one call per layer (and of torch), and the plan hears each exit layer."""
+    model, folder = exports[model_type]
+    onnx = load_runtime(folder, threads=1)
+    batch = _batch(model_type)
+    settings = [*ONE_CALL_SETTINGS, ExitSpec(patience=1, max_exit_layer=3)]
+    for ends in ([1, 2, 3, 4], [2, 4], [1, 4], [3, 4]):
+        plan = _FixedPlan(ends)
+        monkeypatch.setattr(onnx, "call_plan", lambda criterion, plan=plan: plan)
+        for spec in settings:
+            for row in range(len(batch["input_ids"])):
+                length = int(batch["attention_mask"][row].sum())
+                single = {k: v[row : row + 1, :length] for k, v in batch.items()}
+                got = infer(onnx, single, spec)
+                with torch.no_grad():
+                    expected = model(**single, exit_spec=spec)
+                assert got.exit_layers.tolist() == expected.exit_layers.tolist(), (spec, ends)
+                torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=0)
+                assert plan.recorded[-1] == got.exit_layers.item()
+
+
+def test_a_sentence_nobody_lets_leave_climbs_in_one_call_once_the_plan_has_seen_it(exports, monkeypatch):
+    """Under a setting no sentence leaves early, the call plan learns it and a sentence then runs its layers in
+    one call; where most leave at the first allowed layer, one layer a call stays."""
+    _, folder = exports["bert"]
+    onnx = load_runtime(folder, threads=1)
+    batch = _batch("bert")
+    single = {k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items()}
+    calls = []
+    prefix, climb = onnx.prefix, onnx.climb
+    monkeypatch.setattr(onnx, "prefix", lambda inputs, layers, **kw: calls.append(layers) or prefix(inputs, layers))
+    monkeypatch.setattr(onnx, "climb", lambda layer, count, *a: calls.append(count) or climb(layer, count, *a))
+    nobody = ExitSpec("entropy", threshold=0.0)  # entropy is never below 0
+    for _ in range(20):
+        calls.clear()
+        assert infer(onnx, single, nobody).exit_layers.item() == 4
+    assert calls == [4]  # embeddings and all 4 layers with their heads in one prefix call
+    everybody = ExitSpec("confidence", threshold=0.01)  # every sentence leaves at layer 1
+    for _ in range(20):
+        calls.clear()
+        assert infer(onnx, single, everybody).exit_layers.item() == 1
+    assert calls == [1]
+    for _ in range(20):
+        calls.clear()
+        assert infer(onnx, single, nobody).exit_layers.item() == 4
+    assert calls == [4]  # each rule keeps its own plan
