@@ -123,10 +123,7 @@ def test_int8_export_quantizes_the_weight_products_and_stays_close(tmp_path, mod
     ops = [node.op_type for node in graph.node]
     # per layer (4): the fused attention's query/key/value product, then attention output and both feed-forward
     assert ops.count("QAttention") == 4 and ops.count("MatMulInteger") >= 3 * 4, ops
-    assert "Attention" not in ops
-    float_products = [node for node in graph.node if node.op_type in ("MatMul", "Gemm")]
-    # the exit heads' small products stay float (quantizing them costs more than it saves); no other one does
-    assert len(float_products) == 4 and all(".classifiers." in node.input[1] for node in float_products)
+    assert "MatMul" not in ops and "Attention" not in ops  # no float weight product is left
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     for node in graph.node:  # a weight zero point per output column: per-channel quantization
         if node.op_type == "MatMulInteger" and node.input[1] in shapes:

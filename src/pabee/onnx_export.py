@@ -60,7 +60,6 @@ INT8_SCHEME = {
     "weights": "int8",
     "per_channel": True,
     "reduce_range": True,
-    "float": ["exit heads"],
 }
 
 
@@ -281,19 +280,10 @@ def _quantize(path: Path) -> None:
     Weights get a scale per output channel, in 7 bits (`reduce_range`): one scale per matrix cost SST-2 1.4 points
     of accuracy on the fine-tuned MiniLM (86.1 -> 84.7), per channel in 7 bits 0.1 (86.0), at the same speed; the
     7 bits keep AVX2's 8-bit products (no VNNI) from saturating. The embedding tables stay float: a lookup does
-    no arithmetic to speed up, and int8 tables only lose accuracy. The exit heads' small products stay float too:
-    quantizing a (1, 384) x (384, 2) product at run time takes four nodes more than the product itself, which
-    made six heads cost a MiniLM sentence ~5% at batch 1 (SST-2, int8).
+    no arithmetic to speed up, and int8 tables only lose accuracy.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    heads = [  # the quantizer turns a Gemm into `<name>_MatMul` and an Add before it quantizes
-        name
-        for node in onnx.load(str(path), load_external_data=False).graph.node
-        if node.op_type in ("MatMul", "Gemm") and any(".classifiers." in value for value in node.input)
-        for name in (node.name, f"{node.name}_MatMul")
-    ]
 
     quantized = path.with_suffix(".int8.onnx")
     with _quiet():
@@ -304,7 +294,6 @@ def _quantize(path: Path) -> None:
             op_types_to_quantize=INT8_SCHEME["ops"],
             per_channel=INT8_SCHEME["per_channel"],
             reduce_range=INT8_SCHEME["reduce_range"],
-            nodes_to_exclude=heads,
             # ONNX's shape inference does not know the optimizer's fused operators; their outputs are float
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
