@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from .pretrained import bundled_model_path, load_classifier, sentence_transforme
 from .recipes import HEADS_STAGE, alignment_loss, equilibrium, exit_example_weights, stage_layer_weights
 from .rules import Array, ExitCriterion, build_criterion, logits_at_exit, sweep_exit_layers
 from .settings import ExitSpec, check_patience, exit_spec_from
+
+if TYPE_CHECKING:
+    from .call_plan import CallPlan
 
 __all__ = [
     "PabeeForSequenceClassification",
@@ -317,6 +320,20 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
                 per_layer.append(logits)
         return hidden, mask, per_layer
 
+    def climb(
+        self, layer: int, count: int, hidden: torch.Tensor, mask: Any, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Layers `layer` .. `layer + count - 1` (0-based) with their classifiers (see `Runtime.climb`)."""
+        per_layer = []
+        for index in range(layer, layer + count):
+            hidden, logits = self.step(index, hidden, mask, attention_mask)
+            per_layer.append(logits)
+        return hidden, per_layer
+
+    def call_plan(self, criterion: ExitCriterion) -> None:
+        """None: a torch layer is a Python call anyway, so grouping layers saves nothing; one layer a call."""
+        return None
+
     def embed(self, inputs: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
         """Token ids (or `inputs_embeds`) → the hidden states `(B, T, H)` that enter layer 1."""
         return self.adapter.embed(
@@ -458,8 +475,14 @@ class Runtime(Protocol):
     def layer_mask(self, hidden: Array, attention_mask: Array) -> Any:
         """The layer mask for a batch whose rows or columns changed (after compaction); passed to `step` as is."""
 
-    def step(self, layer: int, hidden: Array, mask: Any, attention_mask: Array) -> tuple[Array, Array]:
-        """Layer `layer` (0-based) and its exit head: new hidden states and logits `(B, C)`."""
+    def climb(
+        self, layer: int, count: int, hidden: Array, mask: Any, attention_mask: Array
+    ) -> tuple[Array, list[Array]]:
+        """Layers `layer` .. `layer + count - 1` (0-based) and their exit heads: the hidden states after them and
+        each layer's logits `(B, C)`."""
+
+    def call_plan(self, criterion: ExitCriterion) -> CallPlan | None:
+        """For one sentence, how many layers each `climb` runs (`pabee.call_plan`); None: one layer a call."""
 
     def exit_in_one_call(self, inputs: Mapping[str, Array], criterion: ExitCriterion) -> tuple[Array, Array] | None:
         """The whole climb in one call where the runtime can (logits `(B, C)`, exit layers `(B,)`), or None: the
@@ -505,13 +528,16 @@ def infer(
 def early_exit(
     runtime: Runtime, inputs: Mapping[str, Array], criterion: ExitCriterion, right_padded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Climb layer by layer; rows that exit are written out and removed from the batch.
+    """Climb the layers; rows that exit are written out and removed from the batch.
 
     The one exit loop, whatever runs the layers (`inputs` in the runtime's arrays, `Runtime.native_inputs`). The
     layers before the rule's `earliest_exit` run for every row in one `prefix` (their logits still feed the rule);
-    then one `step` per layer. The loop's own state (rows still running, exit layers, the rule's counters) is numpy:
-    at batch size 1 a torch operation costs several times a numpy one. Its parts carry
-    `torch.profiler.record_function` labels (`pabee.*`), which `pabee bench --profile` reads.
+    then one `climb` per layer, or, for one sentence, the calls of the runtime's `call_plan` (several layers in one
+    call where that is expected to be cheaper). The rule reads every layer's logits in order either way, so a
+    row's exit layer and answer do not depend on how the layers were grouped. The loop's own state (rows still
+    running, exit layers, the rule's counters) is numpy: at batch size 1 a torch operation costs several times a
+    numpy one. Its parts carry `torch.profiler.record_function` labels (`pabee.*`), which `pabee bench
+    --profile` reads.
 
     Returns:
         logits `(B, C)` at each row's exit layer and the 1-based exit layers `(B,)`, as torch tensors.
@@ -520,38 +546,43 @@ def early_exit(
     batch_size = attention_mask.shape[0]
     limit = criterion.exit_limit(runtime.num_layers)
     first = criterion.earliest_exit(runtime.num_layers)
+    plan = runtime.call_plan(criterion) if batch_size == 1 else None
+    ends = plan.ends(first, limit) if plan is not None else range(first, limit + 1)
     exit_layers = np.full(batch_size, limit, dtype=np.int64)
     rows = np.arange(batch_size)  # original index of each row still running
     tracker = criterion.tracker(batch_size)
-    hidden, mask, prefix_logits = runtime.prefix(inputs, first)  # (B, T, H), per layer (B, C)
-    with profiler_label("pabee.exit_bookkeeping"):
-        for logits in prefix_logits[:-1]:
-            tracker.update(logits)  # no row can leave before `first`; the rule still counts these layers
-    logits, logits_out = prefix_logits[-1], None
-    for layer in range(first - 1, limit):
-        if layer >= first:
-            hidden, logits = runtime.step(layer, hidden, mask, attention_mask)  # (b, t, H), (b, C)
+    logits_out, layer = None, 0
+    for end in ends:
+        if layer == 0:
+            hidden, mask, per_layer = runtime.prefix(inputs, end)  # (B, T, H), per layer (B, C)
+        else:
+            hidden, per_layer = runtime.climb(layer, end - layer, hidden, mask, attention_mask)
         with profiler_label("pabee.exit_bookkeeping"):
-            leaving = tracker.update(logits) if layer < limit - 1 else np.ones(len(rows), dtype=bool)
-            if not leaving.any():
-                continue
-        with profiler_label("pabee.compaction"):
-            staying = ~leaving
-            if logits_out is None and not staying.any():  # the whole batch leaves at one layer (batch size 1)
-                exit_layers[:] = layer + 1
-                logits_out = logits
-                break
-            if logits_out is None:
-                logits_out = _empty_rows(logits, batch_size)
-            _put_rows(logits_out, rows[leaving], _take_rows(logits, leaving))
-            exit_layers[rows[leaving]] = layer + 1
-            if not staying.any():
-                break
-            rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
-        with profiler_label("pabee.exit_bookkeeping"):
-            tracker.keep(staying)
-        with profiler_label("pabee.attention_masks"):
-            mask = runtime.layer_mask(hidden, attention_mask)
+            left = np.zeros(len(rows), dtype=bool)  # rows that left at a layer of this call
+            for logits in per_layer:
+                layer += 1
+                leaving = (tracker.update(logits) if layer < limit else np.ones(len(rows), dtype=bool)) & ~left
+                if layer < first or not leaving.any():  # no row can leave before `first`; the rule still counts
+                    continue
+                if logits_out is None and leaving.all():  # the whole batch leaves at one layer (batch size 1)
+                    exit_layers[:], logits_out, left = layer, logits, leaving
+                    break
+                if logits_out is None:
+                    logits_out = _empty_rows(logits, batch_size)
+                _put_rows(logits_out, rows[leaving], _take_rows(logits, leaving))
+                exit_layers[rows[leaving]] = layer
+                left |= leaving
+        if left.all():
+            break
+        if left.any():
+            with profiler_label("pabee.compaction"):
+                staying = ~left
+                rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
+                tracker.keep(staying)
+            with profiler_label("pabee.attention_masks"):
+                mask = runtime.layer_mask(hidden, attention_mask)
+    if plan is not None:
+        plan.record(int(exit_layers[0]))
     logits_out = _tensor(logits_out)
     return logits_out, torch.from_numpy(exit_layers).to(logits_out.device)
 
