@@ -9,6 +9,8 @@ each round gives its own ratios (the baseline's seconds over the variant's; medi
 the plain and the optimized int8 whole graph, the optimized fp32 whole graph; pabee fp32 and int8 at patience 0;
 pabee int8 at the fastest patience and confidence threshold within one point of its full model, chosen on one
 random half of the dev set (`pabee.calibrate.choose_setting`) and measured, quality and speed, on the other half.
+At batch 1 every early-exit setting also runs in one call of the exit graph, and on int8 one layer a call (its
+call plan off), so both choices the runtime makes for one sentence are measured against the other.
 
 Quality, on the reporting half: each variant's score, mean exit layer and, for pabee, the share of examples whose
 exit layer equals torch fp32's at the same setting; and the largest difference of any layer's logits between
@@ -42,6 +44,7 @@ CONFIDENCES = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 FULL = ExitSpec("patience", patience=0)
 NOTHING = ExitSpec("entropy", threshold=0.0)  # every head and test runs, nobody leaves: entropy is never below 0
 ONE_CALL = ", one graph"  # one sentence in one call of the exit graph (`OnnxPabeeModel.one_call`), not the loop
+PER_LAYER = ", one layer a call"  # one sentence climbs without its call plan (`OnnxPabeeModel.plan_calls`)
 BASE = "ORT int8 whole graph, optimized"
 PLAIN = "ORT int8 whole graph, plain"
 TORCH = "torch fp32 full"
@@ -162,10 +165,12 @@ def variants_for(folder: str, work: Path, threads: int, chosen: dict[str, dict],
         model = load_runtime(work / precision, threads=threads)
         out |= {f"pabee ORT {precision} {name}": engine(model, spec) for name, spec in settings.items()}
         if mode == "batch 1":
-            graph = load_runtime(work / precision, threads=threads)
-            graph.one_call = True
+            graph, per_layer = (load_runtime(work / precision, threads=threads) for _ in range(2))
+            graph.one_call, per_layer.plan_calls = True, False
             early = {name: spec for name, spec in settings.items() if name != "patience 0"}
             out |= {f"pabee ORT {precision} {name}{ONE_CALL}": engine(graph, spec) for name, spec in early.items()}
+            if precision == "int8":
+                out |= {f"pabee ORT int8 {name}{PER_LAYER}": engine(per_layer, spec) for name, spec in early.items()}
     return out
 
 
@@ -191,7 +196,8 @@ def pairs(variants: dict) -> list[tuple[str, str, float]]:
         out += [(name, whole, 0.95) for name in mine if "nothing exits" in name]
         early = [name for name in mine if not name.endswith("patience 0") and "nothing exits" not in name]
         out += [(name, whole, 0.9) for name in early]
-        out += [(name, TORCH, 0.9) for name in early if precision == "int8" and not name.endswith(ONE_CALL)]
+        plain = [name for name in early if not name.endswith((ONE_CALL, PER_LAYER))]
+        out += [(name, TORCH, 0.9) for name in plain if precision == "int8"]
     return out
 
 
@@ -286,7 +292,7 @@ def measure_task(name: str, folder: str, args) -> dict:
 def per_sentence(work: Path, threads: int, chosen: dict[str, dict], data: list[dict]) -> dict:
     """Where one sentence's time goes at batch size 1 (int8), in microseconds per sentence, best of 5 passes: the
     whole `infer` call, the part inside ONNX Runtime's `run`, and the calls it made, for each early-exit setting
-    in the engine's loop and in the one-call exit graph."""
+    in the engine's loop (with its call plan, and one layer a call) and in the one-call exit graph."""
     from pabee import onnx_model
 
     settings = {"nothing exits": NOTHING, **{_setting(c): c["spec"] for c in chosen.values()}}
@@ -304,14 +310,15 @@ def per_sentence(work: Path, threads: int, chosen: dict[str, dict], data: list[d
     out = {}
     onnx_model._Session.run = timed
     try:
-        for one_call in (False, True):
+        for suffix in ("", PER_LAYER, ONE_CALL):
             runtime = load_runtime(work / "int8", threads=threads)
-            runtime.one_call = one_call
+            runtime.one_call, runtime.plan_calls = suffix == ONE_CALL, suffix != PER_LAYER
             for setting, spec in settings.items():
+                _sentence_pass(runtime, spec, data, inside)  # the call plan learns where sentences leave
                 total, ort, calls = (
                     x / len(data) for x in min(_sentence_pass(runtime, spec, data, inside) for _ in range(5))
                 )
-                out[setting + (ONE_CALL if one_call else "")] = {"total_us": total, "ort_us": ort, "calls": calls}
+                out[setting + suffix] = {"total_us": total, "ort_us": ort, "calls": calls}
     finally:
         onnx_model._Session.run = run
     return out

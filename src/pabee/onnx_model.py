@@ -114,6 +114,7 @@ class OnnxPabeeModel:
         # square of the hidden size, the call's cost does not.
         hidden_size = getattr(self.config.encoder_config, "hidden_size", 384)
         self.call_cost = 0.3 * (384 / hidden_size) ** 2
+        self.plan_calls = True  # False: one sentence climbs one layer a call, as a batch does
         self._plans: dict[ExitCriterion, CallPlan] = {}
         # Layer 1 always runs inside a prefix (with the embeddings, which the optimizer may have fused into it),
         # so only the later layers are cut on their own.
@@ -196,8 +197,10 @@ class OnnxPabeeModel:
             results = session.run({**mask, self.hidden[layer]: np.ascontiguousarray(hidden)})
         return results[0], results[1:]
 
-    def call_plan(self, criterion: ExitCriterion) -> CallPlan:
+    def call_plan(self, criterion: ExitCriterion) -> CallPlan | None:
         """How one sentence under `criterion` climbs: which layers each call runs (`pabee.call_plan`)."""
+        if not self.plan_calls:
+            return None
         plan = self._plans.get(criterion)
         if plan is None:
             if len(self._plans) >= 64:  # a server given many settings keeps the plans of the recent ones
