@@ -16,7 +16,11 @@ used to choose):
   those mean layers): score and disagreement;
 - (b) with --student: the plain model's first k layers (k: the <= 2% setting's mean layers, rounded), every weight
   trained, distilled from the full model on the same texts with the same schedule;
-- wall time of the plain fine-tuning, of add-exits (the pass over the texts and the exits' training) and of (b).
+- wall time of the plain fine-tuning, of add-exits (the pass over the texts and the exits' training) and of (b);
+- (c) with --joint PAIR=FOLDER (e.g. MiniLM:MRPC=runs/mrpc, a `pabee run-glue` output on the same task and
+  backbone), into add_exits_joint.{json,md}: PABEE trained jointly, against this script's add_exits.json. On dev,
+  its full-depth score and the best score any candidate setting reaches within each certified setting's mean
+  layers (chosen on dev itself, so an upper bound for the joint model), and its training wall time.
 
 Resumable: each pair's models and result stay in --work; a finished pair is not run again.
 
@@ -427,6 +431,8 @@ def _student_rows(tasks: list[dict]) -> list[list]:
 
 
 def render(report: dict) -> str:
+    if "joint" in report:
+        return render_joint(report)
     tasks = report["tasks"]
     setup = "MiniLM (6 layers) and MPNet (12) fine-tuned with Trainer, then `pabee add-exits`; GLUE dev reports."
     lines = common.heading("Exits for the model you already have (`pabee add-exits`)", report["provenance"], setup)
@@ -457,6 +463,68 @@ def render(report: dict) -> str:
     return "\n".join([*lines, "", f"Static scores at k = 1, 2, ... (dev): {statics}."]) + "\n"
 
 
+def measure_joint(args) -> dict:
+    """(c): each --joint PAIR=FOLDER against the add-exits result of that pair (add_exits.json)."""
+    torch.set_num_threads(args.threads)
+    done = {_name(t): t for t in json.loads((common.RESULTS / "add_exits.json").read_text())["tasks"]}
+    pairs = []
+    for item in args.joint:
+        pair, _, folder = item.partition("=")
+        name = pair.replace(":", " ") if ":" in pair else f"MiniLM {pair}"
+        if name not in done or not folder:
+            raise SystemExit(f"--joint {item}: give PAIR=FOLDER for a pair of add_exits.json ({', '.join(done)})")
+        pairs.append(joint_pair(name, folder, done[name], args.glue_dir))
+    return common.report(joint=pairs, provenance={"command": " ".join(["python", *sys.argv])})
+
+
+def joint_pair(name: str, folder: str, added: dict, glue_dir: str) -> dict:
+    pipe = PabeePipeline.from_pretrained(folder, backend="torch", batch_size=64)
+    model, task = pipe.model, get_task(added["task"])
+    examples, labels = common.glue_split(added["task"], glue_dir)
+    logits = pipe.all_layer_logits(examples)
+    full = exit_answers(model, logits, ExitSpec("patience", patience=0))[0]
+    rows = [dev_row(model, task, logits, labels, spec, full) for spec in candidates(model)]  # rows[0]: full depth
+    best = {}
+    for bound, row in added["certified"].items():
+        within = [r for r in rows if r["mean_layers"] <= row["mean_layers"] + 1e-9]
+        best[bound] = max(within, key=lambda r: r["score"]) if within else None
+    training = json.loads((Path(folder) / "eval_results.json").read_text())["training"]
+    return {"pair": name, "folder": folder, "full": rows[0]["score"], "best": best, "added": added,
+            "seconds": training["train_runtime"], "examples": training["train_samples"],
+            "epochs": training["epoch"]}  # fmt: skip
+
+
+def _joint_row(j: dict, bound: str) -> list:
+    added, best = j["added"], j["best"][bound]
+    mine = added["certified"][bound]
+    theirs = "—" if best is None else f"{best['score']:.1f} ({best['setting']}, {best['mean_layers']:.2f})"
+    gap = "—" if best is None else f"{mine['score'] - best['score']:+.1f}"
+    seconds = added["seconds"]
+    ours = seconds["plain_finetune"] + seconds["states"] + seconds["training"]
+    return [j["pair"], f"≤ {bound}", f"{mine['score']:.1f} ({mine['setting']}, {mine['mean_layers']:.2f})", theirs,
+            gap, f"{added['static'][-1]:.1f} / {j['full']:.1f}",
+            f"{added['train_examples']} × {added['epochs']:g}, {ours:.0f} s",
+            f"{j['examples']} × {j['epochs']:g}, {j['seconds']:.0f} s"]  # fmt: skip
+
+
+def render_joint(report: dict) -> str:
+    setup = "PABEE trained jointly by `pabee run-glue` against `pabee add-exits` on a plainly fine-tuned model."
+    lines = common.heading("add-exits against PABEE trained jointly (GLUE dev)", report["provenance"], setup)
+    lines += [
+        "add-exits: the certified setting of add_exits.json (chosen on unlabelled test texts), its dev score and "
+        "mean layers. Joint: the best dev score of any patience (1..L-1) or confidence (0.5..0.99) setting using "
+        "at most those mean layers, chosen on dev itself (an upper bound for the joint model). Full depth: the "
+        "plain model's / the joint model's. Training: texts × epochs, wall time (add-exits: the plain fine-tuning "
+        "and add-exits; joint: run-glue's training).",
+        "",
+    ]
+    head = ["Pair", "Bound", "add-exits (setting, layers)", "Joint at ≤ those layers", "add-exits − joint",
+            "Full depth: plain / joint", "add-exits training", "Joint training"]  # fmt: skip
+    rows = [_joint_row(j, bound) for j in report["joint"] for bound in j["added"]["certified"]]
+    folders = "; ".join(f"{j['pair']}: `{j['folder']}`" for j in report["joint"])
+    return "\n".join([*lines, *common.table(head, rows), "", f"Joint models: {folders}."]) + "\n"
+
+
 def main() -> None:
     parser = common.parser(__doc__, "add_exits", threads=2, rounds=5)
     parser.add_argument("--task", action="append", default=[], help="[MiniLM:|MPNet:]TASK (repeatable).")
@@ -467,7 +535,14 @@ def main() -> None:
     )
     parser.add_argument("--student", action="append", default=[], help="Tasks to train the student (b) on.")
     parser.add_argument("--work", default="runs/add_exits", help="Models and per-task results (resumable).")
-    common.write_report(parser.parse_args(), measure, render)
+    parser.add_argument("--joint", action="append", default=[], help="(c) [MiniLM:|MPNet:]TASK=RUN_GLUE_FOLDER.")
+    args = parser.parse_args()
+    if args.joint:
+        if args.output == str(common.RESULTS / "add_exits"):
+            args.output = str(common.RESULTS / "add_exits_joint")
+        common.write_report(args, measure_joint, render)
+    else:
+        common.write_report(args, measure, render)
 
 
 if __name__ == "__main__":

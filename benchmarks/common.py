@@ -173,7 +173,7 @@ RENDERED = {  # results stems (glob) → the script whose `render` makes their .
     "serve_sst2*": "load_test",
     "glue_v3": "reproduce_glue_v3",
     "robustness": "robustness",
-    "add_exits": "add_exits",
+    "add_exits*": "add_exits",
 }
 
 
