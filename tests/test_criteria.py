@@ -343,3 +343,15 @@ def test_multi_label_trains_with_bce_and_exits_on_label_sets():
             swept = model(**test_batch, patience=patience, output_all_logits=True)
         assert swept.exit_layers.tolist() == out.exit_layers.tolist()
     assert_batched_equals_one_by_one(model, test_batch, exit_criterion="confidence", exit_threshold=0.8)
+
+
+def test_a_rule_built_before_does_not_let_an_equal_but_invalid_value_through():
+    """Built rules are kept, keyed by the setting: `patience=True` equals `patience=1` as a value, and is refused
+    even after patience 1 was built; a value no setting can hold (a list) is refused with the usual message."""
+    model = Traits(num_hidden_layers=6)
+    assert build_criterion(ExitSpec(patience=1), model).patience == 1
+    with pytest.raises(ValueError, match="patience=True is invalid"):
+        build_criterion(ExitSpec(patience=True), model)
+    with pytest.raises(ValueError, match="threshold"):
+        build_criterion(ExitSpec("confidence", threshold=[0.9]), model)
+    assert build_criterion(ExitSpec(patience=1), model) is build_criterion(ExitSpec(patience=1), model)

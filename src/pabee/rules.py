@@ -449,13 +449,24 @@ class Traits:
 def build_criterion(spec: ExitSpec, model: ModelTraits = Traits()) -> ExitCriterion:
     """The rule `spec` names, for `model` (its config): a `ValueError` when the values do not fit it (a threshold
     out of range, a static layer beyond its depth, a probability rule for regression)."""
-    return _built(spec, model.problem, model.regression_threshold, model.num_hidden_layers)
+    traits = (model.problem, model.regression_threshold, model.num_hidden_layers)
+    # The values' types belong to the key: `patience=True` equals `patience=1` but is refused.
+    key = (spec, type(spec.patience), type(spec.threshold), type(spec.max_exit_layer))
+    try:
+        hash(key)
+    except TypeError:  # a value no setting holds (a list from a request body): checked, not kept
+        return _build(spec, *traits)
+    return _kept(key, *traits)
 
 
 @lru_cache(maxsize=256)
-def _built(spec: ExitSpec, problem: str, regression_threshold: float, num_layers: int | None) -> ExitCriterion:
+def _kept(key: tuple, problem: str, regression_threshold: float, num_layers: int | None) -> ExitCriterion:
     """Rules are frozen and their trackers made per batch, so one rule serves every call with the same setting
     and traits: building and checking one costs ~15 µs, 1% of a MiniLM sentence on ONNX Runtime."""
+    return _build(key[0], problem, regression_threshold, num_layers)
+
+
+def _build(spec: ExitSpec, problem: str, regression_threshold: float, num_layers: int | None) -> ExitCriterion:
     criterion = CRITERIA[spec.criterion].from_spec(spec, problem, regression_threshold)
     if num_layers is not None:
         criterion.exit_limit(num_layers)
