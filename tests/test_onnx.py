@@ -572,17 +572,17 @@ def test_the_loop_on_onnx_runtime_hands_numpy_between_the_layers(exports, monkey
     _, folder = exports["deberta-v2"]  # a backbone whose layer mask has parts the mask segment recomputes
     onnx = load_runtime(folder, threads=1)
     seen = []
-    step, layer_mask = onnx.step, onnx.layer_mask
+    climb, layer_mask = onnx.climb, onnx.layer_mask
 
-    def checked_step(layer, hidden, mask, attention_mask):
+    def checked_climb(layer, count, hidden, mask, attention_mask):
         seen.append(all(isinstance(x, np.ndarray) for x in (hidden, attention_mask, *mask.values())))
-        return step(layer, hidden, mask, attention_mask)
+        return climb(layer, count, hidden, mask, attention_mask)
 
     def checked_mask(hidden, attention_mask):
         seen.append(isinstance(hidden, np.ndarray) and isinstance(attention_mask, np.ndarray))
         return layer_mask(hidden, attention_mask)
 
-    monkeypatch.setattr(onnx, "step", checked_step)
+    monkeypatch.setattr(onnx, "climb", checked_climb)
     monkeypatch.setattr(onnx, "layer_mask", checked_mask)
     out = infer(onnx, _batch("deberta-v2"), ExitSpec("confidence", threshold=0.52))
     assert seen and all(seen)

@@ -4,9 +4,9 @@
 then runs it with any exit setting, so exit rules, compaction and padding trimming are the torch model's code.
 Each step is a session over a segment of the one exported graph (`pabee.onnx_segments`), cut when first needed:
 `prefix(k)` is the embeddings and the first k layers in ONE call (the whole optimized graph when k is the last
-layer and only its logits are wanted), `step(k)` one layer with its head, `climb(k, n)` n layers with their heads
-(one sentence's call plan groups layers so, `pabee.call_plan`). Tensors cross into ONNX Runtime as numpy views,
-without copies where they are contiguous.
+layer and only its logits are wanted), `climb(k, n)` the n layers from layer k with their heads (one a call for a
+batch; one sentence's call plan may group several, `pabee.call_plan`). Tensors cross into ONNX Runtime as numpy
+views, without copies where they are contiguous.
 """
 
 from __future__ import annotations
@@ -118,12 +118,11 @@ class OnnxPabeeModel:
         self._plans: dict[ExitCriterion, CallPlan] = {}
         # Layer 1 always runs inside a prefix (with the embeddings, which the optimizer may have fused into it),
         # so only the later layers are cut on their own.
-        boundary = ["attention_mask", *self.mask_names]
-        self.layer_inputs = [[]] + [
-            self.segments.inputs_for(self._layer_outputs(k), [self.hidden[k], *boundary])
-            for k in range(1, self.num_layers)
-        ]
-        needed = {name for inputs in self.layer_inputs for name in inputs}
+        self.boundary = ["attention_mask", *self.mask_names]  # what a climb may read beside the hidden states
+        needed = set()
+        for k in range(1, self.num_layers):
+            outputs, available = [self.hidden[k + 1], self.logits[k]], [self.hidden[k], *self.boundary]
+            needed.update(self.segments.inputs_for(outputs, available))
         self.mask_needed = [name for name in self.mask_names if name in needed]  # by the layers after compaction
 
     @property
@@ -174,25 +173,12 @@ class OnnxPabeeModel:
             mask.update(zip(self.mask_needed, session.run(feed), strict=True))
         return mask
 
-    def step(
-        self, layer: int, hidden: np.ndarray, mask: dict[str, np.ndarray], attention_mask: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One layer and its exit head: one session call."""
-        session = self._session(("layer", layer), self._layer_outputs(layer), self.layer_inputs[layer])
-        with profiler_label("pabee.layers"):
-            hidden_out, logits = session.run({**mask, self.hidden[layer]: np.ascontiguousarray(hidden)})
-        return hidden_out, logits
-
     def climb(
         self, layer: int, count: int, hidden: np.ndarray, mask: dict[str, np.ndarray], attention_mask: np.ndarray
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Layers `layer` .. `layer + count - 1` (0-based) and their heads in one session call."""
-        if count == 1:
-            hidden, logits = self.step(layer, hidden, mask, attention_mask)
-            return hidden, [logits]
         outputs = [self.hidden[layer + count], *self.logits[layer : layer + count]]
-        available = [self.hidden[layer], "attention_mask", *self.mask_names]
-        session = self._session(("layers", layer, count), outputs, available)
+        session = self._session(("layer", layer, count), outputs, [self.hidden[layer], *self.boundary])
         with profiler_label("pabee.layers"):
             results = session.run({**mask, self.hidden[layer]: np.ascontiguousarray(hidden)})
         return results[0], results[1:]
@@ -225,9 +211,6 @@ class OnnxPabeeModel:
         return logits, exit_layer
 
     # --- segments -------------------------------------------------------------------------------------------
-
-    def _layer_outputs(self, layer: int) -> list[str]:
-        return [self.hidden[layer + 1], self.logits[layer]]
 
     def _session(self, key: tuple, outputs: list[str], available: list[str]) -> _Session:
         """The session of a segment, cut and made the first time it is needed."""
