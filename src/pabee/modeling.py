@@ -473,7 +473,7 @@ class Runtime(Protocol):
         call."""
 
     def layer_mask(self, hidden: Array, attention_mask: Array) -> Any:
-        """The layer mask for a batch whose rows or columns changed (after compaction); passed to `step` as is."""
+        """The layer mask for a batch whose rows or columns changed (after compaction); passed to `climb` as is."""
 
     def climb(
         self, layer: int, count: int, hidden: Array, mask: Any, attention_mask: Array
@@ -557,13 +557,14 @@ def early_exit(
             hidden, mask, per_layer = runtime.prefix(inputs, end)  # (B, T, H), per layer (B, C)
         else:
             hidden, per_layer = runtime.climb(layer, end - layer, hidden, mask, attention_mask)
-        with profiler_label("pabee.exit_bookkeeping"):
-            left = np.zeros(len(rows), dtype=bool)  # rows that left at a layer of this call
-            for logits in per_layer:
-                layer += 1
+        left = np.zeros(len(rows), dtype=bool)  # rows that left at a layer of this call
+        for logits in per_layer:
+            layer += 1
+            with profiler_label("pabee.exit_bookkeeping"):
                 leaving = (tracker.update(logits) if layer < limit else np.ones(len(rows), dtype=bool)) & ~left
                 if layer < first or not leaving.any():  # no row can leave before `first`; the rule still counts
                     continue
+            with profiler_label("pabee.compaction"):
                 if logits_out is None and leaving.all():  # the whole batch leaves at one layer (batch size 1)
                     exit_layers[:], logits_out, left = layer, logits, leaving
                     break
@@ -578,6 +579,7 @@ def early_exit(
             with profiler_label("pabee.compaction"):
                 staying = ~left
                 rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
+            with profiler_label("pabee.exit_bookkeeping"):
                 tracker.keep(staying)
             with profiler_label("pabee.attention_masks"):
                 mask = runtime.layer_mask(hidden, attention_mask)
