@@ -165,11 +165,13 @@ def variants_for(folder: str, work: Path, threads: int, chosen: dict[str, dict],
         model = load_runtime(work / precision, threads=threads)
         out |= {f"pabee ORT {precision} {name}": engine(model, spec) for name, spec in settings.items()}
         if mode == "batch 1":
-            graph, per_layer = (load_runtime(work / precision, threads=threads) for _ in range(2))
-            graph.one_call, per_layer.plan_calls = True, False
+            graph = load_runtime(work / precision, threads=threads)
+            graph.one_call = True
             early = {name: spec for name, spec in settings.items() if name != "patience 0"}
             out |= {f"pabee ORT {precision} {name}{ONE_CALL}": engine(graph, spec) for name, spec in early.items()}
             if precision == "int8":
+                per_layer = load_runtime(work / precision, threads=threads)
+                per_layer.plan_calls = False
                 out |= {f"pabee ORT int8 {name}{PER_LAYER}": engine(per_layer, spec) for name, spec in early.items()}
     return out
 
