@@ -576,17 +576,32 @@ def early_exit(
         if left.all():
             break
         if left.any():
-            with profiler_label("pabee.compaction"):
-                staying = ~left
-                rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
-            with profiler_label("pabee.exit_bookkeeping"):
-                tracker.keep(staying)
-            with profiler_label("pabee.attention_masks"):
-                mask = runtime.layer_mask(hidden, attention_mask)
+            running = _compact(runtime, tracker, ~left, rows, hidden, attention_mask, right_padded)
+            rows, hidden, attention_mask, mask = running
     if plan is not None:
         plan.record(int(exit_layers[0]))
     logits_out = _tensor(logits_out)
     return logits_out, torch.from_numpy(exit_layers).to(logits_out.device)
+
+
+def _compact(
+    runtime: Runtime,
+    tracker: Any,
+    staying: np.ndarray,
+    rows: np.ndarray,
+    hidden: Array,
+    attention_mask: Array,
+    right_padded: bool,
+) -> tuple[np.ndarray, Array, Array, Any]:
+    """The running rows without those that left: their hidden states, attention mask, the rule's counters and the
+    layers' mask."""
+    with profiler_label("pabee.compaction"):
+        rows, hidden, attention_mask = _drop_rows(staying, rows, hidden, attention_mask, right_padded)
+    with profiler_label("pabee.exit_bookkeeping"):
+        tracker.keep(staying)
+    with profiler_label("pabee.attention_masks"):
+        mask = runtime.layer_mask(hidden, attention_mask)
+    return rows, hidden, attention_mask, mask
 
 
 def _with_attention_mask(inputs: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:

@@ -40,14 +40,9 @@ def build_exit_graph(segments: Segments, boundaries: dict[str, list[str]], rule:
     if rule not in EXIT_GRAPH_RULES:
         raise ValueError(f"no one-call graph for the {rule!r} rule; it runs in the engine's loop.")
     source = segments.model.graph
-    hidden, logits = boundaries["hidden"], boundaries["logits"]
+    logits = boundaries["logits"]
     layers = len(logits)
-    produced = {value.name for value in source.input}
-    layer_nodes = []  # each layer's nodes; a node an earlier layer made (the fused attention's mask) is not repeated
-    for layer in range(1, layers + 1):
-        wanted = [logits[layer - 1], hidden[layer], *(boundaries["mask"] if layer == 1 else [])]
-        layer_nodes.append(segments.nodes_for(wanted, produced))
-        produced |= {name for node in layer_nodes[-1] for name in node.output}
+    layer_nodes = _layer_nodes(segments, boundaries)
     rules = _Rule(rule, helper, TensorProto)
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "labels"]),
@@ -91,6 +86,19 @@ def build_exit_graph(segments: Segments, boundaries: dict[str, list[str]], rule:
     model = helper.make_model(graph, opset_imports=list(segments.model.opset_import))
     model.ir_version = segments.model.ir_version
     return model  # ONNX Runtime checks it when it opens the session (onnx's checker does not know fused operators)
+
+
+def _layer_nodes(segments: Segments, boundaries: dict[str, list[str]]) -> list[list]:
+    """Each layer's nodes (its encoder layer and head); a node an earlier layer made (the fused attention's mask)
+    is not repeated."""
+    hidden, logits = boundaries["hidden"], boundaries["logits"]
+    produced = {value.name for value in segments.model.graph.input}
+    layer_nodes = []
+    for layer in range(1, len(logits) + 1):
+        wanted = [logits[layer - 1], hidden[layer], *(boundaries["mask"] if layer == 1 else [])]
+        layer_nodes.append(segments.nodes_for(wanted, produced))
+        produced |= {name for node in layer_nodes[-1] for name in node.output}
+    return layer_nodes
 
 
 def _read(nodes: list) -> set[str]:
