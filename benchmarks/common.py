@@ -172,7 +172,6 @@ RENDERED = {  # results stems (glob) → the script whose `render` makes their .
     "adaptive_serving*": "adaptive_serving",
     "serve_sst2*": "load_test",
     "glue_v3": "reproduce_glue_v3",
-    "robustness": "robustness",
     "add_exits*": "add_exits",
 }
 

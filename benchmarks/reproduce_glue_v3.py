@@ -127,8 +127,7 @@ def _plain_trainer(backbone: str, model_path: str | None, task_name: str, glue_d
         if (folder / f"{name}.json").exists():
             return False
         print(f"[{backbone} {task_name}] {name}", flush=True)
-        result = train_baseline(task_name, glue_dir, folder / name, limit, depth, model_path=model_path,
-                                hyper=HYPER[backbone])  # fmt: skip
+        result = train_baseline(task_name, glue_dir, folder / name, limit, depth, model_path, HYPER[backbone])
         write_json(folder / f"{name}.json", result)
         return True
 
@@ -153,27 +152,18 @@ def static_layers(analysis: dict) -> set[int]:
     return ks
 
 
-def train_baseline(
-    task_name: str,
-    glue_dir: str,
-    out: Path,
-    max_train_samples: int | None,
-    num_layers: int | None = None,
-    save: bool = False,
-    model_path: str | None = None,
-    hyper: dict | None = None,
-) -> dict:
+def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: int | None, num_layers: int | None,
+                   model_path: str | None, hyper: dict) -> dict:  # fmt: skip
     """Plain fine-tuning of the same encoder with Trainer: the paper's baseline row. With `num_layers` = k, only
     the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
-    The dev predictions are returned too, in dev order, so the metric can be read on any subset. With `save`, the
-    model and its tokenizer are kept in `out` (the robustness benchmark attacks them). `model_path` (default: the
-    bundled MiniLM) and `hyper` (default: MiniLM's) serve the other backbone."""
+    The dev predictions are returned too, in dev order, so the metric can be read on any subset. `model_path`
+    (None: the bundled MiniLM) and `hyper` are the backbone's."""
     import transformers as hf
 
     from pabee import bundled_model_path
     from pabee.metrics import predictions_from_logits
 
-    task, path, hyper = get_task(task_name), str(model_path or bundled_model_path()), hyper or MINILM
+    task, path = get_task(task_name), str(model_path or bundled_model_path())
     tokenizer = hf.AutoTokenizer.from_pretrained(path)
     train, dev = _tokenized(task, glue_dir, tokenizer, hyper["max_seq_length"], max_train_samples)
     hf.set_seed(hyper["seed"])
@@ -191,9 +181,6 @@ def train_baseline(
     seconds = time.perf_counter() - start
     for checkpoint in checkpoint_folders(Path(out)):  # finished: its checkpoints (weights + optimizer) are spent
         shutil.rmtree(checkpoint)
-    if save:
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
     output = trainer.predict(dev)
     preds = predictions_from_logits(output.predictions, task.is_regression)
     return {
