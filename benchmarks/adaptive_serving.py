@@ -124,8 +124,7 @@ def measure(args) -> dict:
     for runtime, folders in runtimes.items():
         for task, folder in folders.items():
             examples, _ = common.glue_split(task, args.glue_dir)
-            bodies = [json.dumps({"texts": [t if p is None else [t, p]], "return_exit_setting": True}).encode()
-                      for t, p in examples]  # fmt: skip
+            bodies = serving.bodies(examples, return_exit_setting=True)
             labels = reference(folder, examples, "torch" if runtime == "torch" else "onnxruntime")
             rate = capacity(folder, bodies, args)
             variants = {name: run_variant(folder, name, bodies, rate, labels, args) for name in VARIANTS}

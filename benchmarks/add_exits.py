@@ -49,6 +49,7 @@ from pabee.evaluate import exit_answers
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
 from pabee.pipeline import PabeePipeline
+from pabee.provenance import write_json
 
 EPOCHS = {"SST-2": 1.0}  # others: 3
 # MPNet costs ~5.7x MiniLM a step: its plain fine-tuning runs one epoch, on SST-2 over its first 8,000 sentences.
@@ -81,30 +82,35 @@ BOUNDS = (0.01, 0.02)
 CONFIDENCES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
-def train_split(pair: Pair, glue_dir: str) -> tuple[list, np.ndarray]:
+def train_data(pair: Pair, glue_dir: str, tokenizer, teacher: Path | None = None):
+    """The pair's training texts (its first `examples`, if set), tokenized, with labels and, given a `teacher`
+    folder, that classifier's logits on them."""
+    import datasets
+
     examples, labels = common.glue_split(pair.task, glue_dir, "train")
-    return examples[: pair.examples], labels[: pair.examples]
+    examples, labels = examples[: pair.examples], labels[: pair.examples]
+    pairs = [p for _, p in examples] if get_task(pair.task).is_pair else None
+    encoded = tokenizer([t for t, _ in examples], pairs, truncation=True, max_length=128)
+    logits = {} if teacher is None else {"teacher": original_logits(teacher, examples).tolist()}
+    return datasets.Dataset.from_dict({**encoded, "labels": labels.tolist(), **logits})
 
 
 def finetune(pair: Pair, glue_dir: str) -> float:
     """The plain classifier a user has: the backbone fine-tuned with Trainer; returns its wall time in seconds."""
-    import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
-    task, folder = get_task(pair.task), pair.folder
-    examples, labels = train_split(pair, glue_dir)
+    folder = pair.folder
     tokenizer = AutoTokenizer.from_pretrained(pair.backbone)
-    encoded = tokenizer([t for t, _ in examples], [p for _, p in examples] if task.is_pair else None,
-                        truncation=True, max_length=128)  # fmt: skip
-    data = datasets.Dataset.from_dict({**encoded, "labels": labels.tolist()})
-    model = AutoModelForSequenceClassification.from_pretrained(pair.backbone, num_labels=task.num_labels)
+    data = train_data(pair, glue_dir, tokenizer)
+    num_labels = get_task(pair.task).num_labels
+    model = AutoModelForSequenceClassification.from_pretrained(pair.backbone, num_labels=num_labels)
     args = training_arguments(folder / "trainer", pair.epochs)
     started = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer)).train()
     seconds = time.perf_counter() - started
     model.save_pretrained(folder / "plain")
     tokenizer.save_pretrained(folder / "plain")
-    common_dump(folder / "finetune.json", {"seconds": seconds})
+    write_json(folder / "finetune.json", {"seconds": seconds})
     return seconds
 
 
@@ -112,20 +118,16 @@ def student(pair: Pair, glue_dir: str, layers: int) -> dict:
     """(b) The plain model's first `layers` layers, every weight trainable, distilled from the full model on the
     same train texts with the exits' loss (KL at T=2 + 0.5 x the label loss) and the plain fine-tuning's schedule;
     its dev score and wall time (the teacher's pass over the texts included)."""
-    import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
     from pabee.losses import distillation_loss, label_loss
+    from pabee.metrics import predictions_from_logits
 
     task, folder = get_task(pair.task), pair.folder
     problem = "regression" if task.is_regression else "single_label_classification"
-    examples, labels = train_split(pair, glue_dir)
     started = time.perf_counter()
-    teacher = original_logits(folder / "plain", examples)
     tokenizer = AutoTokenizer.from_pretrained(folder / "plain")
-    encoded = tokenizer([t for t, _ in examples], [p for _, p in examples] if task.is_pair else None,
-                        truncation=True, max_length=128)  # fmt: skip
-    data = datasets.Dataset.from_dict({**encoded, "labels": labels.tolist(), "teacher": teacher.tolist()})
+    data = train_data(pair, glue_dir, tokenizer, teacher=folder / "plain")
 
     class Distil(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -143,8 +145,6 @@ def student(pair: Pair, glue_dir: str, layers: int) -> dict:
     tokenizer.save_pretrained(folder / f"student{layers}")
     dev, dev_labels = common.glue_split(pair.task, glue_dir)
     logits = original_logits(folder / f"student{layers}", dev).numpy()
-    from pabee.metrics import predictions_from_logits
-
     predictions = predictions_from_logits(logits, task.is_regression)
     score = task_score(compute_metrics(task.metrics, predictions, dev_labels), task.metrics)
     return {"layers": layers, "score": score, "seconds": seconds}
@@ -180,15 +180,6 @@ def add_exits(pair: Pair, glue_dir: str) -> dict:
     if main(argv) != 0:
         raise SystemExit(f"add-exits failed on {pair.model} {pair.task}")
     return json.loads(record.read_text())
-
-
-def test_texts(task_name: str, glue_dir: str) -> list[tuple[str, str | None]]:
-    """The task's unlabelled test texts (the exits never saw them): what certification runs on."""
-    from pabee.glue import read_glue_tsv, task_dir
-
-    task = get_task(task_name)
-    rows = read_glue_tsv(task, task_dir(task, glue_dir) / task.test_splits[0].filename, test=True)
-    return [(row["text"], row.get("text_pair")) for row in rows]
 
 
 def original_logits(folder: Path, examples: list) -> torch.Tensor:
@@ -275,13 +266,13 @@ def speed(folder: Path, specs: dict[str, ExitSpec], examples: list, tokenizer, t
             variants[f"torch {name}"] = runtime_speed.engine(torch_model, spec)
             variants[f"ORT int8 {name}"] = runtime_speed.engine(ort_model, spec)
         seconds = common.time_passes(variants, batches, rounds)
-    out = {}
-    for name in specs:
-        out[name] = {
+    return {
+        name: {
             "torch": common.quartiles(common.ratios(seconds, "torch full", f"torch {name}")),
             "ORT int8": common.quartiles(common.ratios(seconds, "ORT int8 whole graph", f"ORT int8 {name}")),
         }
-    return out
+        for name in specs
+    }
 
 
 def measure_task(text: str, args) -> dict:
@@ -292,7 +283,7 @@ def measure_task(text: str, args) -> dict:
         layers = min(result["layers"] - 1, max(1, round(result["certified"]["2%"]["mean_layers"])))
         result["student"] = student(pair, args.glue_dir, layers)
         result["student"]["static_score"] = result["static"][layers - 1]
-    common_dump(done, result)
+    write_json(done, result)
     return result
 
 
@@ -307,7 +298,7 @@ def evaluate_task(pair: Pair, args) -> dict:
     pipe = PabeePipeline.from_pretrained(folder / "exits", backend="torch", batch_size=64)
     model = pipe.model
     dev_logits = pipe.all_layer_logits(examples)
-    test_logits = pipe.all_layer_logits(test_texts(task_name, args.glue_dir))
+    test_logits = pipe.all_layer_logits(common.glue_split(task_name, args.glue_dir, "test")[0])  # never seen
     reference = original_logits(folder / "plain", examples)
     full = exit_answers(model, dev_logits, ExitSpec("patience", patience=0))[0]
     cuts = [dev_row(model, task, dev_logits, labels, ExitSpec("static", threshold=k), full)
@@ -342,12 +333,6 @@ def answers_differ(model, full: np.ndarray, reference: torch.Tensor) -> int:
 
     theirs = predictions_from_logits(reference.numpy(), model.config.is_regression)
     return int((np.abs(full - theirs) > 1e-5).sum()) if model.config.is_regression else int((full != theirs).sum())
-
-
-def common_dump(path: Path, data: dict) -> None:
-    from pabee.provenance import write_json
-
-    write_json(path, data)
 
 
 def measure(args) -> dict:
@@ -389,11 +374,9 @@ def _targets(tasks: list[dict]) -> list[str]:
     for t in tasks:
         r = t["certified"]["2%"]
         ort = (r.get("speed") or {}).get("ORT int8")
-        share = (
-            f"{ort['median']:.2f}x measured on ORT int8, {ort['median'] / r['layer_speed_up']:.2f} of it"
-            if ort
-            else "no setting to time"
-        )
+        share = "no setting to time"
+        if ort:
+            share = f"{ort['median']:.2f}x measured on ORT int8, {ort['median'] / r['layer_speed_up']:.2f} of it"
         goal = {"MiniLM SST-2": " (target 1.8x)", "MPNet SST-2": " (target 2.2x)"}.get(_name(t), "")
         lines.append(f"- {_name(t)} at ≤ 2%: {r['layer_speed_up']:.2f}x fewer layers{goal}; {share} (target 0.9).")
     wins = [_name(t) for t in tasks if t["certified"]["2%"]["score"] - t["certified"]["2%"]["static_score"] >= 1.0]
@@ -528,11 +511,8 @@ def render_joint(report: dict) -> str:
 def main() -> None:
     parser = common.parser(__doc__, "add_exits", threads=2, rounds=5)
     parser.add_argument("--task", action="append", default=[], help="[MiniLM:|MPNet:]TASK (repeatable).")
-    parser.add_argument(
-        "--mpnet",
-        default=str(Path.home() / ".cache/pabee/all-mpnet-base-v2/all-mpnet-base-v2"),
-        help="all-mpnet-base-v2 (benchmarks/fetch_mpnet.py puts it there).",
-    )
+    mpnet = Path.home() / ".cache/pabee/all-mpnet-base-v2/all-mpnet-base-v2"  # where benchmarks/fetch_mpnet.py puts it
+    parser.add_argument("--mpnet", default=str(mpnet), help="all-mpnet-base-v2 (what fetch_mpnet.py prints).")
     parser.add_argument("--student", action="append", default=[], help="Tasks to train the student (b) on.")
     parser.add_argument("--work", default="runs/add_exits", help="Models and per-task results (resumable).")
     parser.add_argument("--joint", action="append", default=[], help="(c) [MiniLM:|MPNet:]TASK=RUN_GLUE_FOLDER.")

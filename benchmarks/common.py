@@ -93,16 +93,18 @@ def row(cells: list[Any]) -> str:
 
 
 def glue_split(task_name: str, glue_dir: str, split: str = "dev") -> tuple[list[tuple[str, str | None]], Any]:
-    """Examples `(text, text_pair or None)` and labels (numpy) of a GLUE split, `train` or `dev` (the task's first
-    evaluation split), read strictly."""
+    """Examples `(text, text_pair or None)` and labels (numpy) of a GLUE split, read strictly: `train`, `dev` (the
+    task's first evaluation split) or `test` (its first test split, unlabelled: labels None)."""
     import numpy as np
 
     from pabee.glue import get_task, read_glue_tsv, task_dir
 
     task = get_task(task_name)
-    filename = "train.tsv" if split == "train" else task.eval_splits[0].filename
-    rows = read_glue_tsv(task, task_dir(task, glue_dir) / filename)
-    return [(r["text"], r.get("text_pair")) for r in rows], np.asarray([r["label"] for r in rows])
+    splits = {"dev": task.eval_splits, "test": task.test_splits}
+    filename = splits[split][0].filename if split in splits else "train.tsv"
+    rows = read_glue_tsv(task, task_dir(task, glue_dir) / filename, test=split == "test")
+    labels = None if split == "test" else np.asarray([r["label"] for r in rows])
+    return [(r["text"], r.get("text_pair")) for r in rows], labels
 
 
 def sst2_sentences(glue_dir: str) -> list[str]:
@@ -116,16 +118,6 @@ def features(tokenizer: Any, examples: list[tuple[str, str | None]], max_length:
 
     encoded = [tokenizer(text, pair, truncation=True, max_length=max_length) for text, pair in examples]
     return [{name: torch.tensor(values) for name, values in e.items()} for e in encoded]
-
-
-def pad(rows: list[dict], pad_id: int) -> dict:
-    """One right-padded batch of unpadded examples (token lists or tensors), in their order."""
-    import torch
-
-    from pabee.bench import make_batches
-
-    tensors = [{k: torch.as_tensor(v, dtype=torch.long) for k, v in r.items()} for r in rows]
-    return make_batches(tensors, len(rows), pad_id, sort_by_length=False)[0]
 
 
 def length_order(rows: list[dict]) -> list[int]:

@@ -374,11 +374,8 @@ def _plain(task, trained: dict, labels: np.ndarray, halves: dict) -> dict:
     steps = trained.get("train_steps")
     timing = {"train_seconds": trained["train_seconds"], "seconds_per_step": None}  # older files: no step count
     # How much of dev gets the most common answer: near 1, training collapsed (RTE does, for some seeds).
-    share = (
-        {}
-        if task.is_regression
-        else {"top_class_share": float(np.unique(predictions, return_counts=True)[1].max()) / len(predictions)}
-    )
+    counts = np.unique(predictions, return_counts=True)[1]
+    share = {} if task.is_regression else {"top_class_share": float(counts.max()) / len(predictions)}
     return {
         "num_layers": trained["num_layers"],
         **(_timing(trained["train_seconds"], steps, trained.get("resumed_from_step")) if steps else timing),

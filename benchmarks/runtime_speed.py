@@ -14,7 +14,7 @@ call plan off), so both choices the runtime makes for one sentence are measured 
 
 Quality, on the reporting half: each variant's score, mean exit layer and, for pabee, the share of examples whose
 exit layer equals torch fp32's at the same setting; and the largest difference of any layer's logits between
-ONNX Runtime fp32 and torch. (This replaces `backends.py` and `paired_speedups.py`, retired with their results.)
+ONNX Runtime fp32 and torch.
 
 A speed-up is how many times faster a variant runs than the graph it is compared with; a target is the least
 speed-up asked. Targets: pabee at patience 0 >= 0.97x the optimized whole graph of its precision; early exit >= 0.9 x
@@ -114,10 +114,8 @@ def export(folder: str, work: Path) -> dict[str, dict]:
     for precision, quantize in (("fp32", None), ("int8", "int8")):
         export_onnx(folder, work / precision, quantize=quantize, require_optimized=True)
         graphs[f"pabee ORT {precision}"] = read_manifest(work / precision)["optimization"]
-        path = work / f"whole_{precision}_optimized.onnx"
-        graphs[f"ORT {precision} whole graph, optimized"] = export_full_model(
-            folder, path, quantize, require_optimized=True
-        ).optimization
+        whole = export_full_model(folder, work / f"whole_{precision}_optimized.onnx", quantize, require_optimized=True)
+        graphs[f"ORT {precision} whole graph, optimized"] = whole.optimization
     graphs[PLAIN] = export_full_model(folder, work / "whole_int8_plain.onnx", "int8", optimize=False).optimization
     return graphs
 
@@ -155,10 +153,8 @@ def variants_for(folder: str, work: Path, threads: int, chosen: dict[str, dict],
     """name → forward(batch) → (logits, exit layers or None). At batch 1 each early-exit setting also runs in one
     call of the exit graph beside the engine's loop (one call per layer), so the faster path is measured."""
     out = {TORCH: engine(load_runtime(folder), FULL)}
-    for precision in ("fp32", "int8"):
-        out[f"ORT {precision} whole graph, optimized"] = WholeGraph(
-            work / f"whole_{precision}_optimized.onnx", threads
-        )
+    for p in ("fp32", "int8"):
+        out[f"ORT {p} whole graph, optimized"] = WholeGraph(work / f"whole_{p}_optimized.onnx", threads)
     out[PLAIN] = WholeGraph(work / "whole_int8_plain.onnx", threads)
     settings = {"patience 0": FULL, "nothing exits": NOTHING, **{_setting(c): c["spec"] for c in chosen.values()}}
     for precision in ("fp32", "int8"):
@@ -224,11 +220,8 @@ def quality(folder: str, work: Path, dev: DevSet, chosen: dict[str, dict], rows:
         for setting, spec in settings.items():
             logits, exits = dev_pass(engine(runtime, spec), dev)
             exits_of[runtime_name, setting] = exits = exits[rows]
-            same = (
-                None
-                if runtime_name == "torch fp32"
-                else float((exits == exits_of["torch fp32", setting]).float().mean())
-            )
+            torch_exits = exits_of["torch fp32", setting]
+            same = None if runtime_name == "torch fp32" else float((exits == torch_exits).float().mean())
             variants.append({"variant": f"{runtime_name} {setting}", "score": dev.score(logits, rows)})
             variants[-1] |= {"mean_exit_layer": float(exits.float().mean()), "exits_equal_torch": same}
     singles = make_batches(dev.features, 1, dev.pad, False)  # dev order: one call of the exit graph each
@@ -279,16 +272,8 @@ def measure_task(name: str, folder: str, args) -> dict:
             print(f"{name} {mode}: done", file=sys.stderr, flush=True)
         checks = quality(folder, work, dev, chosen, halves["report"])
     settings = {n: {k: v for k, v in c.items() if k != "spec"} for n, c in chosen.items()}
-    metric = "mean of " + ", ".join(dev.task.metrics)
-    return {
-        "task": name,
-        "metric": metric,
-        "settings": settings,
-        "graphs": graphs,
-        "rows": rows,
-        "quality": checks,
-        "per_sentence": breakdown,
-    }
+    return {"task": name, "metric": "mean of " + ", ".join(dev.task.metrics), "settings": settings, "graphs": graphs,
+            "rows": rows, "quality": checks, "per_sentence": breakdown}  # fmt: skip
 
 
 def per_sentence(work: Path, threads: int, chosen: dict[str, dict], data: list[dict]) -> dict:
@@ -500,16 +485,8 @@ def _cells(r: dict) -> list:
     verdict = "met" if r["median"] >= r["target"] else f"missed by {_shortfall(r)}"
     ideal = "—" if r["ideal"] is None else f"{r['ideal']:.2f}x"
     variant = r["variant"].removeprefix("pabee ORT ")
-    return [
-        r["mode"],
-        variant,
-        r["over"],
-        _speedup(r),
-        f"{r['q1']:.2f}–{r['q3']:.2f}",
-        ideal,
-        f"{r['target']:.2f}x",
-        verdict,
-    ]
+    return [r["mode"], variant, r["over"], _speedup(r), f"{r['q1']:.2f}–{r['q3']:.2f}", ideal, f"{r['target']:.2f}x",
+            verdict]  # fmt: skip
 
 
 def measure(args) -> dict:

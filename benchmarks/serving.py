@@ -29,10 +29,10 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
 
 
-def bodies(examples: list) -> list[bytes]:
-    """/predict request bodies, one text (a sentence, or a `(text, pair)` with the pair set) each."""
+def bodies(examples: list, **fields: Any) -> list[bytes]:
+    """/predict request bodies, one text (a sentence, or a `(text, pair or None)`) each, with `fields` beside it."""
     items = [e if isinstance(e, str) else e[0] if e[1] is None else list(e) for e in examples]
-    return [json.dumps({"texts": [item]}).encode() for item in items]
+    return [json.dumps({"texts": [item], **fields}).encode() for item in items]
 
 
 def flags(**options: Any) -> list[str]:
@@ -106,49 +106,33 @@ def metrics(port: int) -> dict[str, float]:
     return values
 
 
-async def closed_loop(port: int, requests: list[bytes], clients: int, until: float, **options: Any) -> list[tuple]:
-    """`clients` clients, each sending a random body of `requests` when its previous answer arrived, until the loop
-    time `until`: rows `(sent, answered, status, body)`. Options: `seed` (client i draws from seed * 1000 + i),
-    `max_requests` in all, `retry_after` (a client waits 1 s after a 503, as the server asks)."""
-    loop, rows = asyncio.get_running_loop(), []
-    seed, limit, patient = options.get("seed", 0), options.get("max_requests"), options.get("retry_after", False)
-
-    async def client(index: int) -> None:
-        rng, connection = random.Random(seed * 1000 + index), Connection(port)
-        try:
-            while loop.time() < until and (limit is None or len(rows) < limit):
-                sent = loop.time()
-                status, answer = await connection.request("POST", "/predict", rng.choice(requests))
-                rows.append((sent, loop.time(), status, answer))
-                if status == 503 and patient:
-                    await asyncio.sleep(min(1.0, until - loop.time()))
-        finally:
-            await connection.close()
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return rows
-
-
-def answered(rows: list[tuple], start: float = float("-inf"), stop: float = float("inf")) -> list[tuple]:
-    """The 200 answers sent from `start` and answered by `stop`; other statuses are an error."""
-    errors = [r for r in rows if r[2] != 200]
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0][2]}: {errors[0][3][:200]!r}")
-    return [r for r in rows if r[0] >= start and r[1] <= stop]
-
-
 def timed_load(port: int, requests: list[bytes], clients: int, warmup: float, duration: float, max_requests: int):
-    """Closed-loop clients through a warm-up and a timed window: the window's 200 answers `(sent, answered,
-    status, body)`, and its seconds (shorter if `max_requests` ended it early)."""
+    """Closed-loop clients through a warm-up and a timed window: each client (client i draws from a generator
+    seeded i) sends a random body of `requests` when its previous answer arrived, until the window ends or
+    `max_requests` were sent in all. The window's answers `(sent, answered, status, body)`, all 200s (any other
+    status is an error), and its seconds (shorter if `max_requests` ended it early)."""
 
     async def run() -> tuple[float, list[tuple], float]:
-        loop = asyncio.get_running_loop()
+        loop, rows = asyncio.get_running_loop(), []
         start = loop.time() + warmup
-        rows = await closed_loop(port, requests, clients, start + duration, max_requests=max_requests)
+
+        async def client(index: int) -> None:
+            rng, connection = random.Random(index), Connection(port)
+            try:
+                while loop.time() < start + duration and len(rows) < max_requests:
+                    sent = loop.time()
+                    status, answer = await connection.request("POST", "/predict", rng.choice(requests))
+                    rows.append((sent, loop.time(), status, answer))
+            finally:
+                await connection.close()
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
         return start, rows, loop.time()
 
     start, rows, ended = asyncio.run(run())
-    return answered(rows, start, start + duration), min(start + duration, ended) - start
+    if errors := [r for r in rows if r[2] != 200]:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0][2]}: {errors[0][3][:200]!r}")
+    return [r for r in rows if r[0] >= start and r[1] <= start + duration], min(start + duration, ended) - start
 
 
 def exit_layers(rows: list[tuple]) -> list[int]:
@@ -157,17 +141,16 @@ def exit_layers(rows: list[tuple]) -> list[int]:
 
 
 @contextlib.contextmanager
-def serving(model: str, options: list[str], log_name: str, cpus: set[int] | None = None):
+def serving(model: str, options: list[str], log_name: str):
     """`pabee serve --model model *options` on a free port for the `with` block, once /health answers: yields
-    (port, process); its output goes to $TMPDIR/`log_name`; `cpus`: the cores it may run on. Stopped with SIGTERM
-    (a graceful shutdown), then SIGKILL if that takes over a minute."""
+    (port, process); its output goes to $TMPDIR/`log_name`. Stopped with SIGTERM (a graceful shutdown), then
+    SIGKILL if that takes over a minute."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "pabee", "serve", "--model", model, "--port", str(port), *options]
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # before any thread exists, so all inherit it
     log = LOGS / log_name
-    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=pin)  # noqa: SIM115
+    server = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         deadline = time.monotonic() + 180
         while not asyncio.run(healthy(port)):
