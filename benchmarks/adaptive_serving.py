@@ -255,7 +255,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = common.parser(__doc__, "adaptive_serving", threads=2)
+    parser = common.parser(__doc__, "adaptive_serving")
     parser.add_argument("--export", action="append", default=[], help="TASK=FOLDER of `pabee export --quantize int8`.")
     parser.add_argument("--latency_target_ms", type=float, default=250.0)
     parser.add_argument("--clients", type=int, default=16, help="Closed-loop clients measuring capacity.")

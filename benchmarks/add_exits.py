@@ -154,16 +154,9 @@ def training_arguments(output_dir: Path, epochs: float):
     """The plain fine-tuning's schedule (what a user runs), shared by the student."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=32,
-        learning_rate=5e-5,
-        seed=42,
-        save_strategy="no",
-        report_to=[],
-        logging_steps=200,
-    )
+    return TrainingArguments(output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=32,
+                             learning_rate=5e-5, seed=42, save_strategy="no", report_to=[],
+                             logging_steps=200)  # fmt: skip
 
 
 def add_exits(pair: Pair, glue_dir: str) -> dict:
@@ -509,7 +502,7 @@ def render_joint(report: dict) -> str:
 
 
 def main() -> None:
-    parser = common.parser(__doc__, "add_exits", threads=2, rounds=5)
+    parser = common.parser(__doc__, "add_exits", rounds=5)
     parser.add_argument("--task", action="append", default=[], help="[MiniLM:|MPNet:]TASK (repeatable).")
     mpnet = Path.home() / ".cache/pabee/all-mpnet-base-v2/all-mpnet-base-v2"  # where benchmarks/fetch_mpnet.py puts it
     parser.add_argument("--mpnet", default=str(mpnet), help="all-mpnet-base-v2 (what fetch_mpnet.py prints).")

@@ -23,17 +23,16 @@ GLUE_DIR = os.environ.get("GLUE_DIR", str(ROOT.parent / "shared" / "glue"))
 # --- flags and reports ---------------------------------------------------------------------------------------------
 
 
-def parser(doc: str, output: str, *, model: str | None = None, threads: int | None = 2, rounds: int | None = None):
-    """The flags every script has: --glue_dir, --output (a results stem), --render_only; --model (TASK=FOLDER,
-    repeatable, when `model` is None; else one folder, `model` the default); --threads and --rounds if given."""
+def parser(doc: str, output: str, *, model: str | None = None, rounds: int | None = None):
+    """The flags every script has: --glue_dir, --threads, --output (a results stem), --render_only; --model
+    (TASK=FOLDER, repeatable, when `model` is None; else one folder, `model` the default); --rounds if given."""
     out = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if model is None:
         out.add_argument("--model", action="append", default=[], help="TASK=FOLDER, e.g. MRPC=runs/mrpc.")
     else:
         out.add_argument("--model", default=model, help="A fine-tuned PABEE folder (or a `pabee export` folder).")
     out.add_argument("--glue_dir", default=GLUE_DIR, help="GLUE data (default: $GLUE_DIR).")
-    if threads is not None:
-        out.add_argument("--threads", type=int, default=threads, help="Torch (and ONNX Runtime) threads.")
+    out.add_argument("--threads", type=int, default=2, help="Torch (and ONNX Runtime) threads.")
     if rounds is not None:
         out.add_argument("--rounds", type=int, default=rounds, help="Interleaved rounds.")
     out.add_argument("--output", default=str(RESULTS / output), help="Results stem: writes .json and .md.")
@@ -118,11 +117,6 @@ def features(tokenizer: Any, examples: list[tuple[str, str | None]], max_length:
 
     encoded = [tokenizer(text, pair, truncation=True, max_length=max_length) for text, pair in examples]
     return [{name: torch.tensor(values) for name, values in e.items()} for e in encoded]
-
-
-def length_order(rows: list[dict]) -> list[int]:
-    """Indices shortest first, the order `make_batches(..., sort_by_length=True)` puts examples in."""
-    return sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
 
 
 # --- timing --------------------------------------------------------------------------------------------------------

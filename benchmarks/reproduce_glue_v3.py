@@ -158,6 +158,7 @@ def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: 
     the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
     The dev predictions are returned too, in dev order, so the metric can be read on any subset. `model_path`
     (None: the bundled MiniLM) and `hyper` are the backbone's."""
+    import torch
     import transformers as hf
 
     from pabee import bundled_model_path
@@ -171,9 +172,11 @@ def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: 
     model = hf.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=task.num_labels, problem_type="regression" if task.is_regression else None, **depth
     )
+    settings = {**_trainer_settings(hyper), "per_device_eval_batch_size": 64, "report_to": "none"}
+    args = hf.TrainingArguments(output_dir=str(out), dataloader_pin_memory=torch.cuda.is_available(), **settings)
     collator = hf.DataCollatorWithPadding(tokenizer)
-    trainer = hf.Trainer(model=model, args=_training_arguments(out, hyper), train_dataset=train,
-                         data_collator=collator, callbacks=[CheckpointMarker()])  # fmt: skip
+    trainer = hf.Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                         callbacks=[CheckpointMarker()])  # fmt: skip
     every = hyper.get("checkpoint_steps")
     resume = complete_checkpoints(Path(out), remove_incomplete=True) if every and Path(out).is_dir() else []
     start = time.perf_counter()
@@ -183,16 +186,10 @@ def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: 
         shutil.rmtree(checkpoint)
     output = trainer.predict(dev)
     preds = predictions_from_logits(output.predictions, task.is_regression)
-    return {
-        "task": task.name,
-        "metrics": compute_metrics(task.metrics, preds, output.label_ids),
-        "train_seconds": seconds,
-        "train_steps": trainer.state.global_step,
-        "resumed_from_step": checkpoint_step(resume[-1]) if resume else 0,
-        "train_examples": len(train),
-        "num_layers": model.config.num_hidden_layers,
-        "predictions": preds.tolist(),
-    }
+    return {"task": task.name, "metrics": compute_metrics(task.metrics, preds, output.label_ids),
+            "train_seconds": seconds, "train_steps": trainer.state.global_step,
+            "resumed_from_step": checkpoint_step(resume[-1]) if resume else 0, "train_examples": len(train),
+            "num_layers": model.config.num_hidden_layers, "predictions": preds.tolist()}  # fmt: skip
 
 
 def _tokenized(task, glue_dir: str, tokenizer, max_length: int, max_train_samples: int | None) -> tuple:
@@ -205,47 +202,30 @@ def _tokenized(task, glue_dir: str, tokenizer, max_length: int, max_train_sample
     return train, tokenize(data.eval["dev"], tokenizer, max_length, split="dev", cache_key=None)
 
 
-def _training_arguments(out: Path, hyper: dict):
-    """Trainer's arguments for `hyper`; with its `checkpoint_steps`, a run killed part-way resumes from its last
-    whole checkpoint (pabee.checkpoints' marker)."""
+def _trainer_settings(hyper: dict) -> dict:
+    """Trainer's settings for `hyper`, the same for plain fine-tuning (its TrainingArguments) and the PABEE runs
+    (`pabee run-glue` flags), so every run of a backbone trains alike. With `checkpoint_steps`, a run killed
+    part-way resumes from its last whole checkpoint (pabee.checkpoints' marker; run-glue's own resume)."""
     import torch
-    import transformers as hf
 
-    every = hyper.get("checkpoint_steps")
     saving = {"save_strategy": "no"}
-    if every:
+    if every := hyper.get("checkpoint_steps"):
         saving = {"save_strategy": "steps", "save_steps": every, "save_total_limit": 1}
-    return hf.TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=hyper["epochs"],
-        per_device_train_batch_size=hyper["batch_size"],
-        per_device_eval_batch_size=64,
-        learning_rate=hyper["learning_rate"],
-        seed=hyper["seed"],
-        bf16=hyper.get("bf16", False),
-        use_cpu=hyper.get("bf16", False) and not torch.cuda.is_available(),  # Trainer's bf16 on a CPU asks for it
-        **saving,
-        report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
+    cpu = {} if torch.cuda.is_available() else {"use_cpu": True}  # Trainer's bf16 on a CPU asks for it
+    return {"num_train_epochs": hyper["epochs"], "per_device_train_batch_size": hyper["batch_size"],
+            "learning_rate": hyper["learning_rate"], "seed": hyper["seed"],
+            **({"bf16": True, **cpu} if hyper.get("bf16") else {}), **saving}  # fmt: skip
 
 
 def run_glue_command(task_name: str, glue_dir: str, out: Path, extra: list[str], hyper: dict, patiences: str) -> list:
     """`pabee run-glue` training and evaluating one task with `hyper` and `patiences`, the final model kept in
     `out`."""
-    import torch
-
-    every = hyper.get("checkpoint_steps")  # then a killed run resumes (run-glue's own resume) instead of restarting
-    saving = ["--save_strategy", "steps", "--save_steps", str(every), "--save_total_limit", "1"] if every else \
-        ["--save_strategy", "no", "--overwrite_output_dir"]  # fmt: skip
-    cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
+    settings = [flag for key, value in _trainer_settings(hyper).items() for flag in (f"--{key}", str(value).lower())]
     return [
         *(sys.executable, "-m", "pabee", "run-glue", "--task_name", task_name, "--data_dir", glue_dir),
-        *("--do_train", "--do_eval", "--patience", patiences, "--seed", str(hyper["seed"])),
-        *("--num_train_epochs", str(hyper["epochs"]), "--per_device_train_batch_size", str(hyper["batch_size"])),
-        *("--learning_rate", str(hyper["learning_rate"]), "--max_seq_length", str(hyper["max_seq_length"])),
-        *(["--bf16", "true", *cpu] if hyper.get("bf16") else []),
-        *saving, *("--output_dir", str(out), *extra),
+        *("--do_train", "--do_eval", "--patience", patiences, "--max_seq_length", str(hyper["max_seq_length"])),
+        *settings, *([] if hyper.get("checkpoint_steps") else ["--overwrite_output_dir"]),
+        *("--output_dir", str(out), *extra),
     ]  # fmt: skip
 
 
@@ -274,16 +254,10 @@ def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> di
     halves = split_halves(len(labels), SPLIT_SEED)
     baseline = json.loads((folder / "baseline.json").read_text())
     predictions = np.asarray(baseline["predictions"])
-    result = {
-        "backbone": backbone,
-        "task": task.name,
-        "metrics": list(task.metrics),
-        "halves": {half: len(index) for half, index in halves.items()},
-        "baseline": _plain(task, baseline, labels, halves),
-        "truncated": {},
-        "runs": {},
-        "noise": bootstrap_spread(task, predictions, labels, halves["report"]),
-    }
+    result = {"backbone": backbone, "task": task.name, "metrics": list(task.metrics),
+              "halves": {half: len(index) for half, index in halves.items()},
+              "baseline": _plain(task, baseline, labels, halves), "truncated": {}, "runs": {},
+              "noise": bootstrap_spread(task, predictions, labels, halves["report"])}  # fmt: skip
     for path in sorted(folder.glob("baseline_k*.json")):
         plain = json.loads(path.read_text())
         result["truncated"][plain["num_layers"]] = _plain(task, plain, labels, halves)
@@ -488,15 +462,9 @@ def best_within(analysed: dict, base: float) -> dict | None:
     criterion, row = best
     report = row["report"]
     static = static_at(analysed, report["avg_exit_layer"])
-    return {
-        "criterion": criterion,
-        "setting": row["setting"],
-        "speed_up": report["speed_up"],
-        "score": report["score"],
-        "within": report["score"] >= base - MAX_DROP,
-        "static_score": static,
-        "margin_over_static": report["score"] - static,
-    }
+    return {"criterion": criterion, "setting": row["setting"], "speed_up": report["speed_up"],
+            "score": report["score"], "within": report["score"] >= base - MAX_DROP, "static_score": static,
+            "margin_over_static": report["score"] - static}  # fmt: skip
 
 
 def summary(analysis: dict) -> dict:
@@ -854,7 +822,7 @@ def measure(args) -> dict:
 
 
 def main() -> None:
-    parser = common.parser(__doc__, "glue_v3", threads=2)
+    parser = common.parser(__doc__, "glue_v3")
     parser.add_argument("--backbone", default="minilm", help="minilm, or mpnet=FOLDER.")
     parser.add_argument("--tasks", default="MRPC,SST-2,RTE,CoLA,STS-B")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"PABEE runs, of {sorted(RUNS)}.")

@@ -59,7 +59,7 @@ class DevSet:
         examples, self.labels = common.glue_split(task_name, glue_dir)
         self.features = common.features(tokenizer, examples)
         self.pad = tokenizer.pad_token_id or 0
-        self.order = common.length_order(self.features)
+        self.order = sorted(range(len(examples)), key=lambda i: len(self.features[i]["input_ids"]))  # as batched
         self.batches = make_batches(self.features, 32, self.pad, True)
 
     def in_dev_order(self, sorted_rows: torch.Tensor) -> torch.Tensor:
@@ -127,10 +127,8 @@ def choose(model, dev: DevSet) -> tuple[dict[str, dict], dict[str, list]]:
         all_logits = dev.in_dev_order(
             torch.cat([infer(model, b, FULL, all_layers=True).all_logits for b in dev.batches])
         )
-    candidates = {
-        "patience": [ExitSpec("patience", patience=p) for p in range(1, model.num_layers - 1)],
-        "confidence": [ExitSpec("confidence", threshold=t) for t in CONFIDENCES],
-    }
+    candidates = {"patience": [ExitSpec("patience", patience=p) for p in range(1, model.num_layers - 1)],
+                  "confidence": [ExitSpec("confidence", threshold=t) for t in CONFIDENCES]}  # fmt: skip
     chosen = {}
     for name, specs in candidates.items():
         result = choose_setting(model, all_logits.numpy(), dev.labels, dev.task, specs, max_drop=1.0)
@@ -143,10 +141,8 @@ def choose(model, dev: DevSet) -> tuple[dict[str, dict], dict[str, list]]:
 def timing_data(dev: DevSet, report: list[int], single_examples: int) -> dict[str, list[dict]]:
     """The reporting half in length-sorted batches of 32, and its first `single_examples` one at a time."""
     features = [dev.features[i] for i in report]
-    return {
-        "batch 32": make_batches(features, 32, dev.pad, True),
-        "batch 1": make_batches(features[:single_examples], 1, dev.pad, False),
-    }
+    return {"batch 32": make_batches(features, 32, dev.pad, True),
+            "batch 1": make_batches(features[:single_examples], 1, dev.pad, False)}  # fmt: skip
 
 
 def variants_for(folder: str, work: Path, threads: int, chosen: dict[str, dict], mode: str) -> dict:
@@ -472,11 +468,11 @@ def _quality(checks: dict) -> list[str]:
 def _settings(task: dict) -> list[str]:
     out = [f"Settings chosen on one dev half (score: {task['metric']}, points), held-out half in brackets:", ""]
     for name, s in task["settings"].items():
-        chosen, full = s, s["full"]
+        full = s["full"]
         out.append(
-            f"- {name} {s['setting']}: {chosen['choose']['score']:.1f} ({chosen['report']['score']:.1f}) vs the full "
+            f"- {name} {s['setting']}: {s['choose']['score']:.1f} ({s['report']['score']:.1f}) vs the full "
             f"model's {full['choose']['score']:.1f} ({full['report']['score']:.1f}); "
-            f"{chosen['report']['avg_exit_layer']:.2f} layers on average held out"
+            f"{s['report']['avg_exit_layer']:.2f} layers on average held out"
         )
     return out
 
