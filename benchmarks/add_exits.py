@@ -40,6 +40,7 @@ import common
 import numpy as np
 import runtime_speed
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
 from pabee import ExitSpec, bundled_model_path, load_runtime
 from pabee.bench import make_batches
@@ -47,7 +48,8 @@ from pabee.calibrate import answers_of, choose_from, task_score
 from pabee.certify import Guarantee
 from pabee.evaluate import exit_answers
 from pabee.glue import get_task
-from pabee.metrics import compute_metrics
+from pabee.losses import distillation_loss, label_loss
+from pabee.metrics import compute_metrics, predictions_from_logits
 from pabee.pipeline import PabeePipeline
 from pabee.provenance import write_json
 
@@ -97,7 +99,7 @@ def train_data(pair: Pair, glue_dir: str, tokenizer, teacher: Path | None = None
 
 def finetune(pair: Pair, glue_dir: str) -> float:
     """The plain classifier a user has: the backbone fine-tuned with Trainer; returns its wall time in seconds."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding, Trainer
 
     folder = pair.folder
     tokenizer = AutoTokenizer.from_pretrained(pair.backbone)
@@ -118,10 +120,7 @@ def student(pair: Pair, glue_dir: str, layers: int) -> dict:
     """(b) The plain model's first `layers` layers, every weight trainable, distilled from the full model on the
     same train texts with the exits' loss (KL at T=2 + 0.5 x the label loss) and the plain fine-tuning's schedule;
     its dev score and wall time (the teacher's pass over the texts included)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
-
-    from pabee.losses import distillation_loss, label_loss
-    from pabee.metrics import predictions_from_logits
+    from transformers import DataCollatorWithPadding, Trainer
 
     task, folder = get_task(pair.task), pair.folder
     problem = "regression" if task.is_regression else "single_label_classification"
@@ -152,8 +151,6 @@ def student(pair: Pair, glue_dir: str, layers: int) -> dict:
 
 def training_arguments(output_dir: Path, epochs: float):
     """The plain fine-tuning's schedule (what a user runs), shared by the student."""
-    from transformers import TrainingArguments
-
     return TrainingArguments(output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=32,
                              learning_rate=5e-5, seed=42, save_strategy="no", report_to=[],
                              logging_steps=200)  # fmt: skip
@@ -177,8 +174,6 @@ def add_exits(pair: Pair, glue_dir: str) -> dict:
 
 def original_logits(folder: Path, examples: list) -> torch.Tensor:
     """The plain classifier's own logits, through transformers alone."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     out = []
@@ -211,10 +206,8 @@ def certified(model, task, test_logits: np.ndarray, bound: float) -> ExitSpec:
 
 def dev_row(model, task, dev_logits: torch.Tensor, labels: np.ndarray, spec: ExitSpec, full: np.ndarray) -> dict:
     predictions, exits = exit_answers(model, dev_logits, spec)
-    if model.config.is_regression:
-        changed = np.abs(predictions - full) > model.config.regression_threshold
-    else:
-        changed = predictions != full
+    regression, threshold = model.config.is_regression, model.config.regression_threshold
+    changed = np.abs(predictions - full) > threshold if regression else predictions != full
     layers = float(exits.mean())
     score = task_score(compute_metrics(task.metrics, predictions, labels), task.metrics)
     return {"setting": f"{spec.criterion} {spec.label}", "mean_layers": layers, "score": score,
@@ -322,8 +315,6 @@ def evaluate_task(pair: Pair, args) -> dict:
 
 
 def answers_differ(model, full: np.ndarray, reference: torch.Tensor) -> int:
-    from pabee.metrics import predictions_from_logits
-
     theirs = predictions_from_logits(reference.numpy(), model.config.is_regression)
     return int((np.abs(full - theirs) > 1e-5).sum()) if model.config.is_regression else int((full != theirs).sum())
 
@@ -510,12 +501,9 @@ def main() -> None:
     parser.add_argument("--work", default="runs/add_exits", help="Models and per-task results (resumable).")
     parser.add_argument("--joint", action="append", default=[], help="(c) [MiniLM:|MPNet:]TASK=RUN_GLUE_FOLDER.")
     args = parser.parse_args()
-    if args.joint:
-        if args.output == str(common.RESULTS / "add_exits"):
-            args.output = str(common.RESULTS / "add_exits_joint")
-        common.write_report(args, measure_joint, render)
-    else:
-        common.write_report(args, measure, render)
+    if args.joint and args.output == str(common.RESULTS / "add_exits"):
+        args.output = str(common.RESULTS / "add_exits_joint")
+    common.write_report(args, measure_joint if args.joint else measure, render)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,18 @@ from pathlib import Path
 
 import common
 import numpy as np
+import torch
+import transformers as hf
 
-from pabee.calibrate import fastest_within, split_halves, task_score
+from pabee import ExitSpec, ExitSweep, build_criterion, bundled_model_path, sweep_exit_layers
+from pabee.bench import time_variants
+from pabee.calibrate import fastest_within, score_setting, split_halves, task_score
 from pabee.checkpoints import CheckpointMarker, checkpoint_folders, checkpoint_step, complete_checkpoints
+from pabee.evaluate import layer_metrics
 from pabee.glue import get_task
-from pabee.metrics import compute_metrics
+from pabee.metrics import compute_metrics, predictions_from_logits
+from pabee.modeling import PabeeForSequenceClassification
+from pabee.pipeline import PabeePipeline
 from pabee.provenance import hardware, write_json
 
 RUNS = {  # name → run-glue flags beside the hyper-parameters and pooling
@@ -100,7 +107,7 @@ def train(backbone: str, model_path: str | None, task_name: str, glue_dir: str, 
     task, limit = get_task(task_name), TRAIN_LIMITS[backbone].get(task_name)
     folder = work / backbone / task.folder
     folder.mkdir(parents=True, exist_ok=True)
-    layers = _num_layers(model_path)
+    layers = hf.AutoConfig.from_pretrained(model_path or bundled_model_path()).num_hidden_layers
     plain = _plain_trainer(backbone, model_path, task.name, glue_dir, folder, limit)
     plain("baseline", None)  # the analysis needs it; the first L/2 layers come after the PABEE runs
     flags = ["--pooling", POOLING.get(task.name, "mean")]
@@ -134,14 +141,6 @@ def _plain_trainer(backbone: str, model_path: str | None, task_name: str, glue_d
     return plain
 
 
-def _num_layers(model_path: str | None) -> int:
-    from transformers import AutoConfig
-
-    from pabee import bundled_model_path
-
-    return AutoConfig.from_pretrained(model_path or bundled_model_path()).num_hidden_layers
-
-
 def static_layers(analysis: dict) -> set[int]:
     """The k that `static` chose in each run (layer k's own classifier for every example), below full depth."""
     ks = set()
@@ -158,12 +157,6 @@ def train_baseline(task_name: str, glue_dir: str, out: Path, max_train_samples: 
     the encoder's first k layers are kept (the "truncate, then fine-tune" baseline early exit must beat).
     The dev predictions are returned too, in dev order, so the metric can be read on any subset. `model_path`
     (None: the bundled MiniLM) and `hyper` are the backbone's."""
-    import torch
-    import transformers as hf
-
-    from pabee import bundled_model_path
-    from pabee.metrics import predictions_from_logits
-
     task, path = get_task(task_name), str(model_path or bundled_model_path())
     tokenizer = hf.AutoTokenizer.from_pretrained(path)
     train, dev = _tokenized(task, glue_dir, tokenizer, hyper["max_seq_length"], max_train_samples)
@@ -206,8 +199,6 @@ def _trainer_settings(hyper: dict) -> dict:
     """Trainer's settings for `hyper`, the same for plain fine-tuning (its TrainingArguments) and the PABEE runs
     (`pabee run-glue` flags), so every run of a backbone trains alike. With `checkpoint_steps`, a run killed
     part-way resumes from its last whole checkpoint (pabee.checkpoints' marker; run-glue's own resume)."""
-    import torch
-
     saving = {"save_strategy": "no"}
     if every := hyper.get("checkpoint_steps"):
         saving = {"save_strategy": "steps", "save_steps": every, "save_total_limit": 1}
@@ -271,17 +262,13 @@ def analyse_task(backbone: str, task_name: str, glue_dir: str, work: Path) -> di
 
 def _analyse_run(run_dir: Path, task, examples: list, labels: np.ndarray, halves: dict, bar: float) -> dict:
     """One PABEE run: every setting (`analyse`), its training time per step, each layer's classifier alone."""
-    from pabee.evaluate import layer_metrics
-    from pabee.modeling import PabeeForSequenceClassification
-
     model = PabeeForSequenceClassification.from_pretrained(run_dir).eval()
     logits = dev_logits(run_dir, examples)
     analysis = analyse(model, logits, labels, task, halves, bar)
     training = json.loads((run_dir / "eval_results.json").read_text())["training"]
     analysis.update(_timing(training["train_runtime"], training["global_step"], training.get("resumed_from_step")))
-    analysis["layers"] = [
-        task_score(row, task.metrics) for row in layer_metrics(logits, labels, task, task.is_regression)
-    ]
+    layers = layer_metrics(logits, labels, task, task.is_regression)
+    analysis["layers"] = [task_score(row, task.metrics) for row in layers]
     analysis["num_layers"] = model.num_layers
     return analysis
 
@@ -293,8 +280,6 @@ def score_of(task, predictions: np.ndarray, labels: np.ndarray, index: np.ndarra
 
 def dev_logits(run_dir: Path, examples: list) -> np.ndarray:
     """Every layer's dev logits `[N, layers, labels]`, computed once and kept beside the model."""
-    from pabee.pipeline import PabeePipeline
-
     path = run_dir / "dev_all_logits.npy"
     if not path.exists():
         pipe = PabeePipeline.from_pretrained(run_dir, backend="torch", max_length=MINILM["max_seq_length"])
@@ -309,11 +294,6 @@ def analyse(model, logits: np.ndarray, labels: np.ndarray, task, halves: dict, b
     """Per criterion: every setting scored on both halves, and the one chosen on the first half (fewest layers on
     average among those scoring at least `bar` there, MAX_DROP points below plain fine-tuning; None when none
     does)."""
-    import torch
-
-    from pabee import ExitSweep
-    from pabee.calibrate import score_setting
-
     layers = model.num_layers
     logits = torch.as_tensor(logits)
     out = {}
@@ -377,10 +357,6 @@ def _timing(seconds: float, steps: int, resumed_from_step: int | None) -> dict:
 def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: int) -> None:
     """`timing.json`: each run's chosen settings against its full model, real early exit on the reporting half
     (length-sorted batches of 32, `threads` threads, variants interleaved)."""
-    import torch
-
-    from pabee.pipeline import PabeePipeline
-
     folder = work / get_task(task_name).folder
     analysis = json.loads((folder / "analysis.json").read_text())
     torch.set_num_threads(threads)
@@ -397,9 +373,6 @@ def time_task(task_name: str, glue_dir: str, work: Path, threads: int, repeats: 
 def time_run(pipe, analysed: dict, examples: list, logits, repeats: int) -> dict:
     """One run's full model and chosen settings, timed interleaved; their exit layers are checked against the ones
     read off the one-pass `logits`."""
-    from pabee import ExitSpec, build_criterion, sweep_exit_layers
-    from pabee.bench import time_variants
-
     threshold = pipe.model.config.regression_threshold
     specs = {"full": (ExitSpec("patience", patience=0), threshold)}
     for criterion, result in analysed["criteria"].items():

@@ -28,15 +28,18 @@ graph >= 1.00x the plain one. The Markdown counts per target how many rows meet 
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import common
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
-from pabee import ExitSpec, infer, load_runtime
+from pabee import ExitSpec, infer, load_runtime, onnx_model
 from pabee.bench import make_batches
 from pabee.calibrate import choose_setting, split_halves, task_score
+from pabee.folders import read_manifest
 from pabee.glue import get_task
 from pabee.metrics import compute_metrics
 
@@ -80,9 +83,7 @@ class WholeGraph:
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
 
-        from pabee.onnx_model import session_options
-
-        options = session_options(threads)  # the process-wide pool when the pabee sessions made one
+        options = onnx_model.session_options(threads)  # the process-wide pool when the pabee sessions made one
         if options.use_per_session_threads:
             options = ort.SessionOptions()  # ONNX Runtime's own defaults, as a user would run one graph
             options.intra_op_num_threads = threads
@@ -107,7 +108,6 @@ def engine(model, spec: ExitSpec):
 def export(folder: str, work: Path) -> dict[str, dict]:
     """pabee's exports and the whole graphs, plain and optimized, in `work`; what onnxruntime's transformer optimizer
     did to each graph, by variant name. A graph meant to be optimized that it did not fuse raises (`PabeeError`)."""
-    from pabee.folders import read_manifest
     from pabee.onnx_export import export_full_model, export_onnx
 
     graphs = {}
@@ -239,8 +239,6 @@ def quality(folder: str, work: Path, dev: DevSet, chosen: dict[str, dict], rows:
 
 
 def measure_task(name: str, folder: str, args) -> dict:
-    from transformers import AutoTokenizer
-
     dev = DevSet(name, args.glue_dir, AutoTokenizer.from_pretrained(folder))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -276,8 +274,6 @@ def per_sentence(work: Path, threads: int, chosen: dict[str, dict], data: list[d
     """Where one sentence's time goes at batch size 1 (int8), in microseconds per sentence, best of 5 passes: the
     whole `infer` call, the part inside ONNX Runtime's `run`, and the calls it made, for each early-exit setting
     in the engine's loop (with its call plan, and one layer a call) and in the one-call exit graph."""
-    from pabee import onnx_model
-
     settings = {"nothing exits": NOTHING, **{_setting(c): c["spec"] for c in chosen.values()}}
     inside = [0.0, 0]
     run = onnx_model._Session.run
@@ -486,8 +482,6 @@ def _cells(r: dict) -> list:
 
 
 def measure(args) -> dict:
-    from importlib.metadata import version
-
     torch.set_num_threads(args.threads)
     models = common.task_models(args)
     return common.report(
