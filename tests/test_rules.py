@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import exit_layers_with_compaction
 
-from pabee import PatienceCriterion, logits_at_exit, sweep_exit_layers
+from pabee import ExitSpec, PatienceCriterion, build_criterion, logits_at_exit, sweep_exit_layers
+from pabee.rules import Traits
 
 
 def _one_hot_logits(predictions: list[list[int]], num_labels: int = 3) -> torch.Tensor:
@@ -125,3 +127,34 @@ def test_the_readers_answer_in_the_kind_of_array_they_are_given_and_trackers_in_
             first, second = tracker.update(given), tracker.update(given)
             assert first.dtype == np.bool_ and second.dtype == np.bool_
             assert second.tolist() == ([True, True, True] if criterion.name == "patience" else [True, False, True])
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        (ExitSpec("patience", patience=2), "single_label_classification"),
+        (ExitSpec("patience", patience=1), "multi_label_classification"),
+        (ExitSpec("patience", patience=2), "regression"),
+        (ExitSpec("patience+confidence", patience=1, threshold=0.5), "single_label_classification"),
+        (ExitSpec("entropy", threshold=0.9), "single_label_classification"),
+        (ExitSpec("entropy", threshold=0.68), "multi_label_classification"),
+        (ExitSpec("confidence", threshold=0.6), "single_label_classification"),
+        (ExitSpec("static", threshold=3), "single_label_classification"),
+    ],
+)
+@pytest.mark.parametrize("calls", [(1, 1, 1, 1, 1, 1), (6,), (2, 4), (3, 1, 2)])
+def test_layers_read_in_one_pass_decide_as_one_at_a_time(spec, problem, calls):
+    """A runtime that ran several layers in one call hands the rule their logits at once (`update_layers`): the
+    decisions, and the state carried into the next call, are those of `update` layer by layer."""
+    generator = np.random.default_rng(sum(calls) + len(calls))
+    labels = 1 if problem == "regression" else 3
+    # Few distinct values, so that layers agree often enough for the counters to grow and reset.
+    logits = generator.integers(-2, 3, size=(6, 5, labels)).astype(np.float32) / 2
+    criterion = build_criterion(spec, Traits(problem=problem, num_hidden_layers=6))
+    one_at_a_time = criterion.tracker(5)
+    expected = np.stack([one_at_a_time.update(layer) for layer in logits])
+    grouped, layer, decided = criterion.tracker(5), 0, []
+    for count in calls:
+        decided.append(grouped.update_layers(list(logits[layer : layer + count])))
+        layer += count
+    assert np.array_equal(np.concatenate(decided), expected)

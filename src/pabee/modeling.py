@@ -557,31 +557,48 @@ def early_exit(
             hidden, mask, per_layer = runtime.prefix(inputs, end)  # (B, T, H), per layer (B, C)
         else:
             hidden, per_layer = runtime.climb(layer, end - layer, hidden, mask, attention_mask)
-        left = np.zeros(len(rows), dtype=bool)  # rows that left at a layer of this call
-        for logits in per_layer:
-            layer += 1
-            with profiler_label("pabee.exit_bookkeeping"):
-                leaving = (tracker.update(logits) if layer < limit else np.ones(len(rows), dtype=bool)) & ~left
-                if layer < first or not leaving.any():  # no row can leave before `first`; the rule still counts
-                    continue
-            with profiler_label("pabee.compaction"):
-                if logits_out is None and leaving.all():  # the whole batch leaves at one layer (batch size 1)
-                    exit_layers[:], logits_out, left = layer, logits, leaving
-                    break
-                if logits_out is None:
-                    logits_out = _empty_rows(logits, batch_size)
-                _put_rows(logits_out, rows[leaving], _take_rows(logits, leaving))
-                exit_layers[rows[leaving]] = layer
-                left |= leaving
+        start, layer = layer, end
+        with profiler_label("pabee.exit_bookkeeping"):
+            leaving = tracker.update_layers(per_layer)  # (layers of this call, rows): one numpy pass
+            if start + 1 < first:  # no row leaves before `first`; the rule still counted those layers
+                leaving[: first - 1 - start] = False
+            if end == limit:  # every row still running answers at the limit
+                leaving[-1] = True
+            if not leaving.any():
+                continue
+        with profiler_label("pabee.compaction"):
+            logits_out, left = _write_out(leaving, per_layer, start + 1, rows, exit_layers, logits_out)
         if left.all():
             break
-        if left.any():
-            running = _compact(runtime, tracker, ~left, rows, hidden, attention_mask, right_padded)
-            rows, hidden, attention_mask, mask = running
+        running = _compact(runtime, tracker, ~left, rows, hidden, attention_mask, right_padded)
+        rows, hidden, attention_mask, mask = running
     if plan is not None:
         plan.record(int(exit_layers[0]))
     logits_out = _tensor(logits_out)
     return logits_out, torch.from_numpy(exit_layers).to(logits_out.device)
+
+
+def _write_out(
+    leaving: np.ndarray, per_layer: list, first: int, rows: np.ndarray, exit_layers: np.ndarray, out: Array | None
+) -> tuple[Array, np.ndarray]:
+    """The rows that leave at a layer of one call (`leaving` `(layers, rows)`, the call's layers from `first`,
+    1-based) written into the answers `out` `(B, C)`, made on first use, and into `exit_layers`; returns the
+    answers and which of the call's rows left."""
+    if out is None and leaving.shape[1] == 1:  # one sentence: it leaves at its first such layer
+        k = int(leaving.argmax())
+        exit_layers[:] = first + k
+        return per_layer[k], leaving[k]
+    at, left = leaving.argmax(axis=0), leaving.any(axis=0)  # each row's first layer to leave at, if any
+    if out is None and left.all() and (at == at[0]).all():  # the whole batch leaves at one layer
+        exit_layers[:] = first + at[0]
+        return per_layer[at[0]], left
+    if out is None:
+        out = _empty_rows(per_layer[0], len(exit_layers))
+    for k in np.unique(at[left]):
+        here = left & (at == k)
+        _put_rows(out, rows[here], _take_rows(per_layer[k], here))
+        exit_layers[rows[here]] = first + k
+    return out, left
 
 
 def _compact(

@@ -13,7 +13,7 @@ rules themselves are described in `pabee.settings`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar, Protocol
@@ -90,7 +90,7 @@ def entropy(logits: Array, problem_type: str) -> Array:
 
 def _predictions(x: np.ndarray, problem_type: str) -> np.ndarray:
     if problem_type == REGRESSION:
-        return x[:, 0]
+        return x[..., 0]
     if problem_type == MULTI_LABEL:
         return x > 0
     return x.argmax(axis=-1)
@@ -143,6 +143,20 @@ class ExitTracker(ABC):
     def keep(self, rows: np.ndarray) -> None:
         """Forget the rows that left the batch; `rows` is a bool numpy mask over the current rows."""
 
+    def update_layers(self, per_layer: Sequence[Array]) -> np.ndarray:
+        """Feed consecutive layers' logits at once (one call of a runtime ran them); return a bool numpy array
+        `[layers, rows]` (new: the caller may change it), the same decisions as `update` layer by layer. A rule
+        may read them all in one numpy pass: at batch size 1 a numpy call costs more than its arithmetic."""
+        decided = np.empty((len(per_layer), *np.shape(per_layer[0])[:1]), dtype=bool)
+        for i, logits in enumerate(per_layer):
+            decided[i] = self.update(logits)
+        return decided
+
+
+def _stacked(per_layer: Sequence[Array]) -> np.ndarray:
+    """Layers' logits `[rows, labels]` as one float32 array `[layers, rows, labels]`."""
+    return np.stack([as_numpy(logits) for logits in per_layer])
+
 
 class _StatelessTracker(ExitTracker):
     """A rule that looks at the current layer only (entropy, confidence, never)."""
@@ -152,6 +166,11 @@ class _StatelessTracker(ExitTracker):
 
     def update(self, logits: Array) -> np.ndarray:
         return self.decide(as_numpy(logits))
+
+    def update_layers(self, per_layer: Sequence[Array]) -> np.ndarray:
+        if len(per_layer) == 1:
+            return self.decide(as_numpy(per_layer[0]))[None]
+        return self.decide(_stacked(per_layer))  # the rule's arithmetic reads the last axis only
 
     def keep(self, rows: np.ndarray) -> None:
         pass
@@ -414,7 +433,7 @@ class StaticCriterion(ExitCriterion):
         return self.exit_limit(num_layers)
 
     def tracker(self, batch_size: int) -> ExitTracker:
-        return _StatelessTracker(lambda logits: np.zeros(len(logits), dtype=bool))
+        return _StatelessTracker(lambda logits: np.zeros(logits.shape[:-1], dtype=bool))
 
 
 CRITERIA: dict[str, type[ExitCriterion]] = {
