@@ -44,12 +44,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 from pabee import ExitSpec, bundled_model_path, load_runtime
 from pabee.bench import make_batches
-from pabee.calibrate import answers_of, choose_from, task_score
+from pabee.calibrate import answers_of, choose_from
 from pabee.certify import Guarantee
 from pabee.evaluate import exit_answers
 from pabee.glue import get_task
 from pabee.losses import distillation_loss, label_loss
-from pabee.metrics import compute_metrics, predictions_from_logits
+from pabee.metrics import compute_metrics, predictions_from_logits, task_score
 from pabee.pipeline import PabeePipeline
 from pabee.provenance import write_json
 

@@ -48,11 +48,11 @@ import transformers as hf
 
 from pabee import ExitSpec, ExitSweep, build_criterion, bundled_model_path, sweep_exit_layers
 from pabee.bench import time_variants
-from pabee.calibrate import fastest_within, score_setting, split_halves, task_score
+from pabee.calibrate import fastest_within, score_setting, split_halves
 from pabee.checkpoints import CheckpointMarker, checkpoint_folders, checkpoint_step, complete_checkpoints
 from pabee.evaluate import layer_metrics
 from pabee.glue import get_task
-from pabee.metrics import compute_metrics, predictions_from_logits
+from pabee.metrics import compute_metrics, predictions_from_logits, task_score
 from pabee.modeling import PabeeForSequenceClassification
 from pabee.pipeline import PabeePipeline
 from pabee.provenance import hardware, write_json

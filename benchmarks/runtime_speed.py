@@ -38,10 +38,10 @@ from transformers import AutoTokenizer
 
 from pabee import ExitSpec, infer, load_runtime, onnx_model
 from pabee.bench import make_batches
-from pabee.calibrate import choose_setting, split_halves, task_score
+from pabee.calibrate import choose_setting, split_halves
 from pabee.folders import read_manifest
 from pabee.glue import get_task
-from pabee.metrics import compute_metrics
+from pabee.metrics import compute_metrics, task_score
 
 CONFIDENCES = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 FULL = ExitSpec("patience", patience=0)

@@ -16,7 +16,6 @@ with the stated confidence are eligible (`pabee.certify`, Learn then Test); when
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from .errors import PabeeError
 from .evaluate import exit_answers
 from .glue import TaskSpec, get_task
 from .load_control import LADDER_FILE
-from .metrics import compute_metrics, exit_statistics
+from .metrics import compute_metrics, exit_statistics, task_score
 from .modeling import Runtime
 from .pipeline import PabeePipeline
 from .provenance import portable_path, provenance, write_atomic, write_json
@@ -49,13 +48,7 @@ __all__ = [
     "setting_rows",
     "split_halves",
     "summary_line",
-    "task_score",
 ]
-
-
-def task_score(row: dict[str, Any], metrics: tuple[str, ...]) -> float:
-    """The task's quality in points: its metric, or the mean of its metrics (as GLUE averages MRPC's two)."""
-    return 100 * statistics.fmean(row[name] for name in metrics)
 
 
 def score_setting(
@@ -372,8 +365,9 @@ def calibrate(
         write_json(folder / LADDER_FILE, exit_ladder(result, report["provenance"]))
     for row in report["rows"]:
         row.pop("spec")
+    table = render(report, task)
     write_json(folder / "calibration.json", report)
-    write_atomic(folder / "calibration.md", render(report, task))
+    write_atomic(folder / "calibration.md", table)
     return report
 
 

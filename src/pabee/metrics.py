@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-__all__ = ["METRIC_LABELS", "compute_metrics", "exit_statistics", "predictions_from_logits"]
+__all__ = ["METRIC_LABELS", "compute_metrics", "exit_statistics", "predictions_from_logits", "task_score"]
 
 METRIC_LABELS = {
     "accuracy": "Acc",
@@ -50,6 +52,11 @@ def compute_metrics(metrics: tuple[str, ...], predictions: np.ndarray, labels: n
         else:
             raise ValueError(f"Unknown metric {name!r}; known: accuracy, f1, macro_f1, mcc, pearson, spearman.")
     return out
+
+
+def task_score(row: dict[str, float], metrics: tuple[str, ...]) -> float:
+    """The task's quality in points: its metric, or the mean of its metrics (as GLUE averages MRPC's two)."""
+    return 100 * statistics.fmean(row[name] for name in metrics)
 
 
 def predictions_from_logits(logits: np.ndarray, regression: bool) -> np.ndarray:

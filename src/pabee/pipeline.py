@@ -250,8 +250,9 @@ class PabeePipeline:
         criterion = self.criterion if spec == self.exit_spec else build_criterion(spec, self.model.config)
         for start, end in plan_batches(lengths, batch_size or self.batch_size, self.batch_overhead):
             rows = order[start:end]
+            batch = self._pad([features[i] for i in rows])
             with torch.inference_mode():
-                out = infer(self.model, self._pad([features[i] for i in rows]), criterion, all_layers=all_layers)
+                out = infer(self.model, batch, criterion, all_layers=all_layers)
             yield rows, out
 
     def run_batches(

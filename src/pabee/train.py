@@ -335,10 +335,10 @@ def calibrate_saved_model(args: RunGlueArguments, setup: Setup, output_dir: Path
     from .calibrate import Calibration, calibrate, summary_line
     from .pipeline import PabeePipeline
 
-    pipe = PabeePipeline(setup.model, setup.tokenizer, max_length=args.max_seq_length)
     max_drop = 1.0 if args.calibrate_max_drop is None else args.calibrate_max_drop
     auto = args.calibrate_confidence_level if args.auto_certify else None
     settings = Calibration(args.sweep, max_drop, guarantee=args.guarantee(), auto_confidence=auto)
+    pipe = PabeePipeline(setup.model, setup.tokenizer, max_length=args.max_seq_length)
     report = calibrate(pipe, setup.task, setup.data.calibration, settings, output_dir, command)
     print(
         f"Calibrated on {len(setup.data.calibration)} held-out training examples: {summary_line(report, output_dir)}"
