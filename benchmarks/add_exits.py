@@ -156,8 +156,9 @@ def training_arguments(output_dir: Path, epochs: float):
                              logging_steps=200)  # fmt: skip
 
 
-def add_exits(pair: Pair, glue_dir: str) -> dict:
-    """`pabee add-exits` on the pair's train split (the same texts the plain fine-tuning saw), its defaults."""
+def add_exits(pair: Pair, glue_dir: str, pooling: str = "mean") -> dict:
+    """`pabee add-exits` on the pair's train split (the same texts the plain fine-tuning saw), its defaults but
+    `pooling`, what the new exits read."""
     from pabee.cli import main
 
     record = pair.folder / "exits" / "add_exits.json"
@@ -167,6 +168,7 @@ def add_exits(pair: Pair, glue_dir: str) -> dict:
             "--task_name", pair.task, "--data_dir", f"{glue_dir}/{pair.task}"]  # fmt: skip
     if pair.examples:
         argv += ["--max_examples", str(pair.examples)]
+    argv += ["--pooling", pooling] if pooling != "mean" else []
     if main(argv) != 0:
         raise SystemExit(f"add-exits failed on {pair.model} {pair.task}")
     return json.loads(record.read_text())
@@ -278,7 +280,7 @@ def evaluate_task(pair: Pair, args) -> dict:
     if not (folder / "plain").is_dir():
         finetune(pair, args.glue_dir)
     plain_seconds = json.loads((folder / "finetune.json").read_text())["seconds"]
-    record = add_exits(pair, args.glue_dir)
+    record = add_exits(pair, args.glue_dir, args.pooling)
     task = get_task(task_name)
     examples, labels = common.glue_split(task_name, args.glue_dir)
     pipe = PabeePipeline.from_pretrained(folder / "exits", backend="torch", batch_size=64)
@@ -322,7 +324,8 @@ def answers_differ(model, full: np.ndarray, reference: torch.Tensor) -> int:
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     tasks = [measure_task(name, args) for name in args.task]
-    return common.report(tasks=tasks, provenance={"command": " ".join(["python", *sys.argv])})
+    pooling = {"pooling": args.pooling} if args.pooling != "mean" else {}
+    return common.report(tasks=tasks, **pooling, provenance={"command": " ".join(["python", *sys.argv])})
 
 
 def _name(t: dict) -> str:
@@ -402,6 +405,8 @@ def render(report: dict) -> str:
         return render_joint(report)
     tasks = report["tasks"]
     setup = "MiniLM (6 layers) and MPNet (12) fine-tuned with Trainer, then `pabee add-exits`; GLUE dev reports."
+    if "pooling" in report:
+        setup = setup.replace("add-exits`", f"add-exits --pooling {report['pooling']}` (exits on that pooling)")
     lines = common.heading("Exits for the model you already have (`pabee add-exits`)", report["provenance"], setup)
     lines += ["## Targets", "", *_targets(tasks), "", "## Full depth against the original model (GLUE dev)", ""]
     lines += common.table(["Task", "Largest logit difference", "Answers that differ"],
@@ -500,6 +505,7 @@ def main() -> None:
     parser.add_argument("--student", action="append", default=[], help="Tasks to train the student (b) on.")
     parser.add_argument("--work", default="runs/add_exits", help="Models and per-task results (resumable).")
     parser.add_argument("--joint", action="append", default=[], help="(c) [MiniLM:|MPNet:]TASK=RUN_GLUE_FOLDER.")
+    parser.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="What the new exits read.")
     args = parser.parse_args()
     if args.joint and args.output == str(common.RESULTS / "add_exits"):
         args.output = str(common.RESULTS / "add_exits_joint")
