@@ -213,3 +213,17 @@ def test_never_exiting_runs_every_head_and_matches_the_full_model(tiny_model_dir
     assert calls == [0, 1, 2, 3] and heads.exit_layers.tolist() == [4] * 8
     torch.testing.assert_close(heads.logits, full.logits)
     assert _attributes(model) == before
+
+
+def test_every_committed_result_renders_from_its_json():
+    """Each committed results .md is what its script renders from the .json beside it, byte for byte, so a table
+    cannot drift from the numbers it claims to show (`python benchmarks/common.py --check`)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "common.py"), "--check"], capture_output=True, text=True, cwd=BENCHMARKS
+    )
+    checked = done.stdout.splitlines()
+    assert done.returncode == 0, [line for line in checked if not line.startswith("identical")]
+    assert len(checked) >= 10 and all(line.startswith("identical") for line in checked)
