@@ -29,7 +29,7 @@ from .configuration import POOLINGS, PabeeConfig
 from .losses import layer_weighted_loss
 from .pretrained import bundled_model_path, load_classifier, sentence_transformers_pooling
 from .recipes import HEADS_STAGE, alignment_loss, equilibrium, exit_example_weights, stage_layer_weights
-from .rules import Array, ExitCriterion, build_criterion, logits_at_exit, sweep_exit_layers
+from .rules import Array, ExitCriterion, ExitTracker, build_criterion, logits_at_exit, sweep_exit_layers
 from .settings import ExitSpec, check_patience, exit_spec_from
 
 if TYPE_CHECKING:
@@ -603,7 +603,7 @@ def _write_out(
 
 def _compact(
     runtime: Runtime,
-    tracker: Any,
+    tracker: ExitTracker,
     staying: np.ndarray,
     rows: np.ndarray,
     hidden: Array,

@@ -90,7 +90,7 @@ def entropy(logits: Array, problem_type: str) -> Array:
 
 def _predictions(x: np.ndarray, problem_type: str) -> np.ndarray:
     if problem_type == REGRESSION:
-        return x[..., 0]
+        return x[:, 0]
     if problem_type == MULTI_LABEL:
         return x > 0
     return x.argmax(axis=-1)
