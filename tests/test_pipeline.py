@@ -139,8 +139,9 @@ def test_regression_answers_are_the_raw_value(tmp_path, minilm_tokenizer, sst2_d
 
 
 def test_multi_label_answers_list_the_labels_above_one_half(model_dir):
-    pipe = pipeline(model_dir)
-    pipe.model.config.problem_type = "multi_label_classification"
+    model = pipeline(model_dir).model
+    model.config.problem_type = "multi_label_classification"  # read when a pipeline is made
+    pipe = pipeline(model, pipeline(model_dir).tokenizer)
     answers = pipe.format(torch.tensor([[2.0, -1.0], [0.5, 3.0], [-2.0, -3.0]]), torch.tensor([1, 2, 4]))
     assert [a["label"] for a in answers] == [["negative"], ["negative", "positive"], []]
     assert answers[1]["score"] == pytest.approx([torch.sigmoid(torch.tensor(0.5)).item(), 0.9526], abs=1e-4)

@@ -137,6 +137,18 @@ class PabeePipeline:
         self.max_length = supported_length(model, tokenizer, max_length)
         self.exit_spec = exit_spec_from(exit_keywords, exit_spec or model.config.exit_spec)
         self.criterion = build_criterion(self.exit_spec, model.config)  # bad values fail now, not on first use
+        # What an answer looks like, read off the config once: a config read costs a microsecond or two
+        # (transformers' attribute hooks), a dozen a call at batch size 1.
+        config = model.config
+        self._num_labels, self._problem = (
+            config.num_labels,
+            "regression" if config.is_regression else config.problem_type,
+        )
+        self._labels = (
+            None
+            if config.is_regression
+            else [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+        )
 
     @classmethod
     def from_pretrained(
@@ -168,11 +180,9 @@ class PabeePipeline:
 
     @property
     def labels(self) -> list[str] | None:
-        """Class names in id order (`None` for regression)."""
-        config = self.model.config
-        if config.is_regression:
-            return None
-        return [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+        """Class names in id order (`None` for regression), as the model's config named them when the pipeline
+        was made."""
+        return None if self._labels is None else list(self._labels)
 
     def __call__(
         self,
@@ -284,12 +294,13 @@ class PabeePipeline:
         exit_spec: ExitSpec | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw outputs in input order: `logits` `[N, num_labels]` at each example's exit layer, `exit_layers` `[N]`."""
-        logits = torch.empty(len(examples), self.model.config.num_labels)
+        batches = self.run_batches(examples, batch_size=batch_size, exit_spec=exit_spec)
+        if len(examples) == 1:  # one pass, in order: its tensors are the answer (the server's batch size 1)
+            return next(batches)[1:]
+        logits = torch.empty(len(examples), self._num_labels)
         exit_layers = torch.empty(len(examples), dtype=torch.long)
         with tqdm(total=len(examples), unit="ex", desc="Predicting", disable=not progress) as bar:
-            for rows, batch_logits, batch_exits in self.run_batches(
-                examples, batch_size=batch_size, exit_spec=exit_spec
-            ):
+            for rows, batch_logits, batch_exits in batches:
                 index = torch.tensor(rows)
                 logits[index], exit_layers[index] = batch_logits, batch_exits
                 bar.update(len(rows))
@@ -297,13 +308,12 @@ class PabeePipeline:
 
     def format(self, logits: torch.Tensor, exit_layers: torch.Tensor) -> list[Prediction]:
         """`{"label", "score", "exit_layer"}` per row, as the module docstring describes."""
-        config = self.model.config
         layers = exit_layers.tolist()
-        if config.is_regression:
+        if self._problem == "regression":
             values = logits[:, 0].tolist()
             return [{"label": None, "score": v, "exit_layer": e} for v, e in zip(values, layers, strict=True)]
-        names = self.labels
-        if config.problem_type == "multi_label_classification":
+        names = self._labels
+        if self._problem == "multi_label_classification":
             answers = []
             for row, layer in zip(torch.sigmoid(logits).tolist(), layers, strict=True):
                 chosen = [i for i, p in enumerate(row) if p >= 0.5]
