@@ -133,6 +133,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         # Two stages (`config.two_stage`): which one this step trains, set by `pabee.recipes.TwoStageCallback`;
         # None is one joint stage (the paper's loss over every layer).
         self.training_stage: int | None = None
+        self._mean_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (mask, weights): see `pool`
         self.post_init()
 
     @classmethod
@@ -309,6 +310,7 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
         """Embed and run the first `layers` layers (see `Runtime.prefix`); without `heads`, only the last layer's
         classifier runs."""
         attention_mask = inputs["attention_mask"]
+        self._mean_weights = None  # a new pass: its mask may be an old tensor refilled
         with profiler_label("pabee.embeddings"):
             hidden = self.embed(inputs)  # (B, T, H)
         with profiler_label("pabee.attention_masks"):
@@ -352,8 +354,24 @@ class PabeeForSequenceClassification(PabeePreTrainedModel):
             return self.adapter.pool(self.encoder, hidden)
         if pooling == "cls":
             return hidden[:, 0]
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        if torch.jit.is_tracing():  # an export: every segment of the graph pools from the mask on its own
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return torch.bmm(self._mean_weights_of(attention_mask, hidden.dtype), hidden).squeeze(1)
+
+    def _mean_weights_of(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`(B, 1, T)`: each token's share of its row's mean (0 on padding), so mean pooling is one product.
+
+        Every head of a pass reads the same mask, so its weights are kept with it (one tuple, read whole by any
+        thread) until the next pass (`prefix` forgets them): a head then costs two operations instead of seven,
+        at batch size 1 most of its time."""
+        memo = self._mean_weights
+        if memo is not None and memo[0] is attention_mask and memo[1].dtype == dtype:
+            return memo[1]
+        weights = attention_mask.to(dtype)
+        weights = (weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)).unsqueeze(1)
+        self._mean_weights = (attention_mask, weights)
+        return weights
 
     def classify(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Classifier `layer` (0-based) on hidden states `(B, T, H)` of that layer → logits `(B, C)`."""
