@@ -123,10 +123,7 @@ def test_int8_export_quantizes_the_weight_products_and_stays_close(tmp_path, mod
     ops = [node.op_type for node in graph.node]
     # per layer (4): the fused attention's query/key/value product, then attention output and both feed-forward
     assert ops.count("QAttention") == 4 and ops.count("MatMulInteger") >= 3 * 4, ops
-    assert "Attention" not in ops  # no float attention is left
-    float_products = [node.name for node in graph.node if node.op_type in ("MatMul", "Gemm")]
-    # ...and the float products are the four heads' (one pooled vector each: int8 would only add operators)
-    assert len(float_products) == 4 and all(name.startswith("/classifiers.") for name in float_products), ops
+    assert "MatMul" not in ops and "Attention" not in ops  # no float weight product is left
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     for node in graph.node:  # a weight zero point per output column: per-channel quantization
         if node.op_type == "MatMulInteger" and node.input[1] in shapes:

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -61,7 +60,6 @@ INT8_SCHEME = {
     "weights": "int8",
     "per_channel": True,
     "reduce_range": True,
-    "heads": "float",  # the classifier heads' products stay float: see `_head_products`
 }
 
 
@@ -276,33 +274,8 @@ def _difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.where(same, 0.0, np.abs(a - b)).max(initial=0.0))
 
 
-def _head_products(path: Path, model: PabeeForSequenceClassification) -> list[str]:
-    """The weight products of the classifier heads (every exit's classifier, the pooler they read, the original
-    head of an add-exits model) in the graph at `path`, by the module each operator was traced in.
-
-    They stay float under int8: a head multiplies one pooled vector, so its int8 product saves no arithmetic and
-    costs five operators (quantize, integer product, cast, two scalings) where float needs one or two; with six
-    heads that was ~3% of a short SST-2 sentence at batch 1. Float heads also decide exits as the fp32 model does.
-    """
-    import onnx
-
-    scopes = {f"classifiers.{i}" for i in range(len(model.classifiers))} | {"pooler"}
-    scopes |= set(model.head.keys()) if model.head is not None else set()
-
-    def traced_in(name: str) -> str:  # "/classifiers.0/Gemm", "/model/pooler_2/dense/MatMul" (the whole graph's)
-        parts = name.strip("/").split("/")
-        top = parts[1] if parts[0] == "model" and len(parts) > 2 else parts[0]
-        return re.sub(r"_\d+$", "", top)  # a module called again: "pooler_2"
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    heads = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and traced_in(n.name) in scopes]
-    # The quantizer first rewrites each Gemm as a MatMul named after it, then reads the names to leave out.
-    return [name for n in heads for name in ([n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name])]
-
-
-def _quantize(path: Path, model: PabeeForSequenceClassification) -> None:
-    """Dynamic int8 quantization of the encoder's weight products (activations are quantized per batch at run
-    time); the heads stay float (`_head_products`).
+def _quantize(path: Path) -> None:
+    """Dynamic int8 quantization of the weight products (activations are quantized per batch at run time).
 
     Weights get a scale per output channel, in 7 bits (`reduce_range`): one scale per matrix cost SST-2 1.4 points
     of accuracy on the fine-tuned MiniLM (86.1 -> 84.7), per channel in 7 bits 0.1 (86.0), at the same speed; the
@@ -313,7 +286,6 @@ def _quantize(path: Path, model: PabeeForSequenceClassification) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = path.with_suffix(".int8.onnx")
-    heads = _head_products(path, model)
     with _quiet():
         quantize_dynamic(
             str(path),
@@ -322,7 +294,6 @@ def _quantize(path: Path, model: PabeeForSequenceClassification) -> None:
             op_types_to_quantize=INT8_SCHEME["ops"],
             per_channel=INT8_SCHEME["per_channel"],
             reduce_range=INT8_SCHEME["reduce_range"],
-            nodes_to_exclude=heads,
             # ONNX's shape inference does not know the optimizer's fused operators; their outputs are float
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -369,7 +340,7 @@ def export_full_model(
         path.unlink()  # a baseline that is not what it claims to be is not left behind
         _require_fused(optimization, str(path))
     if quantize == "int8":
-        _quantize(path, model)
+        _quantize(path)
     return FullModelExport(path, optimization)
 
 
@@ -436,7 +407,7 @@ def export_onnx(
             _require_fused(layout["optimization"], f"the export {output}")
         unfused = _unfused(layout["optimization"]) if optimize else None  # --no_optimize is no news
         if precision == "int8":
-            _quantize(work / GRAPH, model)
+            _quantize(work / GRAPH)
         tokenizer.save_pretrained(work)
         model.config.save_pretrained(work)
         for name in CARRIED:  # measured on the model, true of the export too (fp32; int8 answers may differ)
