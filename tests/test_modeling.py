@@ -13,7 +13,7 @@ from helpers import (
 )
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from pabee import PabeeConfig, PabeeForSequenceClassification
+from pabee import ExitSpec, PabeeConfig, PabeeForSequenceClassification, infer
 
 
 @pytest.mark.parametrize("model_type", ["bert", "albert"])
@@ -238,3 +238,22 @@ def test_left_padded_batch_equals_one_by_one():
         torch.testing.assert_close(out.logits, torch.stack(logits), rtol=1e-4, atol=1e-5)
         seen.update(exits)
     assert len(seen) > 1
+
+
+def test_mean_pooling_is_the_mean_and_follows_a_mask_refilled_in_place():
+    """Mean pooling keeps one pass's token weights with its mask; a new pass (here the same mask tensors, refilled
+    with other rows, as a server reusing its buffers would) must not read the old weights."""
+    model = tiny_model("bert", pooling="mean")
+    first, second = random_batch(6, seed=1), random_batch(6, seed=2)
+    assert not torch.equal(first["attention_mask"], second["attention_mask"])
+    hidden = torch.randn(6, first["input_ids"].shape[1], 32)
+    mask = second["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(model.pool(hidden, second["attention_mask"]), (hidden * mask).sum(1) / mask.sum(1))
+    with torch.inference_mode():
+        expected = infer(model, second, ExitSpec(patience=0), all_layers=True).all_logits
+        buffers = {name: tensor.clone() for name, tensor in first.items()}
+        infer(model, buffers, ExitSpec(patience=0), all_layers=True)
+        for name, tensor in buffers.items():
+            tensor.copy_(second[name])
+        refilled = infer(model, buffers, ExitSpec(patience=0), all_layers=True).all_logits
+    torch.testing.assert_close(refilled, expected)
