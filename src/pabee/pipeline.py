@@ -140,15 +140,10 @@ class PabeePipeline:
         # What an answer looks like, read off the config once: a config read costs a microsecond or two
         # (transformers' attribute hooks), a dozen a call at batch size 1.
         config = model.config
-        self._num_labels, self._problem = (
-            config.num_labels,
-            "regression" if config.is_regression else config.problem_type,
-        )
-        self._labels = (
-            None
-            if config.is_regression
-            else [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
-        )
+        self._num_labels = config.num_labels
+        self._problem = "regression" if config.is_regression else config.problem_type
+        names = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+        self._labels = None if config.is_regression else names
 
     @classmethod
     def from_pretrained(
