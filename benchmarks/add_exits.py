@@ -146,7 +146,10 @@ def student(pair: Pair, glue_dir: str, layers: int) -> dict:
     logits = original_logits(folder / f"student{layers}", dev).numpy()
     predictions = predictions_from_logits(logits, task.is_regression)
     score = task_score(compute_metrics(task.metrics, predictions, dev_labels), task.metrics)
-    return {"layers": layers, "score": score, "seconds": seconds}
+    theirs = predictions_from_logits(original_logits(folder / "plain", dev).numpy(), task.is_regression)
+    threshold = json.loads((folder / "exits" / "config.json").read_text()).get("regression_threshold", 0.0)
+    changed = np.abs(predictions - theirs) > threshold if task.is_regression else predictions != theirs  # as dev_row
+    return {"layers": layers, "score": score, "seconds": seconds, "disagreement": 100 * float(changed.mean())}
 
 
 def training_arguments(output_dir: Path, epochs: float):
@@ -266,7 +269,9 @@ def speed(folder: Path, specs: dict[str, ExitSpec], examples: list, tokenizer, t
 def measure_task(text: str, args) -> dict:
     pair = Pair.parse(text, args)
     done = pair.folder / "result.json"
-    result = json.loads(done.read_text()) if done.is_file() else evaluate_task(pair, args)
+    if not done.is_file():
+        write_json(done, evaluate_task(pair, args))  # kept before the student's training, which may be cut short
+    result = json.loads(done.read_text())
     if text in args.student and "student" not in result:
         layers = min(result["layers"] - 1, max(1, round(result["certified"]["2%"]["mean_layers"])))
         result["student"] = student(pair, args.glue_dir, layers)
@@ -397,7 +402,12 @@ CERTIFIED_NOTE = (
 def _student_rows(tasks: list[dict]) -> list[list]:
     return [[_name(t), t["student"]["layers"], f"{t['student']['score']:.1f}", f"{t['student']['static_score']:.1f}",
              f"{t['certified']['2%']['score']:.1f} ({t['certified']['2%']['mean_layers']:.2f})",
+             _changed(t["student"]), f"{t['certified']['2%']['disagreement']:.1f}%",
              f"{t['student']['seconds']:.0f} s"] for t in tasks if "student" in t]  # fmt: skip
+
+
+def _changed(student: dict) -> str:
+    return f"{student['disagreement']:.1f}%" if "disagreement" in student else "—"  # not recorded before 2026-12-08
 
 
 def render(report: dict) -> str:
@@ -430,7 +440,8 @@ def render(report: dict) -> str:
             "",
         ]
         lines += common.table(["Task", "k", "Student", "Static k (frozen)", "Adaptive ≤ 2% (mean layers)",
-                               "Student wall time"], _student_rows(tasks))  # fmt: skip
+                               "Student's answers changed", "Adaptive's", "Student wall time"],
+                              _student_rows(tasks))  # fmt: skip
     statics = "; ".join(f"{_name(t)} " + " / ".join(f"{x:.1f}" for x in t["static"]) for t in tasks)
     return "\n".join([*lines, "", f"Static scores at k = 1, 2, ... (dev): {statics}."]) + "\n"
 
