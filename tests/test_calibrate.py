@@ -11,11 +11,12 @@ import torch
 from helpers import tiny_run_glue_argv
 
 from pabee import ExitSpec
-from pabee.calibrate import auto_guarantee, choose_setting, split_halves
+from pabee.calibrate import auto_guarantee, choose_setting, exit_ladder, split_halves
 from pabee.certify import Guarantee
 from pabee.cli import main
 from pabee.folders import load_model_folder
 from pabee.glue import get_task
+from pabee.settings import CERTIFY_SWEEPS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -129,6 +130,24 @@ def test_calibrate_certifies_on_unlabelled_texts(model_dir, tmp_path, capsys):
     assert "certified: at most 20% of answers changed with 95% confidence" in out and "none certified" not in out
     markdown = (folder / "calibration.md").read_text()
     assert "Certified on one random half" in markdown and "Unlabelled texts" in markdown
+    # Certifying a threshold rule walks its fine grid: no confidence is spent on the longer sequence.
+    assert main([*argv, "--max_disagreement", "20", "--exit_criterion", "confidence"]) == 0
+    report = json.loads((folder / "calibration.json").read_text())
+    settings = [row["setting"] for row in report["rows"] if row["criterion"] == "confidence"]
+    assert settings == [f"{t:g}" for t in CERTIFY_SWEEPS["confidence"]]
+    shown = (folder / "calibration.md").read_text().count("| confidence |")
+    assert 1 <= shown < len(settings)  # the report shows the certified front, the choice and the first failure
+
+
+def test_the_ladder_steps_down_by_at_least_a_tenth_of_the_layers():
+    def row(layers: float, changed: float) -> dict:
+        return {"spec": ExitSpec("static", threshold=layers), "choose": {"avg_exit_layer": layers,
+                "disagreement": changed}, "report": {"avg_exit_layer": layers, "disagreement": changed}}  # fmt: skip
+
+    rows = [row(6.0, 0.0), row(5.9, 0.1), row(5.0, 0.5), row(4.8, 0.6), row(4.0, 1.0), row(4.5, 2.0)]
+    result = {"rows": rows, "halves": {"choose": 10, "report": 10}}
+    rungs = exit_ladder(result, {})["rungs"]
+    assert [rung["layers"] for rung in rungs] == [6.0, 5.0, 4.0]  # 5.9, 4.8: too close; 4.5: beaten by 4.0
 
 
 def test_calibrate_writes_the_choice_and_a_report(model_dir, glue_dir, tmp_path, capsys):

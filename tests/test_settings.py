@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pabee import ExitSpec, ExitSweep, exit_spec_from
+from pabee.settings import CERTIFY_SWEEPS, DEFAULT_SWEEPS
 
 
 def test_keywords_become_a_setting_over_a_base():
@@ -52,3 +53,14 @@ def test_a_sweep_lists_every_setting_under_its_cap():
     assert [s.label for s in specs["static"]] == ["k=1", "k=2", "k=3", "k=4"]
     assert specs["confidence"] == [ExitSpec("confidence", threshold=0.8, max_exit_layer=3)]
     assert all(s.max_exit_layer == 3 for items in specs.values() for s in items)
+
+
+def test_certifying_walks_fine_thresholds_where_the_user_gave_none():
+    sweep = ExitSweep(("patience", "confidence", "entropy", "static"), (0, 1), {"entropy": (0.2,)})
+    fine = sweep.for_certifying()
+    assert fine.thresholds["confidence"] == CERTIFY_SWEEPS["confidence"] and 0.91 in fine.thresholds["confidence"]
+    assert fine.thresholds["entropy"] == (0.2,) and "static" not in fine.thresholds  # given, or no threshold grid
+    assert fine.patiences == sweep.patiences and sweep.thresholds == {"entropy": (0.2,)}  # the sweep is unchanged
+    assert (
+        len(fine.specs(4)["confidence"]) == len(CERTIFY_SWEEPS["confidence"]) > 5 * len(DEFAULT_SWEEPS["confidence"])
+    )

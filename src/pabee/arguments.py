@@ -230,7 +230,8 @@ class ExitSweepArguments:
         default=None,
         metadata={
             "help": "Thresholds per criterion, e.g. confidence=0.8,0.9 entropy=0.1,0.3 static=2,4 (static: the "
-            "layer k). A bare list serves the only selected criterion that takes one. Default: a built-in sweep."
+            "layer k). A bare list serves the only selected criterion that takes one. Default: a built-in sweep "
+            "(certifying: a fine one)."
         },
     )
     max_exit_layer: int | None = field(

@@ -339,12 +339,9 @@ def calibrate(
     """One full pass over `split` (rows with `text`, `text_pair`, `label`), the choice, then the model folder's
     `config.json` (unless `dry_run`) and `calibration.json` / `calibration.md` in it. Returns the report."""
     model = pipe.model
-    layers = model.num_layers
-    specs = checked_specs(replace(settings.sweep, patiences=tuple(range(layers))), model.config)
+    sweep = replace(settings.sweep, patiences=tuple(range(model.num_layers)))
+    candidates = _candidates(sweep, model)
     examples = [(row["text"], row.get("text_pair")) for row in split]
-    all_logits = pipe.all_layer_logits(examples, progress=True)
-    labels = np.asarray([row["label"] for row in split]) if "label" in split[0] else None
-    candidates = [spec for items in specs.values() for spec in items]
     guarantee, caveat = settings.guarantee, None
     if guarantee is None:
         caveat = f"not certified: within {_points(settings.max_drop)} on the choosing half only."
@@ -353,6 +350,10 @@ def calibrate(
         guarantee, caveat = auto_guarantee(
             settings.max_drop, settings.auto_confidence, model.config.is_regression, len(examples) // 2, rules
         )
+    if guarantee is not None:  # certifying: the fine thresholds cost no confidence (`CERTIFY_SWEEPS`)
+        candidates = _candidates(sweep.for_certifying(), model)
+    all_logits = pipe.all_layer_logits(examples, progress=True)
+    labels = np.asarray([row["label"] for row in split]) if "label" in split[0] else None
     result = choose_setting(
         model, all_logits, labels, task, candidates, settings.max_drop, settings.seed, guarantee=guarantee
     )
@@ -371,13 +372,16 @@ def calibrate(
     return report
 
 
-def exit_ladder(result: dict[str, Any], provenance_of: dict[str, Any]) -> dict[str, Any]:
-    """`exit_ladder.json`, what `pabee serve --latency_target_ms` walks by load: the settings no other beats on the
-    choosing half in both layers and answers changed, most layers first under the full model, each with the
-    share of the full model's answers it changed and its mean exit layer on the reporting half, and whether a
-    disagreement certificate covers it."""
-    rows = result["rows"]
-    certified = result.get("certificate", {}).get("risk") == "disagreement"
+def _candidates(sweep: ExitSweep, model: Runtime) -> list[ExitSpec]:
+    return [spec for items in checked_specs(sweep, model.config).values() for spec in items]
+
+
+LADDER_STEP = 0.9  # a rung runs at most this share of the layers of the rung above it
+
+
+def _front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other beats on the choosing half in both mean layers and answers changed, one per such cost
+    (the first listed), most layers first."""
 
     def cost(row: dict[str, Any]) -> tuple[float, float]:
         return row["choose"]["avg_exit_layer"], row["choose"]["disagreement"]
@@ -386,8 +390,22 @@ def exit_ladder(result: dict[str, Any], provenance_of: dict[str, Any]) -> dict[s
         mine = cost(row)
         return any(cost(o) != mine and cost(o)[0] <= mine[0] and cost(o)[1] <= mine[1] for o in rows)
 
-    front = {cost(row): row for row in reversed(rows[1:]) if not beaten(row)}  # one per cost: the first listed
-    front = [rows[0], *sorted(front.values(), key=lambda row: -cost(row)[0])]  # the full model on top
+    front = {cost(row): row for row in reversed(rows) if not beaten(row)}
+    return sorted(front.values(), key=lambda row: -cost(row)[0])
+
+
+def exit_ladder(result: dict[str, Any], provenance_of: dict[str, Any]) -> dict[str, Any]:
+    """`exit_ladder.json`, what `pabee serve --latency_target_ms` walks by load: the full model, then the settings
+    of the front (`_front`), each running at most `LADDER_STEP` of the layers of the rung above (a certified sweep
+    has dozens of thresholds, and a server climbs back one rung at a time), each with the share of the full
+    model's answers it changed and its mean exit layer on the reporting half, and whether a disagreement
+    certificate covers it."""
+    rows = result["rows"]
+    certified = result.get("certificate", {}).get("risk") == "disagreement"
+    front = [rows[0]]  # the full model on top
+    for row in _front(rows[1:]):
+        if row["choose"]["avg_exit_layer"] <= LADDER_STEP * front[-1]["choose"]["avg_exit_layer"]:
+            front.append(row)
     rungs = [
         {**row["spec"].keywords(), "disagreement": row["report"]["disagreement"] / 100,
          "layers": row["report"]["avg_exit_layer"], "certified": bool(certified and row.get("certified"))}
@@ -505,11 +523,12 @@ def _certificate_text(certificate: dict[str, Any], halves: dict[str, int]) -> st
 
 
 def _table(report: dict[str, Any]) -> list[str]:
-    """Pareto front with both halves (chosen without a guarantee), or every certified setting and the first one
-    each rule could not certify."""
+    """Pareto front with both halves (chosen without a guarantee), or the certified settings no other certified one
+    beats in layers and answers changed, the chosen one and the first setting each rule could not certify."""
     rows, certified = report["rows"], "certificate" in report
     if certified:
-        shown = [r for r in rows if r["certified"] or r["first_failure"]]
+        front = {id(r) for r in _front([r for r in rows if r["certified"]])}
+        shown = [r for r in rows if id(r) in front or r["chosen"] or r["first_failure"]]
     else:
         shown = [r for r in rows if r["pareto"]]
     scored = "score" in rows[0]["choose"]
